@@ -1,0 +1,35 @@
+"""Errors a pathologist can read.
+
+Every failure that reaches a user names the file involved and says what is wrong in plain words; the
+traceback stays in the log. Library code raises these instead of letting low-level exceptions
+(struct.error, KeyError, codec failures) escape.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class WsimilError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class SlideError(WsimilError):
+    """A slide file could not be opened or read."""
+
+    def __init__(self, path: str | Path | None, reason: str):
+        self.path = None if path is None else Path(path)
+        self.reason = reason
+        where = f"{self.path.name} ({self.path})" if self.path is not None else "slide"
+        super().__init__(f"Cannot read {where}: {reason}")
+
+
+class MissingMppError(SlideError):
+    """The slide does not record its pixel size, and a physical size was asked for."""
+
+    def __init__(self, path: str | Path | None):
+        super().__init__(
+            path,
+            "the file does not record its pixel size (µm per pixel). Set it with "
+            "open_slide(path, mpp=0.5) or slide.mpp = 0.5 (0.5 µm/px is a typical 20x scan, 0.25 µm/px 40x).",
+        )
