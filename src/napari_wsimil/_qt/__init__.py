@@ -1,0 +1,1 @@
+"""Qt widgets. Nothing outside this subpackage imports Qt or napari's GUI."""
