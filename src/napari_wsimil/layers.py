@@ -49,9 +49,13 @@ def slide_layer_data(slide: Slide, name: str | None = None) -> LayerData:
 
 
 def mask_layer_data(
-    slide: Slide, mask: np.ndarray, downsample: float, name: str, color: str = "#33cc66", opacity: float = 0.4
+    slide: Slide, mask: np.ndarray, downsample: float, name: str, color: str = "#33cc66",
+    opacity: float = 0.9,
 ) -> LayerData:
-    """A low-resolution boolean/integer mask as a Labels layer overlaying the slide."""
+    """A low-resolution boolean/integer mask as a Labels layer overlaying the slide.
+
+    napari takes no ``contour`` at construction: callers that want an outline set ``layer.contour``.
+    """
     kwargs = {
         "name": name,
         "opacity": opacity,

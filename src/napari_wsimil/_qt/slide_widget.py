@@ -188,7 +188,8 @@ class SlideWidget(QWidget):
 
         def done(tissue: Any) -> None:
             data, kwargs, _ = mask_layer_data(slide, tissue.mask, tissue.downsample, f"{layer.name} tissue")
-            self.viewer.add_labels(data, **kwargs)
+            overlay = self.viewer.add_labels(data, **kwargs)
+            overlay.contour = 2  # an outline keeps the tissue under it visible
             self.status.setText(f"Tissue: {100 * tissue.mask.mean():.1f} % of the slide.")
             self.viewer.layers.selection.active = layer
 
