@@ -1,0 +1,83 @@
+"""Synthesis speed and memory: does peak memory stay flat as the slide grows 9x in area?
+
+    python benchmarks/bench_synthesis.py [--quick] [--workers N]
+
+Full mode writes one 20,000^2 and one 60,000^2 malignant slide; --quick writes 4,000^2 and 12,000^2.
+Each slide is made in its own child process, which reports its own peak RSS (ru_maxrss), so the
+figures are not mixed with the parent's or each other's. Outputs go to a temporary folder that is
+deleted afterwards. The table gives wall time, megapixels per second, seconds per megapixel, peak RSS,
+and the ratio of peak RSS large/small, which should be about 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _child(size: int, out_dir: str, workers: int | None) -> None:
+    from napari_wsimil.slide.synthetic import synthesize_slide
+
+    t0 = time.perf_counter()
+    truth = synthesize_slide(Path(out_dir) / f"bench_{size}.tiff", size, seed=1234, malignant=True, workers=workers)
+    wall = time.perf_counter() - t0
+    maxrss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({
+        "size": size, "wall_s": wall, "maxrss_mib": maxrss_kib / 1024,
+        "file_mib": truth.path.stat().st_size / 2**20, "tissue_fraction": truth.tissue_fraction,
+        "tumour_fraction": truth.tumour_fraction,
+    }))
+
+
+def _run(size: int, workers: int | None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="wsimil-bench-") as tmp:
+        cmd = [sys.executable, __file__, "--child", str(size), "--out", tmp]
+        if workers is not None:
+            cmd += ["--workers", str(workers)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        outer = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"child for {size}^2 failed:\n{proc.stderr}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result["process_s"] = outer
+        return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="4,000^2 and 12,000^2 instead of 20,000^2 and 60,000^2")
+    ap.add_argument("--workers", type=int, default=None, help="render threads (default: CPU count, at most 8)")
+    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        _child(args.child, args.out, args.workers)
+        return 0
+
+    sizes = (4000, 12000) if args.quick else (20000, 60000)
+    print(f"synthesis benchmark, {os.cpu_count()} CPUs, workers={args.workers or 'default'}")
+    rows = [_run(s, args.workers) for s in sizes]
+    print(f"{'size':>8} {'Mpx':>8} {'wall s':>8} {'Mpx/s':>7} {'ms/Mpx':>7} {'peak RSS MiB':>13} {'file MiB':>9}"
+          f" {'tissue':>7} {'tumour':>7}")
+    for r in rows:
+        mpx = r["size"] ** 2 / 1e6
+        print(f"{r['size']:>8} {mpx:>8.0f} {r['wall_s']:>8.1f} {mpx / r['wall_s']:>7.1f} "
+              f"{1e3 * r['wall_s'] / mpx:>7.1f} {r['maxrss_mib']:>13.0f} {r['file_mib']:>9.1f}"
+              f" {100 * r['tissue_fraction']:>6.1f}% {100 * r['tumour_fraction']:>6.2f}%")
+    ratio = rows[1]["maxrss_mib"] / rows[0]["maxrss_mib"]
+    area = (sizes[1] / sizes[0]) ** 2
+    print(f"peak RSS ratio {sizes[1]}^2 / {sizes[0]}^2: {ratio:.2f} (area ratio {area:.0f}); "
+          f"time ratio {rows[1]['wall_s'] / rows[0]['wall_s']:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""The ``wsimil`` command line.
+
+One function per subcommand (``_cmd_<name>(args) -> int``), registered in ``_build_parser``; heavy
+modules are imported inside them so that ``wsimil --help`` is instant. Failures the package raises on
+purpose (``WsimilError``) print as one line on stderr with exit status 2, without a traceback: they
+describe a problem with the user's input, not a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from napari_wsimil.errors import WsimilError
+
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit status instead of exiting."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed usage and the reason (or the help)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except WsimilError as exc:
+        print(f"wsimil {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"wsimil {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from napari_wsimil import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="wsimil", description="Weakly supervised deep learning on whole-slide images.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "synth", help="write a synthetic cohort of H&E-like slides with tumour ground truth",
+        description="Write N synthetic slides (pyramidal JPEG TIFF), their ground-truth tumour masks "
+                    "(<slide>_gt.tiff) and OUT/cohort.csv (slide_id,path,label,gt_mask,gt_downsample; "
+                    "paths relative to the CSV). The same seed always gives the same cohort.")
+    p.add_argument("out", metavar="OUT", help="folder to write into (created if missing)")
+    p.add_argument("--slides", type=int, default=10, metavar="N", help="number of slides (default 10)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    p.add_argument("--size", type=_size, default=(4096, 4096), metavar="PX",
+                   help="level-0 size in pixels: PX for a square or HxW, e.g. 20000x30000 (default 4096)")
+    p.add_argument("--mpp", type=float, default=0.5, metavar="M", help="µm per pixel at level 0 (default 0.5, 20x)")
+    p.add_argument("--malignant-fraction", type=float, default=0.5, metavar="F",
+                   help="share of slides that carry tumour (default 0.5)")
+    p.add_argument("--workers", type=int, default=None, metavar="K", help="render threads (default: CPU count)")
+    p.set_defaults(func=_cmd_synth)
+    return parser
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        values = [int(v) for v in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PX or HxW in pixels, got {text!r}") from None
+    if len(values) == 1:
+        return values[0], values[0]
+    if len(values) == 2:
+        return values[0], values[1]
+    raise argparse.ArgumentTypeError(f"expected PX or HxW in pixels, got {text!r}")
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from napari_wsimil.slide.synthetic import synthesize_cohort
+
+    if args.slides < 1:
+        raise WsimilError(f"--slides must be at least 1, got {args.slides}")
+    if args.workers is not None and args.workers < 1:
+        raise WsimilError(f"--workers must be at least 1, got {args.workers}")
+    h, w = args.size
+    print(f"writing {args.slides} synthetic slides of {h} x {w} px at {args.mpp:g} µm/px into {args.out}",
+          flush=True)
+    start = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        elapsed = time.perf_counter() - start
+        print(f"  slide {done}/{total} written ({elapsed:.1f} s)", flush=True)
+
+    csv_path = synthesize_cohort(args.out, args.slides, seed=args.seed, size=(h, w), mpp=args.mpp,
+                                 malignant_fraction=args.malignant_fraction, progress=progress,
+                                 workers=args.workers)
+    print(f"cohort: {csv_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,247 @@
+"""The synthetic cohort: reproducible pixels, exact and sensible ground truth, files both readers open."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_wsimil.cli import main
+from napari_wsimil.errors import WsimilError
+from napari_wsimil.slide import synthetic
+from napari_wsimil.slide.synthetic import SlideModel, synthesize_cohort, synthesize_slide
+from napari_wsimil.slide.tiff_writer import write_image_pyramid, write_pyramid
+
+SIZE = 1536
+SEED = 11
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthesize_cohort(tmp_path_factory.mktemp("cohort"), 4, seed=SEED, size=SIZE, workers=2)
+
+
+def _rows(csv_path: Path) -> list[dict[str, str]]:
+    with open(csv_path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _block_mean(img: np.ndarray, ds: int, shape: tuple[int, int]) -> np.ndarray:
+    """Mean grey value of each ds x ds block, cropped to the mask's shape."""
+    h, w = shape
+    grey = img[: h * ds, : w * ds].astype(np.float32).mean(axis=2)
+    return grey.reshape(h, ds, w, ds).mean(axis=(1, 3))
+
+
+def _tumour_tile(model: SlideModel) -> tuple[int, int]:
+    gt = model.ground_truth()
+    ys, xs = np.nonzero(gt)
+    k = len(ys) // 2
+    return int(ys[k] * model.gt_downsample) // 256, int(xs[k] * model.gt_downsample) // 256
+
+
+# --------------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_same_pixels_other_seed_other_pixels():
+    a = SlideModel((SIZE, SIZE), seed=5, malignant=True)
+    b = SlideModel((SIZE, SIZE), seed=5, malignant=True)
+    c = SlideModel((SIZE, SIZE), seed=6, malignant=True)
+    ty, tx = _tumour_tile(a)
+    for tile in [(ty, tx), (3, 4), (0, 0)]:
+        assert a.render_tile(*tile).tobytes() == b.render_tile(*tile).tobytes()
+    assert np.array_equal(a.ground_truth(), b.ground_truth())
+    assert not np.array_equal(a.render_tile(ty, tx), c.render_tile(ty, tx))
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path):
+    # thread scheduling must not leak into the file: 1 worker and 3 workers write the same bytes
+    one = synthesize_slide(tmp_path / "a.tiff", 768, seed=3, malignant=True, workers=1)
+    three = synthesize_slide(tmp_path / "b.tiff", 768, seed=3, malignant=True, workers=3)
+    assert one.path.read_bytes() == three.path.read_bytes()
+    assert one.gt_mask.read_bytes() == three.gt_mask.read_bytes()
+
+
+def test_no_seam_between_tiles():
+    """Nuclei cross tile borders whole: the step across a border is like a step inside a tile."""
+    model = SlideModel((SIZE, SIZE), seed=5, malignant=True)
+    ty, tx = _tumour_tile(model)
+    left = model.render_tile(ty, tx).astype(np.float32)
+    right = model.render_tile(ty, tx + 1).astype(np.float32)
+    across = np.abs(left[:, -1] - right[:, 0]).mean()
+    inside = np.abs(np.diff(left, axis=1)).mean()
+    assert across < 1.5 * inside + 1.0
+
+
+# ------------------------------------------------------------------------------------- cohort
+
+
+def test_cohort_csv_columns_labels_and_paths(cohort: Path):
+    with open(cohort, newline="") as fh:
+        header = next(csv.reader(fh))
+    assert header == ["slide_id", "path", "label", "gt_mask", "gt_downsample"]
+    rows = _rows(cohort)
+    assert len(rows) == 4
+    assert sorted(int(r["label"]) for r in rows) == [0, 0, 1, 1]
+    assert len({r["slide_id"] for r in rows}) == 4
+    for r in rows:
+        # paths are relative to the CSV's folder
+        assert not Path(r["path"]).is_absolute()
+        assert (cohort.parent / r["path"]).is_file()
+        assert (cohort.parent / r["gt_mask"]).is_file()
+        ds = int(r["gt_downsample"])
+        mask = tifffile.imread(cohort.parent / r["gt_mask"], key=0)
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+        assert mask.shape == (-(-SIZE // ds), -(-SIZE // ds))
+
+
+def test_ground_truth_fraction_and_appearance(cohort: Path):
+    for r in _rows(cohort):
+        ds = int(r["gt_downsample"])
+        mask = tifffile.imread(cohort.parent / r["gt_mask"], key=0).astype(bool)
+        img = tifffile.imread(cohort.parent / r["path"], key=0)
+        grey = _block_mean(img, ds, mask.shape)
+        tissue = grey < 225  # background glass is ~240
+        assert 0.1 < tissue.mean() < 0.8
+        if r["label"] == "0":
+            assert not mask.any()
+            continue
+        fraction = (mask & tissue).sum() / tissue.sum()
+        assert 0.001 <= fraction <= 0.10, fraction
+        assert (mask & tissue).sum() >= 0.9 * mask.sum()  # tumour lies in tissue
+        # tumour is darker (crowded nuclei, haematoxylin-rich) than the rest of the tissue ...
+        inside, outside = grey[mask & tissue].mean(), grey[tissue & ~mask].mean()
+        assert inside < outside - 15, (inside, outside)
+        # ... and holds more nuclear (dark purple) pixels
+        full = np.repeat(np.repeat(mask, ds, 0), ds, 1)[: img.shape[0], : img.shape[1]]
+        tissue_px = np.repeat(np.repeat(tissue, ds, 0), ds, 1)[: img.shape[0], : img.shape[1]]
+        nuclear = (img[..., 0] < 150) & (img[..., 2] > img[..., 1])
+        assert nuclear[full].mean() > 3 * nuclear[tissue_px & ~full].mean()
+
+
+def test_synthesize_slide_reports_truth(tmp_path):
+    truth = synthesize_slide(tmp_path / "m.tiff", (1024, 1536), seed=8, malignant=True, mpp=0.25)
+    assert truth.gt_mask == tmp_path / "m_gt.tiff" and truth.gt_mask.is_file()
+    assert truth.shape == (1024, 1536) and truth.mpp == 0.25 and truth.malignant
+    assert 0.001 <= truth.tumour_fraction <= 0.10
+    mask = tifffile.imread(truth.gt_mask, key=0)
+    assert mask.shape == (1024 // truth.gt_downsample, 1536 // truth.gt_downsample)
+    benign = synthesize_slide(tmp_path / "b.tiff", 1024, seed=8, malignant=False)
+    assert benign.tumour_fraction == 0.0 and not tifffile.imread(benign.gt_mask, key=0).any()
+
+
+# --------------------------------------------------------------------------------- file format
+
+
+def test_levels_are_top_level_pages_read_by_tifffile_and_openslide(tmp_path):
+    openslide = pytest.importorskip("openslide")
+    truth = synthesize_slide(tmp_path / "s.tiff", (1300, 2100), seed=2, malignant=True, mpp=0.5)
+    with tifffile.TiffFile(truth.path) as tf:
+        pages = list(tf.pages)
+        shapes = [p.shape[:2] for p in pages]
+        assert shapes == [(1300, 2100), (650, 1050), (325, 525)]
+        for i, p in enumerate(pages):
+            assert p.is_tiled and p.tile == (256, 256) and not p.subifds
+            assert p.subfiletype == (1 if i else 0)
+            assert p.compression == tifffile.COMPRESSION.JPEG
+        assert pages[0].resolution[0] == pytest.approx(1e4 / 0.5)
+        assert "mpp=0.5" in pages[0].description
+        level0 = pages[0].asarray()
+    osr = openslide.OpenSlide(str(truth.path))
+    try:
+        assert osr.level_count == len(shapes)
+        assert [d[::-1] for d in osr.level_dimensions] == shapes
+        assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(0.5, rel=1e-3)
+        assert float(osr.properties["openslide.mpp-y"]) == pytest.approx(0.5, rel=1e-3)
+        region = np.asarray(osr.read_region((700, 500), 0, (300, 200)).convert("RGB"))
+        assert np.abs(region.astype(int) - level0[500:700, 700:1000]).max() <= 2
+        level1 = np.asarray(osr.read_region((0, 0), 1, (1050, 650)).convert("RGB")).astype(float)
+    finally:
+        osr.close()
+    # the reduced level is the mean of 2x2 level-0 pixels (up to JPEG error)
+    ref = level0.reshape(650, 2, 1050, 2, 3).mean(axis=(1, 3))
+    assert np.abs(level1 - ref).mean() < 2.0
+
+
+def test_writer_is_atomic_and_cleans_up(tmp_path):
+    target = tmp_path / "x.tiff"
+
+    def broken(ty: int, tx: int) -> np.ndarray:
+        if (ty, tx) == (2, 1):
+            raise RuntimeError("render failed")
+        return np.full((256, 256, 3), 200, np.uint8)
+
+    with pytest.raises(RuntimeError, match="render failed"):
+        write_pyramid(target, (1000, 700), broken, mpp=0.5, workers=2)
+    assert os.listdir(tmp_path) == []  # no partial slide, no temporary or scratch files
+
+    mask = (np.arange(700 * 1300).reshape(700, 1300) % 7 == 0).astype(np.uint8)
+    info = write_image_pyramid(target, mask, mpp=8.0)
+    assert info.level_count == 2 and os.listdir(tmp_path) == ["x.tiff"]
+    with tifffile.TiffFile(target) as tf:
+        assert np.array_equal(tf.pages[0].asarray(), mask)  # masks are lossless
+        assert tf.pages[1].shape == (350, 650)
+
+
+# ------------------------------------------------------------------------------- sample, CLI
+
+
+def test_sample_slide_is_cached_and_repaired(tmp_path, monkeypatch):
+    monkeypatch.setattr(synthetic, "SAMPLE_SIZE", 768)
+    path = synthetic.sample_slide_path(tmp_path)
+    assert path.parent == tmp_path and path.is_file()
+    assert synthetic.gt_path_for(path).is_file()
+    stamp = path.stat().st_mtime_ns
+    assert synthetic.sample_slide_path(tmp_path) == path
+    assert path.stat().st_mtime_ns == stamp  # reused, not rewritten
+    with open(path, "r+b") as fh:  # a download-style truncation: regenerated on next use
+        fh.truncate(path.stat().st_size // 2)
+    again = synthetic.sample_slide_path(tmp_path)
+    with tifffile.TiffFile(again) as tf:
+        assert tf.pages[0].shape[:2] == (768, 768)
+        tf.pages[0].asarray()
+
+
+def test_sample_slide_uses_cache_env(tmp_path, monkeypatch):
+    monkeypatch.setattr(synthetic, "SAMPLE_SIZE", 512)
+    monkeypatch.setenv("NAPARI_WSIMIL_CACHE", str(tmp_path / "cache"))
+    assert synthetic.sample_slide_path().parent == tmp_path / "cache" / "sample"
+
+
+def test_cli_synth_writes_a_cohort(tmp_path, capsys):
+    out = tmp_path / "cohort"
+    assert main(["synth", str(out), "--slides", "2", "--seed", "4", "--size", "768x1024", "--workers", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert str(out / "cohort.csv") in printed and "slide 2/2" in printed
+    rows = _rows(out / "cohort.csv")
+    assert sorted(r["label"] for r in rows) == ["0", "1"]
+    assert tifffile.TiffFile(out / rows[0]["path"]).pages[0].shape == (768, 1024, 3)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--slides", "0"], "--slides must be at least 1"),
+    (["--mpp", "-1"], "pixel size"),
+    (["--size", "100"], "at least 256"),
+    (["--malignant-fraction", "1.5"], "between 0 and 1"),
+])
+def test_cli_bad_arguments_give_one_readable_line(tmp_path, capsys, argv, words):
+    assert main(["synth", str(tmp_path / "c"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_unparsable_argument_is_a_usage_error(tmp_path, capsys):
+    assert main(["synth", str(tmp_path), "--size", "big"]) == 2
+    assert "expected PX or HxW" in capsys.readouterr().err
+
+
+def test_api_rejects_bad_arguments(tmp_path):
+    with pytest.raises(WsimilError, match="at least 1"):
+        synthesize_cohort(tmp_path, 0)
+    with pytest.raises(WsimilError, match="height, width"):
+        synthesize_slide(tmp_path / "a.tiff", "big", seed=0, malignant=False)  # type: ignore[arg-type]
