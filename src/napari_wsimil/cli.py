@@ -61,6 +61,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="share of slides that carry tumour (default 0.5)")
     p.add_argument("--workers", type=int, default=None, metavar="K", help="render threads (default: CPU count)")
     p.set_defaults(func=_cmd_synth)
+
+    from napari_wsimil.project.cli import register as register_project
+    register_project(sub)
     return parser
 
 

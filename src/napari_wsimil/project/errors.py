@@ -1,0 +1,22 @@
+"""The one error type of the project library.
+
+A ``ProjectError`` always describes something the user can act on (a file that moved, a class that
+does not exist, a project open elsewhere); the CLI prints it as one line and the widgets show it
+as a message, so every message names the slide or file concerned and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+from napari_wsimil.errors import WsimilError
+
+
+class ProjectError(WsimilError):
+    """A project folder, its labels or a cohort file cannot be used as asked."""
+
+
+def problems_error(what: str, problems: list[str], limit: int = 30) -> ProjectError:
+    """One error listing every problem found, so a user fixes a file once rather than once per run."""
+    shown = problems[:limit]
+    more = f"\n  … and {len(problems) - limit} more" if len(problems) > limit else ""
+    return ProjectError(f"{what} ({len(problems)} problem{'s' if len(problems) != 1 else ''}):\n  "
+                        + "\n  ".join(shown) + more)

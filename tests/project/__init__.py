@@ -1,0 +1,1 @@
+"""Tests of the project folder library (a package so its conftest does not shadow tests/conftest.py)."""
