@@ -69,7 +69,8 @@ def mask_layer_data(
 def patch_grid_layer_data(slide: Slide, coords: np.ndarray, size_level0: float, name: str = "patches") -> LayerData:
     """Patch outlines as rectangles in world units (µm)."""
     m = world_mpp(slide)
-    xy = np.asarray(coords, dtype=float)
+    # napari centres pixel i on i·m; level-0 coordinates put pixel i's corner at i: shift by half a pixel.
+    xy = np.asarray(coords, dtype=float) - 0.5
     y0, x0 = xy[:, 1] * m, xy[:, 0] * m
     s = size_level0 * m
     rects = np.stack(

@@ -18,8 +18,9 @@ How a slide is built (all deterministic from the seed):
 - Ground truth: the tumour and tissue fields sampled at the centre of every ``gt_downsample`` block,
   a uint8 mask (1 = tumour, 0 = else) written next to the slide as ``<stem>_gt.tiff``.
 
-Memory does not depend on slide size (coarse grids are capped, tiles are streamed by
-``tiff_writer.write_pyramid``); time is linear in area, about 0.1 s per megapixel of tissue on one core.
+Memory does not depend on slide size (coarse grids are capped or periodic, tiles are streamed by
+``tiff_writer.write_pyramid``); time is linear in area, about 60 ms of CPU per megapixel (all levels,
+JPEG included) for a slide one third covered by tissue.
 """
 
 from __future__ import annotations
@@ -111,20 +112,22 @@ def synthesize_slide(
     path = Path(path)
     gt_path = gt_path_for(path) if gt_path is None else Path(gt_path)
     model = SlideModel(shape, seed, malignant, mpp)
+    n_tissue = int(model.tissue_mask_gt().sum(dtype=np.int64))
     mask = model.ground_truth()
-    tissue = model.tissue_mask_gt()
-    n_tissue = int(tissue.sum())
-    tumour_fraction = float(mask.sum()) / n_tissue if n_tissue else 0.0
-    write_pyramid(
-        path, shape, model.render_tile, mpp=mpp, description=f"napari-wsimil synthetic slide; mpp={mpp:g}",
-        quality=quality, workers=workers, progress=progress,
-    )
+    n_gt = mask.size
+    tumour_fraction = float(mask.sum(dtype=np.int64)) / n_tissue if n_tissue else 0.0
     ds = model.gt_downsample
+    # the mask goes first so that it is not held while the (long) slide is written
     write_image_pyramid(
         gt_path, mask, mpp=mpp * ds,
         description=f"napari-wsimil ground truth; 1=tumour 0=else; downsample={ds}; mpp={mpp * ds:g}",
     )
-    return SlideTruth(path, gt_path, ds, bool(malignant), tumour_fraction, n_tissue / mask.size, shape, mpp,
+    del mask
+    write_pyramid(
+        path, shape, model.render_tile, mpp=mpp, description=f"napari-wsimil synthetic slide; mpp={mpp:g}",
+        quality=quality, workers=workers, progress=progress,
+    )
+    return SlideTruth(path, gt_path, ds, bool(malignant), tumour_fraction, n_tissue / n_gt, shape, mpp,
                       int(seed))
 
 
@@ -247,19 +250,17 @@ class SlideModel:
         pot += 0.16 * _smooth_noise(rng, pot.shape, 4.0) + 0.06 * _smooth_noise(rng, pot.shape, 1.5)
         self.tissue_grid = _Grid(pot, cell, self.shape)
         rough_cell = 40 * um
-        self.rough = _Grid(_smooth_noise(rng, _grid_shape(self.shape, rough_cell), 1.0), rough_cell, self.shape)
+        self.rough = _physical_grid(rng, self.shape, rough_cell, 1.0)
         self.tissue = _Field([(scale_px, self.tissue_grid), (6 * um, self.rough)])
         # lumens and clefts: white holes inside tissue where 30 µm-scale noise is high
         hole_cell = 30 * um
-        hole_grid = _Grid(_smooth_noise(rng, _grid_shape(self.shape, hole_cell), 1.2) - 2.4, hole_cell, self.shape)
+        hole_grid = _physical_grid(rng, self.shape, hole_cell, 1.2, offset=-2.4)
         self.holes = _Field([(-0.8 * hole_cell, hole_grid)])
         self._holes_possible = _Cull(hole_grid, -1.0 / (0.8 * hole_cell))  # where the ramp drops below 1
         # regional variation: fibre orientation mix and stromal cellularity
         reg_cell = 150 * um
-        self.orient = _Field([(1.2, _Grid(_smooth_noise(rng, _grid_shape(self.shape, reg_cell), 1.5), reg_cell,
-                                          self.shape))])
-        self.cellularity = _Field([(1.0, _Grid(_smooth_noise(rng, _grid_shape(self.shape, reg_cell), 1.5),
-                                               reg_cell, self.shape))])
+        self.orient = _Field([(1.2, _physical_grid(rng, self.shape, reg_cell, 1.5))])
+        self.cellularity = _Field([(1.0, _physical_grid(rng, self.shape, reg_cell, 1.5))])
 
         # textures, nuclei, stain
         self.tex_a_angle = float(rng.uniform(0, np.pi))
@@ -326,7 +327,7 @@ class SlideModel:
 
         # threshold at the (1 - target) quantile of the field over tissue, on a bounded grid
         ds = self.gt_downsample
-        step = max(1, math.ceil(max(H, W) / ds / 1024))
+        step = max(1, math.ceil(max(H, W) / ds / 512))
         qy = (np.arange(0, math.ceil(H / ds), step) + 0.5) * ds - 0.5
         qx = (np.arange(0, math.ceil(W / ds), step) + 0.5) * ds - 0.5
         tis = self.tissue.sample(qy, qx) > 0
@@ -349,7 +350,7 @@ class SlideModel:
     def tissue_mask_gt(self) -> np.ndarray:
         """Tissue (1) vs background (0) on the ground-truth grid; holes count as tissue."""
         gy, gx = self._gt_axes()
-        return _strips(gy, gx, lambda ys: self.tissue.sample(ys, gx) > 0)
+        return _blocks(gy, gx, lambda ys, xs: self.tissue.sample(ys, xs) > 0)
 
     def ground_truth(self) -> np.ndarray:
         """Tumour mask (uint8, 1 = tumour) at ``gt_downsample``: the render fields at block centres."""
@@ -358,10 +359,10 @@ class SlideModel:
             return np.zeros((len(gy), len(gx)), np.uint8)
         tumour = self.tumour
 
-        def strip(ys: np.ndarray) -> np.ndarray:
-            return (self.tissue.sample(ys, gx) > 0) & (tumour.sample(ys, gx) > 0)
+        def block(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+            return (self.tissue.sample(ys, xs) > 0) & (tumour.sample(ys, xs) > 0)
 
-        return _strips(gy, gx, strip)
+        return _blocks(gy, gx, block)
 
     # -- rendering -------------------------------------------------------------------------------
 
@@ -372,7 +373,7 @@ class SlideModel:
         ys = np.arange(y0, y0 + T, dtype=np.float64)
         xs = np.arange(x0, x0 + T, dtype=np.float64)
         noise = self.noise.window(y0, x0)
-        tis = self.tissue.sample(ys, xs)
+        tis = self.tissue.sample(ys, xs, y0)
         m = self.margin
         near_tumour = self._near_tumour(y0 - m, y0 + T + m, x0 - m, x0 + T + m)
         canvas, any_nuclei = self._nuclei(y0, x0, near_tumour)
@@ -382,8 +383,8 @@ class SlideModel:
 
         alpha = _ramp(tis, 0.5)
         if self._holes_possible.any_near(y0, y0 + T, x0, x0 + T):
-            alpha *= _ramp(self.holes.sample(ys, xs), 0.5)
-        w = _ramp(self.orient.sample(ys, xs), 1.0)
+            alpha *= _ramp(self.holes.sample(ys, xs, y0), 0.5)
+        w = _ramp(self.orient.sample(ys, xs, y0), 1.0)
         ta = self.tex_a.window(y0, x0)
         tb = self.tex_b.window(y0, x0)
         grain = self.tex_n.window(y0, x0)
@@ -394,7 +395,7 @@ class SlideModel:
         hbg = None
         if near_tumour:
             assert self.tumour is not None
-            at = _ramp(self.tumour.sample(ys, xs), 0.35)
+            at = _ramp(self.tumour.sample(ys, xs, y0), 0.35)
             if at.any():
                 # tumour: pale, granular cytoplasm instead of fibres, and a haematoxylin wash
                 cyto = 0.25 * grain
@@ -491,13 +492,23 @@ class _Grid:
     """A smooth scalar field stored on a coarse grid of square cells covering the slide.
 
     Read by separable Catmull-Rom interpolation: C1-continuous, so thresholded boundaries are smooth
-    curves rather than polygons, and the same value comes out whichever tile asks.
+    curves rather than polygons, and the same value comes out whichever tile asks. Past the grid's
+    edge a plain grid repeats its edge value; a ``periodic`` one wraps around, which lets textures
+    defined in micrometres (holes, edge roughness) use a grid of fixed size on any slide size.
     """
 
-    def __init__(self, values: np.ndarray, cell: float, shape: tuple[int, int]):
+    def __init__(self, values: np.ndarray, cell: float, shape: tuple[int, int], periodic: bool = False):
         self.cell = float(cell)
         self.shape = shape
-        self.v = np.pad(np.asarray(values, np.float32), 2, mode="edge")
+        self.periodic = periodic
+        self.v = np.ascontiguousarray(values, np.float32)
+        # row weights of the last few tile rows: tiles are rendered row by row, so all tiles of a
+        # row share them (read and written by several threads; entries are immutable, races benign)
+        self._row_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _wrap(self, idx: np.ndarray, axis: int) -> np.ndarray:
+        n = self.v.shape[axis]
+        return idx % n if self.periodic else np.minimum(np.maximum(idx, 0), n - 1)
 
     def _taps(self, p: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
         g = np.minimum(np.maximum(p, 0.0), limit - 1.0)
@@ -506,28 +517,38 @@ class _Grid:
         i = np.floor(g)
         t = g - i
         powers = t[:, None] ** _POWERS
-        return i.astype(np.intp) + 1, powers @ _CATMULL_ROM  # index into the padded array of tap 0
+        return i.astype(np.intp) - 1, powers @ _CATMULL_ROM  # grid index of the first of 4 taps
 
-    def _matrix(self, p: np.ndarray, limit: int) -> tuple[int, np.ndarray]:
+    def _matrix(self, p: np.ndarray, limit: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
         i, w = self._taps(p, limit)
         lo = int(i.min())
         span = int(i.max()) - lo + 4
         mat = np.zeros((len(p), span), np.float32)
         mat[np.arange(len(p))[:, None], (i - lo)[:, None] + np.arange(4)] = w
-        return lo, mat
+        return self._wrap(np.arange(lo, lo + span), axis), mat
 
-    def sample(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-        """Values on the outer product of pixel rows ``ys`` and columns ``xs`` (float32)."""
-        ry, my = self._matrix(ys, self.shape[0])
-        rx, mx = self._matrix(xs, self.shape[1])
-        return _matmul(my @ self.v[ry:ry + my.shape[1], rx:rx + mx.shape[1]], mx.T)
+    def sample(self, ys: np.ndarray, xs: np.ndarray, row_key: int | None = None) -> np.ndarray:
+        """Values on the outer product of pixel rows ``ys`` and columns ``xs`` (float32).
+
+        ``row_key`` (a tile's first row) lets the tiles of one row reuse the row weights.
+        """
+        cached = None if row_key is None else self._row_cache.get(row_key)
+        if cached is None:
+            cached = self._matrix(ys, self.shape[0], 0)
+            if row_key is not None:
+                if len(self._row_cache) >= 8:
+                    self._row_cache.clear()
+                self._row_cache[row_key] = cached
+        ry, my = cached
+        rx, mx = self._matrix(xs, self.shape[1], 1)
+        return _matmul(my @ self.v[np.ix_(ry, rx)], mx.T)
 
     def points(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
         """Values at the points (ys[i], xs[i]) (float64)."""
         iy, wy = self._taps(np.asarray(ys, np.float64), self.shape[0])
         ix, wx = self._taps(np.asarray(xs, np.float64), self.shape[1])
         r = np.arange(4)
-        vals = self.v[(iy[:, None] + r)[:, :, None], (ix[:, None] + r)[:, None, :]]
+        vals = self.v[self._wrap(iy[:, None] + r, 0)[:, :, None], self._wrap(ix[:, None] + r, 1)[:, None, :]]
         return np.einsum("ni,nij,nj->n", wy, vals, wx)
 
 
@@ -538,10 +559,10 @@ class _Field:
         self.terms = terms
         self.offset = float(offset)
 
-    def sample(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    def sample(self, ys: np.ndarray, xs: np.ndarray, row_key: int | None = None) -> np.ndarray:
         out = None
         for c, g in self.terms:
-            v = g.sample(ys, xs)
+            v = g.sample(ys, xs, row_key)
             v *= np.float32(c)
             out = v if out is None else out + v
         assert out is not None
@@ -583,21 +604,26 @@ def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def _strips(gy: np.ndarray, gx: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+def _blocks(gy: np.ndarray, gx: np.ndarray, fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    """Evaluate a boolean field on the grid gy x gx in 256 x 256 blocks, so the interpolation
+    matrices stay small whatever the slide size (a whole row of a 60k slide would need ~20 MB)."""
     out = np.zeros((len(gy), len(gx)), np.uint8)
-    for s in range(0, len(gy), 256):
-        out[s:s + 256] = fn(gy[s:s + 256])
+    for r in range(0, len(gy), 256):
+        for c in range(0, len(gx), 256):
+            out[r:r + 256, c:c + 256] = fn(gy[r:r + 256], gx[c:c + 256])
     return out
 
 
-def _window_max(a: np.ndarray, r: int) -> np.ndarray:
-    """Maximum over the (2r+1)^2 neighbourhood (edges replicated); numpy only, on small grids."""
-    padded = np.pad(a, r, mode="edge")
-    out = a.copy()
+def _window_max(a: np.ndarray, r: int, mode: str = "edge") -> np.ndarray:
+    """Maximum over the (2r+1)^2 neighbourhood (np.pad ``mode`` past the edges), separably."""
     h, w = a.shape
-    for dy in range(2 * r + 1):
-        for dx in range(2 * r + 1):
-            np.maximum(out, padded[dy:dy + h, dx:dx + w], out=out)
+    padded = np.pad(a, ((r, r), (0, 0)), mode=mode)
+    out = a.copy()
+    for d in range(2 * r + 1):
+        np.maximum(out, padded[d:d + h], out=out)
+    padded = np.pad(out, ((0, 0), (r, r)), mode=mode)
+    for d in range(2 * r + 1):
+        np.maximum(out, padded[:, d:d + w], out=out)
     return out
 
 
@@ -610,29 +636,50 @@ class _Cull:
     """
 
     def __init__(self, grid: _Grid, lower: float):
-        hi = _window_max(grid.v, 2)
-        lo = -_window_max(-grid.v, 2)
-        self.ok = _window_max((hi + 0.15 * (hi - lo)) >= lower, 1)
-        self.cell = grid.cell
-        self.shape = grid.shape
+        mode = "wrap" if grid.periodic else "edge"
+        hi = _window_max(grid.v, 2, mode)
+        span = _window_max(-grid.v, 2, mode)  # -min
+        span += hi  # max - min
+        span *= 0.15
+        span += hi
+        self.ok = _window_max(span >= lower, 1, mode)
+        self.grid = grid
 
     def any_near(self, y0: float, y1: float, x0: float, x1: float) -> bool:
         """Whether rows [y0, y1) x columns [x0, x1) (level-0 px) may reach the level."""
-        c = self.cell
-        H, W = self.shape
-        iy0, iy1 = (int(np.floor((min(max(v, 0), H - 1) + 0.5) / c - 0.5)) for v in (y0, y1))
-        ix0, ix1 = (int(np.floor((min(max(v, 0), W - 1) + 0.5) / c - 0.5)) for v in (x0, x1))
-        return bool(self.ok[max(iy0 + 1, 0):iy1 + 5, max(ix0 + 1, 0):ix1 + 5].any())
+        g = self.grid
+        H, W = g.shape
+        iy0, iy1 = (int(np.floor((min(max(v, 0), H - 1) + 0.5) / g.cell - 0.5)) for v in (y0, y1))
+        ix0, ix1 = (int(np.floor((min(max(v, 0), W - 1) + 0.5) / g.cell - 0.5)) for v in (x0, x1))
+        rows = g._wrap(np.arange(iy0 - 1, iy1 + 3), 0)
+        cols = g._wrap(np.arange(ix0 - 1, ix1 + 3), 1)
+        return bool(self.ok[np.ix_(rows, cols)].any())
+
+
+PHYSICAL_PERIOD = 512  # cells: micrometre-scale noise repeats after 512 cells (>= 15 mm), never seen
+
+
+def _physical_grid(rng: np.random.Generator, shape: tuple[int, int], cell: float, sigma: float,
+                   offset: float = 0.0) -> _Grid:
+    """Smooth noise at a scale fixed in micrometres, on a periodic grid of bounded size, so its
+    memory does not grow with the slide."""
+    gh, gw = (min(n, PHYSICAL_PERIOD) for n in _grid_shape(shape, cell))
+    return _Grid(_smooth_noise(rng, (gh, gw), sigma, periodic=True) + offset, cell, shape, periodic=True)
 
 
 def _grid_shape(shape: tuple[int, int], cell: float) -> tuple[int, int]:
     return max(1, math.ceil(shape[0] / cell)), max(1, math.ceil(shape[1] / cell))
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
-    """Gaussian-filtered white noise with unit standard deviation (sigma in grid cells)."""
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float,
+                  periodic: bool = False) -> np.ndarray:
+    """Gaussian-filtered white noise with unit standard deviation (sigma in grid cells).
+
+    ``periodic`` keeps the FFT's wrap-around, so the result tiles seamlessly; otherwise opposite
+    edges are kept independent.
+    """
     h, w = shape
-    pad = int(3 * sigma) + 1  # keep the FFT's wrap-around from joining opposite edges
+    pad = 0 if periodic else int(3 * sigma) + 1
     white = rng.standard_normal((h + 2 * pad, w + 2 * pad))
     fy = np.fft.fftfreq(white.shape[0])[:, None]
     fx = np.fft.rfftfreq(white.shape[1])[None, :]

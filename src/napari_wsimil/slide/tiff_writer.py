@@ -21,6 +21,7 @@ a reader never sees a half-written slide and an interrupted write leaves the old
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -86,8 +87,9 @@ def write_pyramid(
     """Write a tiled pyramidal TIFF whose level 0 is produced by ``render_tile(ty, tx)``.
 
     ``render_tile`` returns the uint8 tile at tile row ``ty``, column ``tx`` of level 0, shaped
-    (256, 256, channels) or (256, 256) for one channel; edge tiles may be smaller or may carry
-    content past the image edge (it is kept out of reduced levels only as far as floor sizing allows).
+    (256, 256, channels) or (256, 256) for one channel; edge tiles may be smaller (their edge is
+    replicated) or full-size with content past the image edge (cropped by readers; reduced levels use
+    floor sizes, so it leaks into them by at most the odd last pixel).
     It is called from ``workers`` threads at once, so it must be thread-safe (a pure function of its
     arguments is). ``compression='jpeg'`` needs 3 channels; masks use ``'zlib'`` (lossless) with
     ``resample='nearest'`` so labels stay labels. ``progress(done, total)`` counts tiles of all levels.
@@ -116,11 +118,11 @@ def write_pyramid(
 
         with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw, ThreadPoolExecutor(workers) as pool:
             for level, lshape in enumerate(shapes):
-                source = _quarter_reader(spills[level], shapes[level - 1], channels) if level else None
+                source = _QuarterReader(spills[level], shapes[level - 1], channels) if level else None
                 spill_out = spills[level + 1] if level + 1 < len(shapes) else None
-                fd_out = os.open(spill_out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600) if spill_out else None
+                out = _Spill(spill_out, write=True) if spill_out else None
                 try:
-                    job = _LevelJob(lshape, channels, render_tile if level == 0 else source, fd_out,
+                    job = _LevelJob(lshape, channels, render_tile if level == 0 else source, out,
                                     resample, encode)
                     chunks = _ordered(pool, job, workers * 3)
 
@@ -149,8 +151,8 @@ def write_pyramid(
                         metadata=None,
                     )
                 finally:
-                    if fd_out is not None:
-                        os.close(fd_out)
+                    if out is not None:
+                        out.close()
                     if source is not None:
                         source.close()
                     if level:
@@ -233,16 +235,51 @@ def _pad(tile: np.ndarray, channels: int) -> np.ndarray:
 def _reduce(tile: np.ndarray, resample: str) -> np.ndarray:
     if resample == "nearest":
         return np.ascontiguousarray(tile[::2, ::2])
-    t = tile.astype(np.uint16)
-    q = t[0::2, 0::2] + t[1::2, 0::2] + t[0::2, 1::2] + t[1::2, 1::2] + 2
-    return (q >> 2).astype(np.uint8)
+    rows = tile[0::2].astype(np.uint16)
+    rows += tile[1::2]
+    q = rows[:, 0::2] + rows[:, 1::2]
+    q += 2  # round half up
+    q >>= 2
+    return q.astype(np.uint8)
+
+
+class _Spill:
+    """A scratch file of fixed-size records read and written by several threads at given offsets.
+
+    Positional I/O (pread/pwrite) needs no lock; where the OS lacks it (Windows) a lock guards
+    seek + read/write.
+    """
+
+    def __init__(self, path: Path, write: bool):
+        self.fh = open(path, "w+b" if write else "rb", buffering=0)
+        self.fd = self.fh.fileno()
+        self.positional = hasattr(os, "pread") and hasattr(os, "pwrite")
+        self.lock = threading.Lock()
+
+    def write(self, offset: int, data: bytes) -> None:
+        if self.positional:
+            os.pwrite(self.fd, data, offset)
+            return
+        with self.lock:
+            self.fh.seek(offset)
+            self.fh.write(data)
+
+    def read(self, offset: int, size: int) -> bytes:
+        if self.positional:
+            return os.pread(self.fd, size, offset)
+        with self.lock:
+            self.fh.seek(offset)
+            return self.fh.read(size)
+
+    def close(self) -> None:
+        self.fh.close()
 
 
 class _QuarterReader:
     """Random access to the fixed-size raw quarters that the finer level spilled, row-major by tile."""
 
     def __init__(self, path: Path, fine_shape: tuple[int, int], channels: int):
-        self.fd = os.open(path, os.O_RDONLY)
+        self.spill = _Spill(path, write=False)
         self.nty, self.ntx = _ntiles(fine_shape)
         self.channels = channels
         self.size = (TILE // 2) ** 2 * channels
@@ -255,7 +292,7 @@ class _QuarterReader:
             for dx in (0, 1):
                 fy, fx = 2 * ty + dy, 2 * tx + dx
                 if fy < self.nty and fx < self.ntx:
-                    buf = os.pread(self.fd, self.size, (fy * self.ntx + fx) * self.size)
+                    buf = self.spill.read((fy * self.ntx + fx) * self.size, self.size)
                     last = np.frombuffer(buf, np.uint8).reshape(half, half, self.channels)
                 # past the finer level's last tile the reduced tile is outside the image: repeat
                 # the neighbour rather than leave black, which would bleed into JPEG blocks
@@ -263,22 +300,18 @@ class _QuarterReader:
         return out
 
     def close(self) -> None:
-        os.close(self.fd)
-
-
-def _quarter_reader(path: Path, fine_shape: tuple[int, int], channels: int) -> _QuarterReader:
-    return _QuarterReader(path, fine_shape, channels)
+        self.spill.close()
 
 
 class _LevelJob:
     """One tile of one level: get pixels, spill the reduced quarter for the next level, encode."""
 
-    def __init__(self, shape: tuple[int, int], channels: int, source: TileFn, spill_fd: int | None,
+    def __init__(self, shape: tuple[int, int], channels: int, source: TileFn, spill: _Spill | None,
                  resample: str, encode: Callable[[np.ndarray], bytes]):
         self.nty, self.ntx = _ntiles(shape)
         self.channels = channels
         self.source = source
-        self.spill_fd = spill_fd
+        self.spill = spill
         self.resample = resample
         self.encode = encode
         self.qsize = (TILE // 2) ** 2 * channels
@@ -289,8 +322,8 @@ class _LevelJob:
     def __call__(self, index: int) -> bytes:
         ty, tx = divmod(index, self.ntx)
         tile = _pad(self.source(ty, tx), self.channels)
-        if self.spill_fd is not None:
-            os.pwrite(self.spill_fd, _reduce(tile, self.resample).tobytes(), index * self.qsize)
+        if self.spill is not None:
+            self.spill.write(index * self.qsize, _reduce(tile, self.resample).tobytes())
         return self.encode(tile if self.channels == 3 else tile[:, :, 0])
 
 
