@@ -22,11 +22,11 @@ def real_slides(*names: str) -> list[Path]:
 
 def synthetic_slide(size: int, workdir: Path | None = None, seed: int = 3) -> Path:
     """A malignant synthetic slide of size² px, cached across benchmark runs in the temp folder."""
-    from napari_wsimil.slide.synthetic import synthesize_slide
+    from napari_wsimil.slide.synthetic import _SAMPLE_VERSION, synthesize_slide
 
     workdir = workdir or Path(tempfile.gettempdir()) / "wsimil-bench"
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / f"synthetic_{size}_{seed}.tiff"
+    path = workdir / f"synthetic_v{_SAMPLE_VERSION}_{size}_{seed}.tiff"  # a new renderer makes new files
     if not path.exists():
         t = time.perf_counter()
         synthesize_slide(path, size, seed=seed, malignant=True, mpp=0.5)

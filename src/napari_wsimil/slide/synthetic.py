@@ -43,7 +43,7 @@ TILE = 256
 GT_MAX_SIDE = 2048  # ground-truth masks are at most this many pixels a side
 SAMPLE_SIZE = 8192
 SAMPLE_SEED = 20240607
-_SAMPLE_VERSION = 1  # bump when the renderer changes so cached samples are regenerated
+_SAMPLE_VERSION = 2  # bump when the renderer changes so cached samples are regenerated
 
 Size = int | tuple[int, int] | Sequence[int]
 Progress = Callable[[int, int], None]
