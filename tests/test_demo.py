@@ -35,3 +35,23 @@ def test_sample_data_opens_in_viewer(make_napari_viewer, qtbot):
     shot = np.asarray(viewer.screenshot(canvas_only=True, flash=False))[..., :3].astype(int)
     pink = (shot[..., 0] > 150) & (shot[..., 1] < shot[..., 0] - 30) & (shot[..., 2] > 100)
     assert pink.mean() > 0.02, "no H&E-coloured tissue on the canvas"
+
+
+@pytest.mark.gui
+def test_demo_window_docks_every_widget_on_a_project(tmp_path, qtbot):
+    from qtpy.QtWidgets import QApplication
+
+    from napari_wsimil.demo import _wait_for, build_viewer
+    from napari_wsimil.slide.synthetic import sample_slide_path
+
+    viewer, widget = build_viewer(sample_slide_path(), show=True, project_dir=tmp_path / "project")
+    try:
+        _wait_for(widget, QApplication.instance())
+        names = [layer.name for layer in viewer.layers]
+        stem = sample_slide_path().stem
+        for suffix in ("", " labels", " boxes", " tissue", " patches"):
+            assert f"{stem}{suffix}" in names, names
+        assert (tmp_path / "project" / "project.json").exists()
+        assert len(viewer.window._dock_widgets) >= 3
+    finally:
+        viewer.close()

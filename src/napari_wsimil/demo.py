@@ -81,7 +81,7 @@ def _screenshot_on_xvfb(path: Path, dest: Path) -> Path:
     from pyvirtualdisplay import Display
 
     with Display(visible=False, size=(1400, 900)):
-        viewer, widget = build_viewer(path, show=True)
+        viewer, widget = build_viewer(path, show=True, project_dir=dest.parent / "project")
         from qtpy.QtWidgets import QApplication
 
         _wait_for(widget, QApplication.instance())
@@ -105,15 +105,29 @@ def _wait_for(widget, app, timeout_s: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def build_viewer(path: Path, show: bool = True):
+def build_viewer(path: Path, show: bool = True, project_dir: Path | None = None):
+    """A viewer with every dock widget; with ``project_dir`` the slide is opened through a labelling project."""
     import napari
 
+    from ._qt.labelling_widget import LabellingWidget
+    from ._qt.project_widget import ProjectWidget
     from ._qt.slide_widget import SlideWidget
 
     viewer = napari.Viewer(title="napari-wsimil demo", show=show)
     widget = SlideWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Slide, tissue and patches", area="right")
-    widget.open_path(str(path))
+    if project_dir is None:
+        widget.open_path(str(path))
+    else:
+        project = ProjectWidget(viewer)
+        labelling = LabellingWidget(viewer)
+        viewer.window.add_dock_widget(project, name="Labelling project", area="right", tabify=True)
+        viewer.window.add_dock_widget(labelling, name="Classes and labelling tools", area="right", tabify=True)
+        if (project_dir / "project.json").exists():
+            project.open_project(str(project_dir))
+        else:
+            project.create_project(str(project_dir))
+            project.add_slides([str(path)])
     widget.detect_tissue()
     widget.make_patch_grid()
     return viewer, widget
@@ -121,7 +135,7 @@ def build_viewer(path: Path, show: bool = True):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m napari_wsimil.demo", description=__doc__)
-    ap.add_argument("--out", type=Path, default=Path("out/demo"), help="where headless outputs go")
+    ap.add_argument("--out", type=Path, default=Path("out/demo"), help="where outputs and the demo labelling project go")
     ap.add_argument("--headless", action="store_true", help="do not open a window even if a display exists")
     args = ap.parse_args(argv)
     if has_display() and not args.headless:
@@ -129,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from .slide.synthetic import sample_slide_path
 
-        build_viewer(sample_slide_path())
+        build_viewer(sample_slide_path(), project_dir=args.out / "project")
         napari.run()
         return 0
     print("No display: running the demo headless.")

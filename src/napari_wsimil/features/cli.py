@@ -1,0 +1,71 @@
+"""``wsimil features``: one feature bag per slide of a project or a list of slide files.
+
+Registered by the main command line with :func:`register`; imports stay inside the command so that
+``wsimil --help`` does not load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``features`` subcommand to ``subparsers`` (an argparse sub-parser action)."""
+    p = subparsers.add_parser(
+        "features", help="extract patch features, one bag per slide",
+        description="Tile each slide's tissue into patches of --patch px at --mpp µm/px, encode them and write "
+                    "OUT/<slide id>.npz (coords + features). Bags that are complete and made by the same "
+                    "encoder, weights, patch size and µm/px from an unchanged slide are skipped, so a "
+                    "stopped run resumes where it left off.")
+    p.add_argument("source", nargs="+", metavar="COHORT_OR_PROJECT",
+                   help="a project folder, or one or more slide files")
+    p.add_argument("--encoder", default="handcrafted", metavar="NAME",
+                   help="handcrafted (no weights), resnet18, resnet50 or resnet50-trunc (CLAM's); default handcrafted")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="weights for the encoder: .safetensors or a torch state dict (.pth/.pt)")
+    p.add_argument("--mpp", type=float, default=0.5, metavar="M", help="µm per pixel of the patches (default 0.5)")
+    p.add_argument("--patch", type=int, default=256, metavar="PX", help="patch size in pixels (default 256)")
+    p.add_argument("--batch", type=int, default=64, metavar="B", help="patches per batch (default 64)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, MPS, then CPU), cpu, cuda, cuda:1 ...")
+    p.add_argument("--min-tissue", type=float, default=0.5, metavar="F",
+                   help="keep patches with at least this tissue fraction (default 0.5)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where bags go (default: PROJECT/features/ENCODER; required for slide files)")
+    p.add_argument("--overwrite", action="store_true", help="recompute every bag, even current ones")
+    p.set_defaults(func=_cmd_features)
+    return p
+
+
+def _cmd_features(args: argparse.Namespace) -> int:
+    from .extract import CohortEvent, extract_cohort
+
+    source: Any = args.source[0] if len(args.source) == 1 and Path(args.source[0]).is_dir() else args.source
+    if args.out is None and not isinstance(source, str):
+        print("wsimil features: error: give --out DIR for slide files (bags go inside a project by default)",
+              file=sys.stderr)
+        return 2
+
+    def report(ev: CohortEvent) -> None:
+        head = f"[{ev.index + 1}/{ev.count}] {ev.slide_id}"
+        if ev.stage == "patches":
+            print(f"\r{head}: {ev.done}/{ev.total} patches", end="", file=sys.stderr, flush=True)
+        elif ev.stage == "done":
+            print(f"\r{head}: {ev.total} patches, done", file=sys.stderr)
+        elif ev.stage == "skipped":
+            print(f"{head}: up to date, skipped", file=sys.stderr)
+        elif ev.stage == "failed":
+            print(f"\r{head}: FAILED: {ev.message}", file=sys.stderr)
+
+    results = extract_cohort(source, args.out, args.encoder, patch_size=args.patch, mpp=args.mpp,
+                             batch_size=args.batch, device=args.device, progress=report, weights=args.weights,
+                             overwrite=args.overwrite, min_tissue=args.min_tissue)
+    failed = [r for r in results if r.status == "failed"]
+    done = sum(r.status == "done" for r in results)
+    print(f"{done} computed, {len(results) - done - len(failed)} up to date, {len(failed)} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+__all__ = ["register"]

@@ -1,0 +1,323 @@
+"""Patch encoders: a registry of named builders, and the ``Encoder`` interface extraction relies on.
+
+Every encoder has a ``name`` and a ``version``; both are written into each feature bag so that a bag
+made with other weights, or by an older feature definition, is recognised as stale and recomputed
+instead of silently mixed with new ones. Weights come from a local file the user names (nothing can
+be downloaded); the file's content hash is part of the version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import WsimilError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+#: ImageNet channel statistics, which every ImageNet-pretrained trunk expects its input scaled by.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class EncoderError(WsimilError):
+    """An encoder cannot be built: unknown name, missing or mismatched weights file."""
+
+
+class Encoder:
+    """Maps a batch of RGB patches ``(B, P, P, 3) uint8`` to features ``(B, dim) float32``.
+
+    Subclasses set ``name``, ``version`` and ``dim`` and implement :meth:`encode`. ``to`` moves the
+    encoder to a device where that means anything (torch encoders); the others ignore it.
+    """
+
+    name: str = "encoder"
+    version: str = "0"
+    dim: int = 0
+    device: str = "cpu"
+
+    def encode(self, patches: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, patches: np.ndarray) -> np.ndarray:
+        return self.encode(patches)
+
+    def to(self, device: str) -> Encoder:
+        self.device = resolve_device(device)
+        return self
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What a bag records about the encoder that made it."""
+        return {"encoder": self.name, "encoder_version": self.version, "dim": int(self.dim)}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} v{self.version} dim={self.dim} on {self.device}>"
+
+
+def resolve_device(device: str | None) -> str:
+    """``"auto"`` picks CUDA, then Apple MPS, then the CPU; anything else is passed through to torch."""
+    if device in (None, "auto"):
+        try:
+            import torch
+        except ImportError:
+            return "cpu"
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return "mps"
+        return "cpu"
+    return str(device)
+
+
+class TorchEncoder(Encoder):
+    """A torch module over ImageNet-normalised patches, run in inference mode.
+
+    ``input_size`` resizes patches first (CLAM feeds 224 px); None keeps the patch size, which a
+    global-pooled CNN accepts as is. On CUDA the forward pass runs in float16 autocast when
+    ``half`` is set: the features are pooled averages, which half precision keeps to ~1e-3.
+    """
+
+    def __init__(self, module: torch.nn.Module, name: str, version: str, dim: int, *,
+                 input_size: int | None = None, device: str = "cpu", half: bool = False):
+        import torch
+
+        self.module = module.eval()
+        self.name, self.version, self.dim = name, version, int(dim)
+        self.input_size = input_size
+        self.half = half
+        self._mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
+        self.to(device)
+
+    def to(self, device: str) -> TorchEncoder:
+        self.device = resolve_device(device)
+        self.module.to(self.device)
+        self._mean = self._mean.to(self.device)
+        self._std = self._std.to(self.device)
+        return self
+
+    def preprocess(self, patches: np.ndarray) -> torch.Tensor:
+        """uint8 (B, P, P, 3) → normalised float (B, 3, S, S) on the encoder's device."""
+        import torch
+        import torch.nn.functional as F
+
+        x = torch.from_numpy(np.ascontiguousarray(patches))
+        if self.device.startswith("cuda"):
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        else:
+            x = x.to(self.device)
+        x = x.permute(0, 3, 1, 2).float()
+        if self.input_size is not None and x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        return (x - self._mean) / self._std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The module on a preprocessed batch (what the benchmark times as "forward alone")."""
+        import torch
+
+        with torch.inference_mode():
+            if self.half and self.device.startswith("cuda"):
+                with torch.autocast("cuda", dtype=torch.float16):
+                    return self.module(x).float()
+            return self.module(x)
+
+    def encode(self, patches: np.ndarray) -> np.ndarray:
+        if len(patches) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return self.forward(self.preprocess(patches)).float().cpu().numpy()
+
+
+# --- weights --------------------------------------------------------------------------------------
+
+def file_digest(path: str | Path, length: int = 12) -> str:
+    """Short SHA-256 of a file: different weights give a different encoder version."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+def read_state_dict(path: str | Path) -> dict[str, Any]:
+    """Tensors of a ``.safetensors`` file or of a ``torch.save``'d state dict (loaded with
+    ``weights_only=True``, so a file cannot run code). Checkpoints that wrap the weights in
+    ``{"state_dict": ...}`` or ``{"model": ...}`` and DataParallel's ``module.`` prefix are unwrapped."""
+    import torch
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise EncoderError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means "not a weights file"
+        raise EncoderError(f"{path.name} ({path}) is not a readable weights file "
+                           f"(.safetensors, or a torch state dict saved with torch.save): {exc}") from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise EncoderError(f"{path.name} ({path}) does not hold a state dict (a mapping of names to tensors)")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def load_weights(module: torch.nn.Module, path: str | Path, ignorable: tuple[str, ...] = ()) -> None:
+    """Load ``path`` into ``module`` with strict key and shape checking and a readable error.
+
+    Keys starting with one of ``ignorable`` may be present in the file and absent from the module
+    (a full ResNet-50 file loaded into the truncated trunk).
+    """
+    path = Path(path).expanduser()
+    state = read_state_dict(path)
+    state = {k: v for k, v in state.items() if not (ignorable and k.startswith(ignorable))}
+    own = module.state_dict()
+    for k in set(own) - set(state):
+        if k.endswith("num_batches_tracked"):  # files from torch < 0.4.1 lack this counter; it is not a weight
+            state[k] = own[k]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        def listing(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: {listing(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected: {listing(unexpected)}")
+        if wrong:
+            parts.append(f"{len(wrong)} of another shape: " + listing(
+                [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]))
+        raise EncoderError(f"{path.name} ({path}) does not fit {type(module).__name__}: " + "; ".join(parts)
+                           + ". Is it weights for another architecture?")
+    module.load_state_dict(state, strict=True)
+
+
+def seeded_init(factory: Callable[[], Any], seed: int = 0) -> Any:
+    """Build a module with a fixed seed, leaving the global RNG as it was.
+
+    Random-weight encoders must be the *same* network in every process: a cohort run that stops and
+    resumes would otherwise mix features of two different random nets under one version string.
+    """
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory()
+
+
+# --- registry -------------------------------------------------------------------------------------
+
+Builder = Callable[..., Encoder]
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A registered encoder: how to build it and what it says about itself before being built."""
+
+    name: str
+    builder: Builder
+    description: str
+    takes_weights: bool = False
+
+
+_REGISTRY: dict[str, EncoderSpec] = {}
+
+
+def register_encoder(name: str, builder: Builder, description: str = "", takes_weights: bool = False) -> None:
+    """Add (or replace) an encoder; ``builder(weights=None, device="auto", **options) -> Encoder``."""
+    _REGISTRY[name] = EncoderSpec(name, builder, description, takes_weights)
+
+
+def available_encoders() -> dict[str, EncoderSpec]:
+    _register_builtins()
+    return dict(_REGISTRY)
+
+
+def build_encoder(name: str, weights: str | Path | None = None, device: str = "auto", **options: Any) -> Encoder:
+    """The encoder registered as ``name``, with weights from a local file where it takes any."""
+    _register_builtins()
+    if isinstance(name, Encoder):
+        return name
+    spec = _REGISTRY.get(name)
+    if spec is None:
+        raise EncoderError(f"no encoder named {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
+    return spec.builder(weights=weights, device=device, **options)
+
+
+def _resnet_builder(arch: str) -> Builder:
+    def build(weights: str | Path | None = None, device: str = "auto", input_size: int | None = None,
+              half: bool = False) -> Encoder:
+        from . import resnet
+
+        factory = {"resnet18": resnet.resnet18, "resnet50": resnet.resnet50,
+                   "resnet50-trunc": resnet.resnet50_trunc}[arch]
+        if weights is not None:
+            module = factory()
+            load_weights(module, weights, ignorable=module.ignorable_keys())
+            version = f"1+{file_digest(weights)}"
+        else:
+            module = seeded_init(factory)  # a fixed random net: a baseline, the same in every run
+            version = "1+random0"
+        return TorchEncoder(module, arch, version, module.out_dim, input_size=input_size, device=device,
+                            half=half)
+
+    return build
+
+
+def _handcrafted_builder(weights: str | Path | None = None, device: str = "auto", **options: Any) -> Encoder:
+    from .handcrafted import HandcraftedEncoder
+
+    if weights is not None:
+        raise EncoderError("the handcrafted encoder takes no weights file")
+    return HandcraftedEncoder(**options)
+
+
+def _ssl_builder(weights: str | Path | None = None, device: str = "auto", **options: Any) -> Encoder:
+    from .ssl import build_ssl_encoder
+
+    return build_ssl_encoder(weights, device=device, **options)
+
+
+_BUILTINS_DONE = False
+
+
+def _register_builtins() -> None:
+    global _BUILTINS_DONE
+    if _BUILTINS_DONE:
+        return
+    _BUILTINS_DONE = True
+    for name, text in (
+        ("resnet18", "ResNet-18 trunk, 512-d (torchvision weights file)"),
+        ("resnet50", "ResNet-50 trunk, 2048-d (torchvision weights file)"),
+        ("resnet50-trunc", "ResNet-50 up to layer3, 1024-d: CLAM's default (torchvision ResNet-50 weights file)"),
+    ):
+        _REGISTRY.setdefault(name, EncoderSpec(name, _resnet_builder(name), text, takes_weights=True))
+    _REGISTRY.setdefault("ssl-ae", EncoderSpec(
+        "ssl-ae", _ssl_builder, "compact CNN auto-encoder trained on the project's own patches, 128-d "
+        "(features.ssl.project_ssl_encoder makes its weights file)", takes_weights=True))
+    _REGISTRY.setdefault("handcrafted", EncoderSpec(
+        "handcrafted", _handcrafted_builder, "stain histograms (HED, HSV) + gradient and LBP texture, 76-d"))
+
+
+__all__ = [
+    "Encoder", "TorchEncoder", "EncoderError", "EncoderSpec", "IMAGENET_MEAN", "IMAGENET_STD",
+    "available_encoders", "build_encoder", "register_encoder", "load_weights", "read_state_dict",
+    "resolve_device", "file_digest", "seeded_init",
+]

@@ -1,0 +1,217 @@
+"""Feature extraction: slide → patch grid → encoder → bag, for one slide or a whole cohort.
+
+Reading and compute overlap: :class:`~napari_wsimil.slide.PatchReader` decodes the next batches in
+its threads while the encoder runs on the current one (tile decoding releases the GIL; so does torch),
+so the accelerator, not the JPEG decoder, sets the pace. Cohort runs write one bag per slide
+atomically and skip bags that are complete and not stale, so an interrupted run resumes where it
+stopped and changing the encoder or its weights recomputes exactly what it must.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+
+from ..errors import WsimilError
+from .bags import BAG_SUFFIX, Bag, bag_attrs, stale_reasons
+from .encoders import Encoder, build_encoder
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..project import Project
+    from ..slide import PatchGrid, Slide
+
+#: ``progress(done_patches, total_patches)`` for one slide.
+Progress = Callable[[int, int], None]
+
+
+class ExtractionCancelled(WsimilError):
+    """The caller asked extraction to stop (``cancel`` was set); nothing was written for that slide."""
+
+
+def _as_encoder(encoder: Encoder | str, device: str, weights: str | Path | None) -> Encoder:
+    if isinstance(encoder, Encoder):
+        return encoder.to(device)
+    return build_encoder(encoder, weights=weights, device=device)
+
+
+def extract_features(
+    slide: Slide | str | os.PathLike[str],
+    encoder: Encoder | str,
+    patch_size: int = 256,
+    mpp: float = 0.5,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: Progress | None = None,
+    *,
+    grid: PatchGrid | None = None,
+    min_tissue: float = 0.5,
+    num_workers: int = 4,
+    prefetch: int = 2,
+    weights: str | Path | None = None,
+    cancel: threading.Event | None = None,
+) -> Bag:
+    """Features of every tissue patch of ``slide`` (``patch_size`` px at ``mpp`` µm/px), in grid order.
+
+    ``encoder`` is an :class:`Encoder` or a registered name (then ``weights`` names its file).
+    ``grid`` reuses a patch grid already made (its patch size and µm/px win). ``progress`` is called
+    after each batch; setting ``cancel`` stops at the next batch with :class:`ExtractionCancelled`.
+    """
+    from ..slide import PatchReader, open_slide, patch_grid
+
+    if not isinstance(slide, (str, os.PathLike)):
+        opened = slide
+    else:
+        opened = open_slide(slide)
+    enc = _as_encoder(encoder, device, weights)
+    if grid is None:
+        grid = patch_grid(opened, patch_size, mpp, min_tissue=min_tissue)
+    total = len(grid)
+    features = np.empty((total, enc.dim), np.float32)
+    done = 0
+    if progress is not None:
+        progress(0, total)
+    with PatchReader(opened, grid, batch_size=batch_size, num_workers=num_workers, prefetch=prefetch) as reader:
+        for _, patches in reader:
+            if cancel is not None and cancel.is_set():
+                raise ExtractionCancelled(f"feature extraction of {opened.path.name} was cancelled")
+            out = enc.encode(patches)
+            features[done:done + len(out)] = out
+            done += len(out)
+            if progress is not None:
+                progress(done, total)
+    attrs = bag_attrs(enc, opened, grid.patch_size, grid.mpp, level=grid.level, min_tissue=float(min_tissue),
+                      size_level0=float(grid.size_level0), stride_level0=float(grid.stride_level0),
+                      slide_mpp=opened.mpp)
+    return Bag(grid.coords.copy(), features, attrs)
+
+
+# --- cohorts --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CohortEvent:
+    """What ``extract_cohort`` reports: ``stage`` is "skipped", "started", "patches" (``done`` of
+    ``total`` patches), "done" or "failed" (``message`` says why), for slide ``index`` of ``count``."""
+
+    stage: str
+    slide_id: str
+    index: int
+    count: int
+    done: int = 0
+    total: int = 0
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class CohortResult:
+    """The outcome for one slide: its bag path and whether it was computed, skipped or failed."""
+
+    slide_id: str
+    slide_path: Path
+    bag_path: Path
+    status: str  # "done" | "skipped" | "failed"
+    n_patches: int = 0
+    seconds: float = 0.0
+    message: str = ""
+
+
+SlideSource = Union["Project", str, os.PathLike, Mapping[str, Any], Iterable[Any]]
+
+
+def _slides_of(source: SlideSource) -> tuple[list[tuple[str, Path, Callable[[], Slide]]], Path | None]:
+    """(slide id, path, opener) for each slide, and the project's features folder where there is one."""
+    from ..project.project import PROJECT_FILE, Project, id_from_path
+    from ..slide import open_slide
+
+    if isinstance(source, (str, os.PathLike)) and (Path(source) / PROJECT_FILE).is_file():
+        source = Project.open(source, readonly=True)
+    if isinstance(source, Project):
+        p = source
+        return [(sid, p.slide_path(sid), (lambda s=sid: p.open_slide(s))) for sid in p.slide_ids], p.features_dir
+    if isinstance(source, (str, os.PathLike)):
+        source = [source]
+    items = source.items() if isinstance(source, Mapping) else ((id_from_path(Path(s)), s) for s in source)
+    out: list[tuple[str, Path, Callable[[], Slide]]] = []
+    seen: set[str] = set()
+    for sid, path in items:
+        if sid in seen:
+            raise WsimilError(f"two slides would share the bag name {sid!r}; pass a mapping of unique ids to paths")
+        seen.add(sid)
+        path = Path(path)
+        out.append((sid, path, (lambda q=path: open_slide(q))))
+    return out, None
+
+
+def extract_cohort(
+    slides_or_project: SlideSource,
+    out_dir: str | os.PathLike[str] | None,
+    encoder: Encoder | str,
+    patch_size: int = 256,
+    mpp: float = 0.5,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: Callable[[CohortEvent], None] | None = None,
+    *,
+    overwrite: bool = False,
+    weights: str | Path | None = None,
+    cancel: threading.Event | None = None,
+    **options: Any,
+) -> list[CohortResult]:
+    """One bag per slide in ``out_dir`` (``<slide id>.npz``), skipping bags already complete and current.
+
+    ``slides_or_project`` is a :class:`Project` (or its folder), slide paths, or a mapping id → path.
+    ``out_dir`` None means ``<project>/features/<encoder name>``. A slide that cannot be read is
+    reported ("failed", with the reason) and the run goes on with the next; ``overwrite`` recomputes
+    everything. ``options`` go to :func:`extract_features` (``min_tissue``, ``num_workers``...).
+    """
+    slides, features_dir = _slides_of(slides_or_project)
+    enc = _as_encoder(encoder, device, weights)
+    if out_dir is None:
+        if features_dir is None:
+            raise ValueError("out_dir is needed when the slides do not come from a project")
+        out_dir = features_dir / enc.name
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[CohortResult] = []
+    count = len(slides)
+
+    def emit(event: CohortEvent) -> None:
+        if progress is not None:
+            progress(event)
+
+    for index, (sid, path, opener) in enumerate(slides):
+        bag_path = out / f"{sid}{BAG_SUFFIX}"
+        if not overwrite and bag_path.exists() and not stale_reasons(bag_path, enc, path, patch_size, mpp):
+            emit(CohortEvent("skipped", sid, index, count, message="up to date"))
+            results.append(CohortResult(sid, path, bag_path, "skipped"))
+            continue
+        emit(CohortEvent("started", sid, index, count))
+        t0 = time.perf_counter()
+        try:
+            slide = opener()
+            bag = extract_features(
+                slide, enc, patch_size, mpp, batch_size, device=enc.device, cancel=cancel,
+                progress=lambda d, t, s=sid, i=index: emit(CohortEvent("patches", s, i, count, d, t)),
+                **options,
+            )
+            bag.attrs["slide_id"] = sid
+            bag.save(bag_path)
+        except ExtractionCancelled:
+            raise
+        except (WsimilError, OSError) as exc:
+            emit(CohortEvent("failed", sid, index, count, message=str(exc)))
+            results.append(CohortResult(sid, path, bag_path, "failed", message=str(exc)))
+            continue
+        seconds = time.perf_counter() - t0
+        emit(CohortEvent("done", sid, index, count, len(bag), len(bag)))
+        results.append(CohortResult(sid, path, bag_path, "done", len(bag), seconds))
+    return results
+
+
+__all__ = ["CohortEvent", "CohortResult", "ExtractionCancelled", "extract_cohort", "extract_features"]

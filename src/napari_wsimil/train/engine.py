@@ -1,0 +1,331 @@
+"""The one training loop: a generator that yields :class:`ProgressEvent` and checkpoints every epoch.
+
+Methods (see :mod:`.mil`) differ in their samplers and losses only; seeding, the optimiser, validation,
+early stopping, NaN guard, checkpoints and resume live here once.
+
+Determinism: every epoch reseeds torch (dropout) and its own numpy generator (sampling order) from
+``(seed, epoch)``, so an epoch's randomness does not depend on what ran before it. That is what makes a
+resumed run bit-identical to an uninterrupted one without having to serialise RNG states.
+
+Checkpoints never use pickle: tensors go to ``ckpt-EEEE.safetensors`` (model ``model.*``, optimiser
+``optim.*``), everything else to ``last.json``. The JSON is written last and atomically, so it is the commit
+point: a kill at any moment leaves the previous JSON pointing at a complete previous tensor file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Generator, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from ..errors import WsimilError
+from ..project.atomic import write_bytes, write_text
+from .events import ProgressEvent
+
+FORMAT_VERSION = 1
+
+
+class TrainingError(WsimilError):
+    """Training cannot start or cannot go on (bad cohort, NaN loss, unusable checkpoint)."""
+
+
+def _doc(text: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation attached (read by the GUI/CLI to explain options)."""
+    return field(metadata={"doc": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Options every method shares. Defaults follow CLAM (Adam 2e-4, wd 1e-5, 200 epochs, patience 20
+    after epoch 50)."""
+
+    epochs: int = _doc("Maximum number of passes over the training bags.", default=200)
+    lr: float = _doc("Adam learning rate.", default=2e-4)
+    weight_decay: float = _doc("Adam weight decay (L2).", default=1e-5)
+    seed: int = _doc("Seed for weights, dropout and sampling; same seed + same data = same model on CPU.",
+                     default=0)
+    early_stopping: bool = _doc("Stop when the validation loss has not improved for `patience` epochs.",
+                                default=True)
+    patience: int = _doc("Epochs without validation improvement tolerated before stopping.", default=20)
+    min_epochs: int = _doc("Never stop early before this epoch (attention models improve late).", default=50)
+    device: str = _doc("'auto' (cuda, then mps, then cpu), or a torch device string.", default="auto")
+    step_events: int = _doc("Yield a 'step' event every this many steps (0: none).", default=0)
+
+    def doc(self, name: str) -> str:
+        """The documentation of one option."""
+        return self.__dataclass_fields__[name].metadata.get("doc", "")
+
+
+@dataclass
+class StepOutput:
+    """A training step's losses (``"total"`` is backpropagated) and (probabilities (C,), label) pairs."""
+
+    losses: dict[str, torch.Tensor]
+    predictions: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+
+
+class Method(Protocol):
+    """What the engine needs from a method family."""
+
+    name: str
+    config: TrainConfig
+
+    def check(self) -> None: ...  # raise TrainingError on a bad cohort, before anything runs
+    def build_model(self) -> nn.Module: ...
+    def describe(self) -> dict[str, Any]: ...  # JSON: what must match for a resume
+    def batches(self, epoch: int, rng: np.random.Generator) -> Iterable[Any]: ...
+    def step(self, model: nn.Module, batch: Any, device: torch.device) -> StepOutput: ...
+    def evaluate(self, model: nn.Module,
+                 device: torch.device) -> tuple[dict[str, float], dict[str, float]] | None: ...
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """cuda, then Apple mps, then cpu for 'auto'; anything else is passed to torch."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy and AUC (binary, or macro one-vs-rest); AUC is NaN when a class is missing."""
+    if len(labels) == 0:
+        return {}
+    out = {"accuracy": float((probs.argmax(1) == labels).float().mean())}
+    c = probs.shape[1]
+    aucs = [binary_auc(probs[:, k], labels == k) for k in ([1] if c == 2 else range(c))]
+    out["auc"] = float(np.mean(aucs))
+    return out
+
+
+def binary_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Mann–Whitney AUC with ties counted as half (no scikit-learn needed)."""
+    s = scores.double().cpu()
+    pos, neg = s[positive.cpu()], s[~positive.cpu()]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).double().sum()
+    ties = (pos[:, None] == neg[None, :]).double().sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+
+def _flatten_state(model: nn.Module,
+                   optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    osd = optimizer.state_dict()
+    scalars: dict[str, Any] = {}
+    for idx, st in osd["state"].items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"optim.{idx}.{key}"] = val.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = val
+    return tensors, {"param_groups": osd["param_groups"], "scalars": scalars}
+
+
+def _restore_state(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                   optim_json: dict) -> None:
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, key = k.split(".", 2)
+            state.setdefault(int(idx), {})[key] = v
+    for k, v in optim_json["scalars"].items():
+        idx, key = k.split(".", 1)
+        state.setdefault(int(idx), {})[key] = v
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in optim_json["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any]) -> Path:
+    """Write ``ckpt-EEEE.safetensors`` then commit with ``last.json``; older tensor files are removed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors, optim_json = _flatten_state(model, optimizer)
+    name = f"ckpt-{state['epoch']:04d}.safetensors"
+    write_bytes(out_dir / name, st_save(tensors, metadata={"epoch": str(state["epoch"])}))
+    committed = {**state, "tensors": name, "optimizer": optim_json}
+    write_text(out_dir / "last.json", json.dumps(committed, indent=1))
+    for old in out_dir.glob("ckpt-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    return out_dir / name
+
+
+def load_model_weights(path: str | Path, model: nn.Module) -> nn.Module:
+    """Load weights from a checkpoint (``*.safetensors``, ``last.json``, ``best.safetensors``) or from a
+    user state dict (``*.pt``/``*.pth`` through ``torch.load(weights_only=True)``, never plain pickle)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.json"
+    if path.suffix == ".json":
+        path = path.parent / json.loads(path.read_text())["tensors"]
+    if path.suffix == ".safetensors":
+        tensors = st_load(path.read_bytes())
+        sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")} or tensors
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(sd)
+    return model
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------
+
+def _seed_epoch(seed: int, epoch: int) -> np.random.Generator:
+    torch.manual_seed(seed * 100_003 + epoch)
+    return np.random.default_rng([seed, epoch])
+
+
+def train(method: Method, out_dir: str | Path | None = None, *,
+          resume: bool = False) -> Generator[ProgressEvent, None, nn.Module]:
+    """Train ``method``, yielding progress events; checkpoints go to ``out_dir`` (none when None).
+
+    With ``resume=True`` and a ``last.json`` in ``out_dir`` training continues after the last completed
+    epoch with the saved weights, optimiser state and early-stopping state. Raises :class:`TrainingError`
+    for a bad cohort (before any training) and names the epoch when the loss becomes NaN or infinite.
+    The generator's return value (``StopIteration.value``, or ``model = yield from train(...)``) is the
+    trained model in its final state; the best one by validation loss is ``out_dir/best.safetensors``.
+    """
+    cfg = method.config
+    method.check()
+    out = None if out_dir is None else Path(out_dir)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = method.build_model().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state: dict[str, Any] = {"format": FORMAT_VERSION, "method": method.describe(), "config": asdict(cfg),
+                             "epoch": 0, "seed": cfg.seed,
+                             "rng": "per epoch: torch.manual_seed(seed*100003+epoch), "
+                                    "numpy default_rng([seed, epoch])",
+                             "best_val_loss": None, "best_epoch": None,
+                             "epochs_since_best": 0, "stopped": None}
+    if resume and out is not None and (out / "last.json").exists():
+        state = _resume(out, method, model, optimizer, state)
+    start = state["epoch"] + 1
+    t0 = time.perf_counter()
+    if state["stopped"]:
+        yield ProgressEvent("done", state["epoch"], total_epochs=cfg.epochs, path=str(out) if out else None,
+                            message=f"already finished: {state['stopped']}")
+        return model
+    for epoch in range(start, cfg.epochs + 1):
+        yield from _run_epoch(method, model, optimizer, device, epoch, cfg, t0, start)
+        model_val = method.evaluate(model, device)
+        eta = _eta(t0, epoch - start + 1, cfg.epochs - epoch)
+        if model_val is not None:
+            vl, vm = model_val
+            yield ProgressEvent("validation", epoch, total_epochs=cfg.epochs, losses=vl, metrics=vm,
+                                elapsed=time.perf_counter() - t0, eta=eta)
+            _update_early_stopping(state, vl.get("bag", vl.get("total", math.inf)), epoch, cfg, out, model)
+        state["epoch"] = epoch
+        if out is not None:
+            path = save_checkpoint(out, model, optimizer, state)
+            yield ProgressEvent("checkpoint", epoch, total_epochs=cfg.epochs,
+                                elapsed=time.perf_counter() - t0, eta=eta, path=str(path))
+        if state["stopped"]:
+            break
+    if not state["stopped"]:
+        state["stopped"] = "finished"
+        if out is not None:
+            save_checkpoint(out, model, optimizer, state)
+    if out is not None and state["best_epoch"] is None:  # no validation: the last model is the one to use
+        write_bytes(out / "best.safetensors", st_save({f"model.{k}": v.detach().cpu().contiguous()
+                                                       for k, v in model.state_dict().items()}))
+    yield ProgressEvent("done", state["epoch"], total_epochs=cfg.epochs, elapsed=time.perf_counter() - t0,
+                        eta=0.0, path=str(out) if out else None, message=state["stopped"],
+                        metrics={"best_epoch": float(state["best_epoch"] or state["epoch"])})
+    return model
+
+
+def _eta(t0: float, done: int, left: int) -> float | None:
+    return None if done <= 0 else (time.perf_counter() - t0) / done * left
+
+
+def _run_epoch(method: Method, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+               epoch: int, cfg: TrainConfig, t0: float, start: int) -> Iterator[ProgressEvent]:
+    rng = _seed_epoch(cfg.seed, epoch)
+    model.train()
+    sums: dict[str, float] = {}
+    probs, labels = [], []
+    batches = list(method.batches(epoch, rng))
+    for i, batch in enumerate(batches, 1):
+        out = method.step(model, batch, device)
+        total = out.losses["total"]
+        if not torch.isfinite(total):
+            raise TrainingError(
+                f"training stopped at epoch {epoch}, step {i}: the loss became {float(total.detach())}. "
+                "Lower the learning rate, or check the feature bags for NaN/inf values; the last good "
+                "checkpoint is kept.")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        for k, v in out.losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        for p, y in out.predictions:
+            probs.append(p.detach().cpu())
+            labels.append(y)
+        if cfg.step_events and i % cfg.step_events == 0:
+            frac = (epoch - start) + i / len(batches)
+            left = (cfg.epochs - epoch) + (1 - i / len(batches))
+            step_losses = {k: float(v.detach()) for k, v in out.losses.items()}
+            yield ProgressEvent("step", epoch, i, cfg.epochs, step_losses,
+                                elapsed=time.perf_counter() - t0,
+                                eta=(time.perf_counter() - t0) / frac * left)
+    n = max(len(batches), 1)
+    metrics = classification_metrics(torch.stack(probs), torch.tensor(labels)) if probs else {}
+    mean_losses = {k: v / n for k, v in sums.items()}
+    yield ProgressEvent("epoch", epoch, len(batches), cfg.epochs, mean_losses, metrics,
+                        time.perf_counter() - t0, _eta(t0, epoch - start + 1, cfg.epochs - epoch))
+
+
+def _update_early_stopping(state: dict[str, Any], val_loss: float, epoch: int, cfg: TrainConfig,
+                           out: Path | None, model: nn.Module) -> None:
+    """CLAM's rule: keep the best model by validation loss; stop after `patience` epochs without a better one,
+    never before `min_epochs`."""
+    best = state["best_val_loss"]
+    if best is None or val_loss < best:
+        state.update(best_val_loss=val_loss, best_epoch=epoch, epochs_since_best=0)
+        if out is not None:
+            write_bytes(out / "best.safetensors", st_save(
+                {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                metadata={"epoch": str(epoch)}))
+    else:
+        state["epochs_since_best"] += 1
+    if cfg.early_stopping and epoch >= cfg.min_epochs and state["epochs_since_best"] >= cfg.patience:
+        state["stopped"] = (f"early stopping at epoch {epoch} "
+                            f"(best validation loss at epoch {state['best_epoch']})")
+
+
+def _resume(out: Path, method: Method, model: nn.Module, optimizer: torch.optim.Optimizer,
+            fresh: dict[str, Any]) -> dict[str, Any]:
+    try:
+        saved = json.loads((out / "last.json").read_text())
+        tensors = st_load((out / saved["tensors"]).read_bytes())
+    except (OSError, ValueError, KeyError) as e:
+        raise TrainingError(f"cannot resume from {out / 'last.json'}: "
+                            f"the checkpoint is unreadable ({e})") from e
+    if saved.get("method") != fresh["method"]:
+        raise TrainingError(f"cannot resume from {out}: it was trained with {saved.get('method')}, "
+                            f"not {fresh['method']}. Use another output folder or resume=False.")
+    _restore_state(model, optimizer, tensors, saved.pop("optimizer"))
+    saved.pop("tensors", None)
+    if saved.get("stopped") == "finished" and saved["epoch"] < method.config.epochs:
+        saved["stopped"] = None  # more epochs were asked for than the first run had
+    saved["config"] = fresh["config"]
+    return saved
