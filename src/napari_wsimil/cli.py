@@ -64,6 +64,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     from napari_wsimil.project.cli import register as register_project
     register_project(sub)
+    from napari_wsimil.features.cli import register as register_features
+    register_features(sub)
     return parser
 
 

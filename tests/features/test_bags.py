@@ -105,3 +105,11 @@ def test_cohort_from_project(slides, tmp_path) -> None:
     p = Project.open(tmp_path / "proj", readonly=True)
     again = extract_cohort(p, None, "handcrafted", patch_size=128, mpp=1.0)
     assert [r.status for r in again] == ["skipped", "skipped"]
+    p.close()
+    # correcting a slide's pixel size in the project makes its bag stale (its patches change)
+    p = Project.open(tmp_path / "proj")
+    p.set_slide_mpp("case-b", 0.25)
+    third = extract_cohort(p, None, "handcrafted", patch_size=128, mpp=1.0)
+    assert [r.status for r in third] == ["skipped", "done"]
+    assert read_bag(third[1].bag_path).attrs["slide_mpp"] == 0.25
+    p.close()

@@ -93,3 +93,23 @@ def test_wrong_file_gives_readable_error(tmp_path) -> None:
         build_encoder("resnet18", weights=tmp_path / "absent.pth", device="cpu")
     with pytest.raises(EncoderError, match="no encoder named"):
         build_encoder("vit-huge")
+
+
+def test_resize_input_and_old_files_without_batch_counters(tmp_path) -> None:
+    enc = build_encoder("resnet50-trunc", device="cpu", input_size=32)  # CLAM resizes 256 -> 224
+    patches = np.random.default_rng(2).integers(0, 256, (2, 48, 48, 3), dtype=np.uint8)
+    assert enc.encode(patches).shape == (2, 1024)
+    assert enc.version == "1+random0"
+    state = {k: v for k, v in resnet18().state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "old.pth")  # as torch < 0.4.1 wrote them
+    assert build_encoder("resnet18", weights=tmp_path / "old.pth", device="cpu").dim == 512
+
+
+def test_importing_features_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; import napari_wsimil.features as f; "
+            "f.build_encoder('handcrafted').encode(np.zeros((1, 32, 32, 3), np.uint8)); "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from napari_wsimil.errors import WsimilError
 from napari_wsimil.train import BagDataset, attention_scores, build, get, methods, predict, train
 from napari_wsimil.train.engine import binary_auc
 from napari_wsimil.train.mil import paired_sampler
@@ -81,3 +82,29 @@ def test_registry_documents_every_option():
     assert (ms.c1, ms.w_att, ms.k_sample, ms.oversample, ms.oversample_decay) == (0.6, 1.0, 8, 90.0, 0.9)
     clam = get("clam-sb").config_cls()
     assert (clam.bag_weight, clam.patience, clam.min_epochs, clam.lr) == (0.7, 20, 50, 2e-4)
+
+
+def test_reads_feature_bags_written_by_the_features_package(tmp_path):
+    from napari_wsimil.features.bags import Bag as FeatureBag
+
+    data = make_bags(n_bags=4)
+    files = []
+    for i in range(len(data)):
+        f = data[i].features.numpy()
+        bag = FeatureBag(np.zeros((len(f), 2), np.int64), f, {"encoder": "test"})
+        files.append(bag.save(tmp_path / f"s{i}.npz"))
+    disk = BagDataset(files=files, labels=data.labels)
+    assert torch.equal(disk[2].features, data[2].features) and disk[2].instance_labels is None
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    with pytest.raises(WsimilError, match="broken.npz"):
+        build("abmil", BagDataset(files=[*files, tmp_path / "broken.npz"], labels=[*data.labels, 0]))
+
+
+@pytest.mark.parametrize("name", ["abmil", "clam-sb", "clam-mb", "ms-clam"])
+def test_multiclass_cohort_trains(name):
+    bags = [make_bags(n_bags=9, seed=3)[i] for i in range(9)]
+    for i, bag in enumerate(bags):
+        bag.label = i % 3
+    events, model = run_all(train(build(name, BagDataset(bags), None, small_config(name, epochs=1))))
+    assert events[-1].kind == "done"
+    assert predict(model, BagDataset(bags))[0].shape == (9, 3)

@@ -12,7 +12,8 @@ from importlib import import_module
 from typing import Any
 
 _LAZY = {
-    "Encoder": "encoders", "TorchEncoder": "encoders", "EncoderError": "encoders", "build_encoder": "encoders",
+    "Encoder": "encoders", "TorchEncoder": "encoders", "EncoderError": "encoders",
+    "build_encoder": "encoders",
     "register_encoder": "encoders", "available_encoders": "encoders", "load_weights": "encoders",
     "HandcraftedEncoder": "handcrafted", "handcrafted_features": "handcrafted",
     "Bag": "bags", "BagError": "bags", "read_bag": "bags", "is_stale": "bags", "stale_reasons": "bags",

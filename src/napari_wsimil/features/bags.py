@@ -69,14 +69,15 @@ def slide_stamp(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What identifies a slide file's content cheaply: its path, size and modification time."""
     path = Path(path)
     st = path.stat()
-    return {"slide_path": str(path.resolve()), "slide_size": int(st.st_size), "slide_mtime_ns": int(st.st_mtime_ns)}
+    return {"slide_path": str(path.resolve()), "slide_size": int(st.st_size),
+            "slide_mtime_ns": int(st.st_mtime_ns)}
 
 
 def bag_attrs(encoder: Encoder, slide: Slide, patch_size: int, mpp: float | None,
               **extra: Any) -> dict[str, Any]:
     """The attrs a bag made now by ``encoder`` from ``slide`` carries."""
     return {**encoder.identity, "patch_size": int(patch_size), "mpp": None if mpp is None else float(mpp),
-            **slide_stamp(slide.path), **extra}
+            "slide_mpp": slide.mpp, **slide_stamp(slide.path), **extra}
 
 
 def read_bag_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -104,11 +105,15 @@ def read_bag(path: str | os.PathLike[str]) -> Bag:
         raise BagError(f"{path.name} ({path}) is not a readable feature bag: {exc}") from exc
 
 
-def stale_reasons(bag: Bag | dict[str, Any] | str | os.PathLike[str], encoder: Encoder, slide: Slide | str | Path,
-                  patch_size: int | None = None, mpp: float | None = None) -> list[str]:
+def stale_reasons(bag: Bag | dict[str, Any] | str | os.PathLike[str], encoder: Encoder,
+                  slide: Slide | str | Path,
+                  patch_size: int | None = None, mpp: float | None = None,
+                  slide_mpp: float | None = None) -> list[str]:
     """Why a bag no longer matches ``encoder`` and ``slide`` (empty: it is up to date).
 
-    ``patch_size``/``mpp`` are checked when given. A bag that cannot be read counts as stale.
+    ``patch_size``/``mpp`` are checked when given; so is the slide's level-0 µm/px, taken from an
+    open ``slide`` or from ``slide_mpp`` (a project's corrected pixel size changes every patch even
+    though the file did not change). A bag that cannot be read counts as stale.
     """
     if isinstance(bag, Bag):
         attrs = bag.attrs
@@ -130,6 +135,11 @@ def stale_reasons(bag: Bag | dict[str, Any] | str | os.PathLike[str], encoder: E
         reasons.append(f"patch size {attrs.get('patch_size')} (now {patch_size})")
     if mpp is not None and (attrs.get("mpp") is None or abs(float(attrs["mpp"]) - float(mpp)) > 1e-9):
         reasons.append(f"{attrs.get('mpp')} µm/px (now {mpp})")
+    if slide_mpp is None and not isinstance(slide, (str, Path)):
+        slide_mpp = slide.mpp
+    if slide_mpp is not None and attrs.get("slide_mpp") is not None and \
+            abs(float(attrs["slide_mpp"]) - float(slide_mpp)) > 1e-9:
+        reasons.append(f"slide pixel size {attrs['slide_mpp']} µm/px (now {slide_mpp})")
     path = Path(slide) if isinstance(slide, (str, Path)) else Path(slide.path)
     try:
         stamp = slide_stamp(path)
@@ -143,11 +153,12 @@ def stale_reasons(bag: Bag | dict[str, Any] | str | os.PathLike[str], encoder: E
 
 
 def is_stale(bag: Bag | dict[str, Any] | str | os.PathLike[str], encoder: Encoder, slide: Slide | str | Path,
-             patch_size: int | None = None, mpp: float | None = None) -> bool:
+             patch_size: int | None = None, mpp: float | None = None, slide_mpp: float | None = None) -> bool:
     """True when ``bag`` was made by another encoder/version, at another patch size or µm/px, or from
     a slide file that has changed since; see :func:`stale_reasons` for the why."""
-    return bool(stale_reasons(bag, encoder, slide, patch_size, mpp))
+    return bool(stale_reasons(bag, encoder, slide, patch_size, mpp, slide_mpp))
 
 
-__all__ = ["Bag", "BagError", "BAG_FORMAT", "BAG_SUFFIX", "bag_attrs", "is_stale", "read_bag", "read_bag_attrs",
+__all__ = ["Bag", "BagError", "BAG_FORMAT", "BAG_SUFFIX", "bag_attrs", "is_stale", "read_bag",
+           "read_bag_attrs",
            "slide_stamp", "stale_reasons"]

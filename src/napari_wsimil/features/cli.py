@@ -16,17 +16,19 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``features`` subcommand to ``subparsers`` (an argparse sub-parser action)."""
     p = subparsers.add_parser(
         "features", help="extract patch features, one bag per slide",
-        description="Tile each slide's tissue into patches of --patch px at --mpp µm/px, encode them and write "
-                    "OUT/<slide id>.npz (coords + features). Bags that are complete and made by the same "
+        description="Tile each slide's tissue into patches of --patch px at --mpp µm/px, encode them and "
+                    "write OUT/<slide id>.npz (coords + features). Bags that are complete and made by the same "
                     "encoder, weights, patch size and µm/px from an unchanged slide are skipped, so a "
                     "stopped run resumes where it left off.")
     p.add_argument("source", nargs="+", metavar="COHORT_OR_PROJECT",
                    help="a project folder, or one or more slide files")
     p.add_argument("--encoder", default="handcrafted", metavar="NAME",
-                   help="handcrafted (no weights), resnet18, resnet50 or resnet50-trunc (CLAM's); default handcrafted")
+                   help="handcrafted (no weights), resnet18, resnet50, resnet50-trunc (CLAM's) or ssl-ae; "
+                        "default handcrafted")
     p.add_argument("--weights", default=None, metavar="FILE",
                    help="weights for the encoder: .safetensors or a torch state dict (.pth/.pt)")
-    p.add_argument("--mpp", type=float, default=0.5, metavar="M", help="µm per pixel of the patches (default 0.5)")
+    p.add_argument("--mpp", type=float, default=0.5, metavar="M",
+                   help="µm per pixel of the patches (default 0.5)")
     p.add_argument("--patch", type=int, default=256, metavar="PX", help="patch size in pixels (default 256)")
     p.add_argument("--batch", type=int, default=64, metavar="B", help="patches per batch (default 64)")
     p.add_argument("--device", default="auto", help="auto (CUDA, MPS, then CPU), cpu, cuda, cuda:1 ...")
@@ -64,7 +66,8 @@ def _cmd_features(args: argparse.Namespace) -> int:
                              overwrite=args.overwrite, min_tissue=args.min_tissue)
     failed = [r for r in results if r.status == "failed"]
     done = sum(r.status == "done" for r in results)
-    print(f"{done} computed, {len(results) - done - len(failed)} up to date, {len(failed)} failed", file=sys.stderr)
+    skipped = len(results) - done - len(failed)
+    print(f"{done} computed, {skipped} up to date, {len(failed)} failed", file=sys.stderr)
     return 1 if failed else 0
 
 

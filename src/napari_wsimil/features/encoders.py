@@ -9,6 +9,7 @@ be downloaded); the file's content hash is part of the version.
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ class EncoderError(WsimilError):
     """An encoder cannot be built: unknown name, missing or mismatched weights file."""
 
 
-class Encoder:
+class Encoder(ABC):
     """Maps a batch of RGB patches ``(B, P, P, 3) uint8`` to features ``(B, dim) float32``.
 
     Subclasses set ``name``, ``version`` and ``dim`` and implement :meth:`encode`. ``to`` moves the
@@ -42,8 +43,9 @@ class Encoder:
     dim: int = 0
     device: str = "cpu"
 
+    @abstractmethod
     def encode(self, patches: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Features of a batch of patches, one row per patch."""
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         return self.encode(patches)
@@ -187,7 +189,7 @@ def load_weights(module: torch.nn.Module, path: str | Path, ignorable: tuple[str
     state = {k: v for k, v in state.items() if not (ignorable and k.startswith(ignorable))}
     own = module.state_dict()
     for k in set(own) - set(state):
-        if k.endswith("num_batches_tracked"):  # files from torch < 0.4.1 lack this counter; it is not a weight
+        if k.endswith("num_batches_tracked"):  # files from torch < 0.4.1 lack this counter (not a weight)
             state[k] = own[k]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -250,7 +252,8 @@ def available_encoders() -> dict[str, EncoderSpec]:
     return dict(_REGISTRY)
 
 
-def build_encoder(name: str, weights: str | Path | None = None, device: str = "auto", **options: Any) -> Encoder:
+def build_encoder(name: str, weights: str | Path | None = None, device: str = "auto",
+                  **options: Any) -> Encoder:
     """The encoder registered as ``name``, with weights from a local file where it takes any."""
     _register_builtins()
     if isinstance(name, Encoder):
@@ -306,7 +309,8 @@ def _register_builtins() -> None:
     for name, text in (
         ("resnet18", "ResNet-18 trunk, 512-d (torchvision weights file)"),
         ("resnet50", "ResNet-50 trunk, 2048-d (torchvision weights file)"),
-        ("resnet50-trunc", "ResNet-50 up to layer3, 1024-d: CLAM's default (torchvision ResNet-50 weights file)"),
+        ("resnet50-trunc",
+         "ResNet-50 up to layer3, 1024-d: CLAM's default (torchvision ResNet-50 weights file)"),
     ):
         _REGISTRY.setdefault(name, EncoderSpec(name, _resnet_builder(name), text, takes_weights=True))
     _REGISTRY.setdefault("ssl-ae", EncoderSpec(

@@ -77,7 +77,8 @@ def extract_features(
     done = 0
     if progress is not None:
         progress(0, total)
-    with PatchReader(opened, grid, batch_size=batch_size, num_workers=num_workers, prefetch=prefetch) as reader:
+    reader = PatchReader(opened, grid, batch_size=batch_size, num_workers=num_workers, prefetch=prefetch)
+    with reader:
         for _, patches in reader:
             if cancel is not None and cancel.is_set():
                 raise ExtractionCancelled(f"feature extraction of {opened.path.name} was cancelled")
@@ -87,8 +88,7 @@ def extract_features(
             if progress is not None:
                 progress(done, total)
     attrs = bag_attrs(enc, opened, grid.patch_size, grid.mpp, level=grid.level, min_tissue=float(min_tissue),
-                      size_level0=float(grid.size_level0), stride_level0=float(grid.stride_level0),
-                      slide_mpp=opened.mpp)
+                      size_level0=float(grid.size_level0), stride_level0=float(grid.stride_level0))
     return Bag(grid.coords.copy(), features, attrs)
 
 
@@ -124,8 +124,12 @@ class CohortResult:
 SlideSource = Union["Project", str, os.PathLike, Mapping[str, Any], Iterable[Any]]
 
 
-def _slides_of(source: SlideSource) -> tuple[list[tuple[str, Path, Callable[[], Slide]]], Path | None]:
-    """(slide id, path, opener) for each slide, and the project's features folder where there is one."""
+_Entry = tuple[str, Path, Callable[[], "Slide"], Union[float, None]]
+
+
+def _slides_of(source: SlideSource) -> tuple[list[_Entry], Path | None]:
+    """(slide id, path, opener, µm/px set by the project or None) for each slide, and the project's
+    features folder where there is one."""
     from ..project.project import PROJECT_FILE, Project, id_from_path
     from ..slide import open_slide
 
@@ -133,18 +137,20 @@ def _slides_of(source: SlideSource) -> tuple[list[tuple[str, Path, Callable[[], 
         source = Project.open(source, readonly=True)
     if isinstance(source, Project):
         p = source
-        return [(sid, p.slide_path(sid), (lambda s=sid: p.open_slide(s))) for sid in p.slide_ids], p.features_dir
+        return [(sid, p.slide_path(sid), (lambda s=sid: p.open_slide(s)), p.record(sid).mpp)
+                for sid in p.slide_ids], p.features_dir
     if isinstance(source, (str, os.PathLike)):
         source = [source]
     items = source.items() if isinstance(source, Mapping) else ((id_from_path(Path(s)), s) for s in source)
-    out: list[tuple[str, Path, Callable[[], Slide]]] = []
+    out: list[_Entry] = []
     seen: set[str] = set()
     for sid, path in items:
         if sid in seen:
-            raise WsimilError(f"two slides would share the bag name {sid!r}; pass a mapping of unique ids to paths")
+            raise WsimilError(f"two slides would share the bag name {sid!r}; "
+                              "pass a mapping of unique ids to paths")
         seen.add(sid)
         path = Path(path)
-        out.append((sid, path, (lambda q=path: open_slide(q))))
+        out.append((sid, path, (lambda q=path: open_slide(q)), None))
     return out, None
 
 
@@ -185,9 +191,10 @@ def extract_cohort(
         if progress is not None:
             progress(event)
 
-    for index, (sid, path, opener) in enumerate(slides):
+    for index, (sid, path, opener, slide_mpp) in enumerate(slides):
         bag_path = out / f"{sid}{BAG_SUFFIX}"
-        if not overwrite and bag_path.exists() and not stale_reasons(bag_path, enc, path, patch_size, mpp):
+        current = bag_path.exists() and not stale_reasons(bag_path, enc, path, patch_size, mpp, slide_mpp)
+        if current and not overwrite:
             emit(CohortEvent("skipped", sid, index, count, message="up to date"))
             results.append(CohortResult(sid, path, bag_path, "skipped"))
             continue

@@ -38,7 +38,8 @@ def _cnn(width: int = 32) -> tuple[torch.nn.Module, torch.nn.Module]:
                              nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
     def up(cin: int, cout: int, last: bool = False) -> nn.Module:
-        layers: list[nn.Module] = [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, padding=1)]
+        layers: list[nn.Module] = [nn.Upsample(scale_factor=2, mode="nearest"),
+                                   nn.Conv2d(cin, cout, 3, padding=1)]
         if not last:
             layers += [nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
         return nn.Sequential(*layers)

@@ -50,13 +50,14 @@ def load_bag_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             d = load_file(str(path))
-        elif path.suffix == ".npz":
+        elif path.suffix == ".npz":  # the format napari_wsimil.features writes (coords, features, attrs)
             with np.load(path, allow_pickle=False) as z:
-                d = {k: torch.from_numpy(z[k]) for k in z.files}
+                d = {k: torch.from_numpy(np.asarray(z[k])) for k in ("features", "instance_labels")
+                     if k in z.files}
         else:
             d = torch.load(path, map_location="cpu", weights_only=True)
         feats = d["features"].float()
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
         raise TrainingError(f"cannot read the feature bag {path.name} ({path}): {e}") from e
     inst = d.get("instance_labels")
     return feats, None if inst is None else inst.long()
