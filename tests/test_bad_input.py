@@ -126,3 +126,17 @@ def test_fuzzed_copies_of_real_slides(name, tmp_path):
     errors = [r for r in results if r[1] == "SlideError"]
     assert all(f"case" in msg and "Cannot read" in msg for _, _, msg in errors)
     assert any(kind == "truncate" and outcome == "SlideError" for kind, outcome, _ in results)
+
+
+def test_openslide_crash_is_contained_in_a_child(monkeypatch, tmp_path):
+    """A file that makes OpenSlide's C code crash (seen with fuzzed DICOM) must not take napari down."""
+    from napari_wsimil.slide.backends import openslide as backend
+
+    src = real_slide("multiframe_camelyon_challenge_image.dcm")
+    copy = tmp_path / "crashes.dcm"
+    copy.write_bytes(src.read_bytes())
+    monkeypatch.setattr(backend, "_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    monkeypatch.setattr(backend, "_probe_cache", {})
+    with pytest.raises(SlideError, match="crashed") as info:
+        open_slide(copy)
+    assert "crashes.dcm" in str(info.value)

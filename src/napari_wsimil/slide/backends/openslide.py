@@ -5,6 +5,10 @@ openslide-python and openslide-bin are imported here only, so the package import
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,50 @@ def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     rgb = rgba[..., :3].copy()
     rgb[rgba[..., 3] == 0] = 255
     return rgb
+
+
+# OpenSlide's C readers (libdicom among them) can crash the whole process on a damaged file, and a
+# crash would take napari and the user's unsaved work with it. So a file is first opened and sampled
+# in a child process; only a file that survives there is opened here. Results are cached per
+# (path, size, mtime). Set NAPARI_WSIMIL_OPENSLIDE_PROBE=0 to skip (e.g. for trusted batch jobs).
+_PROBE = """
+import sys, openslide
+o = openslide.OpenSlide(sys.argv[1])
+lvl = o.level_count - 1
+w, h = o.level_dimensions[lvl]
+o.read_region((0, 0), lvl, (min(w, 2048), min(h, 2048)))
+W, H = o.dimensions
+o.read_region((W // 2, H // 2), 0, (64, 64))
+o.read_region((0, 0), 0, (64, 64))
+"""
+_probe_cache: dict[tuple[str, int, int], str | None] = {}
+_probe_lock = threading.Lock()
+
+
+def probe_in_child(path: Path, timeout_s: float = 120.0) -> str | None:
+    """None if OpenSlide opens and samples ``path`` in a child process, else why it could not."""
+    if os.environ.get("NAPARI_WSIMIL_OPENSLIDE_PROBE", "1") == "0":
+        return None
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _probe_lock:
+        if key in _probe_cache:
+            return _probe_cache[key]
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True, text=True,
+                              timeout=timeout_s)
+        if proc.returncode == 0:
+            reason = None
+        elif proc.returncode < 0:
+            reason = f"the file is damaged: OpenSlide crashed reading it (signal {-proc.returncode})"
+        else:
+            last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+            reason = f"OpenSlide cannot read it ({last})"
+    except subprocess.TimeoutExpired:
+        reason = f"OpenSlide did not finish reading it within {timeout_s:.0f} s (damaged or unsupported file)"
+    with _probe_lock:
+        _probe_cache[key] = reason
+    return reason
 
 
 class OpenSlideSource(TiledSource):
@@ -74,6 +122,9 @@ class OpenSlideBackend(Backend):
 
     def open(self, path: Path) -> BackendSlide:
         openslide = _import_openslide()
+        reason = probe_in_child(path)
+        if reason is not None:
+            raise SlideError(path, reason)
         try:
             osr = openslide.OpenSlide(str(path))
         except Exception as exc:

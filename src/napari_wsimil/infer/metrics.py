@@ -1,0 +1,81 @@
+"""Slide-level metrics with numpy only: AUC, accuracy, balanced accuracy, F1.
+
+``probs`` is (N, C) class probabilities, ``labels`` (N,) class indices. AUC is the Mann–Whitney statistic
+(ties count one half): binary on column 1, else the macro mean of one-vs-rest AUCs over the classes that
+have both positives and negatives. F1 is the positive-class (1) F1 for two classes, macro F1 otherwise.
+A metric that cannot be computed (AUC with one class present) is NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    s = np.asarray(scores, dtype=np.float64)
+    pos_mask = np.asarray(positive, dtype=bool)
+    pos, neg = s[pos_mask], s[~pos_mask]
+    if len(pos) == 0 or len(neg) == 0:
+        return math.nan
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def _check(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64).reshape(-1)
+    if p.ndim != 2 or len(p) != len(y):
+        raise ValueError(f"probabilities of shape (N, C) and N labels needed, got {p.shape} and {y.shape}")
+    return p, y
+
+
+def auc(probs: np.ndarray, labels: np.ndarray) -> float:
+    p, y = _check(probs, labels)
+    if p.shape[1] == 2:
+        return binary_auc(p[:, 1], y == 1)
+    vals = [binary_auc(p[:, k], y == k) for k in range(p.shape[1])]
+    vals = [v for v in vals if not math.isnan(v)]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    pred, y = np.asarray(pred).reshape(-1), np.asarray(labels).reshape(-1)
+    return float((pred == y).mean()) if len(y) else math.nan
+
+
+def balanced_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Mean recall over the classes present in ``labels``."""
+    pred, y = np.asarray(pred).reshape(-1), np.asarray(labels).reshape(-1)
+    recalls = [float((pred[y == k] == k).mean()) for k in np.unique(y)]
+    return float(np.mean(recalls)) if recalls else math.nan
+
+
+def _f1(pred: np.ndarray, y: np.ndarray, k: int) -> float:
+    tp = float(((pred == k) & (y == k)).sum())
+    fp = float(((pred == k) & (y != k)).sum())
+    fn = float(((pred != k) & (y == k)).sum())
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def f1(pred: np.ndarray, labels: np.ndarray, n_classes: int = 2) -> float:
+    """Positive-class F1 for two classes, macro F1 (over all ``n_classes``) otherwise."""
+    pred, y = np.asarray(pred).reshape(-1), np.asarray(labels).reshape(-1)
+    if len(y) == 0:
+        return math.nan
+    if n_classes == 2:
+        return _f1(pred, y, 1)
+    return float(np.mean([_f1(pred, y, k) for k in range(n_classes)]))
+
+
+def slide_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """All four metrics (and the slide count) from probabilities and labels."""
+    p, y = _check(probs, labels)
+    pred = p.argmax(1)
+    return {"auc": auc(p, y), "accuracy": accuracy(pred, y), "balanced_accuracy": balanced_accuracy(pred, y),
+            "f1": f1(pred, y, p.shape[1]), "n_slides": int(len(y))}
+
+
+__all__ = ["accuracy", "auc", "balanced_accuracy", "binary_auc", "f1", "slide_metrics"]

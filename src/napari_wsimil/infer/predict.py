@@ -1,0 +1,151 @@
+"""Load a trained run folder and compute slide probabilities and per-patch attention.
+
+A run folder holds the engine's ``last.json`` (method name, feature dimension, classes count, config),
+its ``ckpt-*.safetensors`` and ``best.safetensors`` (best by validation loss, or the last model when
+there was no validation set), and the CLI's ``run.json`` (cohort, encoder, µm/px, patch, classes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import WsimilError
+
+RUN_FILE = "run.json"
+
+
+class RunError(WsimilError):
+    """A run folder is missing or unusable."""
+
+
+@dataclass
+class LoadedRun:
+    model: Any
+    method: str
+    n_classes: int
+    in_dim: int
+    info: dict[str, Any]  # run.json (empty when the run has none)
+    device: Any
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info.get("classes") or [str(i) for i in range(self.n_classes)])
+
+
+def load_run(run_dir: str | os.PathLike[str], device: str = "auto", weights: str = "best") -> LoadedRun:
+    """The model of a run folder in eval mode; ``weights`` "best" (default) or "last"."""
+    from ..train import get, load_model_weights, pick_device
+    from ..train.mil import BagDataset
+
+    run = Path(run_dir)
+    last = run / "last.json"
+    if not last.is_file():
+        raise RunError(f"{run} is not a training run (no last.json); train one with 'wsimil train'")
+    try:
+        state = json.loads(last.read_text())
+        desc = state["method"]
+        name, in_dim, n_classes = desc["name"], int(desc["in_dim"]), int(desc["n_classes"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RunError(f"cannot read {last}: {exc}") from exc
+    info_cls = get(name)
+    known = {f.name for f in fields(info_cls.config_cls)}
+    cfg = info_cls.config_cls(**{k: v for k, v in state.get("config", {}).items() if k in known})
+    method = info_cls.builder(cfg, BagDataset([]), None)
+    model = method.make_model(in_dim, n_classes)
+    src = run / "best.safetensors" if weights == "best" and (run / "best.safetensors").is_file() else last
+    try:
+        load_model_weights(src, model)
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise RunError(f"cannot load the weights {src}: {exc}") from exc
+    dev = pick_device(device)
+    model.to(dev).eval()
+    info: dict[str, Any] = {}
+    if (run / RUN_FILE).is_file():
+        try:
+            info = json.loads((run / RUN_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise RunError(f"cannot read {run / RUN_FILE}: {exc}") from exc
+    return LoadedRun(model, name, n_classes, in_dim, info, dev)
+
+
+@dataclass
+class SlidePrediction:
+    slide_id: str
+    probs: np.ndarray  # (C,)
+    coords: np.ndarray  # (N, 2) level-0 x, y
+    attention: np.ndarray  # (N,) of the predicted class's branch (the only branch for single-branch models)
+    attention_all: np.ndarray  # (K, N)
+
+
+def predict_bag(run: LoadedRun, slide_id: str, bag_path: str | os.PathLike[str]) -> SlidePrediction:
+    """Probabilities and attention for one ``.npz`` feature bag."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..features import read_bag
+
+    bag = read_bag(bag_path)
+    if len(bag) == 0:
+        raise RunError(f"the feature bag of {slide_id} ({bag_path}) has no patches")
+    if bag.dim != run.in_dim:
+        raise RunError(f"the feature bag of {slide_id} has {bag.dim}-d features, the model expects "
+                       f"{run.in_dim}-d: were they made with another encoder?")
+    with torch.no_grad():
+        out = run.model(torch.from_numpy(bag.features).to(run.device))
+        probs = F.softmax(out.logits, 0).double().cpu().numpy()
+        att = out.attention.float().cpu().numpy()
+    k = int(probs.argmax()) if att.shape[0] > 1 else 0
+    return SlidePrediction(slide_id, probs, bag.coords, att[k], att)
+
+
+def write_attention(pred: SlidePrediction, path: str | os.PathLike[str]) -> Path:
+    from ..project.atomic import atomic_write
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "wb") as fh:
+        np.savez(fh, coords=pred.coords, attention=pred.attention.astype(np.float32),
+                 attention_all=pred.attention_all.astype(np.float32), probs=pred.probs.astype(np.float64))
+    return path
+
+
+def write_predictions(preds: list[SlidePrediction], n_classes: int, path: str | os.PathLike[str]) -> Path:
+    """``slide_id, prob_0 … prob_{C-1}`` (columns by class index)."""
+    from ..project.atomic import write_text
+
+    lines = [",".join(["slide_id"] + [f"prob_{k}" for k in range(n_classes)])]
+    for p in preds:
+        lines.append(",".join([p.slide_id] + [repr(float(v)) for v in p.probs]))
+    return write_text(Path(path), "\n".join(lines) + "\n") or Path(path)
+
+
+def read_predictions(path: str | os.PathLike[str]) -> tuple[list[str], np.ndarray]:
+    """Slide ids and the (N, C) probabilities of a predictions.csv."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"no predictions at {path}; run 'wsimil predict' first")
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, [])
+        cols = [i for i, h in enumerate(header) if h.startswith("prob_")]
+        if not header or header[0] != "slide_id" or not cols:
+            raise RunError(f"{path} is not a predictions file (header {header})")
+        ids, rows = [], []
+        for row in reader:
+            if not row:
+                continue
+            ids.append(row[0])
+            rows.append([float(row[i]) for i in cols])
+    return ids, np.asarray(rows, dtype=np.float64).reshape(len(ids), len(cols))
+
+
+__all__ = ["LoadedRun", "RunError", "SlidePrediction", "load_run", "predict_bag", "read_predictions",
+           "write_attention", "write_predictions"]

@@ -1,0 +1,266 @@
+"""``wsimil train``, ``wsimil predict`` and ``wsimil evaluate`` for the attention-MIL methods.
+
+Registered by the main command line with :func:`register`; torch and friends are imported inside the
+commands so that ``wsimil --help`` stays instant. Problems with the user's input raise ``WsimilError``
+(printed by ``wsimil`` as one line, exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+METHODS = ("abmil", "clam-sb", "clam-mb", "ms-clam")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``train``, ``predict`` and ``evaluate`` to ``subparsers`` (an argparse sub-parser action)."""
+    p = subparsers.add_parser(
+        "train", help="train an attention-MIL slide classifier",
+        description="Extract the feature bags that are missing, then train --method on the labelled slides "
+                    "and write RUN/ (checkpoints, best.safetensors, run.json). Without a split column the "
+                    "slides are split train/val, stratified by label and fixed by --seed.")
+    p.add_argument("source", metavar="COHORT_OR_PROJECT",
+                   help="a cohort CSV (slide_id,path,label[,split]) or a project folder")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder to write")
+    p.add_argument("--epochs", type=int, default=200, metavar="N", help="maximum epochs (default 200)")
+    p.add_argument("--encoder", default="handcrafted", metavar="NAME", help="feature encoder (default handcrafted)")
+    p.add_argument("--weights", default=None, metavar="FILE", help="weights for the encoder")
+    p.add_argument("--mpp", type=float, default=0.5, metavar="M", help="µm per pixel of the patches (default 0.5)")
+    p.add_argument("--patch", type=int, default=256, metavar="PX", help="patch size in pixels (default 256)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of split, weights and sampling")
+    p.add_argument("--lr", type=float, default=None, metavar="LR", help="learning rate (default: the method's)")
+    p.add_argument("--classes", default=None, metavar="A,B,...",
+                   help="class names in index order (default: the project's, or the CSV's labels sorted)")
+    p.add_argument("--val-fraction", type=float, default=0.25, metavar="F",
+                   help="share of each class held out for validation when there is no split (default 0.25)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps ...")
+    p.add_argument("--resume", action="store_true", help="continue RUN from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser(
+        "predict", help="slide probabilities and patch attention from a trained run",
+        description="Write PRED/predictions.csv (slide_id, prob_0 ... by class index) and "
+                    "PRED/attention/<slide_id>.npz (coords, attention) for every slide of the cohort, "
+                    "extracting missing feature bags with the run's encoder, µm/px and patch size.")
+    p.add_argument("run", metavar="RUN", help="a run folder written by 'wsimil train'")
+    p.add_argument("--cohort", required=True, metavar="CSV", help="a cohort CSV or a project folder")
+    p.add_argument("--out", required=True, metavar="PRED", help="folder to write")
+    p.add_argument("--weights", choices=("best", "last"), default="best",
+                   help="best (by validation loss, default) or last checkpoint")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps ...")
+    p.set_defaults(func=cmd_predict)
+
+    p = subparsers.add_parser(
+        "evaluate", help="slide AUC, accuracy, balanced accuracy and F1 of predictions",
+        description="Compare PRED/predictions.csv with the cohort's labels on the slides present in both; "
+                    "print the metrics and write PRED/metrics.json.")
+    p.add_argument("pred", metavar="PRED", help="a folder written by 'wsimil predict'")
+    p.add_argument("--cohort", required=True, metavar="CSV", help="a cohort CSV or a project folder")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _fmt(v: float | None, spec: str = ".3f") -> str:
+    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..errors import WsimilError
+    from ..project.atomic import write_text
+    from .cohort import (assign_splits, class_names, ensure_features, features_dir_for, label_indices,
+                         load_cohort)
+    from .mil import BagDataset
+    from .registry import build, make_config
+    from .engine import train
+
+    if args.epochs < 1:
+        raise WsimilError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.patch < 1 or args.mpp <= 0:
+        raise WsimilError("--patch and --mpp must be positive")
+    if not 0 <= args.val_fraction < 1:
+        raise WsimilError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    run = Path(args.out)
+    if (run / "last.json").exists() and not args.resume:
+        raise WsimilError(f"{run} already holds a training run; add --resume to continue it or choose another --out")
+
+    cohort = load_cohort(args.source)
+    usable = [s for s in cohort.slides if s.label is not None and s.split != "test"]
+    if not usable:
+        raise WsimilError(f"no labelled slides in {args.source}")
+    if args.classes:
+        classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    elif cohort.classes:
+        classes = cohort.classes
+    else:
+        classes = class_names([s.label for s in usable])
+    label_indices(usable, classes)  # labels outside the classes: one error naming the slide
+    present = sorted({s.label for s in usable})
+    if len(present) < 2:
+        raise WsimilError(f"the cohort has only class {present[0]!r}: a classifier needs labelled slides of at "
+                          "least two classes")
+    if len(classes) < 2:
+        raise WsimilError(f"a classifier needs at least two classes, got {classes}")
+    slides = assign_splits(usable, classes, args.seed, args.val_fraction)
+    tr = [s for s in slides if s.split == "train"]
+    va = [s for s in slides if s.split == "val"]
+
+    run_info_path = run / "run.json"
+    if args.resume and run_info_path.is_file():
+        old = json.loads(run_info_path.read_text())
+        for key, new in (("method", args.method), ("encoder", args.encoder), ("mpp", args.mpp),
+                         ("patch", args.patch), ("classes", classes)):
+            if old.get(key) != new:
+                raise WsimilError(f"cannot resume {run}: it was trained with {key} {old.get(key)!r}, not {new!r}")
+
+    feat_dir = features_dir_for(cohort, run, args.encoder)
+    _say(f"features: {len(slides)} slides, encoder {args.encoder}, {args.patch} px at {args.mpp:g} µm/px "
+         f"-> {feat_dir}")
+    bags = ensure_features(slides, feat_dir, args.encoder, args.patch, args.mpp, report=_say,
+                           device=args.device, weights=args.weights,
+                           project=cohort.source if cohort.is_project else None)
+
+    index = {c: i for i, c in enumerate(classes)}
+
+    def dataset(items: list) -> BagDataset | None:
+        if not items:
+            return None
+        return BagDataset(files=[bags[s.slide_id] for s in items], labels=[index[s.label] for s in items])
+
+    overrides: dict[str, Any] = {"epochs": args.epochs, "seed": args.seed, "device": args.device,
+                                 "n_classes": len(classes)}
+    if args.lr is not None:
+        overrides["lr"] = args.lr
+    method = build(args.method, dataset(tr), dataset(va), make_config(args.method, **overrides))
+
+    run.mkdir(parents=True, exist_ok=True)
+    info = {"format": 1, "cohort": str(Path(args.source).resolve()), "method": args.method,
+            "encoder": args.encoder, "weights": args.weights, "mpp": args.mpp, "patch": args.patch,
+            "classes": classes, "seed": args.seed, "features_dir": str(feat_dir),
+            "train_slides": [s.slide_id for s in tr], "val_slides": [s.slide_id for s in va]}
+    write_text(run_info_path, json.dumps(info, indent=1))
+    _say(f"training {args.method}: {len(tr)} train / {len(va)} val slides, classes {', '.join(classes)}, "
+         f"{args.epochs} epochs -> {run}")
+
+    epoch_line: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    for ev in train(method, run, resume=args.resume):
+        if ev.kind == "epoch":
+            epoch_line = {"epoch": ev.epoch, "losses": ev.losses, "metrics": ev.metrics, "eta": ev.eta}
+        elif ev.kind == "validation":
+            epoch_line.update(val_losses=ev.losses, val_metrics=ev.metrics, eta=ev.eta)
+        elif ev.kind == "checkpoint":
+            _say(_epoch_text(epoch_line, ev.total_epochs))
+            epoch_line = {}
+        elif ev.kind == "done":
+            if epoch_line:
+                _say(_epoch_text(epoch_line, ev.total_epochs))
+            _say(f"done after epoch {ev.epoch} ({ev.message}) in {time.perf_counter() - t0:.1f} s; "
+                 f"model: {run / 'best.safetensors'}")
+    return 0
+
+
+def _epoch_text(line: dict[str, Any], total: int) -> str:
+    losses = line.get("losses") or {}
+    parts = [f"epoch {line.get('epoch', '?')}/{total}",
+             "loss " + " ".join(f"{k} {_fmt(v, '.4f')}" for k, v in losses.items())]
+    m = line.get("metrics") or {}
+    if m:
+        parts.append("train " + " ".join(f"{k} {_fmt(v)}" for k, v in m.items()))
+    if "val_losses" in line:
+        vl = line["val_losses"] or {}
+        vm = line.get("val_metrics") or {}
+        parts.append("val loss " + _fmt(vl.get("bag", vl.get("total")), ".4f") + "".join(
+            f" {k} {_fmt(v)}" for k, v in vm.items()))
+    parts.append(f"ETA {_eta(line.get('eta'))}")
+    return "  ".join(parts)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ..errors import WsimilError
+    from ..infer.predict import load_run, predict_bag, write_attention, write_predictions
+    from ..project.atomic import write_text
+    from .cohort import ensure_features, features_dir_for, load_cohort
+
+    run = load_run(args.run, device=args.device, weights=args.weights)
+    for key in ("encoder", "mpp", "patch"):
+        if key not in run.info:
+            raise WsimilError(f"{Path(args.run) / 'run.json'} is missing or lacks {key!r}: was RUN written by "
+                              "'wsimil train'?")
+    cohort = load_cohort(args.cohort)
+    encoder, mpp, patch = run.info["encoder"], float(run.info["mpp"]), int(run.info["patch"])
+    feat_dir = features_dir_for(cohort, args.run, encoder)
+    _say(f"features: {len(cohort.slides)} slides, encoder {encoder}, {patch} px at {mpp:g} µm/px -> {feat_dir}")
+    bags = ensure_features(cohort.slides, feat_dir, encoder, patch, mpp, report=_say, device=args.device,
+                           weights=run.info.get("weights"),
+                           project=cohort.source if cohort.is_project else None)
+    out = Path(args.out)
+    (out / "attention").mkdir(parents=True, exist_ok=True)
+    preds = []
+    for i, s in enumerate(cohort.slides, 1):
+        pred = predict_bag(run, s.slide_id, bags[s.slide_id])
+        write_attention(pred, out / "attention" / f"{s.slide_id}.npz")
+        preds.append(pred)
+        probs = " ".join(f"{c} {p:.3f}" for c, p in zip(run.classes, pred.probs))
+        _say(f"[{i}/{len(cohort.slides)}] {s.slide_id}: {probs} ({len(pred.coords)} patches)")
+    write_predictions(preds, run.n_classes, out / "predictions.csv")
+    write_text(out / "prediction.json", json.dumps(
+        {"run": str(Path(args.run).resolve()), "cohort": str(Path(args.cohort).resolve()),
+         "method": run.method, "classes": run.classes, "weights": args.weights}, indent=1))
+    _say(f"predictions: {out / 'predictions.csv'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..errors import WsimilError
+    from ..infer.metrics import slide_metrics
+    from ..infer.predict import read_predictions
+    from ..project.atomic import write_text
+    from .cohort import class_names, label_indices, load_cohort
+
+    pred_dir = Path(args.pred)
+    ids, probs = read_predictions(pred_dir / "predictions.csv")
+    meta_path = pred_dir / "prediction.json"
+    classes = None
+    if meta_path.is_file():
+        classes = json.loads(meta_path.read_text()).get("classes")
+    cohort = load_cohort(args.cohort)
+    labelled = {s.slide_id: s for s in cohort.slides if s.label is not None}
+    if not classes:
+        classes = cohort.classes or class_names([s.label for s in labelled.values()])
+    if len(classes) != probs.shape[1]:
+        raise WsimilError(f"{len(classes)} classes but {probs.shape[1]} probability columns in the predictions")
+    rows = [i for i, sid in enumerate(ids) if sid in labelled]
+    if not rows:
+        raise WsimilError(f"no slide of {pred_dir / 'predictions.csv'} has a label in {args.cohort}")
+    labels = label_indices([labelled[ids[i]] for i in rows], classes)
+    metrics: dict[str, Any] = slide_metrics(probs[rows], labels)
+    metrics["classes"] = classes
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+    write_text(pred_dir / "metrics.json", json.dumps(clean, indent=1))
+    _say(f"{metrics['n_slides']} slides: AUC {_fmt(metrics['auc'])}  accuracy {_fmt(metrics['accuracy'])}  "
+         f"balanced accuracy {_fmt(metrics['balanced_accuracy'])}  F1 {_fmt(metrics['f1'])}")
+    missing = len(ids) - len(rows)
+    if missing:
+        print(f"({missing} predicted slides have no label in the cohort and were left out)", file=sys.stderr)
+    _say(f"metrics: {pred_dir / 'metrics.json'}")
+    return 0
+
+
+__all__ = ["cmd_evaluate", "cmd_predict", "cmd_train", "register"]
