@@ -66,6 +66,8 @@ def _build_parser() -> argparse.ArgumentParser:
     register_project(sub)
     from napari_wsimil.features.cli import register as register_features
     register_features(sub)
+    from napari_wsimil.train.cli import register as register_train
+    register_train(sub)
     return parser
 
 

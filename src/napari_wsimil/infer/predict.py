@@ -122,7 +122,8 @@ def write_predictions(preds: list[SlidePrediction], n_classes: int, path: str | 
     lines = [",".join(["slide_id"] + [f"prob_{k}" for k in range(n_classes)])]
     for p in preds:
         lines.append(",".join([p.slide_id] + [repr(float(v)) for v in p.probs]))
-    return write_text(Path(path), "\n".join(lines) + "\n") or Path(path)
+    write_text(Path(path), "\n".join(lines) + "\n")
+    return Path(path)
 
 
 def read_predictions(path: str | os.PathLike[str]) -> tuple[list[str], np.ndarray]:
