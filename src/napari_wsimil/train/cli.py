@@ -47,7 +47,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "predict", help="slide probabilities and patch attention from a trained run",
         description="Write PRED/predictions.csv (slide_id, prob_0 ... by class index) and "
-                    "PRED/attention/<slide_id>.npz (coords, attention) for every slide of the cohort, "
+                    "PRED/attention/<slide_id>.npz (coords, attention) and PRED/heatmaps/<slide_id>.tif (attention "
+                    "percentiles at the slide's geometry, µm/px = slide µm/px x downsample) for every slide of the cohort, "
                     "extracting missing feature bags with the run's encoder, µm/px and patch size.")
     p.add_argument("run", metavar="RUN", help="a run folder written by 'wsimil train'")
     p.add_argument("--cohort", required=True, metavar="CSV", help="a cohort CSV or a project folder")
@@ -55,6 +56,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--weights", choices=("best", "last"), default="best",
                    help="best (by validation loss, default) or last checkpoint")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps ...")
+    p.add_argument("--no-heatmaps", dest="heatmaps", action="store_false",
+                   help="skip PRED/heatmaps/<slide_id>.tif (attention percentiles aligned with the slide)")
     p.set_defaults(func=cmd_predict)
 
     p = subparsers.add_parser(
@@ -216,6 +219,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for i, s in enumerate(cohort.slides, 1):
         pred = predict_bag(run, s.slide_id, bags[s.slide_id])
         write_attention(pred, out / "attention" / f"{s.slide_id}.npz")
+        if getattr(args, "heatmaps", True):
+            from ..features.bags import read_bag_attrs
+            from ..infer.heatmap import write_slide_heatmap
+
+            try:
+                write_slide_heatmap(out / "heatmaps", s.slide_id, pred.coords, pred.attention,
+                                    read_bag_attrs(bags[s.slide_id]))
+            except (WsimilError, OSError, KeyError, ValueError) as exc:
+                print(f"{s.slide_id}: no heatmap ({exc})", file=sys.stderr)
         preds.append(pred)
         probs = " ".join(f"{c} {p:.3f}" for c, p in zip(run.classes, pred.probs))
         _say(f"[{i}/{len(cohort.slides)}] {s.slide_id}: {probs} ({len(pred.coords)} patches)")

@@ -1,0 +1,162 @@
+"""Attention heatmaps aligned with the slide (the recipe of CLAM's ``create_heatmaps``).
+
+Scores become percentiles against the slide's own scores, each patch paints its square on a
+low-resolution canvas (sum and count, so overlapping patches average per pixel), pixels no patch
+covers stay 0, optionally blurred and clipped to the tissue mask. The result is written as a
+pyramidal grey TIFF whose µm/px is the slide's times the downsample, so it overlays the slide.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COLORMAP = "inferno"
+
+
+def percentile_scores(scores: np.ndarray) -> np.ndarray:
+    """``scipy.stats.percentileofscore(scores, s, kind='rank') / 100`` for every s, vectorised."""
+    from scipy.stats import rankdata
+
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if s.size == 0:
+        return s.astype(np.float32)
+    # percentileofscore 'rank' = (left + right + (right > left)) * 50 / n, i.e. the average rank / n
+    return (rankdata(s, method="average") / s.size).astype(np.float32)
+
+
+def default_downsample(size_level0: float, slide_shape_hw: tuple[int, int], *, min_patch_px: int = 4,
+                       max_side: int = 4096) -> float:
+    """Coarsest downsample at which a patch still spans ``min_patch_px`` heatmap px, then coarsened
+    until the long side is at most ``max_side``."""
+    ds = max(1.0, float(size_level0) / min_patch_px)
+    long_side = max(slide_shape_hw)
+    return max(ds, long_side / max_side)
+
+
+def attention_heatmap(coords: np.ndarray, scores: np.ndarray, size_level0: float,
+                      slide_shape_hw: tuple[int, int], downsample: float | None = None, *,
+                      percentile: bool = True, blur_sigma_px: float = 0.0, tissue: Any = None) -> np.ndarray:
+    """A float32 (ceil(H/ds), ceil(W/ds)) heatmap in [0, 1]; ``coords`` are level-0 (x, y) corners.
+
+    ``tissue`` is a :class:`~napari_wsimil.slide.tissue.TissueMask` (or a boolean array over the
+    slide with the same aspect); pixels outside it are set to 0.
+    """
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if len(coords) != len(scores):
+        raise ValueError(f"{len(coords)} coords but {len(scores)} scores")
+    if downsample is None:
+        downsample = default_downsample(size_level0, slide_shape_hw)
+    ds = float(downsample)
+    if not ds > 0:
+        raise ValueError(f"downsample must be positive, got {downsample}")
+    h0, w0 = int(slide_shape_hw[0]), int(slide_shape_hw[1])
+    H, W = max(1, int(np.ceil(h0 / ds))), max(1, int(np.ceil(w0 / ds)))
+    if percentile:
+        vals = percentile_scores(scores).astype(np.float64)
+    else:
+        vals = np.nan_to_num(scores, nan=0.0)
+    total = np.zeros((H, W), np.float64)
+    count = np.zeros((H, W), np.float64)
+    for (x, y), v in zip(coords, vals):
+        c0, r0 = int(round(x / ds)), int(round(y / ds))
+        c1, r1 = int(round((x + size_level0) / ds)), int(round((y + size_level0) / ds))
+        c0, r0, c1, r1 = max(c0, 0), max(r0, 0), min(max(c1, c0 + 1), W), min(max(r1, r0 + 1), H)
+        if c1 <= c0 or r1 <= r0:
+            continue
+        total[r0:r1, c0:c1] += v
+        count[r0:r1, c0:c1] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        heat = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+    heat = np.nan_to_num(heat, nan=0.0)
+    if blur_sigma_px > 0:
+        from scipy.ndimage import gaussian_filter
+
+        heat = gaussian_filter(heat, blur_sigma_px)
+    if tissue is not None:
+        heat = heat * _tissue_on_grid(tissue, (H, W), ds)
+    return np.clip(heat, 0.0, 1.0).astype(np.float32)
+
+
+def _tissue_on_grid(tissue: Any, shape: tuple[int, int], ds: float) -> np.ndarray:
+    """The tissue mask resampled (nearest) onto the heatmap grid."""
+    mask = np.asarray(getattr(tissue, "mask", tissue), dtype=bool)
+    mds = getattr(tissue, "downsample", None)
+    H, W = shape
+    if mds is None:  # a plain array spanning the slide
+        rows = np.minimum((np.arange(H) + 0.5) / H * mask.shape[0], mask.shape[0] - 1).astype(int)
+        cols = np.minimum((np.arange(W) + 0.5) / W * mask.shape[1], mask.shape[1] - 1).astype(int)
+    else:
+        rows = np.minimum(((np.arange(H) + 0.5) * ds / float(mds)).astype(int), mask.shape[0] - 1)
+        cols = np.minimum(((np.arange(W) + 0.5) * ds / float(mds)).astype(int), mask.shape[1] - 1)
+    return mask[np.ix_(rows, cols)]
+
+
+def write_heatmap(path: str | os.PathLike[str], heatmap: np.ndarray, slide_mpp: float | None,
+                  downsample: float, *, extra: dict[str, Any] | None = None) -> Path:
+    """A pyramidal grey TIFF (uint8 = value·255) at ``slide_mpp · downsample`` µm/px, plus a
+    ``<path>.json`` sidecar (downsample, mpp, colormap hint). The same JSON is the TIFF description."""
+    from ..slide.tiff_writer import write_image_pyramid
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = np.round(np.clip(np.nan_to_num(np.asarray(heatmap, np.float64)), 0, 1) * 255).astype(np.uint8)
+    mpp = None if slide_mpp is None else float(slide_mpp) * float(downsample)
+    meta = {"kind": "wsimil attention heatmap", "downsample": float(downsample), "mpp": mpp,
+            "slide_mpp": None if slide_mpp is None else float(slide_mpp), "colormap": COLORMAP,
+            "value": "uint8 = score * 255", **(extra or {})}
+    write_image_pyramid(path, img, mpp=mpp, description=json.dumps(meta))
+    from ..project.atomic import write_text
+
+    write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
+    return path
+
+
+def top_k_patches(coords: np.ndarray, scores: np.ndarray, k: int = 8) -> list[tuple[int, int, float]]:
+    """The ``k`` highest-scoring patches as (x, y, score), best first (ties: the earlier patch)."""
+    coords = np.asarray(coords).reshape(-1, 2)
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    order = np.argsort(-scores, kind="stable")[:max(0, int(k))]
+    return [(int(coords[i, 0]), int(coords[i, 1]), float(scores[i])) for i in order]
+
+
+def write_top_k(path: str | os.PathLike[str], top: list[tuple[int, int, float]]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["rank", "x", "y", "score"])
+        for r, (x, y, s) in enumerate(top, 1):
+            w.writerow([r, x, y, repr(s)])
+    return path
+
+
+def write_slide_heatmap(out_dir: str | os.PathLike[str], slide_id: str, coords: np.ndarray,
+                        scores: np.ndarray, bag_attrs: dict[str, Any], *, k: int = 8) -> Path:
+    """``out_dir/<slide_id>.tif`` (+ ``.json``) and ``out_dir/<slide_id>_topk.csv`` for one slide,
+    geometry taken from its feature bag's attrs (slide path, slide µm/px, patch size and µm/px)."""
+    from ..slide import open_slide
+
+    slide_mpp = bag_attrs.get("slide_mpp")
+    with open_slide(bag_attrs["slide_path"], mpp=slide_mpp) as slide:
+        w, h = slide.dimensions
+        slide_mpp = slide.mpp
+    patch, mpp = int(bag_attrs["patch_size"]), bag_attrs.get("mpp")
+    size_level0 = patch * float(mpp) / float(slide_mpp) if mpp and slide_mpp else float(patch)
+    ds = default_downsample(size_level0, (h, w))
+    heat = attention_heatmap(coords, scores, size_level0, (h, w), ds)
+    out = Path(out_dir)
+    path = write_heatmap(out / f"{slide_id}.tif", heat, slide_mpp, ds,
+                         extra={"slide_id": slide_id, "size_level0": size_level0})
+    write_top_k(out / f"{slide_id}_topk.csv", top_k_patches(coords, scores, k))
+    return path
+
+
+__all__ = ["attention_heatmap", "default_downsample", "percentile_scores", "top_k_patches",
+           "write_heatmap", "write_slide_heatmap", "write_top_k"]
