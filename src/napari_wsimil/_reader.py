@@ -1,4 +1,5 @@
-"""npe2 reader: slides open as one multiscale RGB layer in µm. Thin on purpose; see layers.py."""
+"""npe2 reader: slides open as one multiscale RGB layer in µm, attention heatmaps (TIFFs written by
+``wsimil predict``) as one colour-mapped layer in the same µm world. Thin on purpose; see layers.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SlideError
-from .layers import LayerData, slide_layer_data
+from .layers import LayerData, heatmap_layer_data, is_heatmap_file, slide_layer_data
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,8 @@ def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]]
         if len(path) != 1:
             return None
         path = path[0]
+    if is_heatmap_file(path):  # before open_slide, which would happily show the scores as grey RGB
+        return _heatmap_reader(path)
     from .slide import open_slide
 
     try:
@@ -32,5 +35,19 @@ def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]]
 
     def read(_: Any) -> list[LayerData]:
         return [slide_layer_data(slide)]
+
+    return read
+
+
+def _heatmap_reader(path: str) -> Callable[[Any], list[LayerData]] | None:
+    """Build the layer now, so that a heatmap we cannot read is declined rather than a crash later."""
+    try:
+        layer = heatmap_layer_data(path)
+    except Exception:
+        log.debug("napari-wsimil could not read heatmap %s", path, exc_info=True)
+        return None
+
+    def read(_: Any) -> list[LayerData]:
+        return [layer]
 
     return read

@@ -8,6 +8,10 @@ translate of (d − 1)/2 · m so pixel centres coincide with the slide's.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +28,12 @@ def world_mpp(slide: Slide) -> float:
 
 def overlay_transform(slide: Slide, downsample: float) -> dict[str, tuple[float, float]]:
     """scale/translate for a 2-D array that covers the slide at ``downsample`` level-0 px per pixel."""
-    m = world_mpp(slide)
+    return overlay_transform_for(world_mpp(slide), downsample)
+
+
+def overlay_transform_for(slide_world_mpp: float, downsample: float) -> dict[str, tuple[float, float]]:
+    """:func:`overlay_transform` from the slide's world µm/px alone, for overlays read without the slide."""
+    m = float(slide_world_mpp)
     offset = (downsample - 1.0) / 2.0 * m
     return {"scale": (m * downsample, m * downsample), "translate": (offset, offset)}
 
@@ -86,3 +95,108 @@ def patch_grid_layer_data(slide: Slide, coords: np.ndarray, size_level0: float, 
         "metadata": {"wsimil": {"kind": "patch_grid", "path": str(slide.path)}},
     }
     return (list(rects), kwargs, "shapes")
+
+
+# --- attention heatmaps ---------------------------------------------------------------------------
+
+#: The ``kind`` that ``infer.heatmap.write_heatmap`` puts in the TIFF description; it is what tells a
+#: heatmap (one grey channel of scores) from a slide, since both are pyramidal TIFFs.
+HEATMAP_KIND = "wsimil attention heatmap"
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def heatmap_description(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The heatmap's JSON description, or None when ``path`` is not a wsimil heatmap TIFF.
+
+    Reads the magic bytes and the first page only, so the reader can ask this of every file it is
+    offered (slides included) before deciding how to open it. Never raises: unreadable means "no".
+    """
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) not in _TIFF_MAGIC:
+                return None
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            text = tf.pages.first.description
+        if HEATMAP_KIND not in text:  # cheap test before parsing a (possibly large) vendor text
+            return None
+        meta = json.loads(text)
+    except Exception:  # a damaged or foreign file is simply not a heatmap
+        return None
+    return meta if isinstance(meta, dict) and meta.get("kind") == HEATMAP_KIND else None
+
+
+def is_heatmap_file(path: str | os.PathLike[str]) -> bool:
+    """True for a TIFF written by ``write_heatmap`` (judged from its first page's description)."""
+    return heatmap_description(path) is not None
+
+
+def _positive(value: Any) -> float | None:
+    """A positive finite float, or None: descriptions are JSON written by us but read from disk."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) and v > 0 else None
+
+
+def _heatmap_levels(path: Path) -> list[Any]:
+    """The TIFF's pyramid levels as lazy 2-D dask arrays (uint8), finest first.
+
+    Read through tifffile's zarr store rather than ``open_slide``, whose levels are always RGB: a
+    heatmap is one channel of scores and napari must colour-map it. The store reopens the file on
+    demand, so nothing is read here but the page headers. Dask names carry the file's size and mtime
+    so that a rewritten heatmap never shows tiles cached from the old one.
+    """
+    import dask.array as da
+    import tifffile
+    import zarr
+
+    stat = os.stat(path)
+    token = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    with tifffile.TiffFile(path) as tf:
+        series = tf.series[0]
+        stores = [series.aszarr(level=i) for i in range(len(series.levels))]
+    levels = [da.from_zarr(zarr.open(store, mode="r"), name=f"wsimil-heatmap-{token}-{i}")
+              for i, store in enumerate(stores)]
+    for i, level in enumerate(levels):
+        if level.ndim != 2:
+            raise ValueError(f"{path}: heatmap level {i} has shape {level.shape}, expected one channel")
+    return levels
+
+
+def heatmap_layer_data(
+    path: str | os.PathLike[str], name: str | None = None, opacity: float = 0.5,
+) -> LayerData:
+    """An attention heatmap TIFF as a lazy multiscale image layer that overlays its slide.
+
+    World units are the slide's: the heatmap's pixels are ``downsample`` slide pixels, placed by
+    :func:`overlay_transform_for` so that pixel centres coincide with the slide layer's. Translucent
+    blending (not additive) because H&E is bright: adding inferno to near-white saturates to white,
+    while translucent keeps hot spots yellow and cold tissue visibly darker.
+    """
+    path = Path(path)
+    meta = heatmap_description(path)
+    if meta is None:
+        raise ValueError(f"{path} is not a wsimil attention heatmap (no '{HEATMAP_KIND}' description)")
+    downsample = _positive(meta.get("downsample")) or 1.0
+    mpp = _positive(meta.get("mpp"))
+    slide_mpp = _positive(meta.get("slide_mpp")) or (mpp / downsample if mpp else None)
+    slide_id = meta.get("slide_id")
+    kwargs: dict[str, Any] = {
+        "name": name or f"{slide_id or path.stem} heatmap",
+        "multiscale": True,
+        "rgb": False,
+        "colormap": meta.get("colormap") or "inferno",
+        "contrast_limits": (0, 255),
+        "blending": "translucent",
+        "opacity": float(opacity),
+        "metadata": {"wsimil": {"kind": "heatmap", "path": str(path), "downsample": downsample,
+                                "mpp": mpp, "slide_mpp": slide_mpp, "slide_id": slide_id}},
+        # unknown pixel size: the slide layer's world is level-0 pixels, so use 1 µm/px as it does
+        **overlay_transform_for(slide_mpp if slide_mpp is not None else 1.0, downsample),
+    }
+    if slide_mpp is not None:
+        kwargs["units"] = ("µm", "µm")
+    return (_heatmap_levels(path), kwargs, "image")

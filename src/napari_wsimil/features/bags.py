@@ -80,6 +80,13 @@ def bag_attrs(encoder: Encoder, slide: Slide, patch_size: int, mpp: float | None
             "slide_mpp": slide.mpp, **slide_stamp(slide.path), **extra}
 
 
+def patch_size_level0(attrs: dict[str, Any]) -> float:
+    """Side of one patch in level-0 pixels: the patch size scaled by patch µm/px over slide µm/px
+    (the patch size itself when either is unknown, i.e. patches were read at level 0)."""
+    patch, mpp, slide_mpp = int(attrs["patch_size"]), attrs.get("mpp"), attrs.get("slide_mpp")
+    return patch * float(mpp) / float(slide_mpp) if mpp and slide_mpp else float(patch)
+
+
 def read_bag_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Only the attrs (npz members load lazily: the features stay on disk)."""
     path = Path(path)

@@ -138,19 +138,28 @@ def write_top_k(path: str | os.PathLike[str], top: list[tuple[int, int, float]])
 
 
 def write_slide_heatmap(out_dir: str | os.PathLike[str], slide_id: str, coords: np.ndarray,
-                        scores: np.ndarray, bag_attrs: dict[str, Any], *, k: int = 8) -> Path:
+                        scores: np.ndarray, bag_attrs: dict[str, Any], *, k: int = 8,
+                        clip_to_tissue: bool = True) -> Path:
     """``out_dir/<slide_id>.tif`` (+ ``.json``) and ``out_dir/<slide_id>_topk.csv`` for one slide,
-    geometry taken from its feature bag's attrs (slide path, slide µm/px, patch size and µm/px)."""
+    geometry taken from its feature bag's attrs (slide path, slide µm/px, patch size and µm/px).
+
+    With ``clip_to_tissue`` the map is zero off the slide's tissue mask, so patch squares that
+    straddle the tissue edge do not paint glass (CLAM does the same)."""
+    from ..features.bags import patch_size_level0
     from ..slide import open_slide
 
     slide_mpp = bag_attrs.get("slide_mpp")
     with open_slide(bag_attrs["slide_path"], mpp=slide_mpp) as slide:
         w, h = slide.dimensions
         slide_mpp = slide.mpp
-    patch, mpp = int(bag_attrs["patch_size"]), bag_attrs.get("mpp")
-    size_level0 = patch * float(mpp) / float(slide_mpp) if mpp and slide_mpp else float(patch)
+        tissue = None
+        if clip_to_tissue:
+            from ..slide.tissue import tissue_mask
+
+            tissue = tissue_mask(slide)
+    size_level0 = patch_size_level0({**bag_attrs, "slide_mpp": slide_mpp})
     ds = default_downsample(size_level0, (h, w))
-    heat = attention_heatmap(coords, scores, size_level0, (h, w), ds)
+    heat = attention_heatmap(coords, scores, size_level0, (h, w), ds, tissue=tissue)
     out = Path(out_dir)
     path = write_heatmap(out / f"{slide_id}.tif", heat, slide_mpp, ds,
                          extra={"slide_id": slide_id, "size_level0": size_level0})

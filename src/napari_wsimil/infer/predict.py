@@ -81,6 +81,9 @@ class SlidePrediction:
     coords: np.ndarray  # (N, 2) level-0 x, y
     attention: np.ndarray  # (N,) of the predicted class's branch (the only branch for single-branch models)
     attention_all: np.ndarray  # (K, N)
+    size_level0: float | None = None  # patch side in level-0 px (None: unknown, e.g. an old bag)
+    slide_mpp: float | None = None
+    slide_path: str | None = None
 
 
 def predict_bag(run: LoadedRun, slide_id: str, bag_path: str | os.PathLike[str]) -> SlidePrediction:
@@ -101,7 +104,14 @@ def predict_bag(run: LoadedRun, slide_id: str, bag_path: str | os.PathLike[str])
         probs = F.softmax(out.logits, 0).double().cpu().numpy()
         att = out.attention.float().cpu().numpy()
     k = int(probs.argmax()) if att.shape[0] > 1 else 0
-    return SlidePrediction(slide_id, probs, bag.coords, att[k], att)
+    from ..features.bags import patch_size_level0
+
+    try:
+        size = patch_size_level0(bag.attrs)
+    except (KeyError, TypeError, ValueError):
+        size = None
+    return SlidePrediction(slide_id, probs, bag.coords, att[k], att, size, bag.attrs.get("slide_mpp"),
+                           bag.attrs.get("slide_path"))
 
 
 def write_attention(pred: SlidePrediction, path: str | os.PathLike[str]) -> Path:
@@ -110,9 +120,26 @@ def write_attention(pred: SlidePrediction, path: str | os.PathLike[str]) -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "wb") as fh:
+        geometry = {"size_level0": pred.size_level0, "slide_mpp": pred.slide_mpp, "slide_path": pred.slide_path}
         np.savez(fh, coords=pred.coords, attention=pred.attention.astype(np.float32),
-                 attention_all=pred.attention_all.astype(np.float32), probs=pred.probs.astype(np.float64))
+                 attention_all=pred.attention_all.astype(np.float32), probs=pred.probs.astype(np.float64),
+                 geometry=np.array(json.dumps(geometry)))
     return path
+
+
+def read_attention(path: str | os.PathLike[str]) -> SlidePrediction:
+    """A ``PRED/attention/<slide_id>.npz`` back (no pickle); the slide id is the file's stem."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            geometry = json.loads(str(z["geometry"][()])) if "geometry" in z.files else {}
+            return SlidePrediction(path.stem, np.asarray(z["probs"]), np.asarray(z["coords"]),
+                                   np.asarray(z["attention"]), np.asarray(z["attention_all"]),
+                                   geometry.get("size_level0"), geometry.get("slide_mpp"), geometry.get("slide_path"))
+    except FileNotFoundError:
+        raise RunError(f"no attention file {path}; run 'wsimil predict' again") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise RunError(f"cannot read the attention file {path}: {exc}") from exc
 
 
 def write_predictions(preds: list[SlidePrediction], n_classes: int, path: str | os.PathLike[str]) -> Path:
@@ -148,5 +175,5 @@ def read_predictions(path: str | os.PathLike[str]) -> tuple[list[str], np.ndarra
     return ids, np.asarray(rows, dtype=np.float64).reshape(len(ids), len(cols))
 
 
-__all__ = ["LoadedRun", "RunError", "SlidePrediction", "load_run", "predict_bag", "read_predictions",
+__all__ = ["LoadedRun", "RunError", "SlidePrediction", "load_run", "predict_bag", "read_attention", "read_predictions",
            "write_attention", "write_predictions"]

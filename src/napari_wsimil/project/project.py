@@ -29,7 +29,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -688,6 +688,17 @@ class Project:
         if store is None:
             return np.zeros(geometry.shape, np.uint8)
         return store.read()
+
+    def pixel_label_points(self, slide_id: str) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], float] | None:
+        """``(read_points, downsample)`` for the slide's saved labels, None when nothing is painted.
+
+        ``read_points(rows, cols)`` returns ``labels[np.ix_(rows, cols)]`` decoding only the chunks it
+        touches, so training code can sample labels under patches without loading the whole array."""
+        if not self.has_pixel_labels(slide_id):
+            return None
+        geometry = self.label_geometry(slide_id)
+        store = self._label_store(slide_id, create=False)
+        return (store.read_points, geometry.downsample) if store is not None else None
 
     def _check_class_ids(self, counts: np.ndarray, slide_id: str) -> None:
         known = {c.id for c in self._classes}

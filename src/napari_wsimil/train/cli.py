@@ -42,6 +42,18 @@ def register(subparsers: Any) -> None:
                    help="share of each class held out for validation when there is no split (default 0.25)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps ...")
     p.add_argument("--resume", action="store_true", help="continue RUN from its last checkpoint")
+    g = p.add_argument_group(
+        "tile labels (ms-clam)",
+        "MS-CLAM learns from tile labels where a slide has drawings: a project's painted pixels, boxes and "
+        "polygons, or a CSV's pixel_labels mask (1 tumour, 2 normal) and annotations GeoJSON. A patch takes "
+        "the class covering at least --tile-min-fraction of it; other patches stay unknown.")
+    g.add_argument("--tile-classes", default=None, metavar="CLASS=SLIDE_CLASS,...",
+                   help="which drawn class means which slide class, e.g. 'tumour=malignant,normal=benign' "
+                        "(default: by name; tumour-like names -> class 1, normal-like -> class 0)")
+    g.add_argument("--tile-min-fraction", type=float, default=0.5, metavar="F",
+                   help="share of a patch a class must cover to label it (default 0.5)")
+    g.add_argument("--exhaustive-labels", action="store_true",
+                   help="annotated slides are fully annotated: unpainted tissue there is normal (class 0)")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser(
@@ -61,11 +73,17 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_predict)
 
     p = subparsers.add_parser(
-        "evaluate", help="slide AUC, accuracy, balanced accuracy and F1 of predictions",
+        "evaluate", help="slide AUC, accuracy, balanced accuracy and F1; attention AUC and FROC with ground truth",
         description="Compare PRED/predictions.csv with the cohort's labels on the slides present in both; "
-                    "print the metrics and write PRED/metrics.json.")
+                    "where the cohort has gt_mask (+ gt_downsample) columns, also the patch-level attention AUC "
+                    "against the ground truth and the CAMELYON16 FROC. Prints the metrics and writes "
+                    "PRED/metrics.json.")
     p.add_argument("pred", metavar="PRED", help="a folder written by 'wsimil predict'")
     p.add_argument("--cohort", required=True, metavar="CSV", help="a cohort CSV or a project folder")
+    p.add_argument("--split", choices=("train", "val", "test"), default=None,
+                   help="only the slides of this split (default: every labelled slide predicted)")
+    p.add_argument("--no-localisation", dest="localisation", action="store_false",
+                   help="skip the attention AUC and FROC against the cohort's gt_mask columns")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -140,11 +158,23 @@ def cmd_train(args: argparse.Namespace) -> int:
                            project=cohort.source if cohort.is_project else None)
 
     index = {c: i for i, c in enumerate(classes)}
+    tiles: dict[str, Any] = {}
+    if args.method == "ms-clam":
+        from .cohort_labels import cohort_tile_labels
+
+        if not 0 < args.tile_min_fraction <= 1:
+            raise WsimilError(f"--tile-min-fraction must be in (0, 1], got {args.tile_min_fraction}")
+        tiles = cohort_tile_labels(cohort, tr, bags, classes, mapping=args.tile_classes,
+                                   exhaustive=args.exhaustive_labels, min_fraction=args.tile_min_fraction,
+                                   report=_say)
+        _say(f"ms-clam: {len(tiles)} of {len(tr)} training slides have tile labels"
+             + ("" if tiles else "; it learns from slide labels only"))
 
     def dataset(items: list) -> BagDataset | None:
         if not items:
             return None
-        return BagDataset(files=[bags[s.slide_id] for s in items], labels=[index[s.label] for s in items])
+        return BagDataset(files=[bags[s.slide_id] for s in items], labels=[index[s.label] for s in items],
+                          instance_labels=[tiles.get(s.slide_id) for s in items])
 
     overrides: dict[str, Any] = {"epochs": args.epochs, "seed": args.seed, "device": args.device,
                                  "n_classes": len(classes)}
@@ -156,7 +186,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     info = {"format": 1, "cohort": str(Path(args.source).resolve()), "method": args.method,
             "encoder": args.encoder, "weights": args.weights, "mpp": args.mpp, "patch": args.patch,
             "classes": classes, "seed": args.seed, "features_dir": str(feat_dir),
-            "train_slides": [s.slide_id for s in tr], "val_slides": [s.slide_id for s in va]}
+            "train_slides": [s.slide_id for s in tr], "val_slides": [s.slide_id for s in va],
+            "tile_labelled_slides": sorted(tiles)}
     write_text(run_info_path, json.dumps(info, indent=1))
     _say(f"training {args.method}: {len(tr)} train / {len(va)} val slides, classes {', '.join(classes)}, "
          f"{args.epochs} epochs -> {run}")
@@ -239,6 +270,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_nan(v: Any) -> Any:
+    """JSON has no NaN: metrics that cannot be computed are written as null."""
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _no_nan(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_no_nan(x) for x in v]
+    return v
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..errors import WsimilError
     from ..infer.metrics import slide_metrics
@@ -253,7 +295,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if meta_path.is_file():
         classes = json.loads(meta_path.read_text()).get("classes")
     cohort = load_cohort(args.cohort)
-    labelled = {s.slide_id: s for s in cohort.slides if s.label is not None}
+    labelled = {s.slide_id: s for s in cohort.slides if s.label is not None
+                and (args.split is None or s.split == args.split)}
+    if args.split is not None and not labelled:
+        raise WsimilError(f"no labelled slide of {args.cohort} is in the {args.split} split")
     if not classes:
         classes = cohort.classes or class_names([s.label for s in labelled.values()])
     if len(classes) != probs.shape[1]:
@@ -264,13 +309,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     labels = label_indices([labelled[ids[i]] for i in rows], classes)
     metrics: dict[str, Any] = slide_metrics(probs[rows], labels)
     metrics["classes"] = classes
-    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+    if args.split is not None:
+        metrics["split"] = args.split
+    with_truth = [labelled[ids[i]] for i in rows if labelled[ids[i]].gt_mask is not None]
+    if getattr(args, "localisation", True) and with_truth:
+        from ..infer.evaluation import TruthItem, localisation_metrics
+
+        loc = localisation_metrics([TruthItem(s.slide_id, s.gt_mask, s.gt_downsample) for s in with_truth],
+                                   pred_dir / "attention")
+        metrics["localisation"] = loc
+    clean = _no_nan(metrics)
     write_text(pred_dir / "metrics.json", json.dumps(clean, indent=1))
     _say(f"{metrics['n_slides']} slides: AUC {_fmt(metrics['auc'])}  accuracy {_fmt(metrics['accuracy'])}  "
          f"balanced accuracy {_fmt(metrics['balanced_accuracy'])}  F1 {_fmt(metrics['f1'])}")
+    loc = metrics.get("localisation")
+    if loc:
+        _say(f"localisation on {loc['n_slides_with_truth']} slides with ground truth "
+             f"({loc['n_slides_with_tumour_patches']} with tumour patches, {loc['n_lesions']} lesions): "
+             f"attention AUC {_fmt(loc['attention_auc'])} (pooled {_fmt(loc['attention_auc_pooled'])})  "
+             f"FROC {_fmt(loc['froc'])}")
     missing = len(ids) - len(rows)
     if missing:
-        print(f"({missing} predicted slides have no label in the cohort and were left out)", file=sys.stderr)
+        why = "no label in the cohort" if args.split is None else f"no label or are not in the {args.split} split"
+        print(f"({missing} predicted slides have {why} and were left out)", file=sys.stderr)
     _say(f"metrics: {pred_dir / 'metrics.json'}")
     return 0
 

@@ -27,10 +27,19 @@ class CohortError(WsimilError):
 
 @dataclass(frozen=True)
 class SlideItem:
+    """One slide; the optional paths come from a cohort CSV's columns (projects keep them in the project):
+    ``pixel_labels`` a class-id mask for training, ``annotations`` a GeoJSON, ``gt_mask`` ground truth for
+    evaluation only. A downsample of None means "work it out from the mask's size"."""
+
     slide_id: str
     path: Path
     label: str | None = None
     split: str | None = None
+    pixel_labels: Path | None = None
+    pixel_labels_downsample: float | None = None
+    annotations: Path | None = None
+    gt_mask: Path | None = None
+    gt_downsample: float | None = None
 
 
 @dataclass
@@ -60,6 +69,25 @@ def _norm_split(value: Any) -> str | None:
     return s
 
 
+def _rel_path(csv_path: Path, value: str | None) -> Path | None:
+    if not value:
+        return None
+    p = Path(value)
+    return p if p.is_absolute() else csv_path.parent / p
+
+
+def _opt_float(value: str | None, column: str) -> float | None:
+    if not value:
+        return None
+    try:
+        v = float(value)
+    except ValueError:
+        raise CohortError(f"{column} {value!r} is not a number") from None
+    if not v > 0:
+        raise CohortError(f"{column} must be positive, got {value}")
+    return v
+
+
 def load_cohort(source: str | os.PathLike[str]) -> Cohort:
     """Read a cohort CSV or a project folder."""
     from ..project.project import PROJECT_FILE, Project, id_from_path
@@ -70,7 +98,9 @@ def load_cohort(source: str | os.PathLike[str]) -> Cohort:
             raise CohortError(f"{src} is a folder without {PROJECT_FILE}: give a cohort CSV or a project folder")
         p = Project.open(src, readonly=True)
         try:
-            items = [SlideItem(r.slide_id, p.slide_path(r.slide_id), r.label, r.split) for r in p.slides]
+            items = [SlideItem(r.slide_id, p.slide_path(r.slide_id), r.label, r.split,
+                               gt_mask=p.resolve(r.gt_mask) if r.gt_mask else None, gt_downsample=r.gt_downsample)
+                     for r in p.slides]
             return Cohort(src, items, True, list(p.slide_classes) or None)
         finally:
             p.close()
@@ -99,7 +129,12 @@ def load_cohort(source: str | os.PathLike[str]) -> Cohort:
             split = _norm_split(row.get("split"))
         except CohortError as exc:
             raise CohortError(f"{src.name} line {line}: {exc}") from None
-        items.append(SlideItem(sid, path, row.get("label") or None, split))
+        try:
+            optional = {k: _rel_path(src, row.get(k)) for k in ("pixel_labels", "annotations", "gt_mask")}
+            optional.update({k: _opt_float(row.get(k), k) for k in ("pixel_labels_downsample", "gt_downsample")})
+        except CohortError as exc:
+            raise CohortError(f"{src.name} line {line}: {exc}") from None
+        items.append(SlideItem(sid, path, row.get("label") or None, split, **optional))
     if not items:
         raise CohortError(f"the cohort {src} has no slides")
     return Cohort(src, items, False, None)

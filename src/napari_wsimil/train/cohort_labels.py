@@ -1,0 +1,114 @@
+"""Tile labels for a whole cohort: where each slide's drawings live and what their classes mean.
+
+A project keeps painted pixels (zarr, class ids of the project's class table) and annotations (GeoJSON,
+class names). A cohort CSV names a ``pixel_labels`` mask (values are the class ids of a new project:
+1 tumour, 2 normal) and an ``annotations`` GeoJSON. Both become a :class:`TileLabelSource` per slide,
+and :func:`cohort_tile_labels` turns them into one tile label per patch of each feature bag.
+``gt_mask`` is never read here: ground truth is for evaluation only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .cohort import Cohort, CohortError, SlideItem
+from .tile_labels import TileLabelSource, default_class_map, parse_class_map, slide_tile_labels
+
+
+def _csv_class_table(slides: Sequence[SlideItem]) -> dict[int, str]:
+    """The default project classes plus every annotation class name met, with fresh ids."""
+    from ..project.annotations import read_geojson
+    from ..project.classes import default_classes
+
+    table = {c.id: c.name for c in default_classes()}
+    for s in slides:
+        if s.annotations is None:
+            continue
+        for ann in read_geojson(s.annotations):
+            if ann.class_name not in table.values():
+                table[max(table) + 1] = ann.class_name
+    return table
+
+
+def _csv_source(slide: SlideItem, class_ids: Mapping[str, int], stack: list[Any]) -> TileLabelSource:
+    from ..project.annotations import read_geojson
+    from ..project.mask_io import MaskImage, choose_downsample
+    from ..project.pixel_labels import compute_geometry
+    from ..slide import open_slide
+
+    src = TileLabelSource(class_ids=class_ids)
+    if slide.pixel_labels is not None:
+        mask = MaskImage(slide.pixel_labels)
+        stack.append(mask)
+        with open_slide(slide.path) as sl:
+            dims, mpp = sl.dimensions, sl.mpp
+        ds = choose_downsample(mask, dims, mpp, compute_geometry(dims, mpp, 4.0), slide.pixel_labels_downsample)
+        src.lookup, src.downsample = mask.points, ds
+    if slide.annotations is not None:
+        src.annotations = read_geojson(slide.annotations)
+    return src
+
+
+def cohort_tile_labels(cohort: Cohort, slides: Sequence[SlideItem], bags: Mapping[str, Path],
+                       slide_classes: Sequence[str], *, mapping: str | None = None, exhaustive: bool = False,
+                       min_fraction: float = 0.5,
+                       report: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
+    """Slide id → (N,) tile labels (-1 unknown) for the slides whose drawings label at least one tile.
+
+    ``mapping`` ("tumour=malignant,normal=0") overrides the name-based default of which drawn class
+    means which slide class. Problems with a slide's drawings are errors naming the slide."""
+    from ..errors import WsimilError
+    from ..features.bags import patch_size_level0, read_bag
+
+    say = report or (lambda _m: None)
+    stack: list[Any] = []
+    project = None
+    if cohort.is_project:
+        from ..project.project import Project
+
+        project = Project.open(cohort.source, readonly=True)
+        table = {c.id: c.name for c in project.classes}
+    else:
+        table = _csv_class_table(slides)
+    class_ids = {name: cid for cid, name in table.items()}
+    id_to_tile = parse_class_map(mapping, table, slide_classes) if mapping else default_class_map(table, slide_classes)
+    if not id_to_tile:
+        say("tile labels: no drawn class maps to a slide class (see --tile-classes); none used")
+        return {}
+    out: dict[str, np.ndarray] = {}
+    try:
+        for s in slides:
+            try:
+                if project is not None:
+                    src = TileLabelSource(class_ids=class_ids, annotations=project.annotations(s.slide_id))
+                    points = project.pixel_label_points(s.slide_id)
+                    if points is not None:
+                        src.lookup, src.downsample = points
+                else:
+                    src = _csv_source(s, class_ids, stack)
+                if src.empty:
+                    continue
+                bag = read_bag(bags[s.slide_id])
+                labels = slide_tile_labels(bag.coords, patch_size_level0(bag.attrs), src, id_to_tile,
+                                           min_fraction=min_fraction, exhaustive=exhaustive)
+            except WsimilError as exc:
+                raise CohortError(f"tile labels of {s.slide_id}: {exc}") from exc
+            if labels is None:
+                continue
+            out[s.slide_id] = labels
+            counts = ", ".join(f"{slide_classes[k]} {int((labels == k).sum())}" for k in range(len(slide_classes))
+                               if (labels == k).any())
+            say(f"tile labels {s.slide_id}: {counts} of {len(labels)} patches")
+    finally:
+        for m in stack:
+            m.close()
+        if project is not None:
+            project.close()
+    return out
+
+
+__all__ = ["cohort_tile_labels"]
