@@ -131,6 +131,27 @@ def test_predict_writes_one_heatmap_per_slide(tmp_path: Path) -> None:
         with open(pred / "heatmaps" / f"{sid}_topk.csv", newline="") as fh:
             rows = list(csv.DictReader(fh))
         assert 1 <= len(rows) <= 8 and list(rows[0]) == ["rank", "x", "y", "score"]
+        # clipped to tissue: no heat where the slide's tissue mask is empty
+        from napari_wsimil.infer.heatmap import _tissue_on_grid
+        from napari_wsimil.slide.tissue import tissue_mask
+
+        assert meta["clipped_to_tissue"] and meta["overlap"] == 0.0
+        with open_slide(paths[sid]) as sl, open_slide(tif) as h:
+            on = _tissue_on_grid(tissue_mask(sl), hshape, meta["downsample"])
+            heat = np.asarray(h.levels[0][..., 0])
+        assert heat[~on].max(initial=0) == 0 and heat[on].max() > 0
+
+    # 50 % overlap: CLAM's re-extraction, about four times the patches, same geometry
+    pred_o = tmp_path / "pred_overlap"
+    assert run_cli(["predict", str(run), "--cohort", str(cohort), "--out", str(pred_o), "--device", "cpu",
+                    "--heatmap-overlap", "0.5"]) == 0
+    for sid in ids:
+        plain = json.loads((pred / "heatmaps" / f"{sid}.json").read_text())
+        over = json.loads((pred_o / "heatmaps" / f"{sid}.json").read_text())
+        assert over["overlap"] == 0.5 and over["downsample"] == plain["downsample"]
+        assert over["n_patches"] > 2 * plain["n_patches"]
+    assert run_cli(["predict", str(run), "--cohort", str(cohort), "--out", str(tmp_path / "bad"),
+                    "--heatmap-overlap", "1.5"]) == 2
     pred2 = tmp_path / "pred2"
     assert run_cli(["predict", str(run), "--cohort", str(cohort), "--out", str(pred2), "--device", "cpu",
                     "--no-heatmaps"]) == 0

@@ -139,7 +139,7 @@ def write_top_k(path: str | os.PathLike[str], top: list[tuple[int, int, float]])
 
 def write_slide_heatmap(out_dir: str | os.PathLike[str], slide_id: str, coords: np.ndarray,
                         scores: np.ndarray, bag_attrs: dict[str, Any], *, k: int = 8,
-                        clip_to_tissue: bool = True) -> Path:
+                        clip_to_tissue: bool = True, overlap: float = 0.0) -> Path:
     """``out_dir/<slide_id>.tif`` (+ ``.json``) and ``out_dir/<slide_id>_topk.csv`` for one slide,
     geometry taken from its feature bag's attrs (slide path, slide µm/px, patch size and µm/px).
 
@@ -162,7 +162,8 @@ def write_slide_heatmap(out_dir: str | os.PathLike[str], slide_id: str, coords: 
     heat = attention_heatmap(coords, scores, size_level0, (h, w), ds, tissue=tissue)
     out = Path(out_dir)
     path = write_heatmap(out / f"{slide_id}.tif", heat, slide_mpp, ds,
-                         extra={"slide_id": slide_id, "size_level0": size_level0})
+                         extra={"slide_id": slide_id, "size_level0": size_level0, "n_patches": int(len(coords)),
+                                "overlap": float(overlap), "clipped_to_tissue": bool(clip_to_tissue)})
     write_top_k(out / f"{slide_id}_topk.csv", top_k_patches(coords, scores, k))
     return path
 

@@ -88,14 +88,22 @@ class SlidePrediction:
 
 def predict_bag(run: LoadedRun, slide_id: str, bag_path: str | os.PathLike[str]) -> SlidePrediction:
     """Probabilities and attention for one ``.npz`` feature bag."""
-    import torch
-    import torch.nn.functional as F
-
     from ..features import read_bag
 
     bag = read_bag(bag_path)
     if len(bag) == 0:
         raise RunError(f"the feature bag of {slide_id} ({bag_path}) has no patches")
+    return predict_features(run, slide_id, bag)
+
+
+def predict_features(run: LoadedRun, slide_id: str, bag: Any) -> SlidePrediction:
+    """Probabilities and attention for a :class:`~napari_wsimil.features.bags.Bag` in memory (the
+    overlapping heatmap bags are never written to disk)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..features.bags import patch_size_level0
+
     if bag.dim != run.in_dim:
         raise RunError(f"the feature bag of {slide_id} has {bag.dim}-d features, the model expects "
                        f"{run.in_dim}-d: were they made with another encoder?")
@@ -104,14 +112,30 @@ def predict_bag(run: LoadedRun, slide_id: str, bag_path: str | os.PathLike[str])
         probs = F.softmax(out.logits, 0).double().cpu().numpy()
         att = out.attention.float().cpu().numpy()
     k = int(probs.argmax()) if att.shape[0] > 1 else 0
-    from ..features.bags import patch_size_level0
-
     try:
         size = patch_size_level0(bag.attrs)
     except (KeyError, TypeError, ValueError):
         size = None
     return SlidePrediction(slide_id, probs, bag.coords, att[k], att, size, bag.attrs.get("slide_mpp"),
                            bag.attrs.get("slide_path"))
+
+
+def overlap_attention(run: LoadedRun, slide_id: str, slide_path: str | os.PathLike[str], overlap: float,
+                      slide_mpp: float | None = None, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(coords, attention) of a grid with ``overlap`` (CLAM re-extracts at 50 % for smoother heatmaps);
+    the branch ``k`` of multi-branch models (default: the predicted class). Features stay in memory."""
+    from ..features import build_encoder, extract_features
+    from ..slide import open_slide, patch_grid
+
+    encoder = build_encoder(run.info["encoder"], weights=run.info.get("weights"), device=str(run.device))
+    with open_slide(slide_path, mpp=slide_mpp) as slide:
+        grid = patch_grid(slide, int(run.info["patch"]), float(run.info["mpp"]), overlap=overlap)
+        if len(grid) == 0:
+            raise RunError(f"{slide_id} has no tissue patches to draw a heatmap from")
+        bag = extract_features(slide, encoder, grid=grid, device=str(run.device))
+    pred = predict_features(run, slide_id, bag)
+    branch = pred.attention if k is None else pred.attention_all[min(k, len(pred.attention_all) - 1)]
+    return pred.coords, branch
 
 
 def write_attention(pred: SlidePrediction, path: str | os.PathLike[str]) -> Path:
@@ -175,5 +199,6 @@ def read_predictions(path: str | os.PathLike[str]) -> tuple[list[str], np.ndarra
     return ids, np.asarray(rows, dtype=np.float64).reshape(len(ids), len(cols))
 
 
-__all__ = ["LoadedRun", "RunError", "SlidePrediction", "load_run", "predict_bag", "read_attention", "read_predictions",
+__all__ = ["LoadedRun", "RunError", "SlidePrediction", "load_run", "overlap_attention", "predict_bag",
+           "predict_features", "read_attention", "read_predictions",
            "write_attention", "write_predictions"]
