@@ -137,3 +137,28 @@ def test_metrics_by_hand() -> None:
     p3b = p3.copy()
     p3b[:, 1] = [0.5, 0.1, 0.3, 0.2]  # class 1: pos 0.1, 0.3 vs neg 0.5, 0.2 → (0 + 1) / 4
     assert M.auc(p3b, y3) == pytest.approx((1 + 0.25 + 1) / 3)
+
+
+def test_slide_without_tissue_is_named_before_training(cohort: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A blank scan (glass only) in the cohort: one error naming it, before any epoch runs."""
+    from napari_wsimil.slide.tiff_writer import write_image_pyramid
+
+    blank = tmp_path / "blank.tiff"
+    write_image_pyramid(blank, np.full((1024, 1024, 3), 242, np.uint8), mpp=0.5)
+    with open(cohort, newline="") as fh:
+        rows = [{"slide_id": r["slide_id"], "path": str(cohort.parent / r["path"]), "label": r["label"]}
+                for r in csv.DictReader(fh)]
+    rows.append({"slide_id": "blank", "path": str(blank), "label": "0"})
+    csv_path = tmp_path / "with_blank.csv"
+    with open(csv_path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, ["slide_id", "path", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    run = tmp_path / "run"
+    assert run_cli(["train", str(csv_path), "--method", "clam-sb", "--out", str(run), "--epochs", "2",
+                    "--patch", "128", "--mpp", "1.0", "--device", "cpu"]) == 2
+    out = capsys.readouterr().out
+    err_line = out.strip().splitlines()[-1]
+    assert "no tissue found on 1 slide(s): blank" in err_line
+    assert "epoch 1/" not in out and not (run / "last.json").exists()

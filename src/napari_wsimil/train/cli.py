@@ -108,8 +108,8 @@ def _eta(seconds: float | None) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from ..errors import WsimilError
     from ..project.atomic import write_text
-    from .cohort import (assign_splits, class_names, ensure_features, features_dir_for, label_indices,
-                         load_cohort)
+    from .cohort import (assign_splits, check_tissue, class_names, ensure_features, features_dir_for,
+                         label_indices, load_cohort)
     from .mil import BagDataset
     from .registry import build, make_config
     from .engine import train
@@ -159,6 +159,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     bags = ensure_features(slides, feat_dir, args.encoder, args.patch, args.mpp, report=_say,
                            device=args.device, weights=args.weights,
                            project=cohort.source if cohort.is_project else None)
+    check_tissue(bags, args.mpp, args.patch)
 
     index = {c: i for i, c in enumerate(classes)}
     tiles: dict[str, Any] = {}

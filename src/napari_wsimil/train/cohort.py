@@ -230,6 +230,18 @@ def ensure_features(slides: Sequence[SlideItem], out_dir: Path, encoder: str, pa
     return {r.slide_id: r.bag_path for r in results if r.slide_id in wanted}
 
 
+def check_tissue(bags: dict[str, Path], mpp: float, patch: int) -> None:
+    """A slide whose bag has no patches had no tissue at this patch size: say which, before training."""
+    empty = []
+    for sid, path in bags.items():
+        with np.load(path, allow_pickle=False) as z:
+            if len(z["coords"]) == 0:
+                empty.append(sid)
+    if empty:
+        raise CohortError(f"no tissue found on {len(empty)} slide(s): {', '.join(empty)} (no {patch} px patch at "
+                          f"{mpp:g} µm/px is half tissue); drop them from the cohort or check the scans")
+
+
 def _extract_project_subset(project: Any, wanted: set[str], out_dir: Path, encoder: str, patch: int, mpp: float,
                             device: str, progress: Callable[[Any], None], weights: str | None) -> list[Any]:
     from ..features import extract_cohort
@@ -242,5 +254,5 @@ def _extract_project_subset(project: Any, wanted: set[str], out_dir: Path, encod
                           encoder, patch_size=patch, mpp=mpp, device=device, progress=progress, weights=weights)
 
 
-__all__ = ["Cohort", "CohortError", "SlideItem", "assign_splits", "class_names", "ensure_features",
+__all__ = ["Cohort", "CohortError", "SlideItem", "assign_splits", "check_tissue", "class_names", "ensure_features",
            "features_dir_for", "label_indices", "load_cohort"]
