@@ -55,3 +55,23 @@ def test_demo_window_docks_every_widget_on_a_project(tmp_path, qtbot):
         assert len(viewer.window._dock_widgets) >= 3
     finally:
         viewer.close()
+
+
+def test_headless_demo_trains_a_mil_model_and_writes_its_map(tmp_path, monkeypatch):
+    """The same job at a smaller size: cohort → project → CLAM-SB with a live map → heatmap TIFF and PNG."""
+    from napari_wsimil import demo, open_slide
+
+    monkeypatch.setattr(demo, "MIL_SLIDES", 6)
+    monkeypatch.setattr(demo, "MIL_SIZE", 2048)
+    monkeypatch.setattr(demo, "MIL_EPOCHS", 2)
+    monkeypatch.setattr(demo, "MIL_PATCH", 128)
+    monkeypatch.setattr(demo, "MIL_MPP", 1.0)
+    out = demo.run_mil_headless(tmp_path)
+    assert [e["epoch"] for e in out["epochs"]] == [1, 2]
+    with open_slide(out["heatmap"]) as h:
+        assert h.mpp is not None and h.mpp > 0.5
+    overlay = np.asarray(Image.open(tmp_path / "attention_overlay.png"))
+    assert overlay.shape[2] == 3 and overlay.std() > 5
+    # running it again reuses the project and the run instead of starting over
+    again = demo.run_mil_headless(tmp_path)
+    assert again["run"] == out["run"] and again["epochs"] == []

@@ -106,99 +106,21 @@ def _eta(seconds: float | None) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..errors import WsimilError
-    from ..project.atomic import write_text
-    from .cohort import (assign_splits, check_tissue, class_names, ensure_features, features_dir_for,
-                         label_indices, load_cohort)
-    from .mil import BagDataset
-    from .registry import build, make_config
     from .engine import train
+    from .pipeline import MILRunSpec, prepare_mil_run
 
-    if args.epochs < 1:
-        raise WsimilError(f"--epochs must be at least 1, got {args.epochs}")
-    if args.patch < 1 or args.mpp <= 0:
-        raise WsimilError("--patch and --mpp must be positive")
-    if not 0 <= args.val_fraction < 1:
-        raise WsimilError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    run = Path(args.out)
-    if (run / "last.json").exists() and not args.resume:
-        raise WsimilError(f"{run} already holds a training run; add --resume to continue it or choose another --out")
-
-    cohort = load_cohort(args.source)
-    usable = [s for s in cohort.slides if s.label is not None and s.split != "test"]
-    if not usable:
-        raise WsimilError(f"no labelled slides in {args.source}")
-    if args.classes:
-        classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    elif cohort.classes:
-        classes = cohort.classes
-    else:
-        classes = class_names([s.label for s in usable])
-    label_indices(usable, classes)  # labels outside the classes: one error naming the slide
-    present = sorted({s.label for s in usable})
-    if len(present) < 2:
-        raise WsimilError(f"the cohort has only class {present[0]!r}: a classifier needs labelled slides of at "
-                          "least two classes")
-    if len(classes) < 2:
-        raise WsimilError(f"a classifier needs at least two classes, got {classes}")
-    slides = assign_splits(usable, classes, args.seed, args.val_fraction)
-    tr = [s for s in slides if s.split == "train"]
-    va = [s for s in slides if s.split == "val"]
-
-    run_info_path = run / "run.json"
-    if args.resume and run_info_path.is_file():
-        old = json.loads(run_info_path.read_text())
-        for key, new in (("method", args.method), ("encoder", args.encoder), ("mpp", args.mpp),
-                         ("patch", args.patch), ("classes", classes)):
-            if old.get(key) != new:
-                raise WsimilError(f"cannot resume {run}: it was trained with {key} {old.get(key)!r}, not {new!r}")
-
-    feat_dir = features_dir_for(cohort, run, args.encoder)
-    _say(f"features: {len(slides)} slides, encoder {args.encoder}, {args.patch} px at {args.mpp:g} µm/px "
-         f"-> {feat_dir}")
-    bags = ensure_features(slides, feat_dir, args.encoder, args.patch, args.mpp, report=_say,
-                           device=args.device, weights=args.weights,
-                           project=cohort.source if cohort.is_project else None)
-    check_tissue(bags, args.mpp, args.patch)
-
-    index = {c: i for i, c in enumerate(classes)}
-    tiles: dict[str, Any] = {}
-    if args.method == "ms-clam":
-        from .cohort_labels import cohort_tile_labels
-
-        if not 0 < args.tile_min_fraction <= 1:
-            raise WsimilError(f"--tile-min-fraction must be in (0, 1], got {args.tile_min_fraction}")
-        tiles = cohort_tile_labels(cohort, tr, bags, classes, mapping=args.tile_classes,
-                                   exhaustive=args.exhaustive_labels, min_fraction=args.tile_min_fraction,
-                                   report=_say)
-        _say(f"ms-clam: {len(tiles)} of {len(tr)} training slides have tile labels"
-             + ("" if tiles else "; it learns from slide labels only"))
-
-    def dataset(items: list) -> BagDataset | None:
-        if not items:
-            return None
-        return BagDataset(files=[bags[s.slide_id] for s in items], labels=[index[s.label] for s in items],
-                          instance_labels=[tiles.get(s.slide_id) for s in items])
-
-    overrides: dict[str, Any] = {"epochs": args.epochs, "seed": args.seed, "device": args.device,
-                                 "n_classes": len(classes)}
-    if args.lr is not None:
-        overrides["lr"] = args.lr
-    method = build(args.method, dataset(tr), dataset(va), make_config(args.method, **overrides))
-
-    run.mkdir(parents=True, exist_ok=True)
-    info = {"format": 1, "cohort": str(Path(args.source).resolve()), "method": args.method,
-            "encoder": args.encoder, "weights": args.weights, "mpp": args.mpp, "patch": args.patch,
-            "classes": classes, "seed": args.seed, "features_dir": str(feat_dir),
-            "train_slides": [s.slide_id for s in tr], "val_slides": [s.slide_id for s in va],
-            "tile_labelled_slides": sorted(tiles)}
-    write_text(run_info_path, json.dumps(info, indent=1))
-    _say(f"training {args.method}: {len(tr)} train / {len(va)} val slides, classes {', '.join(classes)}, "
-         f"{args.epochs} epochs -> {run}")
+    spec = MILRunSpec(source=Path(args.source), method=args.method, out=Path(args.out), epochs=args.epochs,
+                      encoder=args.encoder, weights=args.weights, mpp=args.mpp, patch=args.patch, seed=args.seed,
+                      lr=args.lr, classes=[c.strip() for c in args.classes.split(",") if c.strip()]
+                      if args.classes else None, val_fraction=args.val_fraction, device=args.device,
+                      resume=args.resume, tile_classes=args.tile_classes,
+                      tile_min_fraction=args.tile_min_fraction, exhaustive_labels=args.exhaustive_labels)
+    prepared = prepare_mil_run(spec, report=_say)
+    method, run = prepared.method, spec.out
 
     epoch_line: dict[str, Any] = {}
     t0 = time.perf_counter()
-    for ev in train(method, run, resume=args.resume):
+    for ev in train(method, run, resume=spec.resume):
         if ev.kind == "epoch":
             epoch_line = {"epoch": ev.epoch, "losses": ev.losses, "metrics": ev.metrics, "eta": ev.eta}
         elif ev.kind == "validation":

@@ -1,0 +1,237 @@
+"""The interactive loop without Qt: train on a project, look at maps, correct pseudo-labels, retrain.
+
+The training widget is a thin view over :class:`InteractiveSession`; tests and notebooks drive the same
+object. Runs live in ``PROJECT/runs/<name>`` (the folders ``wsimil train`` writes), features in
+``PROJECT/features/<encoder>``. Nothing here holds a lock on the project: the widget passes its open
+:class:`~napari_wsimil.project.Project` (the one the labelling widget paints into) so that saving
+corrections goes through the same lock and the same autosave rules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import WsimilError
+from .pipeline import MILRunSpec, PreparedRun, prepare_mil_run
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What the runs list shows."""
+
+    name: str
+    path: Path
+    method: str
+    epoch: int
+    total_epochs: int
+    val_loss: float | None
+    finished: bool
+
+
+def method_names() -> list[str]:
+    """Every registered training method (the registry is the one source; widgets list this)."""
+    from .registry import methods
+
+    return list(methods())
+
+
+def method_options(name: str) -> list[tuple[str, Any, type | str, str]]:
+    """(field, default, type, doc) of a method's settings, shared options first; what a form shows."""
+    from dataclasses import MISSING, fields
+
+    from .registry import get
+
+    out = []
+    for f in fields(get(name).config_cls):
+        if f.name in ("n_classes", "device", "step_events", "epochs", "seed"):
+            continue  # set by the session, not by the form
+        default = f.default if f.default is not MISSING else None
+        out.append((f.name, default, f.type, f.metadata.get("doc", "")))
+    return out
+
+
+class InteractiveSession:
+    """Training, maps and corrections for one project."""
+
+    def __init__(self, project: Any):
+        self.project = project
+
+    @property
+    def root(self) -> Path:
+        return Path(self.project.root)
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    # ---------------------------------------------------------------------------------------- runs
+    def runs(self) -> list[RunSummary]:
+        out = []
+        if not self.runs_dir.is_dir():
+            return out
+        for d in sorted(p for p in self.runs_dir.iterdir() if (p / "last.json").is_file()):
+            try:
+                state = json.loads((d / "last.json").read_text())
+                info = json.loads((d / "run.json").read_text()) if (d / "run.json").is_file() else {}
+            except (OSError, ValueError):
+                continue
+            cfg = state.get("config", {})
+            best = state.get("best_val_loss", state.get("best_loss"))
+            out.append(RunSummary(d.name, d, info.get("method", state.get("method", {}).get("name", "?")),
+                                  int(state.get("epoch", 0)), int(cfg.get("epochs", 0)),
+                                  None if best is None or (isinstance(best, float) and math.isinf(best)) else best,
+                                  bool(state.get("finished", False))))
+        return out
+
+    def run_dir(self, name: str) -> Path:
+        if not _RUN_NAME.match(name or ""):
+            raise WsimilError(f"run name {name!r}: use letters, digits, '.', '_' and '-' (no spaces or slashes)")
+        return self.runs_dir / name
+
+    def spec(self, method: str, name: str, *, epochs: int = 50, device: str = "auto", encoder: str = "handcrafted",
+             mpp: float = 0.5, patch: int = 256, seed: int = 0, config: dict[str, Any] | None = None,
+             resume: bool = False, weights: str | None = None) -> MILRunSpec:
+        """The request the Start button makes (``config``: the method's form values)."""
+        cfg = dict(config or {})
+        lr = cfg.pop("lr", None)
+        return MILRunSpec(source=self.root, method=method, out=self.run_dir(name), epochs=int(epochs),
+                          encoder=encoder, weights=weights, mpp=float(mpp), patch=int(patch), seed=int(seed),
+                          lr=lr, device=device, resume=resume, config=cfg)
+
+    def resume_spec(self, name: str, extra_epochs: int = 0, device: str = "auto") -> MILRunSpec:
+        """Continue run ``name`` from its last checkpoint with its own settings (plus ``extra_epochs``)."""
+        d = self.run_dir(name)
+        try:
+            info = json.loads((d / "run.json").read_text())
+            state = json.loads((d / "last.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise WsimilError(f"run {name} cannot be resumed: {exc}") from exc
+        from .registry import get
+
+        known = {f for f in get(info["method"]).config_cls.__dataclass_fields__}
+        cfg = {k: v for k, v in state.get("config", {}).items()
+               if k in known and k not in ("n_classes", "device", "epochs", "seed", "step_events")}
+        epochs = int(state.get("config", {}).get("epochs", state.get("epoch", 1))) + int(extra_epochs)
+        return self.spec(info["method"], name, epochs=epochs, device=device, encoder=info["encoder"],
+                         mpp=info["mpp"], patch=info["patch"], seed=info.get("seed", 0), config=cfg, resume=True,
+                         weights=info.get("weights"))
+
+    def retrain_spec(self, name: str, extra_epochs: int = 20, device: str = "auto") -> MILRunSpec:
+        """"Retrain with corrections": the painted corrections are tile labels, which MS-CLAM learns from.
+        An MS-CLAM run continues (``extra_epochs`` more); another method's run starts ``<name>-corrected``,
+        an MS-CLAM run with the same features and settings that apply."""
+        info = json.loads((self.run_dir(name) / "run.json").read_text())
+        if info["method"] == "ms-clam":
+            return self.resume_spec(name, extra_epochs, device)
+        new = f"{name}-corrected"
+        if (self.run_dir(new) / "last.json").exists():
+            return self.resume_spec(new, extra_epochs, device)
+        return self.spec("ms-clam", new, epochs=extra_epochs, device=device, encoder=info["encoder"],
+                         mpp=info["mpp"], patch=info["patch"], seed=info.get("seed", 0),
+                         weights=info.get("weights"))
+
+    def prepare(self, spec: MILRunSpec, report: Callable[[str], None] | None = None) -> PreparedRun:
+        return prepare_mil_run(spec, report)
+
+    def train(self, spec: MILRunSpec, watch: Sequence[str] = (), report: Callable[[str], None] | None = None
+              ) -> Generator[Any, None, Any]:
+        """Prepare (features, tile labels) then train, yielding engine events and maps of ``watch``."""
+        from .live import train_with_maps
+
+        prepared = self.prepare(spec, report)
+        return (yield from train_with_maps(prepared, watch))
+
+    # ---------------------------------------------------------------------------------------- maps
+    def _bag(self, name: str, slide_id: str) -> Path:
+        info = json.loads((self.run_dir(name) / "run.json").read_text())
+        from .cohort import ensure_features, load_cohort
+
+        cohort = load_cohort(self.root)
+        items = [s for s in cohort.slides if s.slide_id == slide_id]
+        if not items:
+            raise WsimilError(f"slide {slide_id} is not in the project")
+        bags = ensure_features(items, self.root / "features" / info["encoder"], info["encoder"], int(info["patch"]),
+                               float(info["mpp"]), weights=info.get("weights"), project=self.root)
+        return bags[slide_id]
+
+    def slide_map(self, name: str, slide_id: str, weights: str = "best") -> Any:
+        """The attention map (a :class:`~.live.MapEvent`) of one slide from run ``name``."""
+        from .live import _prepare_watch, slide_map
+
+        class _P:  # what _prepare_watch needs from a prepared run
+            bags = {slide_id: self._bag(name, slide_id)}
+            spec = None
+
+        watched = _prepare_watch(_P, [slide_id])[0]
+        state = json.loads((self.run_dir(name) / "last.json").read_text())
+        return slide_map(self.run_dir(name), watched, int(state.get("epoch", 0)), weights=weights)
+
+    def scores(self, name: str, slide_id: str) -> Any:
+        """Per-patch tumour probabilities of one slide (:class:`~napari_wsimil.infer.pseudo_labels.PatchScores`)."""
+        from ..features import read_bag
+        from ..features.bags import patch_size_level0
+        from ..infer.predict import load_run
+        from ..infer.pseudo_labels import PatchScores, patch_tumour_probability
+
+        bag = read_bag(self._bag(name, slide_id))
+        run = load_run(self.run_dir(name), device="cpu")
+        p, probs, source = patch_tumour_probability(run.model, bag.features, run.device)
+        return PatchScores(bag.coords, patch_size_level0(bag.attrs), p, probs, source)
+
+    # ---------------------------------------------------------------------------- pseudo-labels
+    def class_ids(self) -> tuple[int, int]:
+        """(tumour id, normal id) among the project's pixel classes, matched by name like tile labels are."""
+        from .tile_labels import default_class_map
+
+        table = {c.id: c.name for c in self.project.classes}
+        mapping = default_class_map(table, ["normal", "tumour"])
+        tumour = [cid for cid, t in mapping.items() if t == 1]
+        normal = [cid for cid, t in mapping.items() if t == 0]
+        if not tumour or not normal:
+            raise WsimilError("pseudo-labels need a tumour-like and a normal-like pixel class (e.g. 'tumour' and "
+                              f"'normal'); the project has {', '.join(table.values())}")
+        return tumour[0], normal[0]
+
+    def pseudo_labels(self, name: str, slide_id: str, high: float = 0.7, low: float = 0.3) -> np.ndarray:
+        """Pseudo-labels at the project's label resolution; pixels the user already painted keep their paint
+        (a correction is never overwritten by the model it corrected)."""
+        from ..infer.pseudo_labels import pseudo_label_image
+
+        geometry = self.project.label_geometry(slide_id)
+        tumour, normal = self.class_ids()
+        pseudo = pseudo_label_image(self.scores(name, slide_id), geometry.shape, geometry.downsample, tumour,
+                                    normal, high, low)
+        painted = self.project.pixel_labels(slide_id)
+        return np.where(painted > 0, painted, pseudo).astype(np.uint8)
+
+    def save_corrections(self, slide_id: str, pseudo: np.ndarray, edited: np.ndarray) -> int:
+        """Save the pixels the user changed on the pseudo-label layer as paint; returns their count."""
+        from ..infer.pseudo_labels import corrections
+
+        changed = corrections(pseudo, edited)
+        mask = changed > 0
+        if not mask.any():
+            return 0
+        painted = self.project.pixel_labels(slide_id)
+        painted[mask] = changed[mask]
+        self.project.save_pixel_labels(slide_id, painted)
+        return int(mask.sum())
+
+    def suggestions(self, name: str, slide_id: str, k: int = 10) -> np.ndarray:
+        """(k, 3) of (x, y, entropy): the most uncertain places, level-0 patch centres, spread out."""
+        from ..infer.pseudo_labels import suggest_regions
+
+        return suggest_regions(self.scores(name, slide_id), k)
+
+
+__all__ = ["InteractiveSession", "RunSummary", "method_names", "method_options"]
