@@ -6,12 +6,11 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from napari_wsimil import SlideError, open_slide
-from conftest import REAL_SLIDES, SLIDES_DIR, real_slide
+from conftest import REAL_SLIDES, real_slide
 
 
 def test_missing_file(tmp_path):
@@ -124,7 +123,7 @@ def test_fuzzed_copies_of_real_slides(name, tmp_path):
     others = [r for r in results if r[1] == "OTHER"]
     assert not others, f"unexpected exception types: {others}"
     errors = [r for r in results if r[1] == "SlideError"]
-    assert all(f"case" in msg and "Cannot read" in msg for _, _, msg in errors)
+    assert all("case" in msg and "Cannot read" in msg for _, _, msg in errors)
     assert any(kind == "truncate" and outcome == "SlideError" for kind, outcome, _ in results)
 
 
