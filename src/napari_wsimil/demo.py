@@ -138,16 +138,21 @@ def _screenshot_on_xvfb(path: Path, dest: Path) -> Path:
     """Render the real napari window on a virtual screen, as a user would see it."""
     from pyvirtualdisplay import Display
 
-    with Display(visible=False, size=(1400, 900)):
-        viewer, widget = build_viewer(path, show=True, project_dir=dest.parent / "project")
-        from qtpy.QtWidgets import QApplication
+    with Display(visible=False, size=(1500, 950)):
+        return _screenshot_sample(path, dest)
 
-        _wait_for(widget, QApplication.instance())
-        viewer.window._qt_window.resize(1400, 900)
-        for _ in range(20):
-            QApplication.processEvents()
-        viewer.screenshot(str(dest), canvas_only=False, flash=False)
-        viewer.close()
+
+def _screenshot_sample(path: Path, dest: Path) -> Path:
+    """The sample slide with tissue and patches (needs a display)."""
+    from qtpy.QtWidgets import QApplication
+
+    viewer, widget = build_viewer(path, show=True, project_dir=dest.parent / "project")
+    _wait_for(widget, QApplication.instance())
+    viewer.window._qt_window.resize(1400, 900)
+    for _ in range(20):
+        QApplication.processEvents()
+    viewer.screenshot(str(dest), canvas_only=False, flash=False)
+    viewer.close()
     return dest
 
 
@@ -191,6 +196,62 @@ def build_viewer(path: Path, show: bool = True, project_dir: Path | None = None)
     return viewer, widget
 
 
+MIL_RUN = "demo-clam-sb"
+
+
+def build_mil_viewer(out: Path, show: bool = True, train: bool = True):
+    """The interactive loop: the demo MIL project in napari with the Project, Labelling and Training widgets,
+    one malignant slide chosen. With ``train`` and no finished demo run, the Training widget starts a quick
+    CLAM-SB whose attention map updates after every epoch; otherwise the run's map is shown."""
+    import napari
+
+    proj_dir = mil_project(out)
+    viewer = napari.Viewer(title="napari-wsimil: weakly supervised training", show=show)
+    _, pw = viewer.window.add_plugin_dock_widget("napari-wsimil", "Labelling project")
+    viewer.window.add_plugin_dock_widget("napari-wsimil", "Classes and labelling tools", tabify=True)
+    _, tw = viewer.window.add_plugin_dock_widget("napari-wsimil", "Training and attention maps", tabify=True)
+    pw.open_project(str(proj_dir))
+    project = pw.session.project
+    watch = next(r.slide_id for r in project.slides if r.label == project.slide_classes[-1])
+    pw.select_slide(watch)
+    tw.method.setCurrentText("clam-sb")
+    tw.epochs.setValue(MIL_EPOCHS)
+    tw.mpp.setValue(MIL_MPP)
+    tw.patch.setValue(MIL_PATCH)
+    tw.device.setCurrentText("auto")
+    if any(r.name == MIL_RUN for r in tw.api.runs()) or not train:
+        tw.refresh_runs(select=MIL_RUN)
+        tw.load_map()
+    else:
+        tw.run_name.setText(MIL_RUN)
+        tw.start_btn.click()
+    return viewer, tw
+
+
+def _screenshot_training(out: Path, dest: Path, timeout_s: float = 180.0) -> Path:
+    """The Training widget showing the demo run's attention map over its slide (needs a display: Qt keeps
+    its first X connection for the whole process, so both screenshots share one virtual screen)."""
+    import time
+
+    from qtpy.QtWidgets import QApplication
+
+    viewer, tw = build_mil_viewer(out, show=True, train=False)
+    app = QApplication.instance()
+    viewer.window._qt_window.resize(1500, 950)
+    t = time.monotonic()
+    while (tw.busy or not any(layer.name.startswith("attention ") for layer in viewer.layers)) \
+            and time.monotonic() - t < timeout_s:
+        app.processEvents()
+        time.sleep(0.02)
+    viewer.reset_view()
+    for _ in range(20):
+        app.processEvents()
+        time.sleep(0.02)
+    viewer.screenshot(str(dest), canvas_only=False, flash=False)
+    viewer.close()
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m napari_wsimil.demo", description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("out/demo"), help="where outputs and the demo labelling project go")
@@ -199,16 +260,24 @@ def main(argv: list[str] | None = None) -> int:
     if has_display() and not args.headless:
         import napari
 
-        from .slide.synthetic import sample_slide_path
-
-        build_viewer(sample_slide_path(), project_dir=args.out / "project")
+        print("Opening napari: a synthetic labelling project; the Training widget trains a quick CLAM-SB and its "
+              "attention map updates over the slide after every epoch.")
+        build_mil_viewer(args.out)
         napari.run()
         return 0
     print("No display: running the demo headless.")
-    summary = run_headless(args.out)
+    summary = run_headless(args.out, screenshot=False)
     print(f"Training a quick CLAM-SB on {MIL_SLIDES} synthetic slides (handcrafted features, {MIL_EPOCHS} epochs)...")
     mil = run_mil_headless(args.out)
     summary["mil"] = mil
+    if shutil.which("Xvfb"):
+        from pyvirtualdisplay import Display
+
+        from .slide.synthetic import sample_slide_path
+
+        with Display(visible=False, size=(1500, 950)):
+            summary["screenshot"] = str(_screenshot_sample(sample_slide_path(), args.out / "napari.png"))
+            mil["screenshot"] = str(_screenshot_training(args.out, args.out / "napari_training.png"))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"Sample slide: {summary['slide']['path']}")
     print(f"Tissue: {100 * summary['tissue_fraction']:.1f} % of the slide; {summary['patches']} patches of "

@@ -200,3 +200,30 @@ def heatmap_layer_data(
     if slide_mpp is not None:
         kwargs["units"] = ("µm", "µm")
     return (_heatmap_levels(path), kwargs, "image")
+
+
+def attention_layer_data(
+    slide: Slide, heatmap: np.ndarray, downsample: float, name: str, opacity: float = 0.5,
+    threshold: float = 0.0,
+) -> LayerData:
+    """A live attention map (float scores in [0, 1] at ``downsample`` level-0 px per pixel) over its slide.
+
+    The in-memory twin of :func:`heatmap_layer_data`: same inferno colormap and translucent blending
+    (see there why), one scale only since a training map is small. Contrast limits ``(threshold, 1)``
+    make scores below the threshold look dark, so the map shows where the model looks.
+    """
+    lo = min(max(float(threshold), 0.0), 0.999)
+    kwargs: dict[str, Any] = {
+        "name": name,
+        "rgb": False,
+        "colormap": "inferno",
+        "contrast_limits": (lo, 1.0),
+        "blending": "translucent",
+        "opacity": float(opacity),
+        "metadata": {"wsimil": {"kind": "attention", "path": str(slide.path), "downsample": float(downsample),
+                                "slide_mpp": slide.mpp}},
+        **overlay_transform(slide, downsample),
+    }
+    if slide.mpp is not None:
+        kwargs["units"] = ("µm", "µm")
+    return (np.asarray(heatmap, dtype=np.float32), kwargs, "image")

@@ -93,7 +93,7 @@ def test_train_with_live_maps_then_correct_and_retrain(project) -> None:
 
     retrain = session.retrain_spec("first", extra_epochs=2, device="cpu")
     assert retrain.method == "ms-clam" and retrain.out.name == "first-corrected" and not retrain.resume
-    retrain.config.update({"hidden": 32, "attn_hidden": 16})
+    assert retrain.config["hidden"] == 32 and retrain.config["attn_hidden"] == 16 and retrain.lr == 1e-3
     events = list(session.train(retrain, watch=[sid]))
     assert any(isinstance(e, MapEvent) for e in events)
     import json

@@ -168,5 +168,35 @@ def write_slide_heatmap(out_dir: str | os.PathLike[str], slide_id: str, coords: 
     return path
 
 
-__all__ = ["attention_heatmap", "default_downsample", "percentile_scores", "top_k_patches",
+def threshold_polygons(heat: np.ndarray, downsample: float, threshold: float,
+                        bounds: tuple[float, float] | None = None) -> list[Any]:
+    """Regions where ``heat > threshold`` as shapely polygons (holes kept) in level-0 px (x, y).
+
+    Contours of the padded mask never cross, so their even-odd combination (a symmetric difference)
+    is exactly the thresholded region; heat pixel (r, c) is centred at level-0 ((c + ½)·d, (r + ½)·d).
+    ``bounds`` (width, height) clips to the slide, which the last heat pixels overhang.
+    """
+    from shapely.geometry import Polygon, box
+    from skimage.measure import find_contours
+
+    mask = np.pad(np.asarray(heat) > threshold, 1).astype(np.float32)
+    region = None
+    for c in find_contours(mask, 0.5):
+        if len(c) < 4:
+            continue
+        poly = Polygon(np.stack([(c[:, 1] - 1 + 0.5) * downsample, (c[:, 0] - 1 + 0.5) * downsample], 1))
+        if not poly.is_valid:
+            poly = poly.buffer(0)
+        if poly.is_empty:
+            continue
+        region = poly if region is None else region.symmetric_difference(poly)
+    if region is None:
+        return []
+    if bounds is not None:
+        region = region.intersection(box(0, 0, float(bounds[0]), float(bounds[1])))
+    parts = getattr(region, "geoms", [region])
+    return [g for g in parts if g.geom_type == "Polygon" and g.area > 0]
+
+
+__all__ = ["attention_heatmap", "threshold_polygons", "default_downsample", "percentile_scores", "top_k_patches",
            "write_heatmap", "write_slide_heatmap", "write_top_k"]

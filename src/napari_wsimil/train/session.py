@@ -90,7 +90,7 @@ class InteractiveSession:
             out.append(RunSummary(d.name, d, info.get("method", state.get("method", {}).get("name", "?")),
                                   int(state.get("epoch", 0)), int(cfg.get("epochs", 0)),
                                   None if best is None or (isinstance(best, float) and math.isinf(best)) else best,
-                                  bool(state.get("finished", False))))
+                                  state.get("stopped") is not None))
         return out
 
     def run_dir(self, name: str) -> Path:
@@ -136,8 +136,15 @@ class InteractiveSession:
         new = f"{name}-corrected"
         if (self.run_dir(new) / "last.json").exists():
             return self.resume_spec(new, extra_epochs, device)
+        from .registry import get
+
+        # the settings MS-CLAM shares with the first run (width, dropout, lr, k_sample...) carry over
+        state = json.loads((self.run_dir(name) / "last.json").read_text())
+        known = set(get("ms-clam").config_cls.__dataclass_fields__)
+        cfg = {k: v for k, v in state.get("config", {}).items()
+               if k in known and k not in ("n_classes", "device", "epochs", "seed", "step_events")}
         return self.spec("ms-clam", new, epochs=extra_epochs, device=device, encoder=info["encoder"],
-                         mpp=info["mpp"], patch=info["patch"], seed=info.get("seed", 0),
+                         mpp=info["mpp"], patch=info["patch"], seed=info.get("seed", 0), config=cfg,
                          weights=info.get("weights"))
 
     def prepare(self, spec: MILRunSpec, report: Callable[[str], None] | None = None) -> PreparedRun:

@@ -1,0 +1,234 @@
+"""The Training dock widget in a real viewer: train with a live map, correct, retrain, suggest, export."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gui
+napari = pytest.importorskip("napari")
+pytest.importorskip("torch")
+
+TRAIN_TIMEOUT = 60_000
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from napari_wsimil.slide.synthetic import synthesize_cohort
+
+    return synthesize_cohort(tmp_path_factory.mktemp("cohort"), 6, seed=3, size=2048)
+
+
+def _project(root: Path, csv_path: Path) -> Path:
+    from napari_wsimil.project import Project
+
+    Project.create_from_csv(root, csv_path).close()
+    return root
+
+
+def _open(make_napari_viewer, project: Path):
+    """A viewer with the Project and Training widgets (from the manifest), the project open on slide one."""
+    from napari_wsimil._qt.training_widget import TrainingWidget
+
+    viewer = make_napari_viewer(show=True, block_plugin_discovery=False)
+    viewer.window._qt_window.resize(1200, 900)
+    _, pw = viewer.window.add_plugin_dock_widget("napari-wsimil", "Labelling project")
+    _, tw = viewer.window.add_plugin_dock_widget("napari-wsimil", "Training and attention maps")
+    assert isinstance(tw, TrainingWidget) and tw.session is pw.session
+    pw.open_project(project)
+    assert tw.session.slide is not None
+    return viewer, pw, tw
+
+
+def _small(tw, epochs: int) -> None:
+    """Settings that train in seconds."""
+    tw.method.setCurrentText("clam-sb")
+    assert "k_sample" in tw.options and tw.options["k_sample"].toolTip()
+    tw.epochs.setValue(epochs)
+    tw.device.setCurrentText("cpu")
+    tw.mpp.setValue(1.0)
+    tw.patch.setValue(128)
+    for name, value in (("hidden", 32), ("attn_hidden", 16), ("lr", 1e-3)):
+        tw.set_option(name, value)
+
+
+def _wait_idle(qtbot, tw, timeout: int = TRAIN_TIMEOUT) -> None:
+    qtbot.waitUntil(lambda: not tw.busy, timeout=timeout)
+
+
+def test_train_watch_correct_retrain_suggest_export(make_napari_viewer, qtbot, tmp_path, cohort):
+    import tifffile
+
+    viewer, pw, tw = _open(make_napari_viewer, _project(tmp_path / "proj", cohort))
+    s = tw.session
+    sid, project = s.slide_id, s.project
+    _small(tw, 3)
+    assert tw.run_name.text() == "clam-sb-1"
+    assert tw.config()["hidden"] == 32 and tw.config()["lr"] == pytest.approx(1e-3)
+
+    tw.start_btn.click()
+    assert tw.training and not tw.start_btn.isEnabled() and tw.cancel_btn.isEnabled()
+    _wait_idle(qtbot, tw)
+    assert "done after epoch 3" in tw.status.text()
+
+    # the live map: one layer over the slide, in the slide's world units
+    layer = viewer.layers[f"attention {sid}"]
+    assert not layer.rgb and layer.data.ndim == 2 and layer.data.dtype == np.float32
+    assert layer.colormap.name == "inferno" and layer.blending == "translucent"
+    if hasattr(layer, "colorbar"):
+        assert layer.colorbar.visible
+    assert tuple(layer.contrast_limits) == pytest.approx((tw.threshold.value(), 1.0))
+    ds = layer.metadata["wsimil"]["downsample"]
+    assert np.allclose(layer.extent.world, s.image_layer.extent.world, atol=ds * s.slide.mpp * 1.01)
+    assert layer.metadata["wsimil"]["run"] == "clam-sb-1" and layer.metadata["wsimil"]["epoch"] == 3
+    tw.threshold.setValue(0.3)
+    tw.opacity.setValue(70)
+    assert tuple(layer.contrast_limits) == pytest.approx((0.3, 1.0)) and layer.opacity == pytest.approx(0.7)
+
+    # the loss plot, progress and the runs list
+    plotted = tw.loss_plot.values()
+    assert [e for e, _ in plotted["train"]] == [1, 2, 3]
+    assert all(np.isfinite(v) for _, v in plotted["train"] + plotted["val"])
+    assert tw.progress.value() == tw.progress.maximum() == 3
+    assert tw.current_run() == "clam-sb-1" and tw.runs_list.count() == 1
+    assert "clam-sb-1" in tw.runs_list.item(0).text() and "clam-sb-1" in tw.run_info.text()
+    assert tw.run_name.text() == "clam-sb-2"  # the next default name is free
+
+    # pseudo-labels at the label geometry, corrected by hand
+    tw.pseudo_btn.click()
+    _wait_idle(qtbot, tw)
+    pseudo = viewer.layers[f"pseudo-labels {sid}"]
+    assert pseudo.data.shape == tuple(s.geometry.shape) and pseudo.editable
+    assert np.allclose(pseudo.extent.world, s.image_layer.extent.world, atol=pseudo.scale[-1] * 1.01)
+    _, normal = tw.api.class_ids()
+    before = np.array(pseudo.data, copy=True)
+    pseudo.data[:16, :16] = normal
+    pseudo.refresh()
+    changed = before[:16, :16] != normal
+    assert changed.any()
+
+    tw.retrain_btn.click()  # saves the correction, then MS-CLAM trains '<run>-corrected'
+    assert tw.last_corrections == int(changed.sum())
+    painted = project.pixel_labels(sid)
+    assert (painted[:16, :16][changed] == normal).all()
+    assert (s.labels_layer.data[:16, :16][changed] == normal).all()  # the project's own layer shows it
+    assert tw.training
+    _wait_idle(qtbot, tw)
+    assert layer.metadata["wsimil"]["run"] == "clam-sb-1-corrected"  # the map followed the retraining
+    info = json.loads((tw.api.run_dir("clam-sb-1-corrected") / "run.json").read_text())
+    assert info["method"] == "ms-clam"
+    assert [tw.runs_list.item(i).data(0x0100) for i in range(tw.runs_list.count())] == [
+        "clam-sb-1", "clam-sb-1-corrected"]
+    assert tw.current_run() == "clam-sb-1-corrected"
+
+    # choosing a run shows its map (computed in the background)
+    tw.runs_list.setCurrentRow(0)
+    _wait_idle(qtbot, tw)
+    assert layer.metadata["wsimil"]["run"] == "clam-sb-1" and "clam-sb-1" in tw.run_info.text()
+
+    # suggestions: points inside the slide, listed in the widget
+    tw.n_suggest.setValue(4)
+    tw.suggest_btn.click()
+    _wait_idle(qtbot, tw)
+    points = viewer.layers[f"suggestions {sid}"]
+    assert 1 <= len(points.data) <= 4 and tw.suggestion_list.count() == len(points.data)
+    (y0, x0), (y1, x1) = s.image_layer.extent.world[:, -2:]
+    assert ((points.data[:, 0] >= y0) & (points.data[:, 0] <= y1)).all()
+    assert ((points.data[:, 1] >= x0) & (points.data[:, 1] <= x1)).all()
+    tw.suggestion_list.setCurrentRow(0)
+    assert tuple(viewer.camera.center[-2:]) == pytest.approx(tuple(points.data[0]))
+
+    # exports into PROJECT/exports
+    tw.export_masks_btn.click()
+    ome, png = tw.exported
+    assert ome.parent == Path(project.root) / "exports"
+    mask = tifffile.imread(ome)
+    assert mask.shape == tuple(s.geometry.shape) and (mask[:16, :16][changed] == normal).all()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    tw.export_heatmap_btn.click()
+    [heat_path] = tw.exported
+    from napari_wsimil.layers import heatmap_description
+
+    desc = heatmap_description(heat_path)
+    assert desc is not None and desc["downsample"] == pytest.approx(ds) and desc["slide_id"] == sid
+    assert tifffile.imread(heat_path).shape == layer.data.shape
+
+    tw.threshold.setValue(0.5)
+    tw.export_geojson_btn.click()
+    [geo_path] = tw.exported
+    doc = json.loads(geo_path.read_text())
+    assert doc["type"] == "FeatureCollection"
+    w, h = project.record(sid).dimensions
+    if (np.asarray(layer.data) > 0.5).any():
+        assert doc["features"]
+    for f in doc["features"]:
+        assert f["properties"]["classification"]["name"] == "tumour"
+        xy = np.array([c for ring in f["geometry"]["coordinates"] for c in ring])
+        assert (xy >= 0).all() and (xy[:, 0] <= w).all() and (xy[:, 1] <= h).all()
+    from napari_wsimil.project.annotations import read_geojson
+
+    read_geojson(geo_path)  # valid polygons, readable by the project
+    pw.close_project()
+
+
+def test_pause_and_cancel_do_not_freeze(make_napari_viewer, qtbot, tmp_path, cohort):
+    _, pw, tw = _open(make_napari_viewer, _project(tmp_path / "proj", cohort))
+    _small(tw, 500)
+    tw.set_option("early_stopping", False)
+    tw.start_btn.click()
+    qtbot.waitUntil(lambda: bool(tw.loss_plot.values()["train"]), timeout=TRAIN_TIMEOUT)
+
+    tw.pause_btn.click()
+    assert tw.pause_btn.text() == "Resume"
+    qtbot.waitUntil(lambda: "paused" in tw.status.text(), timeout=10_000)
+    epochs = len(tw.loss_plot.values()["train"])
+    qtbot.wait(300)  # the window stays responsive and training does not advance
+    assert len(tw.loss_plot.values()["train"]) == epochs
+    tw.pause_btn.click()
+    assert tw.pause_btn.text() == "Pause"
+
+    tw.cancel_btn.click()
+    qtbot.waitUntil(lambda: not tw.training, timeout=10_000)
+    assert "cancelled" in tw.status.text()
+    assert len(tw.loss_plot.values()["train"]) < 500
+    assert tw.start_btn.isEnabled() and not tw.cancel_btn.isEnabled()
+    pw.close_project()
+
+
+def test_training_error_is_a_notification(make_napari_viewer, qtbot, tmp_path, cohort, monkeypatch, caplog):
+    from napari_wsimil._qt import training_widget
+
+    one = tmp_path / "one.csv"
+    with open(cohort, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["label"] == "1"]
+    with open(one, "w", newline="") as fh:
+        w = csv.DictWriter(fh, ["slide_id", "path", "label"])
+        w.writeheader()
+        for r in rows[:2]:
+            w.writerow({"slide_id": r["slide_id"], "path": str(cohort.parent / r["path"]),
+                        "label": r["label"]})
+    messages = []
+    monkeypatch.setattr(training_widget, "notify",
+                        lambda message, level="error": messages.append((level, message)))
+    _, pw, tw = _open(make_napari_viewer, _project(tmp_path / "proj", one))
+    _small(tw, 2)
+    with caplog.at_level(logging.ERROR, logger=training_widget.__name__):
+        tw.start_btn.click()
+        _wait_idle(qtbot, tw)
+    [(level, message)] = messages
+    assert level == "error" and "only class" in message and "clam-sb-1" in message
+    assert "failed" in tw.status.text() and tw.start_btn.isEnabled()
+    assert any(r.exc_info for r in caplog.records)  # the traceback is in the log
+
+    # actions that need a run say so instead of failing
+    messages.clear()
+    assert not tw.pseudo_btn.isEnabled()
+    tw.show_pseudo_labels()
+    assert messages and messages[0][0] == "info" and not tw.busy
+    pw.close_project()
