@@ -656,10 +656,13 @@ class TrainingWidget(QWidget):
                 colorbar.visible = True
         else:
             layer.metadata = kw["metadata"]
-            layer.scale, layer.translate = kw["scale"], kw["translate"]
+            # a changed scale re-slices every layer (the slide's tiles included): only when it changed
+            if not (np.allclose(layer.scale, kw["scale"]) and np.allclose(layer.translate, kw["translate"])):
+                layer.scale, layer.translate = kw["scale"], kw["translate"]
             layer.data = data
             layer.contrast_limits = kw["contrast_limits"]
-            layer.visible = True
+            if not layer.visible:  # setting it rebuilds the layer's overlays (the colour bar): 0.5 s
+                layer.visible = True
         self._update_buttons()
         return layer
 
