@@ -73,6 +73,7 @@ def test_train_watch_correct_retrain_suggest_export(make_napari_viewer, qtbot, t
 
     tw.start_btn.click()
     assert tw.training and not tw.start_btn.isEnabled() and tw.cancel_btn.isEnabled()
+    assert tw.worker.pbar.desc == "Training clam-sb-1"  # napari's progress bar in the activity dock
     _wait_idle(qtbot, tw)
     assert "done after epoch 3" in tw.status.text()
 
@@ -97,6 +98,7 @@ def test_train_watch_correct_retrain_suggest_export(make_napari_viewer, qtbot, t
     assert tw.progress.value() == tw.progress.maximum() == 3
     assert tw.current_run() == "clam-sb-1" and tw.runs_list.count() == 1
     assert "clam-sb-1" in tw.runs_list.item(0).text() and "clam-sb-1" in tw.run_info.text()
+    assert "auc" in tw.run_info.text() and "accuracy" in tw.run_info.text()  # the run's validation metrics
     assert tw.run_name.text() == "clam-sb-2"  # the next default name is free
 
     # pseudo-labels at the label geometry, corrected by hand
@@ -188,10 +190,18 @@ def test_pause_and_cancel_do_not_freeze(make_napari_viewer, qtbot, tmp_path, coh
     assert tw.pause_btn.text() == "Resume"
     qtbot.waitUntil(lambda: "paused" in tw.status.text(), timeout=10_000)
     epochs = len(tw.loss_plot.values()["train"])
-    qtbot.wait(300)  # the window stays responsive and training does not advance
+    # the child process itself is stopped, not only the delivery of its events: no checkpoint appears
+    run_dir = tw.api.run_dir(tw._run_name)
+    qtbot.wait(300)
+    ckpts = sorted(run_dir.glob("ckpt-*.safetensors"))
+    qtbot.wait(1500)  # the window stays responsive and training does not advance
     assert len(tw.loss_plot.values()["train"]) == epochs
+    assert sorted(run_dir.glob("ckpt-*.safetensors")) == ckpts
+    state = open(f"/proc/{tw._handle.pid}/stat").read().split()[2] if Path("/proc").is_dir() else "T"
+    assert state == "T"  # SIGSTOP'ed
     tw.pause_btn.click()
     assert tw.pause_btn.text() == "Pause"
+    qtbot.waitUntil(lambda: len(tw.loss_plot.values()["train"]) > epochs, timeout=TRAIN_TIMEOUT)
 
     tw.cancel_btn.click()
     qtbot.waitUntil(lambda: not tw.training, timeout=10_000)

@@ -70,6 +70,7 @@ def test_train_with_live_maps_then_correct_and_retrain(project) -> None:
     assert m.heatmap.dtype == np.float32 and 0 <= m.heatmap.min() and m.heatmap.max() <= 1 and m.heatmap.max() > 0
     runs = session.runs()
     assert [r.name for r in runs] == ["first"] and runs[0].method == "clam-sb" and runs[0].epoch == 3
+    assert runs[0].finished and set(runs[0].val_metrics) >= {"accuracy", "auc"}
 
     # pseudo-labels at the label geometry, corrections saved as paint, MS-CLAM retrains on them
     geo = project.label_geometry(sid)
@@ -114,3 +115,36 @@ def test_bad_run_names_are_refused(project) -> None:
 
     with pytest.raises(WsimilError, match="run name"):
         InteractiveSession(project).spec("clam-sb", "../escape")
+
+
+def test_training_in_a_child_process_streams_events_and_errors(project, tmp_path) -> None:
+    """What the widget runs: the same events from a child process; a bad cohort's error arrives as the
+    same readable WsimilError; closing stops the child."""
+    import csv
+
+    from napari_wsimil.errors import WsimilError
+    from napari_wsimil.train.live import MapEvent
+    from napari_wsimil.train.pipeline import MILRunSpec
+    from napari_wsimil.train.session import InteractiveSession
+
+    session = InteractiveSession(project)
+    sid = project.slide_ids[0]
+    spec = session.spec("abmil", "child", epochs=2, device="cpu", mpp=1.0, patch=128,
+                        config={"hidden": 32, "attn_hidden": 16})
+    lines: list[str] = []
+    events = list(session.train_process(spec, watch=[sid], report=lines.append))
+    assert [e.kind for e in events].count("checkpoint") == 2 and isinstance(events[-1], MapEvent)
+    assert any(line.startswith("features:") for line in lines)
+
+    one = tmp_path / "one.csv"
+    with open(one, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", "path", "label"])
+        w.writerow([sid, str(project.slide_path(sid)), "1"])
+    with pytest.raises(WsimilError, match="only class"):
+        list(session.train_process(MILRunSpec(one, "abmil", tmp_path / "run", epochs=1, device="cpu")))
+
+    handle = session.train_process(session.spec("abmil", "closed", epochs=500, device="cpu", mpp=1.0, patch=128))
+    handle.close()
+    assert not handle._proc.is_alive()
+    assert list(handle) == []

@@ -133,6 +133,7 @@ class TrainingWidget(QWidget):
         self.session = session_for(napari_viewer, self)
         self._api: Any = None  # InteractiveSession of the open project
         self.worker: Any = None  # the training worker while one runs
+        self._handle: Any = None  # its child process (SubprocessTraining): pause, resume, close
         self._tasks: set[Any] = set()  # one-off workers (maps, pseudo-labels, suggestions)
         self._run_name: str | None = None  # the run being trained
         self._auto_name: str | None = None
@@ -455,10 +456,17 @@ class TrainingWidget(QWidget):
         report = self._report
 
         def run() -> Generator[Any, None, Any]:
+            handle = None
             try:
-                return (yield from api.train(spec, watch=watch, report=report))
+                # a child process: feature extraction and checkpoint maps hold the GIL in C code for
+                # 100 ms and more, which would freeze the window if they ran in this process
+                handle = self._handle = api.train_process(spec, watch=watch, report=report)
+                yield from handle
             except Exception as exc:  # noqa: BLE001 - handed to the main thread as a value
                 yield _Failure(exc)
+            finally:
+                if handle is not None:
+                    handle.close()
 
         self._run_name = Path(spec.out).name
         self._last = {"epoch": 0, "total": int(spec.epochs), "aborted": False}
@@ -466,9 +474,10 @@ class TrainingWidget(QWidget):
         self.progress.setRange(0, int(spec.epochs))
         self.progress.setValue(0)
         self.status.setText(f"Preparing {self._run_name} (features, labels)…")
-        # napari lists the worker in its status bar (with a cancel button). No napari.utils.progress on top:
-        # its bar calls processEvents() on every update, which would re-enter these handlers mid-event.
-        worker = create_worker(run)
+        # napari's own progress bar (activity dock), indeterminate: a determinate one is advanced through
+        # QApplication.processEvents(), which would re-enter these handlers mid-event; the dock's bar above
+        # counts the epochs.
+        worker = create_worker(run, _progress={"desc": f"Training {self._run_name}"})
         worker.yielded.connect(self._on_event)
         worker.paused.connect(self._on_paused)
         worker.resumed.connect(self._on_resumed)
@@ -486,17 +495,22 @@ class TrainingWidget(QWidget):
         w = self.worker
         if w is None:
             return
+        handle = self._handle
         if w.is_paused or self.pause_btn.text() == "Resume":
+            if handle is not None:
+                handle.resume()
             w.resume()
             self.pause_btn.setText("Pause")
         else:
-            w.pause()
+            w.pause()  # _on_paused then stops the child itself (not before: the worker must reach its yield)
             self.pause_btn.setText("Resume")
 
     def cancel(self) -> None:
         """Stop at the next step; the last checkpoint stays, so 'Resume run' can continue it."""
         if self.worker is not None:
             self.worker.quit()
+            if self._handle is not None:
+                self._handle.close()  # the child stops now; its last checkpoint is complete (atomic writes)
             self.status.setText(f"Cancelling {self._run_name}…")
 
     def _report(self, text: str) -> None:
@@ -561,6 +575,8 @@ class TrainingWidget(QWidget):
         return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
     def _on_paused(self) -> None:
+        if self._handle is not None:
+            self._handle.pause()  # the computation stops too, not only the delivery of its events
         self.status.setText(f"{self._run_name}: paused after epoch {self._last.get('epoch', 0)}.")
 
     def _on_resumed(self) -> None:
@@ -572,6 +588,7 @@ class TrainingWidget(QWidget):
     def _on_finished(self) -> None:
         last, name = self._last, self._run_name
         self.worker = None
+        self._handle = None
         self.destroyed.disconnect(self._quit_on_close)
         self.pause_btn.setText("Pause")
         if last.get("aborted"):
@@ -614,6 +631,8 @@ class TrainingWidget(QWidget):
             self.run_info.setText("")
             return
         val = "no validation loss" if r.val_loss is None else f"best validation loss {r.val_loss:.4f}"
+        if r.val_metrics:
+            val += " (last epoch: " + ", ".join(f"{k} {v:.3f}" for k, v in r.val_metrics.items()) + ")"
         state = "finished" if r.finished else "unfinished: 'Resume run' continues it"
         self.run_info.setText(f"<b>{r.name}</b>: {r.method}, epoch {r.epoch} of {r.total_epochs}, {val}; "
                               f"{state}.")

@@ -233,6 +233,7 @@ def train(method: Method, out_dir: str | Path | None = None, *,
             yield ProgressEvent("validation", epoch, total_epochs=cfg.epochs, losses=vl, metrics=vm,
                                 elapsed=time.perf_counter() - t0, eta=eta)
             _update_early_stopping(state, vl.get("bag", vl.get("total", math.inf)), epoch, cfg, out, model)
+            state["val_metrics"] = {k: float(v) for k, v in vm.items()}  # what the runs list shows
         state["epoch"] = epoch
         if out is not None:
             path = save_checkpoint(out, model, optimizer, state)

@@ -36,6 +36,7 @@ class RunSummary:
     total_epochs: int
     val_loss: float | None
     finished: bool
+    val_metrics: dict[str, float] | None = None  # of the last validated epoch (accuracy, auc ...)
 
 
 def method_names() -> list[str]:
@@ -90,7 +91,7 @@ class InteractiveSession:
             out.append(RunSummary(d.name, d, info.get("method", state.get("method", {}).get("name", "?")),
                                   int(state.get("epoch", 0)), int(cfg.get("epochs", 0)),
                                   None if best is None or (isinstance(best, float) and math.isinf(best)) else best,
-                                  state.get("stopped") is not None))
+                                  state.get("stopped") is not None, state.get("val_metrics")))
         return out
 
     def run_dir(self, name: str) -> Path:
@@ -157,6 +158,14 @@ class InteractiveSession:
 
         prepared = self.prepare(spec, report)
         return (yield from train_with_maps(prepared, watch))
+
+    def train_process(self, spec: MILRunSpec, watch: Sequence[str] = (),
+                      report: Callable[[str], None] | None = None) -> Any:
+        """Like :meth:`train`, in a child process (what the GUI uses: C code holding the GIL there cannot
+        freeze the window); the returned iterator also has ``pause``, ``resume`` and ``close``."""
+        from .subprocess_run import SubprocessTraining
+
+        return SubprocessTraining(spec, list(watch), report)
 
     # ---------------------------------------------------------------------------------------- maps
     def _bag(self, name: str, slide_id: str) -> Path:
