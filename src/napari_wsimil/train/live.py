@@ -44,9 +44,6 @@ class _Watched:
 
 def _prepare_watch(prepared: Any, slide_ids: Sequence[str]) -> list[_Watched]:
     """Bags for the watched slides (extracted if the training set did not need them) and their tissue."""
-    from ..features.bags import read_bag_attrs
-    from ..slide import open_slide
-    from ..slide.tissue import tissue_mask
     from .cohort import ensure_features, features_dir_for, load_cohort
 
     spec = prepared.spec
@@ -58,15 +55,19 @@ def _prepare_watch(prepared: Any, slide_ids: Sequence[str]) -> list[_Watched]:
         bags.update(ensure_features(items, features_dir_for(cohort, spec.out, spec.encoder), spec.encoder,
                                     spec.patch, spec.mpp, device=spec.device, weights=spec.weights,
                                     project=cohort.source if cohort.is_project else None))
-    out = []
-    for sid in slide_ids:
-        if sid not in bags:
-            continue
-        attrs = read_bag_attrs(bags[sid])
-        with open_slide(attrs["slide_path"], mpp=attrs.get("slide_mpp")) as slide:
-            w, h = slide.dimensions
-            out.append(_Watched(sid, bags[sid], tissue_mask(slide), (h, w), slide.mpp))
-    return out
+    return [watch_bag(sid, bags[sid]) for sid in slide_ids if sid in bags]
+
+
+def watch_bag(slide_id: str, bag_path: Path) -> _Watched:
+    """What drawing a slide's map needs once: its bag, tissue mask, size and µm/px."""
+    from ..features.bags import read_bag_attrs
+    from ..slide import open_slide
+    from ..slide.tissue import tissue_mask
+
+    attrs = read_bag_attrs(bag_path)
+    with open_slide(attrs["slide_path"], mpp=attrs.get("slide_mpp")) as slide:
+        w, h = slide.dimensions
+        return _Watched(slide_id, Path(bag_path), tissue_mask(slide), (h, w), slide.mpp)
 
 
 def slide_map(run_dir: str | Path, watched: _Watched, epoch: int, weights: str = "last",
@@ -109,4 +110,4 @@ def train_with_maps(prepared: Any, watch: Sequence[str] = (), *, every: int = 1,
                 yield slide_map(run, w, ev.epoch, weights="best")
 
 
-__all__ = ["MapEvent", "slide_map", "train_with_maps"]
+__all__ = ["MapEvent", "slide_map", "train_with_maps", "watch_bag"]

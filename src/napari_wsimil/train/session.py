@@ -182,13 +182,9 @@ class InteractiveSession:
 
     def slide_map(self, name: str, slide_id: str, weights: str = "best") -> Any:
         """The attention map (a :class:`~.live.MapEvent`) of one slide from run ``name``."""
-        from .live import _prepare_watch, slide_map
+        from .live import slide_map, watch_bag
 
-        class _P:  # what _prepare_watch needs from a prepared run
-            bags = {slide_id: self._bag(name, slide_id)}
-            spec = None
-
-        watched = _prepare_watch(_P, [slide_id])[0]
+        watched = watch_bag(slide_id, self._bag(name, slide_id))
         state = json.loads((self.run_dir(name) / "last.json").read_text())
         return slide_map(self.run_dir(name), watched, int(state.get("epoch", 0)), weights=weights)
 
