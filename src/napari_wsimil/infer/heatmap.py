@@ -98,6 +98,15 @@ def _tissue_on_grid(tissue: Any, shape: tuple[int, int], ds: float) -> np.ndarra
     return mask[np.ix_(rows, cols)]
 
 
+def heatmap_meta(slide_mpp: float | None, downsample: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The TIFF description (and JSON sidecar) that makes napari-wsimil's reader overlay a score map on its
+    slide: attention heatmaps and segmentation probability maps alike."""
+    mpp = None if slide_mpp is None else float(slide_mpp) * float(downsample)
+    return {"kind": "wsimil attention heatmap", "downsample": float(downsample), "mpp": mpp,
+            "slide_mpp": None if slide_mpp is None else float(slide_mpp), "colormap": COLORMAP,
+            "value": "uint8 = score * 255", **(extra or {})}
+
+
 def write_heatmap(path: str | os.PathLike[str], heatmap: np.ndarray, slide_mpp: float | None,
                   downsample: float, *, extra: dict[str, Any] | None = None) -> Path:
     """A pyramidal grey TIFF (uint8 = value·255) at ``slide_mpp · downsample`` µm/px, plus a
@@ -107,11 +116,8 @@ def write_heatmap(path: str | os.PathLike[str], heatmap: np.ndarray, slide_mpp: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img = np.round(np.clip(np.nan_to_num(np.asarray(heatmap, np.float64)), 0, 1) * 255).astype(np.uint8)
-    mpp = None if slide_mpp is None else float(slide_mpp) * float(downsample)
-    meta = {"kind": "wsimil attention heatmap", "downsample": float(downsample), "mpp": mpp,
-            "slide_mpp": None if slide_mpp is None else float(slide_mpp), "colormap": COLORMAP,
-            "value": "uint8 = score * 255", **(extra or {})}
-    write_image_pyramid(path, img, mpp=mpp, description=json.dumps(meta))
+    meta = heatmap_meta(slide_mpp, downsample, extra)
+    write_image_pyramid(path, img, mpp=meta["mpp"], description=json.dumps(meta))
     from ..project.atomic import write_text
 
     write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))

@@ -15,25 +15,35 @@ import time
 from pathlib import Path
 from typing import Any
 
-METHODS = ("abmil", "clam-sb", "clam-mb", "ms-clam")
+MIL_METHODS = ("abmil", "clam-sb", "clam-mb", "ms-clam")
+SEG_METHODS = ("pinchaud", "hybrid", "confkd")
+METHODS = MIL_METHODS + SEG_METHODS
 
 
 def register(subparsers: Any) -> None:
     """Add ``train``, ``predict`` and ``evaluate`` to ``subparsers`` (an argparse sub-parser action)."""
     p = subparsers.add_parser(
-        "train", help="train an attention-MIL slide classifier",
-        description="Extract the feature bags that are missing, then train --method on the labelled slides "
-                    "and write RUN/ (checkpoints, best.safetensors, run.json). Without a split column the "
-                    "slides are split train/val, stratified by label and fixed by --seed.")
+        "train", help="train an attention-MIL slide classifier or a pixel segmentation model",
+        description="Attention MIL (abmil, clam-sb, clam-mb, ms-clam): extract the feature bags that are missing, "
+                    "then train on the labelled slides. Pixel segmentation (pinchaud: slide labels only; hybrid, "
+                    "confkd: slide labels plus painted pixels): train a U-Net on patches at --mpp (default 1 "
+                    "µm/px, --patch 128). Both write RUN/ (checkpoints, best.safetensors, run.json). Without a "
+                    "split column the slides are split train/val, stratified by label and fixed by --seed.")
     p.add_argument("source", metavar="COHORT_OR_PROJECT",
                    help="a cohort CSV (slide_id,path,label[,split]) or a project folder")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--out", required=True, metavar="RUN", help="run folder to write")
-    p.add_argument("--epochs", type=int, default=200, metavar="N", help="maximum epochs (default 200)")
+    p.add_argument("--epochs", type=int, default=None, metavar="N",
+                   help="maximum epochs (default: the method's, 200 for MIL, 40 for segmentation)")
     p.add_argument("--encoder", default="handcrafted", metavar="NAME", help="feature encoder (default handcrafted)")
     p.add_argument("--weights", default=None, metavar="FILE", help="weights for the encoder")
-    p.add_argument("--mpp", type=float, default=0.5, metavar="M", help="µm per pixel of the patches (default 0.5)")
-    p.add_argument("--patch", type=int, default=256, metavar="PX", help="patch size in pixels (default 256)")
+    p.add_argument("--mpp", type=float, default=None, metavar="M",
+                   help="µm per pixel of the patches (default 0.5 for MIL, 1.0 for segmentation)")
+    p.add_argument("--patch", type=int, default=None, metavar="PX",
+                   help="patch size in pixels (default 256 for MIL, 128 for segmentation)")
+    p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", dest="options",
+                   help="a method setting, e.g. --set beta1=0 --set alpha=0 (see the method's settings in the "
+                        "GUI or napari_wsimil.train.registry); repeatable")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of split, weights and sampling")
     p.add_argument("--lr", type=float, default=None, metavar="LR", help="learning rate (default: the method's)")
     p.add_argument("--classes", default=None, metavar="A,B,...",
@@ -73,6 +83,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--heatmap-overlap", type=float, default=0.0, metavar="F",
                    help="draw heatmaps from a grid whose patches overlap by F (CLAM uses 0.5: smoother maps, "
                         "about 4x the patches to encode; default 0 reuses the feature bags)")
+    g = p.add_argument_group("segmentation runs", "PRED/maps/<slide_id>.tif: malignant probability at the run's "
+                             "µm/px, opened by napari-wsimil as an overlay")
+    g.add_argument("--slide-score", choices=("max", "topk"), default="max",
+                   help="prob_1 of predictions.csv: the maximum pixel probability (Pinchaud) or the mean of the "
+                        "top-K patch maxima (Hybrid Supervision's stage 2)")
+    g.add_argument("--top-k", type=int, default=8, metavar="K", help="K of --slide-score topk (default 8)")
     p.set_defaults(func=cmd_predict)
 
     p = subparsers.add_parser(
@@ -105,16 +121,57 @@ def _eta(seconds: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def parse_options(items: list[str], method: str) -> dict[str, Any]:
+    """``--set name=value`` pairs typed by the method's config fields (bool, int, float, str, None)."""
+    from dataclasses import fields
+
+    from ..errors import WsimilError
+    from .registry import get
+
+    types = {f.name: f.type for f in fields(get(method).config_cls)}
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in types:
+            raise WsimilError(f"--set {item!r}: {method} settings are {', '.join(sorted(types))} (as NAME=VALUE)")
+        kind = str(types[name])
+        text = text.strip()
+        try:
+            if text.lower() in ("none", "null") and "None" in kind:
+                out[name] = None
+            elif kind.startswith("bool"):
+                if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(text)
+                out[name] = text.lower() in ("1", "true", "yes", "on")
+            elif kind.startswith("int"):
+                out[name] = int(text)
+            elif kind.startswith("float"):
+                out[name] = float(text)
+            else:
+                out[name] = text
+        except ValueError:
+            raise WsimilError(f"--set {item!r}: {text!r} is not a valid {kind} for {name}") from None
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .engine import train
     from .pipeline import MILRunSpec, prepare_mil_run
 
-    spec = MILRunSpec(source=Path(args.source), method=args.method, out=Path(args.out), epochs=args.epochs,
-                      encoder=args.encoder, weights=args.weights, mpp=args.mpp, patch=args.patch, seed=args.seed,
+    from .registry import make_config
+
+    seg = args.method in SEG_METHODS
+    epochs = args.epochs if args.epochs is not None else make_config(args.method).epochs
+    mpp = args.mpp if args.mpp is not None else (1.0 if seg else 0.5)
+    patch = args.patch if args.patch is not None else (128 if seg else 256)
+    spec = MILRunSpec(source=Path(args.source), method=args.method, out=Path(args.out), epochs=epochs,
+                      encoder=args.encoder, weights=args.weights, mpp=mpp, patch=patch, seed=args.seed,
                       lr=args.lr, classes=[c.strip() for c in args.classes.split(",") if c.strip()]
                       if args.classes else None, val_fraction=args.val_fraction, device=args.device,
                       resume=args.resume, tile_classes=args.tile_classes,
-                      tile_min_fraction=args.tile_min_fraction, exhaustive_labels=args.exhaustive_labels)
+                      tile_min_fraction=args.tile_min_fraction, exhaustive_labels=args.exhaustive_labels,
+                      config=parse_options(args.options, args.method))
     prepared = prepare_mil_run(spec, report=_say)
     method, run = prepared.method, spec.out
 
@@ -158,6 +215,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ..project.atomic import write_text
     from .cohort import ensure_features, features_dir_for, load_cohort
 
+    from ..seg.predict import is_segmentation_run
+
+    if is_segmentation_run(args.run):
+        from ..seg.cli import cmd_predict_seg
+
+        return cmd_predict_seg(args)
     if not 0 <= args.heatmap_overlap < 1:
         raise WsimilError(f"--heatmap-overlap must be in [0, 1), got {args.heatmap_overlap}")
     run = load_run(args.run, device=args.device, weights=args.weights)
@@ -247,7 +310,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.split is not None:
         metrics["split"] = args.split
     with_truth = [labelled[ids[i]] for i in rows if labelled[ids[i]].gt_mask is not None]
-    if getattr(args, "localisation", True) and with_truth:
+    seg_pred = (pred_dir / "maps").is_dir()
+    if getattr(args, "localisation", True) and with_truth and seg_pred:
+        from ..infer.evaluation import TruthItem
+        from ..seg.evaluation import segmentation_metrics
+
+        metrics["segmentation"] = segmentation_metrics(
+            [TruthItem(s.slide_id, s.gt_mask, s.gt_downsample) for s in with_truth], pred_dir / "maps")
+    elif getattr(args, "localisation", True) and with_truth:
         from ..infer.evaluation import TruthItem, localisation_metrics
 
         loc = localisation_metrics([TruthItem(s.slide_id, s.gt_mask, s.gt_downsample) for s in with_truth],
@@ -263,6 +333,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
              f"({loc['n_slides_with_tumour_patches']} with tumour patches, {loc['n_lesions']} lesions): "
              f"attention AUC {_fmt(loc['attention_auc'])} (pooled {_fmt(loc['attention_auc_pooled'])})  "
              f"FROC {_fmt(loc['froc'])}")
+    if metrics.get("segmentation"):
+        from ..seg.cli import report_segmentation
+
+        report_segmentation(metrics["segmentation"], _say)
     missing = len(ids) - len(rows)
     if missing:
         why = "no label in the cohort" if args.split is None else f"no label or are not in the {args.split} split"

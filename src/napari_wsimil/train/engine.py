@@ -203,6 +203,15 @@ def train(method: Method, out_dir: str | Path | None = None, *,
     The generator's return value (``StopIteration.value``, or ``model = yield from train(...)``) is the
     trained model in its final state; the best one by validation loss is ``out_dir/best.safetensors``.
     """
+    try:
+        return (yield from _train(method, out_dir, resume))
+    finally:  # methods with workers (the segmentation mapper) stop them here, also on errors and cancel
+        close = getattr(method, "close", None)
+        if close is not None:
+            close()
+
+
+def _train(method: Method, out_dir: str | Path | None, resume: bool) -> Generator[ProgressEvent, None, nn.Module]:
     cfg = method.config
     method.check()
     out = None if out_dir is None else Path(out_dir)
@@ -264,7 +273,9 @@ def _run_epoch(method: Method, model: nn.Module, optimizer: torch.optim.Optimize
     model.train()
     sums: dict[str, float] = {}
     probs, labels = [], []
-    batches = list(method.batches(epoch, rng))
+    batches = method.batches(epoch, rng)
+    if not hasattr(batches, "__len__"):  # a sized iterable may stream (segmentation patches are read ahead)
+        batches = list(batches)
     for i, batch in enumerate(batches, 1):
         out = method.step(model, batch, device)
         total = out.losses["total"]

@@ -74,6 +74,12 @@ def prepare_mil_run(spec: MILRunSpec, report: Callable[[str], None] | None = Non
     from .mil import BagDataset
     from .registry import build, make_config
 
+    from .registry import get
+
+    if get(spec.method).kind == "segmentation":
+        from ..seg.pipeline import prepare_seg_run
+
+        return prepare_seg_run(spec, report)
     say = report or (lambda _m: None)
     _check(spec)
     run = Path(spec.out)

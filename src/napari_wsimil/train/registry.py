@@ -54,9 +54,13 @@ class MSCLAMConfig(CLAMConfig):
 
 @dataclass(frozen=True)
 class MethodInfo:
+    """``kind`` "mil" methods train on feature bags (``builder``), "segmentation" ones on slide patches
+    (built by :func:`napari_wsimil.seg.pipeline.prepare_seg_run`)."""
+
     name: str
     config_cls: type[TrainConfig]
-    builder: Callable[[Any, BagDataset, BagDataset | None], MILMethod]
+    builder: Callable[[Any, BagDataset, BagDataset | None], MILMethod] | None
+    kind: str = "mil"
 
     @property
     def description(self) -> str:
@@ -92,10 +96,19 @@ def _ms_clam(cfg: MSCLAMConfig, tr: BagDataset, va: BagDataset | None) -> MILMet
                                                                      cfg.paired), cfg.n_classes)
 
 
+def _segmentation() -> list[MethodInfo]:
+    from ..seg.configs import ConfKDConfig, HybridConfig, PinchaudConfig
+
+    return [MethodInfo("pinchaud", PinchaudConfig, None, "segmentation"),
+            MethodInfo("hybrid", HybridConfig, None, "segmentation"),
+            MethodInfo("confkd", ConfKDConfig, None, "segmentation")]
+
+
 _METHODS = {m.name: m for m in (MethodInfo("abmil", ABMILConfig, _abmil),
                                 MethodInfo("clam-sb", CLAMConfig, _clam_sb),
                                 MethodInfo("clam-mb", CLAMConfig, _clam_mb),
-                                MethodInfo("ms-clam", MSCLAMConfig, _ms_clam))}
+                                MethodInfo("ms-clam", MSCLAMConfig, _ms_clam),
+                                *_segmentation())}
 
 
 def methods() -> dict[str, MethodInfo]:
@@ -128,6 +141,8 @@ def build(name: str, train_data: BagDataset, val_data: BagDataset | None = None,
     The cohorts are validated here (one class only, empty bags, labels outside the classes, NaN features
     raise :class:`TrainingError`), so a bad cohort fails before a training thread is started."""
     info = get(name)
+    if info.builder is None:
+        raise TrainingError(f"{name} trains on slide patches, not feature bags: use napari_wsimil.seg.pipeline")
     cfg = config if config is not None else info.config_cls()
     if not isinstance(cfg, info.config_cls):
         raise TrainingError(f"{name} needs a {info.config_cls.__name__}, got {type(cfg).__name__}")

@@ -1,0 +1,1 @@
+"""Pixel-resolution segmentation from weak and mixed labels."""

@@ -1,0 +1,83 @@
+"""Settings of the segmentation methods, each with the doc string the GUI and ``--help`` show.
+
+Defaults are the papers' where they give one (Pinchaud: β0 = 0, β1 = 1, η = 50 %, α = 2, 32 filters;
+Hybrid Supervision: T = 0.4, V = 4, batch mix 40/10/50 %), otherwise chosen so a CPU run is practical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..train.engine import TrainConfig, _doc
+
+
+@dataclass
+class SegConfig(TrainConfig):
+    """Options every pixel-segmentation method shares."""
+
+    epochs: int = _doc("Number of passes (each of `patches_per_epoch` patches).", default=40)
+    lr: float = _doc("Adam learning rate.", default=1e-3)
+    weight_decay: float = _doc("Adam weight decay (L2).", default=1e-5)
+    min_epochs: int = _doc("Never stop early before this epoch.", default=20)
+    width: int = _doc("Filters in the U-Net's first level (doubling per level); the paper uses 32.", default=32)
+    depth: int = _doc("U-Net levels; patches must be a multiple of 2^(depth-1) px.", default=4)
+    batch_size: int = _doc("Patches per optimisation step.", default=16)
+    patches_per_epoch: int = _doc("Patches drawn per epoch (half from malignant, half from benign slides).",
+                                  default=512)
+    augment: bool = _doc("Rotation, mirroring, elastic deformation and colour jitter.", default=True)
+    alpha: float = _doc("Dynamic sampling sharpness: patch centres ∝ Q^alpha of the latest map (0: uniform over "
+                        "tissue).", default=2.0)
+    revisit_epochs: int = _doc("Every slide is drawn at least once every this many epochs.", default=5)
+    map_tile: int = _doc("Tile side (px) of fully convolutional mapping.", default=512)
+    map_staleness: int = _doc("The trainer waits when the newest map is older than this many epochs.", default=2)
+    w_pixel: float = _doc("Weight of cross-entropy on painted pixels (mixed supervision); 0 ignores paint.",
+                          default=1.0)
+    init_weights: str | None = _doc("Start from these weights: an auto-encoder pre-training file "
+                                    "(`wsimil pretrain`) or a segmentation checkpoint (.safetensors).", default=None)
+    val_patches: int = _doc("Fixed validation patches per validation slide.", default=16)
+    read_workers: int = _doc("Threads reading patches ahead of the trainer.", default=4)
+
+
+@dataclass
+class PinchaudConfig(SegConfig):
+    """Pinchaud 2024: pixel-resolution segmentation from slide labels only: slide logits from the top-η
+    malignant pixels, the noise-robust generalised KL, dynamic sampling from live probability maps."""
+
+    beta0: float = _doc("β of the benign class (0: plain KL term).", default=0.0)
+    beta1: float = _doc("β of the malignant class (> 0: robust to malignant-slide patches without tumour).",
+                        default=1.0)
+    eta: float = _doc("Percent of a patch's pixels whose malignant logits make the malignant slide logit "
+                      "(small: max, 100: mean).", default=50.0)
+    dynamic_sampling: bool = _doc("Run the mapping worker and sample from its maps (off: uniform over tissue).",
+                                  default=True)
+
+
+@dataclass
+class HybridConfig(SegConfig):
+    """Hybrid Supervision (Li 2021): EM rounds of pseudo-labels from the current model (E) and soft-label BCE
+    on painted pixels, pseudo-labelled tumour and hard negatives (M); the round with the lowest stage-2 slide
+    loss (top-K patch mean) is kept. Needs painted pixels on some slides."""
+
+    epochs_per_round: int = _doc("Epochs of each M-step; pseudo-labels are renewed between rounds.", default=5)
+    threshold: float = _doc("T: patches whose maximum probability is below T get no pseudo-label.", default=0.4)
+    scale: float = _doc("V: pseudo-label = clip(probability × V, 0, 1), 0 below 0.01.", default=4.0)
+    mix_negative: float = _doc("Share of each batch from benign slides (hard negatives).", default=0.4)
+    mix_pseudo: float = _doc("Share of each batch with pseudo-labels from malignant slides.", default=0.1)
+    mix_fine: float = _doc("Share of each batch centred on painted pixels.", default=0.5)
+    top_k: int = _doc("Stage 2: a slide's score is the mean of its top-K patch probabilities.", default=8)
+
+
+@dataclass
+class ConfKDConfig(SegConfig):
+    """ConfKD (Liu 2022): one encoder, a teacher decoder trained on painted pixels and a student decoder on
+    weakly labelled images: CE + student entropy + KL(teacher ‖ student). Needs painted pixels on some slides."""
+
+    alpha: float = _doc("Dynamic sampling sharpness (ConfKD samples uniformly: 0).", default=0.0)
+    w_ce: float = _doc("Weight of cross-entropy on labelled pixels.", default=1.0)
+    w_ent: float = _doc("Weight of the student's entropy on weakly labelled images.", default=0.1)
+    w_kl: float = _doc("Weight of KL(teacher ‖ student) on weakly labelled images.", default=1.0)
+    predict_with: str = _doc("Decoder used for maps: 'student' (better in the paper) or 'teacher'.",
+                             default="student")
+
+
+__all__ = ["ConfKDConfig", "HybridConfig", "PinchaudConfig", "SegConfig"]

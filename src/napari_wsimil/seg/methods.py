@@ -1,0 +1,514 @@
+"""Pinchaud, Hybrid Supervision and ConfKD as methods of the one training engine.
+
+The engine (:mod:`napari_wsimil.train.engine`) owns seeding, the optimiser, checkpoints, resume, early
+stopping and events; a method here supplies the network, each epoch's batches and each step's losses:
+
+* **Pinchaud**: patches inherit their slide's label; per patch, slide logits (mean benign logit, mean of
+  the top-η % malignant logits) go through the generalised KL. A :class:`~.mapper.MappingWorker` recomputes
+  maps with the weights of the last epoch while the trainer trains; each epoch's patches are drawn from the
+  latest maps (:mod:`.sampling`). Painted pixels, where a slide has them, add cross-entropy (``w_pixel``).
+* **Hybrid**: every ``epochs_per_round`` epochs an E-step maps the training slides with the current model;
+  the M-step trains on a batch mix of painted pixels, pseudo-labelled malignant patches (clip(Q·V, 0, 1),
+  patches whose max Q < T skipped) and hard negatives from benign slides, with soft-label BCE. At the end of
+  each round the stage-2 loss (BCE of the top-K patch mean against slide labels) is the validation loss, so
+  ``best.safetensors`` is the round with the lowest stage-2 loss.
+* **ConfKD**: labelled patches (painted pixels, and benign slides, all of whose pixels are benign) train the
+  teacher decoder; weakly labelled malignant patches train the student through entropy and
+  KL(teacher ‖ student). Maps come from the student by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..train.engine import StepOutput, TrainingError, binary_auc
+from .configs import ConfKDConfig, HybridConfig, PinchaudConfig, SegConfig
+from .data import SegSlide
+from .loader import Batch, Patch, PatchBatches, read_patch
+from .maps import compute_map, default_grid
+from .sampling import GridBoard, PatchRequest, SlideScheduler, draw_centres, plan_epoch
+
+
+def build_net(cfg: SegConfig, dual: bool = False) -> nn.Module:
+    from .nets import DualDecoderNet, SegUNet
+
+    net = (DualDecoderNet if dual else SegUNet)(in_channels=3, n_classes=2, width=cfg.width, depth=cfg.depth)
+    # channels-last: depthwise convolutions run about twice as fast on CPU in this layout
+    return net.to(memory_format=torch.channels_last)
+
+
+def load_init_weights(net: nn.Module, path: str | Path) -> list[str]:
+    """Auto-encoder weights (shared layers copied) or a segmentation checkpoint (loaded whole)."""
+    from safetensors.torch import load_file
+
+    from .nets import autoencoder_pretrain_net, transfer_encoder
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"init_weights {path} does not exist")
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise TrainingError(f"cannot read init_weights {path}: {exc}") from exc
+    state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")} or tensors
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata() or {}
+    if meta.get("kind") == "wsimil autoencoder":
+        ae = autoencoder_pretrain_net(int(meta["width"]), int(meta["depth"]))
+        ae.load_state_dict(state)
+        return transfer_encoder(ae, net)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise TrainingError(f"init_weights {path} do not fit this network ({exc}); check width/depth") from exc
+    return list(state)
+
+
+def _to_tensors(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    x = torch.from_numpy(batch.rgb).to(device).permute(0, 3, 1, 2).float().div_(255)
+    x = x.contiguous(memory_format=torch.channels_last)
+    out = {"x": x, "labels": torch.from_numpy(batch.labels.astype(np.int64)).to(device),
+           "tissue": torch.from_numpy(batch.tissue).to(device),
+           "slide": torch.from_numpy(batch.slide_labels).to(device)}
+    if batch.soft is not None:
+        out["soft"] = torch.from_numpy(batch.soft).to(device)
+    return out
+
+
+class SegMethod:
+    """The parts the three methods share (see the module doc); subclasses set ``name`` and the losses."""
+
+    name = "seg"
+    dual = False
+    needs_paint = False
+
+    def __init__(self, config: SegConfig, train_slides: Sequence[SegSlide], val_slides: Sequence[SegSlide] = (),
+                 *, mpp: float = 1.0, patch: int = 128, maps_dir: str | Path | None = None):
+        self.config = config
+        self.train_slides = list(train_slides)
+        self.val_slides = list(val_slides)
+        self.mpp, self.patch = float(mpp), int(patch)
+        self.maps_dir = None if maps_dir is None else Path(maps_dir)
+        self.block = max(8, 1 << (max(1, self.patch // 2).bit_length() - 1))  # a power of two: tiles meet chunks
+        self.map_tile = max(self.block, config.map_tile // self.block * self.block)  # whole blocks per tile
+        self.board = GridBoard(self.train_slides, self.mpp, self.block, config.alpha)
+        self.scheduler = SlideScheduler([s.label for s in self.train_slides], config.revisit_epochs)
+        self.model: nn.Module | None = None
+        self.mapper: Any = None
+        self._val: list[tuple[int, list[Patch]]] | None = None
+        self.stats = {"train_s": 0.0}
+        self._painted: dict[int, np.ndarray] = {}
+
+    # ------------------------------------------------------------------------------ engine protocol
+    def check(self) -> None:
+        cfg = self.config
+        mult = 2 ** (cfg.depth - 1)
+        if self.patch % mult:
+            raise TrainingError(f"the patch size ({self.patch} px) must be a multiple of {mult} for a U-Net of depth "
+                                f"{cfg.depth}")
+        labels = [s.label for s in self.train_slides]
+        if 1 not in labels:
+            raise TrainingError("no malignant training slide: weakly supervised segmentation learns tumour from "
+                                "malignant slides; an all-benign cohort cannot teach it")
+        if 0 not in labels:
+            raise TrainingError("no benign training slide: the model needs benign slides to learn what is not "
+                                "tumour")
+        if self.needs_paint and not any(s.annotated for s in self.train_slides):
+            raise TrainingError(f"{self.name} learns from painted pixels on some slides, and no training slide has "
+                                "any: paint tumour/normal regions (or give pixel_labels masks), or use pinchaud, "
+                                "which needs slide labels only")
+        if cfg.batch_size < 2:
+            raise TrainingError("batch_size must be at least 2 (batch norm)")
+
+    def build_model(self) -> nn.Module:
+        net = build_net(self.config, self.dual)
+        if self.config.init_weights:
+            load_init_weights(net, self.config.init_weights)
+        self.model = net
+        return net
+
+    def describe(self) -> dict[str, Any]:
+        c = self.config
+        return {"name": self.name, "kind": "segmentation", "width": c.width, "depth": c.depth, "mpp": self.mpp,
+                "patch": self.patch, "n_train": len(self.train_slides)}
+
+    def batches(self, epoch: int, rng: np.random.Generator) -> PatchBatches:
+        jobs = self.plan(epoch, rng)
+        return PatchBatches(jobs, self.config.batch_size, rng, workers=self.config.read_workers,
+                            before_batch=self._before_batch)
+
+    def plan(self, epoch: int, rng: np.random.Generator) -> list[Callable[[], Patch]]:
+        reqs = plan_epoch(self.train_slides, self.board, self.scheduler, self.config.patches_per_epoch, self.patch,
+                          self.mpp, epoch, rng)
+        return [self._job(r) for r in reqs]
+
+    def _job(self, req: PatchRequest, kind: str = "", benign_fill: bool = True,
+             soft: Callable[[PatchRequest], np.ndarray | None] | None = None) -> Callable[[], Patch]:
+        slide = self.train_slides[req.slide]
+        snapped = self._snap(slide, req)
+        return lambda: read_patch(slide, snapped, self.patch, self.mpp, kind, soft, benign_fill=benign_fill)
+
+    def _snap(self, slide: SegSlide, req: PatchRequest) -> PatchRequest:
+        """Corners on whole map pixels, so a patch and its map window line up exactly."""
+        d = slide.downsample(self.mpp)
+        return PatchRequest(req.slide, round(req.x0 / d) * d, round(req.y0 / d) * d)
+
+    def _centre(self, i: int, rng: np.random.Generator) -> PatchRequest:
+        s = self.train_slides[i]
+        (cx, cy), = draw_centres(self.board.get(i), 1, rng)
+        d = s.downsample(self.mpp)
+        return PatchRequest(i, (cx - self.patch / 2) * d, (cy - self.patch / 2) * d)
+
+    def _painted_centre(self, i: int, rng: np.random.Generator) -> PatchRequest:
+        s = self.train_slides[i]
+        pts = self._painted.get(i)
+        if pts is None:  # drawn once per slide (seeded), then reused every epoch
+            pts = self._painted[i] = s.labelled_points(self.mpp, rng=np.random.default_rng(i))
+        if not len(pts):
+            return self._centre(i, rng)
+        cx, cy = pts[int(rng.integers(len(pts)))]
+        half = self.patch / 2 * s.downsample(self.mpp)
+        jitter = rng.uniform(-half / 2, half / 2, 2)
+        return PatchRequest(i, cx - half + jitter[0], cy - half + jitter[1])
+
+    def _before_batch(self) -> None:
+        if self.mapper is not None:
+            self.mapper.check()
+
+    def _input(self, model: nn.Module, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+        t = _to_tensors(batch, device)
+        if self.config.augment and model.training:
+            from .augment import augment
+
+            gen = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, (1,))))
+            keys = [k for k in ("labels", "tissue", "soft") if k in t]
+            x, outs = augment(t["x"], [t[k] for k in keys], gen)
+            t["x"] = x
+            t.update(dict(zip(keys, outs)))
+        t["tissue"] = t["tissue"].bool()
+        return t
+
+    def pixel_ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not (labels >= 0).any():
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, labels, ignore_index=-1)
+
+    # -------------------------------------------------------------------------------- validation
+    def _val_set(self) -> list[tuple[int, list[Patch]]]:
+        """Fixed validation patches (uniform over tissue, seeded), read once and kept: small by design."""
+        if self._val is None:
+            rng = np.random.default_rng(12345)
+            self._val = []
+            for s in self.val_slides or []:
+                grid = default_grid(s, self.mpp, self.block, alpha=0.0)
+                d = s.downsample(self.mpp)
+                pats = []
+                for cx, cy in draw_centres(grid, self.config.val_patches, rng):
+                    req = PatchRequest(0, round((cx - self.patch / 2)) * d, round((cy - self.patch / 2)) * d)
+                    pats.append(read_patch(s, req, self.patch, self.mpp, "val", None, benign_fill=False))
+                self._val.append((int(s.label), pats))
+        return self._val
+
+    def _val_logits(self, model: nn.Module, device: torch.device) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        out = []
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            for label, pats in self._val_set():
+                b = _to_tensors(_stack(pats), device)
+                logits = self.forward_eval(model, b["x"])
+                out.append((label, logits, b["tissue"].bool()))
+        model.train(was)
+        return out
+
+    def forward_eval(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model(x)
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> tuple[dict[str, float], dict[str, float]] | None:
+        if not self.val_slides:
+            return None
+        scores, labels, losses = [], [], []
+        for label, logits, tissue in self._val_logits(model, device):
+            p = torch.softmax(logits, 1)[:, 1]
+            p = torch.where(tissue, p, torch.zeros_like(p))
+            scores.append(float(p.amax()))
+            labels.append(label)
+            losses.append(float(self.val_loss(logits, label, tissue)))
+        metrics = {"slide_auc": binary_auc(torch.tensor(scores), torch.tensor(labels) == 1),
+                   "map_wait_fraction": self.wait_fraction()}
+        return {"total": float(np.mean(losses))}, metrics
+
+    def val_loss(self, logits: torch.Tensor, label: int, tissue: torch.Tensor) -> torch.Tensor:
+        from .losses import pinchaud_loss
+
+        cfg = self.config
+        beta = (getattr(cfg, "beta0", 0.0), getattr(cfg, "beta1", 1.0))
+        eta = getattr(cfg, "eta", 50.0)
+        return pinchaud_loss(logits, label, eta, beta, mask=tissue)
+
+    def wait_fraction(self) -> float:
+        if self.mapper is None:
+            return 0.0
+        total = self.stats["train_s"]
+        return float(self.mapper.wait_seconds / total) if total > 0 else 0.0
+
+    def close(self) -> None:
+        if self.mapper is not None:
+            self.mapper.stop()
+        for s in self.train_slides + self.val_slides:
+            s.close()
+
+
+def _stack(pats: Sequence[Patch]) -> Batch:
+    from .loader import stack
+
+    return stack(pats)
+
+
+class PinchaudMethod(SegMethod):
+    name = "pinchaud"
+
+    def batches(self, epoch: int, rng: np.random.Generator) -> PatchBatches:
+        import time
+
+        cfg: PinchaudConfig = self.config  # type: ignore[assignment]
+        if cfg.dynamic_sampling and self.model is not None:
+            if self.mapper is None:
+                from .mapper import MappingWorker
+
+                device = next(self.model.parameters()).device
+                self.mapper = MappingWorker(self.model, self.train_slides, self.board, mpp=self.mpp,
+                                            maps_dir=self.maps_dir, device=device, tile=self.map_tile,
+                                            margin=_margin(self.model), revisit_epochs=cfg.revisit_epochs,
+                                            seed=cfg.seed).start()
+                self._t0 = time.perf_counter()
+            self.mapper.update_weights(self.model.state_dict(), epoch - 1)
+            if epoch > 1 + cfg.map_staleness:
+                self.mapper.wait_for(epoch - 1, cfg.map_staleness)
+            self.stats["train_s"] = time.perf_counter() - self._t0
+        return super().batches(epoch, rng)
+
+    def plan(self, epoch: int, rng: np.random.Generator) -> list[Callable[[], Patch]]:
+        reqs = plan_epoch(self.train_slides, self.board, self.scheduler, self.config.patches_per_epoch, self.patch,
+                          self.mpp, epoch, rng)
+        return [self._job(r, "weak", benign_fill=False) for r in reqs]
+
+    def step(self, model: nn.Module, batch: Batch, device: torch.device) -> StepOutput:
+        from .losses import pinchaud_loss, slide_logits
+
+        cfg: PinchaudConfig = self.config  # type: ignore[assignment]
+        t = self._input(model, batch, device)
+        logits = model(t["x"])
+        weak = pinchaud_loss(logits, t["slide"], cfg.eta, (cfg.beta0, cfg.beta1), mask=t["tissue"])
+        with torch.no_grad():
+            q = torch.softmax(slide_logits(logits, cfg.eta, mask=t["tissue"]).float(), -1)
+        preds = [(q[i], int(t["slide"][i])) for i in range(len(q))]
+        losses = {"weak": weak}
+        total = weak
+        if cfg.w_pixel > 0 and (t["labels"] >= 0).any():
+            ce = self.pixel_ce(logits, t["labels"])
+            losses["pixel"] = ce
+            total = total + cfg.w_pixel * ce
+        losses["total"] = total
+        return StepOutput(losses, preds)
+
+
+def _margin(net: nn.Module) -> int:
+    from .nets import receptive_margin
+
+    return int(receptive_margin(net))
+
+
+class HybridMethod(SegMethod):
+    name = "hybrid"
+    needs_paint = True
+
+    def __init__(self, *a: Any, **kw: Any):
+        super().__init__(*a, **kw)
+        self._pseudo: dict[int, Any] = {}  # slide index -> zarr map of the last E-step
+        self._round = 0
+
+    def _round_of(self, epoch: int) -> int:
+        return (epoch - 1) // max(1, self.config.epochs_per_round) + 1  # type: ignore[attr-defined]
+
+    def e_step(self, epoch: int) -> None:
+        """Map every training slide with the current model; the maps are this round's pseudo-labels and
+        sampling weights."""
+        from .maps import open_map
+
+        assert self.model is not None
+        device = next(self.model.parameters()).device
+        was = self.model.training
+        self.model.eval()
+        root = self.maps_dir or Path(".")
+        for i, s in enumerate(self.train_slides):
+            out = root / f"{s.slide_id}.zarr" if self.maps_dir is not None else None
+            grid = compute_map(self.model, s, self.mpp, tile=self.map_tile, margin=_margin(self.model),
+                               device=device, out=out, block=self.block, alpha=self.config.alpha, epoch=epoch - 1)
+            if grid is not None:
+                self.board.publish(i, grid)
+            if out is not None:
+                self._pseudo[i] = open_map(out, s, self.mpp, create=False)
+        self.model.train(was)
+
+    def _soft(self, req: PatchRequest) -> np.ndarray | None:
+        store = self._pseudo.get(req.slide)
+        if store is None:
+            return None
+        s = self.train_slides[req.slide]
+        d = s.downsample(self.mpp)
+        x, y = int(round(req.x0 / d)), int(round(req.y0 / d))
+        h, w = store.shape
+        out = np.zeros((self.patch, self.patch), np.float32)
+        ys, xs = max(0, y), max(0, x)
+        ye, xe = min(h, y + self.patch), min(w, x + self.patch)
+        if ye > ys and xe > xs:
+            out[ys - y:ye - y, xs - x:xe - x] = store.read_block(ys, ye, xs, xe) / 255.0
+        from .losses import hybrid_pseudo_labels
+
+        cfg: HybridConfig = self.config  # type: ignore[assignment]
+        pseudo, keep = hybrid_pseudo_labels(torch.from_numpy(out)[None], cfg.threshold, cfg.scale)
+        if not bool(keep[0]):
+            return np.full(out.shape, np.nan, np.float32)
+        return pseudo[0].numpy().astype(np.float32)
+
+    def plan(self, epoch: int, rng: np.random.Generator) -> list[Callable[[], Patch]]:
+        cfg: HybridConfig = self.config  # type: ignore[assignment]
+        self._epoch = epoch
+        r = self._round_of(epoch)
+        if r != self._round:
+            if r > 1 and self.model is not None:
+                self.e_step(epoch)
+            self._round = r
+        n = cfg.patches_per_epoch
+        malignant = [i for i, s in enumerate(self.train_slides) if s.label == 1]
+        benign = [i for i, s in enumerate(self.train_slides) if s.label == 0]
+        painted = [i for i, s in enumerate(self.train_slides) if s.annotated]
+        shares = {"negative": cfg.mix_negative if benign else 0.0,
+                  "pseudo": cfg.mix_pseudo if (self._pseudo and malignant) else 0.0,
+                  "fine": cfg.mix_fine if painted else 0.0}
+        tot = sum(shares.values()) or 1.0
+        counts = {k: int(round(n * v / tot)) for k, v in shares.items()}
+        jobs: list[Callable[[], Patch]] = []
+        q = self.board.q_sums()
+        if counts["negative"]:
+            w = np.asarray([max(q[i], 1e-12) for i in benign])
+            for i in rng.choice(benign, counts["negative"], p=w / w.sum()):
+                jobs.append(self._job(self._centre(int(i), rng), "negative", benign_fill=True))
+        if counts["pseudo"]:
+            for i in rng.choice(malignant, counts["pseudo"]):
+                jobs.append(self._job(self._centre(int(i), rng), "pseudo", benign_fill=True, soft=self._soft))
+        if counts["fine"]:
+            for i in rng.choice(painted, counts["fine"]):
+                jobs.append(self._job(self._painted_centre(int(i), rng), "fine", benign_fill=True))
+        order = rng.permutation(len(jobs))
+        return [jobs[j] for j in order]
+
+    def step(self, model: nn.Module, batch: Batch, device: torch.device) -> StepOutput:
+        from .losses import soft_bce
+
+        t = self._input(model, batch, device)
+        logits = model(t["x"])
+        target = torch.full(t["labels"].shape, float("nan"), device=device)
+        lab = t["labels"]
+        target = torch.where(lab >= 0, lab.float(), target)
+        if "soft" in t:
+            soft = t["soft"]
+            use = torch.isfinite(soft) & (lab < 0) & t["tissue"]
+            target = torch.where(use, soft, target)
+        valid = torch.isfinite(target)
+        # BCE on the malignant-vs-benign logit difference (softmax over two classes = sigmoid of it)
+        diff = logits[:, 1] - logits[:, 0]
+        loss = soft_bce(diff, torch.nan_to_num(target), valid)
+        return StepOutput({"bce": loss, "total": loss})
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> tuple[dict[str, float], dict[str, float]] | None:
+        """Stage 2 at the end of each round: top-K patch mean as slide score, BCE against slide labels."""
+        cfg: HybridConfig = self.config  # type: ignore[assignment]
+        epoch = getattr(self, "_epoch", 0)
+        if epoch % max(1, cfg.epochs_per_round) and epoch != cfg.epochs:
+            return None
+        from .losses import top_k_slide_score
+
+        slides_val = self._val_logits(model, device) if self.val_slides else []
+        if not slides_val:
+            return None
+        scores, labels = [], []
+        for label, logits, tissue in slides_val:
+            p = torch.softmax(logits, 1)[:, 1]
+            p = torch.where(tissue, p, torch.zeros_like(p))
+            patch_p = p.flatten(1).amax(1)
+            scores.append(top_k_slide_score(patch_p, cfg.top_k))
+            labels.append(label)
+        s = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in scores]).clamp(1e-6, 1 - 1e-6)
+        y = torch.tensor(labels, dtype=torch.float32)
+        stage2 = float(F.binary_cross_entropy(s, y))
+        return {"total": stage2, "stage2": stage2}, {"slide_auc": binary_auc(s, y == 1), "round": float(self._round)}
+
+
+class ConfKDMethod(SegMethod):
+    name = "confkd"
+    dual = True
+    needs_paint = True
+
+    def plan(self, epoch: int, rng: np.random.Generator) -> list[Callable[[], Patch]]:
+        n = self.config.patches_per_epoch
+        painted = [i for i, s in enumerate(self.train_slides) if s.annotated]
+        benign = [i for i, s in enumerate(self.train_slides) if s.label == 0]
+        weak = [i for i, s in enumerate(self.train_slides) if s.label == 1 and not s.annotated] or \
+               [i for i, s in enumerate(self.train_slides) if s.label == 1]
+        jobs: list[Callable[[], Patch]] = []
+        n_fine, n_neg = n // 4, n // 4
+        for i in rng.choice(painted, n_fine):
+            jobs.append(self._job(self._painted_centre(int(i), rng), "fine", benign_fill=True))
+        if benign:
+            for i in rng.choice(benign, n_neg):
+                jobs.append(self._job(self._centre(int(i), rng), "negative", benign_fill=True))
+        for i in rng.choice(weak, n - len(jobs)):
+            jobs.append(self._job(self._centre(int(i), rng), "weak", benign_fill=False))
+        order = rng.permutation(len(jobs))
+        return [jobs[j] for j in order]
+
+    def forward_eval(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        teacher, student = model(x)
+        return student if self.config.predict_with == "student" else teacher  # type: ignore[attr-defined]
+
+    def step(self, model: nn.Module, batch: Batch, device: torch.device) -> StepOutput:
+        from .losses import confkd_loss
+
+        cfg: ConfKDConfig = self.config  # type: ignore[assignment]
+        t = self._input(model, batch, device)
+        teacher, student = model(t["x"])
+        labelled = torch.tensor([k != "weak" for k in batch.kinds], device=device)
+        weak = ~labelled
+        parts = confkd_loss(teacher, student, t["labels"], labelled, weak, w_ce=cfg.w_ce, w_ent=cfg.w_ent,
+                            w_kl=cfg.w_kl)
+        return StepOutput(dict(parts))
+
+
+METHOD_CLASSES: dict[str, tuple[type[SegMethod], type[SegConfig]]] = {
+    "pinchaud": (PinchaudMethod, PinchaudConfig),
+    "hybrid": (HybridMethod, HybridConfig),
+    "confkd": (ConfKDMethod, ConfKDConfig),
+}
+
+
+def make_method(name: str, config: SegConfig, train_slides: Sequence[SegSlide], val_slides: Sequence[SegSlide],
+                **kw: Any) -> SegMethod:
+    cls, cfg_cls = METHOD_CLASSES[name]
+    if not isinstance(config, cfg_cls):
+        raise TrainingError(f"{name} needs a {cfg_cls.__name__}, got {type(config).__name__}")
+    return cls(config, train_slides, val_slides, **kw)
+
+
+__all__ = ["ConfKDMethod", "HybridMethod", "METHOD_CLASSES", "PinchaudMethod", "SegMethod", "build_net",
+           "load_init_weights", "make_method"]

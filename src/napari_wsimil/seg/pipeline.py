@@ -1,0 +1,90 @@
+"""From "train pinchaud/hybrid/confkd on this cohort" to a method the engine can run.
+
+The same request object as the MIL methods (:class:`~napari_wsimil.train.pipeline.MILRunSpec`) and the same
+``RUN/run.json``, so ``wsimil train``, the training widget and :class:`~napari_wsimil.train.session.
+InteractiveSession` need no segmentation-specific path: :func:`~napari_wsimil.train.pipeline.prepare_mil_run`
+hands segmentation methods to :func:`prepare_seg_run`. ``spec.mpp`` is the working µm/px of the U-Net and
+``spec.patch`` its training patch side; maps are written to ``RUN/maps/<slide_id>.zarr``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import WsimilError
+
+DEFAULT_MPP = 1.0  # Pinchaud trains at 1 µm/px
+DEFAULT_PATCH = 128
+
+
+def prepare_seg_run(spec: Any, report: Callable[[str], None] | None = None) -> Any:
+    from ..project.atomic import write_text
+    from ..train.cohort import assign_splits, class_names, label_indices, load_cohort
+    from ..train.pipeline import PreparedRun, _check
+    from ..train.registry import make_config
+    from .data import open_seg_slides
+    from .methods import make_method
+
+    say = report or (lambda _m: None)
+    _check(spec)
+    run = Path(spec.out)
+    cohort = load_cohort(spec.source)
+    usable = [s for s in cohort.slides if s.label is not None and s.split != "test"]
+    if not usable:
+        raise WsimilError(f"no labelled slides in {spec.source}")
+    classes = list(spec.classes or cohort.classes or class_names([s.label for s in usable]))
+    label_indices(usable, classes)
+    if len(classes) != 2:
+        raise WsimilError(f"{spec.method} segments tumour: it needs two slide classes (benign first, then "
+                          f"malignant), got {', '.join(classes)}; give --classes BENIGN,MALIGNANT")
+    present = {s.label for s in usable}
+    if classes[1] not in present:
+        raise WsimilError(f"no slide labelled {classes[1]!r} (malignant): weak segmentation learns tumour from "
+                          "malignant slides")
+    if classes[0] not in present:
+        raise WsimilError(f"no slide labelled {classes[0]!r} (benign): the model needs benign slides to learn what "
+                          "is not tumour")
+    slides = assign_splits(usable, classes, spec.seed, spec.val_fraction)
+    tr = [s for s in slides if s.split == "train"]
+    va = [s for s in slides if s.split == "val"]
+    run_info_path = run / "run.json"
+    if spec.resume and run_info_path.is_file():
+        old = json.loads(run_info_path.read_text())
+        for key, new in (("method", spec.method), ("mpp", spec.mpp), ("patch", spec.patch), ("classes", classes)):
+            if old.get(key) != new:
+                raise WsimilError(f"cannot resume {run}: it was trained with {key} {old.get(key)!r}, not {new!r}")
+    say(f"{spec.method}: tissue masks and pixel labels of {len(slides)} slides")
+    train_slides = open_seg_slides(cohort, tr, classes, mapping=spec.tile_classes, exhaustive=spec.exhaustive_labels,
+                                   report=say)
+    val_slides = open_seg_slides(cohort, va, classes, with_labels=False) if va else []
+    overrides: dict[str, Any] = {**spec.config, "epochs": spec.epochs, "seed": spec.seed, "device": spec.device}
+    if spec.lr is not None:
+        overrides["lr"] = spec.lr
+    cfg = make_config(spec.method, **overrides)
+    run.mkdir(parents=True, exist_ok=True)
+    method = make_method(spec.method, cfg, train_slides, val_slides, mpp=spec.mpp, patch=spec.patch,
+                         maps_dir=run / "maps")
+    from ..train.engine import TrainingError
+
+    try:
+        method.check()
+    except TrainingError as exc:
+        method.close()
+        raise WsimilError(str(exc)) from exc
+    painted = sorted(s.slide_id for s in train_slides if s.annotated)
+    info = {"format": 1, "kind": "segmentation", "cohort": str(Path(spec.source).resolve()), "method": spec.method,
+            "encoder": None, "weights": None, "mpp": spec.mpp, "patch": spec.patch, "classes": classes,
+            "seed": spec.seed, "width": cfg.width, "depth": cfg.depth,
+            "predict_with": getattr(cfg, "predict_with", None),
+            "train_slides": [s.slide_id for s in tr], "val_slides": [s.slide_id for s in va],
+            "pixel_labelled_slides": painted}
+    write_text(run_info_path, json.dumps(info, indent=1))
+    say(f"training {spec.method}: {len(tr)} train / {len(va)} val slides ({len(painted)} with painted pixels), "
+        f"{spec.patch} px patches at {spec.mpp:g} µm/px, {spec.epochs} epochs -> {run}")
+    return PreparedRun(spec, method, classes, {}, info)
+
+
+__all__ = ["DEFAULT_MPP", "DEFAULT_PATCH", "prepare_seg_run"]

@@ -1,0 +1,312 @@
+"""Segmentation methods end to end on small real (synthetic) slides: sampling, mapping, the mapper thread,
+training, resume, prediction, evaluation, pseudo-labels and the errors a user can run into."""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_wsimil.cli import main
+from napari_wsimil.errors import WsimilError
+
+SMALL = ["--mpp", "4", "--patch", "32", "--set", "width=8", "--set", "depth=3", "--set", "patches_per_epoch=32",
+         "--set", "batch_size=8", "--set", "map_tile=128", "--set", "val_patches=4", "--set", "read_workers=2",
+         "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from napari_wsimil.slide.synthetic import synthesize_cohort
+
+    return synthesize_cohort(tmp_path_factory.mktemp("segcohort"), 6, seed=5, size=2048, workers=2)
+
+
+def _rows(csv_path: Path) -> list[dict]:
+    with open(csv_path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _write(rows: list[dict], path: Path) -> Path:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, cols)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _painted_cohort(cohort: Path, out: Path) -> Path:
+    """The cohort with a pixel_labels mask (1 tumour, 2 normal) on its first malignant slide, made from
+    the ground truth: what a pathologist's painting of one slide amounts to."""
+    import tifffile
+
+    rows = _rows(cohort)
+    for r in rows:
+        r["path"] = str(cohort.parent / r["path"])
+        r["gt_mask"] = str(cohort.parent / r["gt_mask"])
+    first = next(r for r in rows if r["label"] == "1")
+    gt = tifffile.imread(first["gt_mask"])
+    paint = np.where(gt > 0, 1, 2).astype(np.uint8)
+    tifffile.imwrite(out / "paint.tif", paint)
+    first["pixel_labels"] = str(out / "paint.tif")
+    first["pixel_labels_downsample"] = first["gt_downsample"]
+    return _write(rows, out / "painted.csv")
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+def test_slide_scheduler_balances_classes_and_seeks_benign_errors() -> None:
+    from napari_wsimil.seg.sampling import SlideScheduler
+
+    sch = SlideScheduler([1, 1, 0, 0, 0], revisit_epochs=10**6)
+    sch.last[:] = 0  # nobody overdue
+    picks = sch.draw(4000, 1, np.random.default_rng(0), [0, 0, 1.0, 1.0, 8.0])
+    assert abs(np.isin(picks, [0, 1]).mean() - 0.5) < 0.01
+    benign = picks[np.isin(picks, [2, 3, 4])]
+    assert abs((benign == 4).mean() - 0.8) < 0.03  # drawn in proportion to ΣQ
+
+
+def test_slide_scheduler_draws_overdue_slides_first() -> None:
+    from napari_wsimil.seg.sampling import SlideScheduler
+
+    sch = SlideScheduler([1, 0, 0, 0], revisit_epochs=2)
+    rng = np.random.default_rng(1)
+    first = sch.draw(4, 0, rng, [1.0, 1e-9, 1e-9, 100.0])
+    assert sorted(first) == [0, 1, 2, 3]  # everyone is overdue at the start, even slides with ΣQ ~ 0
+    sch.draw(50, 1, rng, [1.0, 1e-9, 1e-9, 100.0])
+    later = sch.draw(4, 3, rng, [1.0, 1e-9, 1e-9, 100.0])
+    assert {1, 2} <= set(later.tolist())  # the rarely drawn benign slides come back within N epochs
+
+
+def test_draw_centres_follow_q_alpha() -> None:
+    from napari_wsimil.seg.maps import SamplingGrid
+    from napari_wsimil.seg.sampling import draw_centres
+
+    w = np.ones((4, 4))
+    w[2, 3] = 9.0
+    grid = SamplingGrid(w, w, np.ones((4, 4)), block=16, mpp=1.0, epoch=1)
+    c = draw_centres(grid, 5000, np.random.default_rng(0))
+    inside = (c[:, 0] >= 48) & (c[:, 0] < 64) & (c[:, 1] >= 32) & (c[:, 1] < 48)
+    assert abs(inside.mean() - 9 / 24) < 0.03
+
+
+# ---------------------------------------------------------------------------------------------- mapping
+
+def _slides(cohort: Path, **kw):
+    from napari_wsimil.seg.data import open_seg_slides
+    from napari_wsimil.train.cohort import load_cohort
+
+    c = load_cohort(cohort)
+    return open_seg_slides(c, c.slides, ["0", "1"], **kw)
+
+
+def test_tiled_map_has_no_seams_and_zero_outside_tissue(cohort: Path, tmp_path: Path) -> None:
+    from napari_wsimil.project.pixel_labels import LabelStore
+    from napari_wsimil.seg.maps import compute_map
+    from napari_wsimil.seg.nets import SegUNet, receptive_margin
+
+    slide = _slides(cohort, with_labels=False)[0]
+    torch.manual_seed(0)
+    net = SegUNet(width=8, depth=3).eval()
+    m = receptive_margin(net)
+    a = compute_map(net, slide, 4.0, tile=64, margin=m, out=tmp_path / "a.zarr", block=16)
+    b = compute_map(net, slide, 4.0, tile=256, margin=m, out=tmp_path / "b.zarr", block=16)
+    ma, mb = LabelStore.open(tmp_path / "a.zarr").read(), LabelStore.open(tmp_path / "b.zarr").read()
+    assert ma.shape == slide.map_shape(4.0) == (256, 256)
+    assert np.abs(ma.astype(int) - mb.astype(int)).max() <= 1  # uint8 rounding only: tiles line up
+    assert np.allclose(a.weights, b.weights, rtol=1e-3, atol=1e-3)
+    from napari_wsimil.seg.maps import _tissue_tile
+
+    tissue = _tissue_tile(slide, 4.0, 0, 0, 256, 256)
+    assert ma[~tissue].max() == 0 and ma[tissue].max() > 0
+    slide.close()
+
+
+def test_mapper_crash_stops_training_with_its_error(cohort: Path, tmp_path: Path, monkeypatch) -> None:
+    import napari_wsimil.seg.mapper as mapper_mod
+    from napari_wsimil.seg.mapper import MapperError
+    from napari_wsimil.train.engine import train
+    from napari_wsimil.train.pipeline import MILRunSpec, prepare_mil_run
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full while writing the map")
+
+    monkeypatch.setattr(mapper_mod, "compute_map", broken)
+    spec = MILRunSpec(source=cohort, method="pinchaud", out=tmp_path / "run", epochs=4, mpp=4.0, patch=32,
+                      device="cpu", config=dict(width=8, depth=3, patches_per_epoch=16, batch_size=8, map_tile=128,
+                                                map_staleness=0, val_patches=2, read_workers=1))
+    prepared = prepare_mil_run(spec)
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            for _ in train(prepared.method, spec.out):
+                pass
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            result["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "the trainer hung after the mapper crashed"
+    assert isinstance(result.get("error"), MapperError)
+    assert "disk full while writing the map" in str(result["error"])
+    assert not any(th.name == "wsimil-mapper" and th.is_alive() for th in threading.enumerate())
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def test_pinchaud_train_resume_predict_evaluate(cohort: Path, tmp_path: Path) -> None:
+    run, pred = tmp_path / "run", tmp_path / "pred"
+    assert main(["train", str(cohort), "--method", "pinchaud", "--out", str(run), "--epochs", "2", *SMALL]) == 0
+    state = json.loads((run / "last.json").read_text())
+    assert state["epoch"] == 2 and state["method"]["kind"] == "segmentation"
+    assert list((run / "maps").glob("*.zarr"))  # the mapping worker published maps while training
+    assert main(["train", str(cohort), "--method", "pinchaud", "--out", str(run), "--epochs", "3", "--resume",
+                 *SMALL]) == 0
+    assert json.loads((run / "last.json").read_text())["epoch"] == 3
+    assert main(["predict", str(run), "--cohort", str(cohort), "--out", str(pred), "--device", "cpu"]) == 0
+    rows = _rows(pred / "predictions.csv")
+    assert len(rows) == 6 and all(abs(float(r["prob_0"]) + float(r["prob_1"]) - 1) < 1e-9 for r in rows)
+    assert main(["evaluate", str(pred), "--cohort", str(cohort)]) == 0
+    metrics = json.loads((pred / "metrics.json").read_text())
+    seg = metrics["segmentation"]
+    assert seg["n_slides_with_truth"] == 6 and seg["n_malignant_with_truth"] >= 1
+    assert 0.0 <= (seg["dice"] or 0.0) <= 1.0 and "froc" in seg
+    # the map TIFF opens in napari-wsimil's reader, aligned with the slide (µm/px recorded)
+    from napari_wsimil.layers import heatmap_layer_data
+
+    data, kwargs, kind = heatmap_layer_data(pred / "maps" / f"{rows[0]['slide_id']}.tif")
+    assert kind == "image" and data[0].shape == (256, 256)
+    assert kwargs["metadata"]["wsimil"]["mpp"] == pytest.approx(4.0)
+
+
+def test_hybrid_and_confkd_need_paint(cohort: Path, tmp_path: Path, capsys) -> None:
+    for method in ("hybrid", "confkd"):
+        assert main(["train", str(cohort), "--method", method, "--out", str(tmp_path / method), "--epochs", "1",
+                     *SMALL]) == 2
+        err = capsys.readouterr().err
+        assert "painted pixels" in err and "pinchaud" in err
+
+
+def test_hybrid_rounds_use_pseudo_labels_and_keep_the_best_round(cohort: Path, tmp_path: Path) -> None:
+    from napari_wsimil.train.engine import train
+    from napari_wsimil.train.pipeline import MILRunSpec, prepare_mil_run
+
+    painted = _painted_cohort(cohort, tmp_path)
+    spec = MILRunSpec(source=painted, method="hybrid", out=tmp_path / "run", epochs=4, mpp=4.0, patch=32,
+                      device="cpu", config=dict(width=8, depth=3, patches_per_epoch=32, batch_size=8, map_tile=128,
+                                                epochs_per_round=2, val_patches=4, read_workers=1))
+    prepared = prepare_mil_run(spec)
+    method = prepared.method
+    kinds: list[str] = []
+    orig = method.plan
+
+    def plan(epoch, rng):
+        jobs = orig(epoch, rng)
+        kinds.extend(j().kind for j in jobs[:12])
+        return jobs
+
+    method.plan = plan
+    events = list(train(method, spec.out))
+    vals = [e for e in events if e.kind == "validation"]
+    assert [e.epoch for e in vals] == [2, 4]  # stage 2 at the end of each round only
+    assert method._pseudo, "the E-step of round 2 wrote pseudo-label maps"
+    assert {"fine", "negative", "pseudo"} <= set(kinds)
+    assert (spec.out / "best.safetensors").is_file()
+
+
+def test_confkd_trains_teacher_and_student_and_predicts(cohort: Path, tmp_path: Path) -> None:
+    painted = _painted_cohort(cohort, tmp_path)
+    run, pred = tmp_path / "run", tmp_path / "pred"
+    assert main(["train", str(painted), "--method", "confkd", "--out", str(run), "--epochs", "1", *SMALL]) == 0
+    info = json.loads((run / "run.json").read_text())
+    assert info["predict_with"] == "student" and info["pixel_labelled_slides"]
+    assert main(["predict", str(run), "--cohort", str(painted), "--out", str(pred), "--device", "cpu",
+                 "--slide-score", "topk"]) == 0
+    assert len(list((pred / "maps").glob("*.tif"))) == 6
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def test_all_benign_cohort_is_refused_before_training(cohort: Path, tmp_path: Path, capsys) -> None:
+    rows = [r for r in _rows(cohort) if r["label"] == "0"]
+    for r in rows:
+        r["path"] = str(cohort.parent / r["path"])
+    benign = _write(rows + [{**rows[0], "slide_id": "x", "label": "1", "split": "test"}], tmp_path / "benign.csv")
+    assert main(["train", str(benign), "--method", "pinchaud", "--out", str(tmp_path / "r"), *SMALL]) == 2
+    assert "malignant" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "last.json").exists()
+
+
+def test_slide_without_tissue_is_named(cohort: Path, tmp_path: Path, capsys) -> None:
+    from napari_wsimil.slide.tiff_writer import write_image_pyramid
+
+    write_image_pyramid(tmp_path / "blank.tif", np.full((2048, 2048, 3), 245, np.uint8), mpp=0.5)
+    rows = _rows(cohort)
+    for r in rows:
+        r["path"] = str(cohort.parent / r["path"])
+    rows.append({"slide_id": "blank", "path": str(tmp_path / "blank.tif"), "label": "0"})
+    bad = _write(rows, tmp_path / "blank.csv")
+    assert main(["train", str(bad), "--method", "pinchaud", "--out", str(tmp_path / "r"), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "no tissue" in err and "blank" in err
+
+
+def test_pixel_label_mask_of_the_wrong_shape_is_refused(cohort: Path, tmp_path: Path, capsys) -> None:
+    import tifffile
+
+    painted = _painted_cohort(cohort, tmp_path)
+    tifffile.imwrite(tmp_path / "paint.tif", np.ones((37, 91), np.uint8))  # not the slide's shape at any scale
+    rows = _rows(painted)
+    for r in rows:
+        r.pop("pixel_labels_downsample", None)
+    bad = _write(rows, tmp_path / "bad.csv")
+    assert main(["train", str(bad), "--method", "hybrid", "--out", str(tmp_path / "r"), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "paint.tif" in err or "mask" in err
+
+
+# ---------------------------------------------------------------------------------------------- pseudo-labels
+
+def test_pseudo_labels_become_a_label_set_that_keeps_paint(cohort: Path, tmp_path: Path) -> None:
+    from napari_wsimil.project import Project
+    from napari_wsimil.project.pixel_labels import LabelStore
+    from napari_wsimil.seg.maps import open_map
+    from napari_wsimil.seg.pseudo import write_pseudo_labels
+
+    slide = _slides(cohort, with_labels=False)[0]
+    run = tmp_path / "runs" / "r1"
+    store = open_map(run / "maps" / f"{slide.slide_id}.zarr", slide, 4.0)
+    p = np.zeros(store.shape, np.uint8)
+    p[:, 128:] = 230  # the model calls the right half tumour
+    store.write_all(p)
+    with Project.create_from_csv(tmp_path / "proj", cohort) as proj:
+        tumour = proj.class_by_name("tumour").id
+        normal = proj.class_by_name("normal").id
+        painted = proj.pixel_labels(slide.slide_id)
+        painted[:10, -10:] = normal  # the pathologist already said this corner is normal
+        proj.save_pixel_labels(slide.slide_id, painted)
+        path, labels = write_pseudo_labels(proj, run, slide.slide_id, tumour, normal)
+        assert path.parent.name == "r1" and path.parent.parent.name == "pseudo_labels"
+        saved = LabelStore.open(path).read()
+        assert np.array_equal(saved, labels)
+        h, w = labels.shape
+        assert (labels[:, w // 2 + 2:][labels[:, w // 2 + 2:] > 0] == tumour).mean() > 0.9
+        assert (labels[:, : w // 2 - 2] == tumour).sum() == 0
+        assert (labels[:10, -10:] == normal).all()  # paint wins over the model
+    slide.close()
