@@ -59,6 +59,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=float, default=0.5, metavar="M", help="µm per pixel at level 0 (default 0.5, 20x)")
     p.add_argument("--malignant-fraction", type=float, default=0.5, metavar="F",
                    help="share of slides that carry tumour (default 0.5)")
+    p.add_argument("--tumour-contrast", type=float, default=1.0, metavar="C",
+                   help="how different tumour looks from normal tissue, 0-1 (default 1; lower is harder for a "
+                        "model, 0 makes it invisible); the ground truth does not change")
     p.add_argument("--workers", type=int, default=None, metavar="K", help="render threads (default: CPU count)")
     p.set_defaults(func=_cmd_synth)
 
@@ -102,7 +105,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     csv_path = synthesize_cohort(args.out, args.slides, seed=args.seed, size=(h, w), mpp=args.mpp,
                                  malignant_fraction=args.malignant_fraction, progress=progress,
-                                 workers=args.workers)
+                                 workers=args.workers, tumour_contrast=args.tumour_contrast)
     print(f"cohort: {csv_path}")
     return 0
 

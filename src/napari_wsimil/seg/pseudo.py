@@ -72,4 +72,29 @@ def write_pseudo_labels(project: Any, run_dir: Path, slide_id: str, tumour_id: i
     return path, labels
 
 
-__all__ = ["label_set_path", "map_to_labels", "write_pseudo_labels"]
+def map_patch_scores(zarr_path: Path, patch: int) -> Any:
+    """Patch-sized blocks of a map as :class:`~napari_wsimil.infer.pseudo_labels.PatchScores` (block maximum),
+    so "where to label next" works the same for segmentation runs as for MIL runs."""
+    from ..infer.pseudo_labels import PatchScores
+    from ..project.pixel_labels import LabelStore
+
+    store = LabelStore.open(zarr_path, readonly=True)
+    d = float(store.attrs["downsample"])
+    h, w = store.shape
+    coords, scores = [], []
+    for y0 in range(0, h, 512 // patch * patch or patch):
+        band = store.read_block(y0, min(h, y0 + (512 // patch * patch or patch)), 0, w).astype(np.float32) / 255
+        for by in range(0, band.shape[0], patch):
+            row = band[by:by + patch]
+            for bx in range(0, w, patch):
+                m = float(row[:, bx:bx + patch].max())
+                if m > 0:  # tissue (the map is 0 off tissue)
+                    coords.append((bx * d, (y0 + by) * d))
+                    scores.append(m)
+    p = np.asarray(scores, np.float64)
+    top = float(p.max()) if len(p) else 0.0
+    return PatchScores(np.asarray(coords, np.float64).reshape(-1, 2), patch * d, p, np.array([1 - top, top]),
+                       "segmentation map (block maximum)")
+
+
+__all__ = ["label_set_path", "map_patch_scores", "map_to_labels", "write_pseudo_labels"]

@@ -17,6 +17,10 @@ How a slide is built (all deterministic from the seed):
   haematoxylin and eosin, so a nucleus over stroma turns purple rather than grey.
 - Ground truth: the tumour and tissue fields sampled at the centre of every ``gt_downsample`` block,
   a uint8 mask (1 = tumour, 0 = else) written next to the slide as ``<stem>_gt.tiff``.
+- Difficulty: ``tumour_contrast`` (1 by default, the original look) scales how far tumour departs from
+  normal tissue. Below 1 the tumour nuclei are fewer, smaller and paler, normal stromal nuclei stay
+  among them, the pale cytoplasm only partly replaces the stroma and the haematoxylin wash fades; at 0
+  tumour looks exactly like normal tissue. The ground truth does not change with it.
 
 Memory does not depend on slide size (coarse grids are capped or periodic, tiles are streamed by
 ``tiff_writer.write_pyramid``); time is linear in area, about 60 ms of CPU per megapixel (all levels,
@@ -99,11 +103,13 @@ def synthesize_slide(
     quality: int = 90,
     workers: int | None = None,
     progress: Progress | None = None,
+    tumour_contrast: float = 1.0,
 ) -> SlideTruth:
     """Write one synthetic slide (pyramidal JPEG TIFF) and its ground-truth mask.
 
     ``size`` is an int (square) or (height, width) in level-0 pixels. ``progress(done, total)``
-    counts written tiles. The same arguments always give byte-identical files.
+    counts written tiles. ``tumour_contrast`` in [0, 1] makes tumour harder to tell from normal
+    tissue below 1 (see the module docstring). The same arguments always give byte-identical files.
     """
     from napari_wsimil.slide.tiff_writer import write_image_pyramid, write_pyramid
 
@@ -111,7 +117,7 @@ def synthesize_slide(
     mpp = _check_mpp(mpp)
     path = Path(path)
     gt_path = gt_path_for(path) if gt_path is None else Path(gt_path)
-    model = SlideModel(shape, seed, malignant, mpp)
+    model = SlideModel(shape, seed, malignant, mpp, tumour_contrast=tumour_contrast)
     n_tissue = int(model.tissue_mask_gt().sum(dtype=np.int64))
     mask = model.ground_truth()
     n_gt = mask.size
@@ -141,6 +147,7 @@ def synthesize_cohort(
     progress: Progress | None = None,
     *,
     workers: int | None = None,
+    tumour_contrast: float = 1.0,
 ) -> Path:
     """Write ``n_slides`` slides, their masks and ``cohort.csv`` into ``out_dir``; return the CSV path.
 
@@ -148,7 +155,9 @@ def synthesize_cohort(
     malignant, 0 for benign; ``path`` and ``gt_mask`` are relative to the CSV's folder (POSIX
     separators), so the cohort folder can be moved or shared as a whole. Which slides are malignant
     is a seeded shuffle; ``round(n_slides * malignant_fraction)`` of them are (halves round up).
-    ``progress(done, total)`` is called after each slide.
+    ``progress(done, total)`` is called after each slide. ``tumour_contrast`` (0-1, default 1) is
+    passed to every slide: lower values make the tumour harder to tell from normal tissue, with the
+    same layout and ground truth.
     """
     if isinstance(n_slides, bool) or not isinstance(n_slides, (int, np.integer)) or n_slides < 1:
         raise WsimilError(f"the number of slides must be a whole number of at least 1, got {n_slides!r}")
@@ -156,6 +165,7 @@ def synthesize_cohort(
         raise WsimilError(f"the malignant fraction must be between 0 and 1, got {malignant_fraction!r}")
     shape = _parse_size(size)
     mpp = _check_mpp(mpp)
+    tumour_contrast = _check_contrast(tumour_contrast)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -173,7 +183,7 @@ def synthesize_cohort(
         slide_id = f"slide_{i:03d}"
         slide_seed = int(np.random.SeedSequence([int(seed), i]).generate_state(1, np.uint64)[0])
         truth = synthesize_slide(out / f"{slide_id}.tiff", shape, slide_seed, bool(labels[i]), mpp,
-                                 workers=workers)
+                                 workers=workers, tumour_contrast=tumour_contrast)
         log.info("%s: %s, tumour %.2f %% of tissue", slide_id, "malignant" if labels[i] else "benign",
                  100 * truth.tumour_fraction)
         rows.append((slide_id, truth.path.name, int(labels[i]), truth.gt_mask.name, truth.gt_downsample))
@@ -226,10 +236,14 @@ def sample_slide_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 class SlideModel:
     """Everything that defines one synthetic slide; ``render_tile`` draws any tile from it alone.
 
-    Thread-safe after construction (rendering only reads the model).
+    Thread-safe after construction (rendering only reads the model). ``tumour_contrast`` (0-1) scales
+    how different tumour looks from normal tissue; 1 is the original look, bit for bit, and the
+    layout, the random draws and the ground truth are the same at every contrast.
     """
 
-    def __init__(self, shape: tuple[int, int], seed: int, malignant: bool, mpp: float = 0.5):
+    def __init__(self, shape: tuple[int, int], seed: int, malignant: bool, mpp: float = 0.5, *,
+                 tumour_contrast: float = 1.0):
+        self.contrast = _check_contrast(tumour_contrast)
         self.shape = (int(shape[0]), int(shape[1]))
         self.seed = int(seed)
         self.malignant = bool(malignant)
@@ -273,6 +287,8 @@ class SlideModel:
         self.normal = _NucleusPop.normal(rng, um, pop=0)
         # two overlapping tumour populations: crowded, overlapping nuclei, as in carcinoma
         self.tumour_pops = (_NucleusPop.tumour(rng, um, pop=1), _NucleusPop.tumour(rng, um, pop=2))
+        if self.contrast < 1.0:  # derived from the same sprites, no random draw: the rest stays the same
+            self.tumour_pops = tuple(p.toned_down(self.contrast) for p in self.tumour_pops)
         self.margin = max(p.reach for p in (self.normal, *self.tumour_pops))
 
         self.tumour: _Field | None = None
@@ -402,10 +418,12 @@ class SlideModel:
                 cyto += 0.42
                 cyto -= stroma
                 cyto *= at
+                if self.contrast < 1.0:
+                    cyto *= self.contrast  # only partly: some fibres show through
                 stroma += cyto
                 hbg = at
                 hbg *= alpha
-                hbg *= 38.0
+                hbg *= 38.0 * self.contrast
         nuc = canvas[m:m + T, m:m + T].astype(np.float32)
         e = nuc * -0.5
         e += 200.0
@@ -453,11 +471,15 @@ class SlideModel:
                 at = _ramp(self.tumour.points(py, px), 0.35) * a
             if pop.kind == "tumour":
                 p = at * pop.p_max
+                if self.contrast < 1.0:
+                    p *= self.contrast  # fewer tumour nuclei ...
                 sprite = np.minimum((u[:, 3] * pop.n_sprites).astype(np.intp), pop.n_sprites - 1)
             else:
                 dens = np.tanh(self.cellularity.points(py, px))
                 dens *= 0.39 * pop.p_max
                 dens += 0.61 * pop.p_max
+                if self.contrast < 1.0:
+                    at *= self.contrast  # ... and normal ones left among them
                 p = a * (1.0 - at) * dens
                 sprite = pop.choose(u, _ramp(self.orient.points(py, px), 1.0), self.tex_a_angle, self.tex_b_angle)
             keep = u[:, 0] < p
@@ -772,6 +794,10 @@ def _splitmix(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
+TONED_SIZE = 0.62  # tumour nuclei at contrast 0: this linear size (about a normal nucleus's area) ...
+TONED_DARK = 0.8  # ... and this share of their haematoxylin density
+
+
 class _NucleusPop:
     """One population of nuclei on a global jittered grid of square cells.
 
@@ -820,6 +846,29 @@ class _NucleusPop:
                                    rng.uniform(0.75, 1.0), lobes=0.1, grain=0.3, rim=0.35,
                                    nucleoli=int(rng.integers(0, 3))))
         return cls("tumour", r, np.stack(sprites), pop, 0.8)
+
+    def toned_down(self, contrast: float) -> _NucleusPop:
+        """This population with its nuclei shrunk and paled towards normal ones as ``contrast`` falls
+        from 1 to 0 (at 0: about the area and darkness of a normal nucleus). Same cells, same draws."""
+        c = float(contrast)
+        scale = TONED_SIZE + (1.0 - TONED_SIZE) * c  # linear size: 0.62^2 ~ normal area / tumour area
+        dark = TONED_DARK + (1.0 - TONED_DARK) * c
+        w, r = self.win, self.radius
+        yy, xx = np.mgrid[0:w, 0:w].astype(np.float64)
+        sy, sx = (yy - r) / scale + r, (xx - r) / scale + r  # where each output pixel reads the sprite
+        y0, x0 = np.floor(sy).astype(np.intp), np.floor(sx).astype(np.intp)
+        fy, fx = sy - y0, sx - x0
+        sprites = self.bank.reshape(-1, w, w).astype(np.float64)
+        padded = np.pad(sprites, ((0, 0), (1, 2), (1, 2)))  # zero outside: indices -1 ... w+1 allowed
+        yi, xi = np.clip(y0, -1, w) + 1, np.clip(x0, -1, w) + 1
+
+        def at(dy: int, dx: int) -> np.ndarray:
+            return padded[:, yi + dy, xi + dx]
+
+        out = ((1 - fy) * (1 - fx) * at(0, 0) + (1 - fy) * fx * at(0, 1)
+               + fy * (1 - fx) * at(1, 0) + fy * fx * at(1, 1))
+        bank = np.clip(np.rint(out * dark), 0, 255).astype(np.uint8)
+        return _NucleusPop(self.kind, self.radius, bank, int(self.pop), self.p_max, self.n_orient)
 
     def candidates(self, key: np.uint64, y0: int, x0: int):
         """Cells whose nucleus could touch the tile at (y0, x0): indices, centres, 4 uniforms each."""
@@ -890,6 +939,16 @@ def _sprite(rng: np.random.Generator, r: int, a: float, b: float, angle: float, 
 
 
 # ------------------------------------------------------------------------------------------ misc
+
+
+def _check_contrast(contrast: float) -> float:
+    try:
+        value = float(contrast)
+    except (TypeError, ValueError):
+        raise WsimilError(f"tumour contrast must be a number between 0 and 1, got {contrast!r}") from None
+    if not (0.0 <= value <= 1.0):
+        raise WsimilError(f"tumour contrast must be between 0 and 1, got {contrast!r}")
+    return value
 
 
 def _parse_size(size: Size) -> tuple[int, int]:

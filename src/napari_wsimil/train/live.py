@@ -93,6 +93,10 @@ def train_with_maps(prepared: Any, watch: Sequence[str] = (), *, every: int = 1,
 
     if step_events and not prepared.method.config.step_events:
         prepared.method.config.step_events = 1  # a yield per step: pause and cancel take effect quickly
+    if prepared.info.get("kind") == "segmentation":
+        from ..seg.live import train_with_seg_maps
+
+        return (yield from train_with_seg_maps(prepared, watch, every=every))
     watched = _prepare_watch(prepared, list(watch))
     run = prepared.spec.out
     gen = train(prepared.method, run, resume=prepared.spec.resume)

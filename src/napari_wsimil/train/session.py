@@ -188,8 +188,29 @@ class InteractiveSession:
         state = json.loads((self.run_dir(name) / "last.json").read_text())
         return slide_map(self.run_dir(name), watched, int(state.get("epoch", 0)), weights=weights)
 
+    def is_segmentation(self, name: str) -> bool:
+        from ..seg.predict import is_segmentation_run
+
+        return is_segmentation_run(self.run_dir(name))
+
+    def _seg_map(self, name: str, slide_id: str) -> Path:
+        """The run's map of ``slide_id`` (the mapping worker's, or made now with the best checkpoint)."""
+        from ..project.pixel_labels import exists
+        from ..seg.live import checkpoint_map
+
+        path = self.run_dir(name) / "maps" / f"{slide_id}.zarr"
+        if not exists(path) and checkpoint_map(self.run_dir(name), slide_id, 0) is None:
+            raise WsimilError(f"slide {slide_id} is not in the project")
+        return path
+
     def scores(self, name: str, slide_id: str) -> Any:
-        """Per-patch tumour probabilities of one slide (:class:`~napari_wsimil.infer.pseudo_labels.PatchScores`)."""
+        """Per-patch tumour probabilities of one slide (:class:`~napari_wsimil.infer.pseudo_labels.PatchScores`);
+        for a segmentation run, the maximum probability of each patch-sized block of its map."""
+        if self.is_segmentation(name):
+            from ..seg.pseudo import map_patch_scores
+
+            return map_patch_scores(self._seg_map(name, slide_id), int(json.loads(
+                (self.run_dir(name) / "run.json").read_text())["patch"]))
         from ..features import read_bag
         from ..features.bags import patch_size_level0
         from ..infer.predict import load_run
@@ -216,11 +237,17 @@ class InteractiveSession:
 
     def pseudo_labels(self, name: str, slide_id: str, high: float = 0.7, low: float = 0.3) -> np.ndarray:
         """Pseudo-labels at the project's label resolution; pixels the user already painted keep their paint
-        (a correction is never overwritten by the model it corrected)."""
+        (a correction is never overwritten by the model it corrected). A segmentation run's are pixel-level,
+        from its probability map, and also saved as ``PROJECT/pseudo_labels/<run>/<slide>.zarr``."""
         from ..infer.pseudo_labels import pseudo_label_image
 
-        geometry = self.project.label_geometry(slide_id)
         tumour, normal = self.class_ids()
+        if self.is_segmentation(name):  # pixel-level, saved as the run's own label set
+            from ..seg.pseudo import write_pseudo_labels
+
+            self._seg_map(name, slide_id)
+            return write_pseudo_labels(self.project, self.run_dir(name), slide_id, tumour, normal, high, low)[1]
+        geometry = self.project.label_geometry(slide_id)
         pseudo = pseudo_label_image(self.scores(name, slide_id), geometry.shape, geometry.downsample, tumour,
                                     normal, high, low)
         painted = self.project.pixel_labels(slide_id)
