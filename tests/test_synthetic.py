@@ -257,3 +257,70 @@ def test_api_rejects_bad_arguments(tmp_path):
         synthesize_cohort(tmp_path, 0)
     with pytest.raises(WsimilError, match="height, width"):
         synthesize_slide(tmp_path / "a.tiff", "big", seed=0, malignant=False)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------ tumour contrast
+
+
+def _tumour_vs_normal_haematoxylin(model: SlideModel) -> float:
+    """Mean haematoxylin density (HED deconvolution) of tumour pixels minus that of normal tissue
+    pixels, over the 3 x 3 tiles around the middle of the tumour."""
+    from skimage.color import rgb2hed
+
+    ty, tx = _tumour_tile(model)
+    ds = model.gt_downsample
+    gt, tis = model.ground_truth(), model.tissue_mask_gt()
+    tum, nor = [], []
+    for y in range(max(ty - 1, 0), min(ty + 2, SIZE // 256)):
+        for x in range(max(tx - 1, 0), min(tx + 2, SIZE // 256)):
+            h = rgb2hed(model.render_tile(y, x))[..., 0]
+            sl = np.s_[y * 256 // ds:(y + 1) * 256 // ds, x * 256 // ds:(x + 1) * 256 // ds]
+            g = np.repeat(np.repeat(gt[sl], ds, 0), ds, 1).astype(bool)
+            t = np.repeat(np.repeat(tis[sl], ds, 0), ds, 1).astype(bool)
+            tum.append(h[g & t])
+            nor.append(h[t & ~g])
+    return float(np.concatenate(tum).mean() - np.concatenate(nor).mean())
+
+
+def test_tumour_contrast_one_is_the_default():
+    a = SlideModel((SIZE, SIZE), seed=5, malignant=True)
+    b = SlideModel((SIZE, SIZE), seed=5, malignant=True, tumour_contrast=1.0)
+    low = SlideModel((SIZE, SIZE), seed=5, malignant=True, tumour_contrast=0.3)
+    ty, tx = _tumour_tile(a)
+    assert a.render_tile(ty, tx).tobytes() == b.render_tile(ty, tx).tobytes()
+    assert a.render_tile(ty, tx).tobytes() != low.render_tile(ty, tx).tobytes()
+    # the layout and the ground truth do not depend on the contrast
+    assert np.array_equal(a.ground_truth(), low.ground_truth())
+    assert np.array_equal(a.tissue_mask_gt(), low.tissue_mask_gt())
+
+
+def test_lower_tumour_contrast_brings_tumour_closer_to_normal_tissue():
+    diffs = [_tumour_vs_normal_haematoxylin(SlideModel((SIZE, SIZE), seed=5, malignant=True, tumour_contrast=c))
+             for c in (1.0, 0.5, 0.2, 0.0)]
+    assert diffs[0] > 0.02, diffs  # at full contrast tumour is much more haematoxylin-rich
+    assert diffs[0] > diffs[1] > diffs[2] > abs(diffs[3]), diffs
+    assert abs(diffs[3]) < 0.15 * diffs[0], diffs  # at 0 tumour looks like normal tissue
+
+
+def test_tumour_contrast_is_deterministic_and_benign_slides_ignore_it(tmp_path):
+    one = synthesize_slide(tmp_path / "a.tiff", 768, seed=3, malignant=True, workers=1, tumour_contrast=0.2)
+    two = synthesize_slide(tmp_path / "b.tiff", 768, seed=3, malignant=True, workers=2, tumour_contrast=0.2)
+    full = synthesize_slide(tmp_path / "c.tiff", 768, seed=3, malignant=True, workers=1)
+    assert one.path.read_bytes() == two.path.read_bytes()
+    assert one.gt_mask.read_bytes() == full.gt_mask.read_bytes()
+    assert one.path.read_bytes() != full.path.read_bytes()
+    a = SlideModel((SIZE, SIZE), seed=5, malignant=False)
+    b = SlideModel((SIZE, SIZE), seed=5, malignant=False, tumour_contrast=0.1)
+    assert all(a.render_tile(y, x).tobytes() == b.render_tile(y, x).tobytes() for y, x in [(2, 2), (3, 4)])
+
+
+def test_cli_synth_tumour_contrast(tmp_path, capsys):
+    out = tmp_path / "cohort"
+    assert main(["synth", str(out), "--slides", "2", "--seed", "4", "--size", "768", "--workers", "2",
+                 "--tumour-contrast", "0.25"]) == 0
+    assert (out / "cohort.csv").is_file()
+    assert main(["synth", str(tmp_path / "bad"), "--tumour-contrast", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "tumour contrast must be between 0 and 1" in err and "Traceback" not in err
+    with pytest.raises(WsimilError, match="tumour contrast"):
+        SlideModel((SIZE, SIZE), seed=5, malignant=True, tumour_contrast=-0.1)

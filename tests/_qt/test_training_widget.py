@@ -242,3 +242,43 @@ def test_training_error_is_a_notification(make_napari_viewer, qtbot, tmp_path, c
     tw.show_pseudo_labels()
     assert messages and messages[0][0] == "info" and not tw.busy
     pw.close_project()
+
+
+def test_segmentation_method_in_the_widget(make_napari_viewer, qtbot, tmp_path, cohort):
+    """Pinchaud from the same widget: its own form and resolution, a live probability map over the slide,
+    pixel-level pseudo-labels, and "retrain with corrections" continuing the same run."""
+    viewer, pw, tw = _open(make_napari_viewer, _project(tmp_path / "proj", cohort))
+    s = tw.session
+    sid = s.slide_id
+    tw.method.setCurrentText("pinchaud")
+    assert "beta1" in tw.options and "eta" in tw.options and "k_sample" not in tw.options
+    assert tw.mpp.value() == pytest.approx(1.0) and tw.patch.value() == 128  # Pinchaud's resolution
+    tw.epochs.setValue(1)
+    tw.device.setCurrentText("cpu")
+    tw.mpp.setValue(4.0)
+    tw.patch.setValue(32)
+    for name, value in (("width", 8), ("depth", 3), ("patches_per_epoch", 32), ("batch_size", 8),
+                        ("map_tile", 128), ("val_patches", 4)):
+        tw.set_option(name, value)
+    run = tw.run_name.text()
+    tw.start_btn.click()
+    _wait_idle(qtbot, tw)
+    assert "done after epoch 1" in tw.status.text()
+    layer = viewer.layers[f"attention {sid}"]
+    assert layer.data.ndim == 2 and layer.data.shape == (256, 256)
+    ds = layer.metadata["wsimil"]["downsample"]
+    assert np.allclose(layer.extent.world, s.image_layer.extent.world, atol=ds * s.slide.mpp * 1.01)
+
+    tw.pseudo_btn.click()
+    _wait_idle(qtbot, tw)
+    pseudo = viewer.layers[f"pseudo-labels {sid}"]
+    assert pseudo.data.shape == tuple(s.geometry.shape)
+    assert (tmp_path / "proj" / "pseudo_labels" / run / f"{sid}.zarr").is_dir()
+    tumour, normal = tw.api.class_ids()
+    pseudo.data[:8, :8] = tumour
+    pseudo.refresh()
+    tw.retrain_btn.click()
+    _wait_idle(qtbot, tw)
+    assert (s.project.pixel_labels(sid)[:8, :8] == tumour).all()
+    state = json.loads((tw.api.run_dir(run) / "last.json").read_text())
+    assert state["epoch"] > 1 and state["method"]["name"] == "pinchaud"  # the same run went on

@@ -390,6 +390,12 @@ class TrainingWidget(QWidget):
             label = QLabel(field.replace("_", " "))
             label.setToolTip(doc)
             self.settings_form.addRow(label, w)
+        if name:
+            from ..train.session import method_geometry
+
+            mpp, patch = method_geometry(name)  # segmentation works at 1 µm/px on 128 px patches, MIL otherwise
+            self.mpp.setValue(mpp)
+            self.patch.setValue(patch)
         self._default_name()
 
     def set_option(self, name: str, value: Any) -> None:

@@ -61,6 +61,18 @@ def method_options(name: str) -> list[tuple[str, Any, type | str, str]]:
     return out
 
 
+def method_geometry(name: str) -> tuple[float, int]:
+    """Default (µm/px, patch px) of a method: MIL encodes 256 px at 0.5 µm/px, segmentation trains a U-Net
+    on 128 px at 1 µm/px (Pinchaud's resolution)."""
+    from .registry import get
+
+    if get(name).kind == "segmentation":
+        from ..seg.pipeline import DEFAULT_MPP, DEFAULT_PATCH
+
+        return DEFAULT_MPP, DEFAULT_PATCH
+    return 0.5, 256
+
+
 class InteractiveSession:
     """Training, maps and corrections for one project."""
 
@@ -128,11 +140,12 @@ class InteractiveSession:
                          weights=info.get("weights"))
 
     def retrain_spec(self, name: str, extra_epochs: int = 20, device: str = "auto") -> MILRunSpec:
-        """"Retrain with corrections": the painted corrections are tile labels, which MS-CLAM learns from.
-        An MS-CLAM run continues (``extra_epochs`` more); another method's run starts ``<name>-corrected``,
+        """"Retrain with corrections": the painted corrections are tile labels, which MS-CLAM learns from,
+        and pixel labels, which the segmentation methods learn from. An MS-CLAM or segmentation run continues
+        (``extra_epochs`` more, re-reading the paint); another MIL method's run starts ``<name>-corrected``,
         an MS-CLAM run with the same features and settings that apply."""
         info = json.loads((self.run_dir(name) / "run.json").read_text())
-        if info["method"] == "ms-clam":
+        if info["method"] == "ms-clam" or info.get("kind") == "segmentation":  # both learn from paint directly
             return self.resume_spec(name, extra_epochs, device)
         new = f"{name}-corrected"
         if (self.run_dir(new) / "last.json").exists():
@@ -273,4 +286,4 @@ class InteractiveSession:
         return suggest_regions(self.scores(name, slide_id), k)
 
 
-__all__ = ["InteractiveSession", "RunSummary", "method_names", "method_options"]
+__all__ = ["InteractiveSession", "RunSummary", "method_geometry", "method_names", "method_options"]
