@@ -71,6 +71,8 @@ def _build_parser() -> argparse.ArgumentParser:
     register_features(sub)
     from napari_wsimil.train.cli import register as register_train
     register_train(sub)
+    from napari_wsimil.seg.cli import register as register_seg
+    register_seg(sub)
     return parser
 
 

@@ -310,3 +310,26 @@ def test_pseudo_labels_become_a_label_set_that_keeps_paint(cohort: Path, tmp_pat
         assert (labels[:, : w // 2 - 2] == tumour).sum() == 0
         assert (labels[:10, -10:] == normal).all()  # paint wins over the model
     slide.close()
+
+
+def test_autoencoder_pretraining_starts_a_segmentation_run(cohort: Path, tmp_path: Path, capsys) -> None:
+    from safetensors.torch import load_file
+
+    from napari_wsimil.seg.configs import PinchaudConfig
+    from napari_wsimil.seg.methods import build_net, load_init_weights
+    from napari_wsimil.train.engine import TrainingError
+
+    ae = tmp_path / "ae"
+    assert main(["pretrain", str(cohort), "--out", str(ae), "--epochs", "1", "--mpp", "4", "--patch", "32",
+                 "--width", "8", "--depth", "3", "--patches-per-epoch", "16", "--device", "cpu"]) == 0
+    weights = ae / "autoencoder.safetensors"
+    net = build_net(PinchaudConfig(width=8, depth=3))
+    copied = load_init_weights(net, weights)
+    assert any(n.startswith("encoder.") for n in copied)
+    saved = load_file(str(weights))
+    name = next(n for n in copied if n.startswith("encoder.") and n.endswith("weight"))
+    assert torch.equal(net.state_dict()[name], saved[f"model.{name}"])
+    with pytest.raises(TrainingError, match="width 8, depth 3"):
+        load_init_weights(build_net(PinchaudConfig(width=16, depth=3)), weights)
+    assert main(["train", str(cohort), "--method", "pinchaud", "--out", str(tmp_path / "run"), "--epochs", "1",
+                 "--set", f"init_weights={weights}", *SMALL]) == 0

@@ -24,6 +24,49 @@ def _fmt(v: Any) -> str:
     return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "pretrain", help="pre-train the segmentation U-Net as an auto-encoder on a cohort's tissue",
+        description="Pinchaud's pre-training: the U-Net without lateral skips learns to reconstruct tissue patches "
+                    "(L2). Writes RUN/autoencoder.safetensors; start a segmentation run from it with "
+                    "--set init_weights=RUN/autoencoder.safetensors (same width and depth).")
+    p.add_argument("source", metavar="COHORT_OR_PROJECT")
+    p.add_argument("--out", required=True, metavar="RUN")
+    p.add_argument("--epochs", type=int, default=20, metavar="N")
+    p.add_argument("--mpp", type=float, default=1.0, metavar="M", help="µm/px (default 1.0)")
+    p.add_argument("--patch", type=int, default=128, metavar="PX", help="patch side (default 128)")
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--patches-per-epoch", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_pretrain)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from ..errors import WsimilError
+    from ..train.cohort import load_cohort
+    from ..train.engine import train
+    from .data import open_seg_slides
+    from .pretrain import AutoencoderConfig, AutoencoderMethod, export_autoencoder
+
+    out = Path(args.out)
+    if (out / "last.json").exists() and not args.resume:
+        raise WsimilError(f"{out} already holds a run; add --resume or choose another --out")
+    cohort = load_cohort(args.source)
+    slides = open_seg_slides(cohort, cohort.slides, ["benign", "malignant"], with_labels=False)
+    cfg = AutoencoderConfig(epochs=args.epochs, width=args.width, depth=args.depth, seed=args.seed,
+                            device=args.device, patches_per_epoch=args.patches_per_epoch)
+    method = AutoencoderMethod(cfg, slides, args.mpp, args.patch)
+    for ev in train(method, out, resume=args.resume):
+        if ev.kind == "epoch":
+            _say(f"epoch {ev.epoch}/{ev.total_epochs}  L2 {ev.losses.get('l2', float('nan')):.5f}")
+    path = export_autoencoder(out, cfg)
+    _say(f"auto-encoder weights: {path}")
+    return 0
+
+
 def cmd_predict_seg(args: argparse.Namespace) -> int:
     from ..infer.predict import SlidePrediction, write_predictions
     from ..project.atomic import write_text
@@ -67,4 +110,4 @@ def report_segmentation(seg: dict[str, Any], say: Callable[[str], None]) -> None
         f"FROC {_fmt(seg['froc'])}  benign pixels called tumour {_fmt(seg['benign_positive_fraction'])}")
 
 
-__all__ = ["cmd_predict_seg", "report_segmentation"]
+__all__ = ["cmd_predict_seg", "cmd_pretrain", "register", "report_segmentation"]

@@ -63,7 +63,11 @@ def load_init_weights(net: nn.Module, path: str | Path) -> list[str]:
     with safe_open(str(path), "pt") as fh:
         meta = fh.metadata() or {}
     if meta.get("kind") == "wsimil autoencoder":
-        ae = autoencoder_pretrain_net(int(meta["width"]), int(meta["depth"]))
+        w, d = int(meta["width"]), int(meta["depth"])
+        if (w, d) != (getattr(net, "width", w), getattr(net, "depth", d)):
+            raise TrainingError(f"init_weights {path.name} were pre-trained with width {w}, depth {d}; this run has "
+                                f"width {net.width}, depth {net.depth}: set the same ones")
+        ae = autoencoder_pretrain_net(w, d)
         ae.load_state_dict(state)
         return transfer_encoder(ae, net)
     try:

@@ -104,23 +104,28 @@ def _segmentation() -> list[MethodInfo]:
             MethodInfo("confkd", ConfKDConfig, None, "segmentation")]
 
 
-_METHODS = {m.name: m for m in (MethodInfo("abmil", ABMILConfig, _abmil),
-                                MethodInfo("clam-sb", CLAMConfig, _clam_sb),
-                                MethodInfo("clam-mb", CLAMConfig, _clam_mb),
-                                MethodInfo("ms-clam", MSCLAMConfig, _ms_clam),
-                                *_segmentation())}
+_MIL = [MethodInfo("abmil", ABMILConfig, _abmil), MethodInfo("clam-sb", CLAMConfig, _clam_sb),
+        MethodInfo("clam-mb", CLAMConfig, _clam_mb), MethodInfo("ms-clam", MSCLAMConfig, _ms_clam)]
+_METHODS: dict[str, MethodInfo] = {}
+
+
+def _registry() -> dict[str, MethodInfo]:
+    """Filled on first use: the segmentation configs import the engine, which imports this module."""
+    if not _METHODS:
+        _METHODS.update({m.name: m for m in (*_MIL, *_segmentation())})
+    return _METHODS
 
 
 def methods() -> dict[str, MethodInfo]:
     """All registered methods by name."""
-    return dict(_METHODS)
+    return dict(_registry())
 
 
 def get(name: str) -> MethodInfo:
     try:
-        return _METHODS[name]
+        return _registry()[name]
     except KeyError:
-        raise TrainingError(f"unknown method {name!r}; choose one of {', '.join(_METHODS)}") from None
+        raise TrainingError(f"unknown method {name!r}; choose one of {', '.join(_registry())}") from None
 
 
 def make_config(name: str, **overrides: Any) -> TrainConfig:
