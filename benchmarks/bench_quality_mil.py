@@ -14,6 +14,7 @@ and pooled over percentile scores) and the CAMELYON16 FROC. Targets (issue): CLA
 attention AUC ≥ 0.85, MS-CLAM better than CLAM-SB at localisation.
 
 python benchmarks/bench_quality_mil.py [--quick] [--slides 60] [--size 4096] [--epochs 60] [--workdir DIR]
+    [--tumour-contrast 1.0] [--seed 1] [--cohort-seed S]
 """
 
 from __future__ import annotations
@@ -35,15 +36,18 @@ from _common import table  # noqa: E402
 METHODS = ("clam-sb", "ms-clam", "abmil")
 
 
-def make_cohort(work: Path, n_slides: int, size: int, seed: int) -> Path:
-    """The synthetic cohort, made once per (n, size, seed) and reused across runs."""
+def make_cohort(work: Path, n_slides: int, size: int, seed: int, contrast: float = 1.0) -> Path:
+    """The synthetic cohort, made once per (n, size, seed, contrast) and reused across runs.
+
+    The folder name carries the contrast when it is not 1 (so caches made before the option stay valid)."""
     from napari_wsimil.slide.synthetic import _SAMPLE_VERSION, synthesize_cohort
 
-    folder = work / f"cohort_v{_SAMPLE_VERSION}_{n_slides}x{size}_s{seed}"
+    tag = "" if contrast == 1.0 else f"_c{contrast:g}"
+    folder = work / f"cohort_v{_SAMPLE_VERSION}_{n_slides}x{size}_s{seed}{tag}"
     csv_path = folder / "cohort.csv"
     if not csv_path.is_file():
         t = time.perf_counter()
-        synthesize_cohort(folder, n_slides, seed=seed, size=size)
+        synthesize_cohort(folder, n_slides, seed=seed, size=size, tumour_contrast=contrast)
         print(f"(synthesised {n_slides} slides of {size}² in {time.perf_counter() - t:.0f} s)", flush=True)
     return csv_path
 
@@ -123,6 +127,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     ap.add_argument("--mpp", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--annotated", type=float, default=0.10, help="share of malignant slides with pixel labels")
+    ap.add_argument("--tumour-contrast", type=float, default=1.0,
+                    help="synthetic tumour's contrast to normal tissue, 0-1 (1: the original, easy look)")
+    ap.add_argument("--cohort-seed", type=int, default=None,
+                    help="seed of the synthetic cohort (default: --seed); --seed alone then varies split and training")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--workdir", type=Path, default=None, help="keeps cohort and features between runs")
     ap.add_argument("--verbose", action="store_true", help="show the CLI's output")
@@ -131,14 +139,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         args.slides, args.size, args.epochs, args.patch, args.mpp = 12, 2048, 20, 128, 1.0
     base = args.workdir or Path(tempfile.gettempdir()) / "wsimil-bench" / "quality"
     base.mkdir(parents=True, exist_ok=True)
-    cohort_csv = make_cohort(base, args.slides, args.size, args.seed)
+    cohort_seed = args.seed if args.cohort_seed is None else args.cohort_seed
+    cohort_csv = make_cohort(base, args.slides, args.size, cohort_seed, args.tumour_contrast)
     work = Path(tempfile.mkdtemp(prefix="quality-", dir=base))
     split_csv = work / "cohort_split.csv"
     counts = split_cohort(cohort_csv, split_csv, args.seed, args.annotated)
     print(f"cohort: {args.slides} slides of {args.size}² ({counts['malignant']} malignant); "
           f"train {counts['train']} / val {counts['val']} / test {counts['test']}; pixel labels on "
           f"{counts['annotated']} malignant training slides; patches {args.patch} px at {args.mpp} µm/px; "
-          f"{args.epochs} epochs; handcrafted features", flush=True)
+          f"{args.epochs} epochs; handcrafted features; tumour contrast {args.tumour_contrast:g}", flush=True)
     results: dict[str, dict] = {}
     rows = []
     for method in args.methods:

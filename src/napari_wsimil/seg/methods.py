@@ -198,7 +198,7 @@ class SegMethod:
             x, outs = augment(t["x"], [t[k] for k in keys], gen)
             t["x"] = x
             t.update(dict(zip(keys, outs)))
-        t["tissue"] = t["tissue"].bool()
+        t["tissue"] = _nonempty(t["tissue"].bool())
         return t
 
     def pixel_ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -230,7 +230,7 @@ class SegMethod:
             for label, pats in self._val_set():
                 b = _to_tensors(_stack(pats), device)
                 logits = self.forward_eval(model, b["x"])
-                out.append((label, logits, b["tissue"].bool()))
+                out.append((label, logits, _nonempty(b["tissue"].bool())))
         model.train(was)
         return out
 
@@ -270,6 +270,15 @@ class SegMethod:
             self.mapper.stop()
         for s in self.train_slides + self.val_slides:
             s.close()
+
+
+def _nonempty(tissue: torch.Tensor) -> torch.Tensor:
+    """A patch without tissue pixels (rotated off the tissue, or at its edge) pools over all its pixels."""
+    empty = ~tissue.flatten(1).any(1)
+    if bool(empty.any()):
+        tissue = tissue.clone()
+        tissue[empty] = True
+    return tissue
 
 
 def _stack(pats: Sequence[Patch]) -> Batch:
