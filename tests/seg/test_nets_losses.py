@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from napari_wsimil.seg.losses import (  # noqa: E402
+from napari_wsimil.seg.losses import (
     beta1_from_fpr,
     confkd_loss,
     generalised_kl,
@@ -19,7 +19,7 @@ from napari_wsimil.seg.losses import (  # noqa: E402
     soft_bce,
     top_k_slide_score,
 )
-from napari_wsimil.seg.nets import (  # noqa: E402
+from napari_wsimil.seg.nets import (
     DualDecoderNet,
     SegUNet,
     autoencoder_pretrain_net,

@@ -102,7 +102,7 @@ class PatchBatches:
         def _put(f: Any) -> None:
             try:
                 item: Any = f.result()
-            except BaseException as exc:  # surfaced in the trainer's thread
+            except BaseException as exc:  # noqa: BLE001 - surfaced in the trainer's thread
                 item = exc
             while not stop.is_set():
                 try:

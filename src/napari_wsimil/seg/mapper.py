@@ -128,7 +128,7 @@ class MappingWorker:
                     self._cond.notify_all()
                 if self.on_map is not None:
                     self.on_map(slide.slide_id, self._epoch)
-        except BaseException as exc:  # kept for the trainer, which re-raises it with context
+        except BaseException as exc:  # noqa: BLE001 - kept for the trainer, which re-raises it with context
             self.error = exc
             with self._cond:
                 self._cond.notify_all()

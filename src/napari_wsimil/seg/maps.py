@@ -122,6 +122,10 @@ def open_map(path: Path, slide: SegSlide, mpp: float, attrs: dict | None = None,
                                               "downsample": slide.downsample(mpp), **(attrs or {})})
 
 
+def _block_sum(a: np.ndarray, block: int) -> np.ndarray:
+    return a.reshape(a.shape[0] // block, block, a.shape[1] // block, block).sum((1, 3))
+
+
 def _grid(net: Any) -> int:
     """Tiles must start and end on the U-Net's pooling grid (2^(depth-1) px) to match whole-image output."""
     depth = getattr(net, "depth", None) or getattr(getattr(net, "net", None), "depth", 4)
@@ -160,11 +164,9 @@ def compute_map(net: Any, slide: SegSlide, mpp: float, *, tile: int = 512, margi
         tt = np.pad(t, ((0, pad_h), (0, pad_w))).astype(np.float64)
         qa = np.where(tt > 0, np.power(q, alpha, dtype=np.float64) if alpha else 1.0, 0.0)
         nb_y, nb_x = q.shape[0] // block, q.shape[1] // block
-        def bsum(a: np.ndarray) -> np.ndarray:
-            return a.reshape(nb_y, block, nb_x, block).sum((1, 3))
-        weights[by:by + nb_y, bx:bx + nb_x] = bsum(qa)
-        q_sum[by:by + nb_y, bx:bx + nb_x] = bsum(q.astype(np.float64))
-        tis[by:by + nb_y, bx:bx + nb_x] = bsum(tt)
+        weights[by:by + nb_y, bx:bx + nb_x] = _block_sum(qa, block)
+        q_sum[by:by + nb_y, bx:bx + nb_x] = _block_sum(q.astype(np.float64), block)
+        tis[by:by + nb_y, bx:bx + nb_x] = _block_sum(tt, block)
     return SamplingGrid(weights, q_sum, tis, block, mpp, epoch=epoch, version=1)
 
 
@@ -192,5 +194,14 @@ def timed_map(net: Any, slide: SegSlide, mpp: float, **kw: Any) -> tuple[Samplin
     return grid, MapTiming(n[0] / 1e6, time.perf_counter() - t0)
 
 
-__all__ = ["MapTiming", "SamplingGrid", "compute_map", "default_grid", "iter_tiles", "open_map", "predict_tile",
-           "tissue_blocks", "timed_map"]
+__all__ = [
+    "MapTiming",
+    "SamplingGrid",
+    "compute_map",
+    "default_grid",
+    "iter_tiles",
+    "open_map",
+    "predict_tile",
+    "timed_map",
+    "tissue_blocks",
+]

@@ -217,7 +217,7 @@ class SegMethod:
                 d = s.downsample(self.mpp)
                 pats = []
                 for cx, cy in draw_centres(grid, self.config.val_patches, rng):
-                    req = PatchRequest(0, round((cx - self.patch / 2)) * d, round((cy - self.patch / 2)) * d)
+                    req = PatchRequest(0, round(cx - self.patch / 2) * d, round(cy - self.patch / 2) * d)
                     pats.append(read_patch(s, req, self.patch, self.mpp, "val", None, benign_fill=False))
                 self._val.append((int(s.label), pats))
         return self._val
@@ -523,5 +523,13 @@ def make_method(name: str, config: SegConfig, train_slides: Sequence[SegSlide], 
     return cls(config, train_slides, val_slides, **kw)
 
 
-__all__ = ["ConfKDMethod", "HybridMethod", "METHOD_CLASSES", "PinchaudMethod", "SegMethod", "build_net",
-           "load_init_weights", "make_method"]
+__all__ = [
+    "METHOD_CLASSES",
+    "ConfKDMethod",
+    "HybridMethod",
+    "PinchaudMethod",
+    "SegMethod",
+    "build_net",
+    "load_init_weights",
+    "make_method",
+]

@@ -102,4 +102,4 @@ def export_autoencoder(run_dir: Path, config: AutoencoderConfig) -> Path:
     return out
 
 
-__all__ = ["AutoencoderConfig", "AutoencoderMethod", "KIND", "export_autoencoder"]
+__all__ = ["KIND", "AutoencoderConfig", "AutoencoderMethod", "export_autoencoder"]

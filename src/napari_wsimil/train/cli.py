@@ -158,7 +158,6 @@ def parse_options(items: list[str], method: str) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> int:
     from .engine import train
     from .pipeline import MILRunSpec, prepare_mil_run
-
     from .registry import make_config
 
     seg = args.method in SEG_METHODS
@@ -213,9 +212,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ..errors import WsimilError
     from ..infer.predict import load_run, predict_bag, write_attention, write_predictions
     from ..project.atomic import write_text
-    from .cohort import ensure_features, features_dir_for, load_cohort
-
     from ..seg.predict import is_segmentation_run
+    from .cohort import ensure_features, features_dir_for, load_cohort
 
     if is_segmentation_run(args.run):
         from ..seg.cli import cmd_predict_seg

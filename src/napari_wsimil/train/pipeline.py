@@ -69,12 +69,17 @@ def _check(spec: MILRunSpec) -> None:
 def prepare_mil_run(spec: MILRunSpec, report: Callable[[str], None] | None = None) -> PreparedRun:
     """Validate, split, extract, label and build (see the module doc); errors are ``WsimilError``."""
     from ..project.atomic import write_text
-    from .cohort import (assign_splits, check_tissue, class_names, ensure_features, features_dir_for,
-                         label_indices, load_cohort)
+    from .cohort import (
+        assign_splits,
+        check_tissue,
+        class_names,
+        ensure_features,
+        features_dir_for,
+        label_indices,
+        load_cohort,
+    )
     from .mil import BagDataset
-    from .registry import build, make_config
-
-    from .registry import get
+    from .registry import build, get, make_config
 
     if get(spec.method).kind == "segmentation":
         from ..seg.pipeline import prepare_seg_run

@@ -14,8 +14,7 @@ from torch import nn
 
 from ..models import ABMIL, CLAMMB, CLAMSB
 from .engine import TrainConfig, TrainingError, _doc
-from .mil import (BagDataset, MILMethod, abmil_loss, clam_loss, ms_clam_loss, paired_sampler,
-                  shuffle_sampler)
+from .mil import BagDataset, MILMethod, abmil_loss, clam_loss, ms_clam_loss, paired_sampler, shuffle_sampler
 
 
 @dataclass
