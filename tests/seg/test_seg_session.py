@@ -54,3 +54,34 @@ def test_segmentation_in_the_interactive_session(tmp_path: Path) -> None:
         edited[:8, :8] = tumour if pseudo[0, 0] != tumour else normal
         assert session.save_corrections(sid, pseudo, edited) == 64
         assert (proj.pixel_labels(sid)[:8, :8] == edited[:8, :8]).all()  # strong labels for the next round
+
+
+def test_hybrid_rounds_write_pseudo_label_sets_into_the_project(tmp_path: Path) -> None:
+    import tifffile
+
+    from napari_wsimil.project import Project
+    from napari_wsimil.seg.pseudo import label_set_path
+    from napari_wsimil.slide.synthetic import synthesize_cohort
+    from napari_wsimil.train.session import InteractiveSession
+
+    cohort = synthesize_cohort(tmp_path / "c", 4, seed=8, size=2048, workers=2)
+    with Project.create_from_csv(tmp_path / "proj", cohort) as proj:
+        session = InteractiveSession(proj)
+        tumour, normal = session.class_ids()
+        rec = next(r for r in proj.slides if r.label == "malignant")
+        gt = tifffile.imread(proj.resolve(rec.gt_mask))
+        labels = proj.pixel_labels(rec.slide_id)
+        from skimage.transform import resize
+
+        gt_l = resize(gt > 0, labels.shape, order=0, preserve_range=True, anti_aliasing=False).astype(bool)
+        labels[:] = np.where(gt_l, tumour, normal)
+        proj.save_pixel_labels(rec.slide_id, labels)  # the pathologist painted one malignant slide
+        for r in proj.slides:
+            proj.set_split(r.slide_id, "train")
+        spec = session.spec("hybrid", "hyb", epochs=2, device="cpu", mpp=4.0, patch=32,
+                            config={**CONFIG, "epochs_per_round": 1})
+        spec.val_fraction = 0.0
+        list(session.train(spec))
+        malignant = [r.slide_id for r in proj.slides if r.label == "malignant"]
+        for sid in malignant:  # round 2's E-step wrote every malignant slide's pseudo-labels
+            assert label_set_path(proj.root, "hyb", sid).is_dir()

@@ -349,6 +349,8 @@ class HybridMethod(SegMethod):
         super().__init__(*a, **kw)
         self._pseudo: dict[int, Any] = {}  # slide index -> zarr map of the last E-step
         self._round = 0
+        #: called with a slide id after each E-step (a project run writes the pseudo-label set there)
+        self.on_pseudo_labels: Callable[[str], None] | None = None
 
     def _round_of(self, epoch: int) -> int:
         return (epoch - 1) // max(1, self.config.epochs_per_round) + 1  # type: ignore[attr-defined]
@@ -371,6 +373,8 @@ class HybridMethod(SegMethod):
                 self.board.publish(i, grid)
             if out is not None:
                 self._pseudo[i] = open_map(out, s, self.mpp, create=False)
+                if self.on_pseudo_labels is not None and s.label == 1:
+                    self.on_pseudo_labels(s.slide_id)
         self.model.train(was)
 
     def _soft(self, req: PatchRequest) -> np.ndarray | None:

@@ -74,6 +74,8 @@ def prepare_seg_run(spec: Any, report: Callable[[str], None] | None = None) -> A
     except TrainingError as exc:
         method.close()
         raise WsimilError(str(exc)) from exc
+    if cohort.is_project and hasattr(method, "on_pseudo_labels"):
+        method.on_pseudo_labels = _project_writer(cohort.source, run, say)
     painted = sorted(s.slide_id for s in train_slides if s.annotated)
     info = {"format": 1, "kind": "segmentation", "cohort": str(Path(spec.source).resolve()), "method": spec.method,
             "encoder": None, "weights": None, "mpp": spec.mpp, "patch": spec.patch, "classes": classes,
@@ -85,6 +87,26 @@ def prepare_seg_run(spec: Any, report: Callable[[str], None] | None = None) -> A
     say(f"training {spec.method}: {len(tr)} train / {len(va)} val slides ({len(painted)} with painted pixels), "
         f"{spec.patch} px patches at {spec.mpp:g} µm/px, {spec.epochs} epochs -> {run}")
     return PreparedRun(spec, method, classes, {}, info)
+
+
+def _project_writer(root: Path, run: Path, say: Callable[[str], None]) -> Callable[[str], None]:
+    """Write each E-step's pseudo-labels to ``PROJECT/pseudo_labels/<run>/`` (the project is opened read-only:
+    the label set is the run's own folder, so the lock of a GUI that has the project open is respected)."""
+
+    def write(slide_id: str) -> None:
+        from ..project.project import Project
+        from ..train.session import InteractiveSession
+        from .pseudo import write_pseudo_labels
+
+        with Project.open(root, readonly=True) as project:
+            try:
+                tumour, normal = InteractiveSession(project).class_ids()
+            except WsimilError:
+                return  # the project has no tumour/normal classes to write them with
+            path, _ = write_pseudo_labels(project, run, slide_id, tumour, normal)
+        say(f"pseudo-labels of {slide_id} -> {path}")
+
+    return write
 
 
 __all__ = ["DEFAULT_MPP", "DEFAULT_PATCH", "prepare_seg_run"]
