@@ -35,3 +35,14 @@ def real_slide_path(request: pytest.FixtureRequest) -> Path:
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Generated samples go to a per-session cache, never the user's home."""
     monkeypatch.setenv("NAPARI_WSIMIL_CACHE", str(tmp_path_factory.getbasetemp() / "wsimil-cache"))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Oversubscribed BLAS threads make tiny models 5x slower on a shared machine: one torch thread."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

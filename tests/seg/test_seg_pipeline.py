@@ -19,14 +19,6 @@ SMALL = ["--mpp", "4", "--patch", "32", "--set", "width=8", "--set", "depth=3", 
          "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from napari_wsimil.slide.synthetic import synthesize_cohort

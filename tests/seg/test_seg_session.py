@@ -6,20 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 
 from napari_wsimil.train.live import MapEvent
 
 CONFIG = dict(width=8, depth=3, patches_per_epoch=32, batch_size=8, map_tile=128, val_patches=4, read_workers=2)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_segmentation_in_the_interactive_session(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from napari_wsimil.train import BagDataset, make_config
 
@@ -49,9 +48,5 @@ def run_all(gen):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Oversubscribed BLAS threads make these tiny models 5x slower on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread: None) -> None:
+    """Every training test here runs on one torch thread (see the root conftest)."""

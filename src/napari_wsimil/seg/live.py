@@ -8,13 +8,12 @@ predict`` would. Maps are read with a stride so the layer stays at most ``max_si
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..train.events import ProgressEvent
 from ..train.live import MapEvent
 
 
@@ -54,31 +53,25 @@ def checkpoint_map(run_dir: Path, slide_id: str, epoch: int, weights: str = "bes
         slide.close()
 
 
-def train_with_seg_maps(prepared: Any, watch: Sequence[str] = (), every: int = 1
-                        ) -> Generator[ProgressEvent | MapEvent, None, Any]:
-    from ..train.engine import train
-
+def seg_maps(prepared: Any, watch: Sequence[str]) -> Callable[[int, bool], list[MapEvent]]:
+    """The maps of ``watch`` after a checkpoint (``final``: after training, from the best checkpoint)."""
     run = Path(prepared.spec.out)
-    method = prepared.method
-    mapped = {s.slide_id: s.slide_mpp for s in method.train_slides}
-    gen = train(method, run, resume=prepared.spec.resume)
-    while True:
-        try:
-            ev = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        yield ev
-        if ev.kind == "checkpoint" and ev.epoch % max(1, every) == 0:
-            for sid in watch:
-                m = (read_map(run / "maps" / f"{sid}.zarr", sid, ev.epoch, mapped[sid]) if sid in mapped
-                     else checkpoint_map(run, sid, ev.epoch, weights="last"))
-                if m is not None:
-                    yield m
-        elif ev.kind == "done":
-            for sid in watch:
-                m = checkpoint_map(run, sid, ev.epoch)
-                if m is not None:
-                    yield m
+    mapped = {s.slide_id: s.slide_mpp for s in prepared.method.train_slides}
+
+    def maps(epoch: int, final: bool) -> list[MapEvent]:
+        out = []
+        for sid in watch:
+            if final:
+                m = checkpoint_map(run, sid, epoch)
+            elif sid in mapped:  # the mapping worker's latest map: free
+                m = read_map(run / "maps" / f"{sid}.zarr", sid, epoch, mapped[sid])
+            else:
+                m = checkpoint_map(run, sid, epoch, weights="last")
+            if m is not None:
+                out.append(m)
+        return out
+
+    return maps
 
 
-__all__ = ["checkpoint_map", "read_map", "train_with_seg_maps"]
+__all__ = ["checkpoint_map", "read_map", "seg_maps"]

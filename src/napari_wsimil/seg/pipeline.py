@@ -22,8 +22,8 @@ DEFAULT_PATCH = 128
 
 def prepare_seg_run(spec: Any, report: Callable[[str], None] | None = None) -> Any:
     from ..project.atomic import write_text
-    from ..train.cohort import assign_splits, class_names, label_indices, load_cohort
-    from ..train.pipeline import PreparedRun, _check
+    from ..train.cohort import assign_splits
+    from ..train.pipeline import PreparedRun, _check, labelled_slides
     from ..train.registry import make_config
     from .data import open_seg_slides
     from .methods import make_method
@@ -31,12 +31,7 @@ def prepare_seg_run(spec: Any, report: Callable[[str], None] | None = None) -> A
     say = report or (lambda _m: None)
     _check(spec)
     run = Path(spec.out)
-    cohort = load_cohort(spec.source)
-    usable = [s for s in cohort.slides if s.label is not None and s.split != "test"]
-    if not usable:
-        raise WsimilError(f"no labelled slides in {spec.source}")
-    classes = list(spec.classes or cohort.classes or class_names([s.label for s in usable]))
-    label_indices(usable, classes)
+    cohort, usable, classes = labelled_slides(spec)
     if len(classes) != 2:
         raise WsimilError(f"{spec.method} segments tumour: it needs two slide classes (benign first, then "
                           f"malignant), got {', '.join(classes)}; give --classes BENIGN,MALIGNANT")

@@ -94,12 +94,17 @@ def train_with_maps(prepared: Any, watch: Sequence[str] = (), *, every: int = 1,
     if step_events and not prepared.method.config.step_events:
         prepared.method.config.step_events = 1  # a yield per step: pause and cancel take effect quickly
     if prepared.info.get("kind") == "segmentation":
-        from ..seg.live import train_with_seg_maps
+        from ..seg.live import seg_maps
 
-        return (yield from train_with_seg_maps(prepared, watch, every=every))
-    watched = _prepare_watch(prepared, list(watch))
-    run = prepared.spec.out
-    gen = train(prepared.method, run, resume=prepared.spec.resume)
+        maps = seg_maps(prepared, list(watch))
+    else:
+        watched = _prepare_watch(prepared, list(watch))
+        run_dir = prepared.spec.out
+
+        def maps(epoch: int, final: bool) -> list[MapEvent]:
+            # at the end: the model 'wsimil predict' will use, best by validation loss
+            return [slide_map(run_dir, w, epoch, weights="best" if final else "last") for w in watched]
+    gen = train(prepared.method, prepared.spec.out, resume=prepared.spec.resume)
     while True:
         try:
             ev = next(gen)
@@ -107,11 +112,9 @@ def train_with_maps(prepared: Any, watch: Sequence[str] = (), *, every: int = 1,
             return stop.value
         yield ev
         if ev.kind == "checkpoint" and ev.epoch % max(1, every) == 0:
-            for w in watched:
-                yield slide_map(run, w, ev.epoch)
-        elif ev.kind == "done":  # the model 'wsimil predict' will use: best by validation loss
-            for w in watched:
-                yield slide_map(run, w, ev.epoch, weights="best")
+            yield from maps(ev.epoch, False)
+        elif ev.kind == "done":
+            yield from maps(ev.epoch, True)
 
 
 __all__ = ["MapEvent", "slide_map", "train_with_maps", "watch_bag"]

@@ -66,17 +66,28 @@ def _check(spec: MILRunSpec) -> None:
                           "another --out")
 
 
+def labelled_slides(spec: MILRunSpec) -> tuple[Any, list[Any], list[str]]:
+    """(cohort, labelled slides outside the test split, class names); a label outside the classes is one
+    error naming the slide."""
+    from .cohort import class_names, label_indices, load_cohort
+
+    cohort = load_cohort(spec.source)
+    usable = [s for s in cohort.slides if s.label is not None and s.split != "test"]
+    if not usable:
+        raise WsimilError(f"no labelled slides in {spec.source}")
+    classes = list(spec.classes or cohort.classes or class_names([s.label for s in usable]))
+    label_indices(usable, classes)
+    return cohort, usable, classes
+
+
 def prepare_mil_run(spec: MILRunSpec, report: Callable[[str], None] | None = None) -> PreparedRun:
     """Validate, split, extract, label and build (see the module doc); errors are ``WsimilError``."""
     from ..project.atomic import write_text
     from .cohort import (
         assign_splits,
         check_tissue,
-        class_names,
         ensure_features,
         features_dir_for,
-        label_indices,
-        load_cohort,
     )
     from .mil import BagDataset
     from .registry import build, get, make_config
@@ -88,12 +99,7 @@ def prepare_mil_run(spec: MILRunSpec, report: Callable[[str], None] | None = Non
     say = report or (lambda _m: None)
     _check(spec)
     run = Path(spec.out)
-    cohort = load_cohort(spec.source)
-    usable = [s for s in cohort.slides if s.label is not None and s.split != "test"]
-    if not usable:
-        raise WsimilError(f"no labelled slides in {spec.source}")
-    classes = list(spec.classes or cohort.classes or class_names([s.label for s in usable]))
-    label_indices(usable, classes)  # labels outside the classes: one error naming the slide
+    cohort, usable, classes = labelled_slides(spec)
     present = sorted({s.label for s in usable})
     if len(present) < 2:
         raise WsimilError(f"the cohort has only class {present[0]!r}: a classifier needs labelled slides of at "
