@@ -324,3 +324,37 @@ def test_autoencoder_pretraining_starts_a_segmentation_run(cohort: Path, tmp_pat
         load_init_weights(build_net(PinchaudConfig(width=16, depth=3)), weights)
     assert main(["train", str(cohort), "--method", "pinchaud", "--out", str(tmp_path / "run"), "--epochs", "1",
                  "--set", f"init_weights={weights}", *SMALL]) == 0
+
+
+def test_mapper_maps_each_slide_once_per_weights_then_idles(cohort: Path) -> None:
+    import time
+
+    from napari_wsimil.seg.mapper import MappingWorker
+    from napari_wsimil.seg.nets import SegUNet
+    from napari_wsimil.seg.sampling import GridBoard
+
+    slides = _slides(cohort, with_labels=False)[:3]
+    net = SegUNet(width=8, depth=3)
+    board = GridBoard(slides, 4.0, 16, 2.0)
+    worker = MappingWorker(net, slides, board, mpp=4.0, maps_dir=None, tile=128, margin=24).start()
+    try:
+        def until(cond) -> None:
+            deadline = time.time() + 60
+            while not cond() and time.time() < deadline:
+                time.sleep(0.05)
+
+        worker.update_weights(net.state_dict(), 1)
+        until(lambda: (board.mapped_epochs() == 1).all())
+        assert (board.mapped_epochs() == 1).all()
+        done = worker.maps_done
+        time.sleep(1.0)
+        assert worker.maps_done == done  # same weights: nothing to redo
+        worker.update_weights(net.state_dict(), 2)
+        until(lambda: (board.mapped_epochs() == 2).all())
+        time.sleep(0.5)
+        assert (board.mapped_epochs() == 2).all() and worker.maps_done == done + 3  # each slide once
+        worker.check()
+    finally:
+        worker.stop()
+        for s in slides:
+            s.close()

@@ -6,6 +6,9 @@ weights after each epoch (:meth:`MappingWorker.update_weights`); the worker maps
 slide chosen by its own :class:`~.sampling.SlideScheduler`, writes the map to ``maps_dir`` (zarr, which
 napari can show live) and publishes the slide's sampling grid to the :class:`~.sampling.GridBoard`.
 
+The worker idles once every slide has been mapped with the current weights (re-mapping with the same
+weights would only take cores from the trainer), and wakes up when new weights arrive.
+
 A crash in the worker is kept and re-raised by :meth:`check` in the trainer, which then stops with the
 mapper's error instead of waiting for maps that will never come. :meth:`wait_for` lets the trainer wait
 until maps are at most ``staleness`` epochs behind, and counts the time it waited.
@@ -53,6 +56,7 @@ class MappingWorker:
         self._weights: dict[str, Any] | None = None
         self._weights_epoch = 0
         self._epoch = 0
+        self._mapped_with = np.full(len(self.slides), -1)  # epoch of the weights each slide's map came from
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="wsimil-mapper", daemon=True)
@@ -114,7 +118,15 @@ class MappingWorker:
         try:
             while not self._stop.is_set():
                 self._take_weights()
+                stale = np.flatnonzero(self._mapped_with < self._epoch)
+                if len(stale) == 0:  # every map is as fresh as the weights: idle until new ones
+                    with self._cond:
+                        while self._weights is None and not self._stop.is_set():
+                            self._cond.wait(0.5)
+                    continue
                 i = int(self.scheduler.draw(1, self._epoch, self.rng, self.board.q_sums())[0])
+                if self._mapped_with[i] >= self._epoch:  # drawn again with the same weights: take the stalest
+                    i = int(stale[np.argmin(self._mapped_with[stale])])
                 slide = self.slides[i]
                 out = None if self.maps_dir is None else Path(self.maps_dir) / f"{slide.slide_id}.zarr"
                 grid = compute_map(self.net, slide, self.mpp, tile=self.tile, margin=self.margin,
@@ -123,6 +135,7 @@ class MappingWorker:
                 if grid is None:
                     break
                 self.board.publish(i, grid)
+                self._mapped_with[i] = self._epoch
                 self.maps_done += 1
                 with self._cond:
                     self._cond.notify_all()

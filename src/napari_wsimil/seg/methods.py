@@ -109,7 +109,6 @@ class SegMethod:
         self.model: nn.Module | None = None
         self.mapper: Any = None
         self._val: list[tuple[int, list[Patch]]] | None = None
-        self.stats = {"train_s": 0.0}
         self._painted: dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------------------------ engine protocol
@@ -262,7 +261,9 @@ class SegMethod:
     def wait_fraction(self) -> float:
         if self.mapper is None:
             return 0.0
-        total = self.stats["train_s"]
+        import time
+
+        total = time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0
         return float(self.mapper.wait_seconds / total) if total > 0 else 0.0
 
     def close(self) -> None:
@@ -307,7 +308,6 @@ class PinchaudMethod(SegMethod):
             self.mapper.update_weights(self.model.state_dict(), epoch - 1)
             if epoch > 1 + cfg.map_staleness:
                 self.mapper.wait_for(epoch - 1, cfg.map_staleness)
-            self.stats["train_s"] = time.perf_counter() - self._t0
         return super().batches(epoch, rng)
 
     def plan(self, epoch: int, rng: np.random.Generator) -> list[Callable[[], Patch]]:
