@@ -211,7 +211,7 @@ class SegMethod:
         if self._val is None:
             rng = np.random.default_rng(12345)
             self._val = []
-            for s in self.val_slides or []:
+            for s in self._stage_slides():
                 grid = default_grid(s, self.mpp, self.block, alpha=0.0)
                 d = s.downsample(self.mpp)
                 pats = []
@@ -220,6 +220,10 @@ class SegMethod:
                     pats.append(read_patch(s, req, self.patch, self.mpp, "val", None, benign_fill=False))
                 self._val.append((int(s.label), pats))
         return self._val
+
+    def _stage_slides(self) -> list[SegSlide]:
+        """Slides the validation patches come from."""
+        return self.val_slides
 
     def _val_logits(self, model: nn.Module, device: torch.device) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         out = []
@@ -355,6 +359,10 @@ class HybridMethod(SegMethod):
     def _round_of(self, epoch: int) -> int:
         return (epoch - 1) // max(1, self.config.epochs_per_round) + 1  # type: ignore[attr-defined]
 
+    def _stage_slides(self) -> list[SegSlide]:
+        """Stage 2 scores the validation slides, or the training slides when there are none (as Li et al.)."""
+        return self.val_slides or self.train_slides
+
     def e_step(self, epoch: int) -> None:
         """Map every training slide with the current model; the maps are this round's pseudo-labels and
         sampling weights."""
@@ -456,7 +464,7 @@ class HybridMethod(SegMethod):
             return None
         from .losses import top_k_slide_score
 
-        slides_val = self._val_logits(model, device) if self.val_slides else []
+        slides_val = self._val_logits(model, device)
         if not slides_val:
             return None
         scores, labels = [], []
