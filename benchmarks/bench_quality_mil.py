@@ -20,84 +20,17 @@ python benchmarks/bench_quality_mil.py [--quick] [--slides 60] [--size 4096] [--
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table  # noqa: E402
+from _common import make_cohort, split_cohort, table, wsimil  # noqa: E402
 
 METHODS = ("clam-sb", "ms-clam", "abmil")
-
-
-def make_cohort(work: Path, n_slides: int, size: int, seed: int, contrast: float = 1.0) -> Path:
-    """The synthetic cohort, made once per (n, size, seed, contrast) and reused across runs.
-
-    The folder name carries the contrast when it is not 1 (so caches made before the option stay valid)."""
-    from napari_wsimil.slide.synthetic import _SAMPLE_VERSION, synthesize_cohort
-
-    tag = "" if contrast == 1.0 else f"_c{contrast:g}"
-    folder = work / f"cohort_v{_SAMPLE_VERSION}_{n_slides}x{size}_s{seed}{tag}"
-    csv_path = folder / "cohort.csv"
-    if not csv_path.is_file():
-        t = time.perf_counter()
-        synthesize_cohort(folder, n_slides, seed=seed, size=size, tumour_contrast=contrast)
-        print(f"(synthesised {n_slides} slides of {size}² in {time.perf_counter() - t:.0f} s)", flush=True)
-    return csv_path
-
-
-def split_cohort(csv_path: Path, out_csv: Path, seed: int, annotated_fraction: float) -> dict[str, int]:
-    """Add a stratified split and paint the ground truth of ``annotated_fraction`` of the malignant
-    slides (taken from train) into pixel-label masks; returns counts for the report."""
-    import tifffile
-
-    from napari_wsimil.project.mask_io import MaskImage
-
-    with open(csv_path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    rng = np.random.default_rng(seed)
-    for label in ("0", "1"):
-        group = [r for r in rows if r["label"] == label]
-        order = rng.permutation(len(group))
-        n_test, n_val = round(0.30 * len(group)), round(0.15 * len(group))
-        for rank, i in enumerate(order):
-            group[i]["split"] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
-    malignant_train = [r for r in rows if r["label"] == "1" and r["split"] == "train"]
-    n_mal = sum(r["label"] == "1" for r in rows)
-    n_annot = min(len(malignant_train), max(1, math.ceil(annotated_fraction * n_mal)))
-    annotated = {r["slide_id"] for r in malignant_train[:n_annot]}
-    paint_dir = out_csv.parent / "paint"
-    paint_dir.mkdir(parents=True, exist_ok=True)
-    for r in rows:
-        r["path"] = str((csv_path.parent / r["path"]).resolve())
-        r["gt_mask"] = str((csv_path.parent / r["gt_mask"]).resolve())
-        r["pixel_labels"], r["pixel_labels_downsample"] = "", ""
-        if r["slide_id"] in annotated:
-            with MaskImage(Path(r["gt_mask"])) as gt:
-                truth = gt.points(np.arange(gt.shape[0]), np.arange(gt.shape[1]))
-            target = paint_dir / f"{r['slide_id']}.tif"
-            tifffile.imwrite(target, np.where(truth > 0, 1, 2).astype(np.uint8))
-            r["pixel_labels"], r["pixel_labels_downsample"] = str(target), r["gt_downsample"]
-    with open(out_csv, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return {"train": sum(r["split"] == "train" for r in rows), "val": sum(r["split"] == "val" for r in rows),
-            "test": sum(r["split"] == "test" for r in rows), "annotated": len(annotated), "malignant": n_mal}
-
-
-def wsimil(*argv: str) -> None:
-    from napari_wsimil.cli import main
-
-    code = main([str(a) for a in argv])
-    if code != 0:
-        raise SystemExit(f"wsimil {' '.join(map(str, argv))} failed with status {code}")
 
 
 def run_method(method: str, cohort_csv: Path, work: Path, *, epochs: int, patch: int, mpp: float, seed: int,

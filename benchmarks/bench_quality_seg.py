@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import io
 import json
 import math
@@ -41,25 +40,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table  # noqa: E402
+from _common import make_cohort, split_cohort, table, wsimil  # noqa: E402
 
 METHODS = ("pinchaud", "hybrid", "confkd")
 # name shown, method, --set options on top of the common ones
 ABLATIONS = (("pinchaud β1=0", "pinchaud", {"beta1": 0}), ("pinchaud α=0", "pinchaud", {"alpha": 0}))
-
-
-def make_cohort(work: Path, n_slides: int, size: int, seed: int, contrast: float = 1.0) -> Path:
-    """The synthetic cohort, made once per (n, size, seed, contrast) and reused across runs."""
-    from napari_wsimil.slide.synthetic import _SAMPLE_VERSION, synthesize_cohort
-
-    tag = "" if contrast == 1.0 else f"_c{contrast:g}"
-    folder = work / f"cohort_v{_SAMPLE_VERSION}_{n_slides}x{size}_s{seed}{tag}"
-    csv_path = folder / "cohort.csv"
-    if not csv_path.is_file():
-        t = time.perf_counter()
-        synthesize_cohort(folder, n_slides, seed=seed, size=size, tumour_contrast=contrast)
-        print(f"(synthesised {n_slides} slides of {size}² in {time.perf_counter() - t:.0f} s)", flush=True)
-    return csv_path
 
 
 def _tissue_on_grid(slide_path: Path, shape: tuple[int, int], downsample: float) -> np.ndarray:
@@ -76,59 +61,15 @@ def _tissue_on_grid(slide_path: Path, shape: tuple[int, int], downsample: float)
     return m[np.ix_(index(shape[0], m.shape[0]), index(shape[1], m.shape[1]))].astype(bool)
 
 
-def split_cohort(csv_path: Path, out_csv: Path, test_csv: Path, seed: int, annotated_fraction: float
-                 ) -> dict[str, int]:
-    """Add a stratified split; paint the ground truth of ``annotated_fraction`` of the malignant slides (taken
-    from train) into pixel-label masks (1 tumour, 2 other tissue, 0 glass); also write the test rows alone."""
-    import tifffile
+def split_cohort_seg(csv_path: Path, out_csv: Path, test_csv: Path, seed: int, annotated_fraction: float
+                     ) -> dict[str, int]:
+    """The shared split; painted slides get tumour 1, other tissue 2 and glass 0 (what a pathologist paints)."""
 
-    from napari_wsimil.project.mask_io import MaskImage
+    def paint(row: dict, truth: np.ndarray) -> np.ndarray:
+        tissue = _tissue_on_grid(Path(row["path"]), truth.shape, float(row["gt_downsample"]))
+        return np.where(truth, 1, np.where(tissue, 2, 0)).astype(np.uint8)
 
-    with open(csv_path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    rng = np.random.default_rng(seed)
-    for label in ("0", "1"):
-        group = [r for r in rows if r["label"] == label]
-        order = rng.permutation(len(group))
-        n_test, n_val = round(0.30 * len(group)), round(0.15 * len(group))
-        for rank, i in enumerate(order):
-            group[i]["split"] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
-    malignant_train = [r for r in rows if r["label"] == "1" and r["split"] == "train"]
-    n_mal = sum(r["label"] == "1" for r in rows)
-    n_annot = min(len(malignant_train), max(1, math.ceil(annotated_fraction * n_mal)))
-    annotated = {r["slide_id"] for r in malignant_train[:n_annot]}
-    paint_dir = out_csv.parent / "paint"
-    paint_dir.mkdir(parents=True, exist_ok=True)
-    painted_px = 0
-    for r in rows:
-        r["path"] = str((csv_path.parent / r["path"]).resolve())
-        r["gt_mask"] = str((csv_path.parent / r["gt_mask"]).resolve())
-        r["pixel_labels"], r["pixel_labels_downsample"] = "", ""
-        if r["slide_id"] in annotated:
-            with MaskImage(Path(r["gt_mask"])) as gt:
-                truth = gt.points(np.arange(gt.shape[0]), np.arange(gt.shape[1])) > 0
-            tissue = _tissue_on_grid(Path(r["path"]), truth.shape, float(r["gt_downsample"]))
-            paint = np.where(truth, 1, np.where(tissue, 2, 0)).astype(np.uint8)
-            painted_px += int((paint > 0).sum())
-            target = paint_dir / f"{r['slide_id']}.tif"
-            tifffile.imwrite(target, paint)
-            r["pixel_labels"], r["pixel_labels_downsample"] = str(target), r["gt_downsample"]
-    for path, keep in ((out_csv, rows), (test_csv, [r for r in rows if r["split"] == "test"])):
-        with open(path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(keep)
-    return {"train": sum(r["split"] == "train" for r in rows), "val": sum(r["split"] == "val" for r in rows),
-            "test": sum(r["split"] == "test" for r in rows), "annotated": len(annotated), "malignant": n_mal,
-            "malignant_test": sum(r["split"] == "test" and r["label"] == "1" for r in rows)}
-
-
-def wsimil(*argv: object) -> None:
-    from napari_wsimil.cli import main
-
-    code = main([str(a) for a in argv])
-    if code != 0:
-        raise SystemExit(f"wsimil {' '.join(map(str, argv))} failed with status {code}")
+    return split_cohort(csv_path, out_csv, seed, annotated_fraction, paint=paint, test_csv=test_csv)
 
 
 def run_one(name: str, method: str, options: dict[str, object], cohort_csv: Path, test_csv: Path, work: Path,
@@ -209,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     cohort_csv = make_cohort(base, args.slides, args.size, cohort_seed, args.tumour_contrast)
     work = Path(tempfile.mkdtemp(prefix="seg-quality-", dir=base))
     split_csv, test_csv = work / "cohort_split.csv", work / "cohort_test.csv"
-    counts = split_cohort(cohort_csv, split_csv, test_csv, args.seed, args.annotated)
+    counts = split_cohort_seg(cohort_csv, split_csv, test_csv, args.seed, args.annotated)
     print(f"cohort: {args.slides} slides of {args.size}² ({counts['malignant']} malignant); train "
           f"{counts['train']} / val {counts['val']} / test {counts['test']} ({counts['malignant_test']} "
           f"malignant); pixel labels on {counts['annotated']} malignant training slides; U-Net "
