@@ -22,8 +22,7 @@ DEFAULT_PATCH = 128
 
 def prepare_seg_run(spec: Any, report: Callable[[str], None] | None = None) -> Any:
     from ..project.atomic import write_text
-    from ..train.cohort import assign_splits
-    from ..train.pipeline import PreparedRun, _check, labelled_slides
+    from ..train.pipeline import PreparedRun, _check, labelled_slides, split_and_check_resume
     from ..train.registry import make_config
     from .data import open_seg_slides
     from .methods import make_method
@@ -42,16 +41,9 @@ def prepare_seg_run(spec: Any, report: Callable[[str], None] | None = None) -> A
     if classes[0] not in present:
         raise WsimilError(f"no slide labelled {classes[0]!r} (benign): the model needs benign slides to learn what "
                           "is not tumour")
-    slides = assign_splits(usable, classes, spec.seed, spec.val_fraction)
-    tr = [s for s in slides if s.split == "train"]
-    va = [s for s in slides if s.split == "val"]
+    tr, va = split_and_check_resume(spec, usable, classes)
     run_info_path = run / "run.json"
-    if spec.resume and run_info_path.is_file():
-        old = json.loads(run_info_path.read_text())
-        for key, new in (("method", spec.method), ("mpp", spec.mpp), ("patch", spec.patch), ("classes", classes)):
-            if old.get(key) != new:
-                raise WsimilError(f"cannot resume {run}: it was trained with {key} {old.get(key)!r}, not {new!r}")
-    say(f"{spec.method}: tissue masks and pixel labels of {len(slides)} slides")
+    say(f"{spec.method}: tissue masks and pixel labels of {len(tr) + len(va)} slides")
     train_slides = open_seg_slides(cohort, tr, classes, mapping=spec.tile_classes, exhaustive=spec.exhaustive_labels,
                                    report=say)
     val_slides = open_seg_slides(cohort, va, classes, with_labels=False) if va else []

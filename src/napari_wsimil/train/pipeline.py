@@ -80,11 +80,27 @@ def labelled_slides(spec: MILRunSpec) -> tuple[Any, list[Any], list[str]]:
     return cohort, usable, classes
 
 
+def split_and_check_resume(spec: MILRunSpec, usable: list[Any], classes: list[str], **more: Any
+                           ) -> tuple[list[Any], list[Any]]:
+    """(train, val) slides; with ``resume``, the run's method, µm/px, patch, classes (and ``more``) must match
+    what it was trained with."""
+    from .cohort import assign_splits
+
+    slides = assign_splits(usable, classes, spec.seed, spec.val_fraction)
+    run = Path(spec.out)
+    if spec.resume and (run / "run.json").is_file():
+        old = json.loads((run / "run.json").read_text())
+        for key, new in (("method", spec.method), ("mpp", spec.mpp), ("patch", spec.patch), ("classes", classes),
+                         *more.items()):
+            if old.get(key) != new:
+                raise WsimilError(f"cannot resume {run}: it was trained with {key} {old.get(key)!r}, not {new!r}")
+    return [s for s in slides if s.split == "train"], [s for s in slides if s.split == "val"]
+
+
 def prepare_mil_run(spec: MILRunSpec, report: Callable[[str], None] | None = None) -> PreparedRun:
     """Validate, split, extract, label and build (see the module doc); errors are ``WsimilError``."""
     from ..project.atomic import write_text
     from .cohort import (
-        assign_splits,
         check_tissue,
         ensure_features,
         features_dir_for,
@@ -106,17 +122,9 @@ def prepare_mil_run(spec: MILRunSpec, report: Callable[[str], None] | None = Non
                           "least two classes")
     if len(classes) < 2:
         raise WsimilError(f"a classifier needs at least two classes, got {classes}")
-    slides = assign_splits(usable, classes, spec.seed, spec.val_fraction)
-    tr = [s for s in slides if s.split == "train"]
-    va = [s for s in slides if s.split == "val"]
-
+    tr, va = split_and_check_resume(spec, usable, classes, encoder=spec.encoder)
+    slides = tr + va
     run_info_path = run / "run.json"
-    if spec.resume and run_info_path.is_file():
-        old = json.loads(run_info_path.read_text())
-        for key, new in (("method", spec.method), ("encoder", spec.encoder), ("mpp", spec.mpp),
-                         ("patch", spec.patch), ("classes", classes)):
-            if old.get(key) != new:
-                raise WsimilError(f"cannot resume {run}: it was trained with {key} {old.get(key)!r}, not {new!r}")
 
     feat_dir = features_dir_for(cohort, run, spec.encoder)
     say(f"features: {len(slides)} slides, encoder {spec.encoder}, {spec.patch} px at {spec.mpp:g} µm/px "
