@@ -72,7 +72,8 @@ def test_bags_on_disk(tmp_path):
 
 
 def test_registry_documents_every_option():
-    assert set(methods()) == {"abmil", "clam-sb", "clam-mb", "ms-clam"}
+    assert set(methods()) == {"abmil", "clam-sb", "clam-mb", "ms-clam", "pinchaud", "hybrid", "confkd"}
+    assert {n for n, m in methods().items() if m.kind == "segmentation"} == {"pinchaud", "hybrid", "confkd"}
     for name, info in methods().items():
         cfg = info.config_cls()
         for f in cfg.__dataclass_fields__:
@@ -82,6 +83,10 @@ def test_registry_documents_every_option():
     assert (ms.c1, ms.w_att, ms.k_sample, ms.oversample, ms.oversample_decay) == (0.6, 1.0, 8, 90.0, 0.9)
     clam = get("clam-sb").config_cls()
     assert (clam.bag_weight, clam.patience, clam.min_epochs, clam.lr) == (0.7, 20, 50, 2e-4)
+    pin = get("pinchaud").config_cls()  # the paper's settings
+    assert (pin.beta0, pin.beta1, pin.eta, pin.alpha, pin.width) == (0.0, 1.0, 50.0, 2.0, 32)
+    hyb = get("hybrid").config_cls()
+    assert (hyb.threshold, hyb.scale, hyb.mix_negative, hyb.mix_pseudo, hyb.mix_fine) == (0.4, 4.0, 0.4, 0.1, 0.5)
 
 
 def test_reads_feature_bags_written_by_the_features_package(tmp_path):
