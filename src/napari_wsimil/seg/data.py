@@ -169,29 +169,18 @@ def open_seg_slides(cohort: Any, items: Sequence[Any], classes: Sequence[str], *
     Errors name the slide: no pixel size, no tissue, unreadable masks."""
     from ..slide import open_slide
     from ..slide.tissue import tissue_mask
-    from ..train.cohort_labels import _csv_class_table, _csv_source
-    from ..train.tile_labels import TileLabelSource, default_class_map, parse_class_map
+    from ..train.cohort_labels import DrawingSources
 
     say = report or (lambda _m: None)
     if len(classes) != 2:
         raise SegDataError(f"pixel segmentation separates benign from malignant: it needs exactly two slide "
                            f"classes, got {', '.join(classes)}")
     index = {c: i for i, c in enumerate(classes)}
-    project = None
-    stack: list[Any] = []
-    if cohort.is_project:
-        from ..project.project import Project
-
-        project = Project.open(cohort.source, readonly=True)
-        table = {c.id: c.name for c in project.classes}
-    else:
-        table = _csv_class_table(items)
-    class_ids = {name: cid for cid, name in table.items()}
-    id_to_class = parse_class_map(mapping, table, classes) if mapping else default_class_map(table, classes)
+    sources = DrawingSources(cohort, items, classes, mapping)
     out = []
     try:
         for s in items:
-            mpp = project.slide_mpp(s.slide_id) if project is not None else None
+            mpp = sources.slide_mpp(s.slide_id)
             try:
                 with open_slide(s.path, mpp=mpp) as sl:
                     if sl.mpp is None:
@@ -205,29 +194,18 @@ def open_seg_slides(cohort: Any, items: Sequence[Any], classes: Sequence[str], *
                 raise SegDataError(f"{s.slide_id}: {exc}") from exc
             if not tissue.mask.any():
                 raise SegDataError(f"no tissue found on {s.slide_id}: drop it from the cohort or check the scan")
-            labels = None
-            if with_labels:
-                if project is not None:
-                    labels = TileLabelSource(class_ids=class_ids, annotations=project.annotations(s.slide_id))
-                    points = project.pixel_label_points(s.slide_id)
-                    if points is not None:
-                        labels.lookup, labels.downsample = points
-                else:
-                    labels = _csv_source(s, class_ids, stack)
-                if labels.empty:
-                    labels = None
+            labels = sources.source(s) if with_labels else None
+            if labels is not None and labels.empty:
+                labels = None
             label = index[s.label] if s.label is not None and s.label in index else None
             out.append(SegSlide(s.slide_id, Path(s.path), label, slide_mpp, shape0, tissue, labels,
-                                dict(id_to_class), exhaustive))
+                                dict(sources.id_to_class), exhaustive))
             if labels is not None:
                 say(f"{s.slide_id}: painted pixel labels found")
     except BaseException:
-        for m in stack:
-            m.close()
+        sources.close()
         raise
-    finally:
-        if project is not None:
-            project.close()
+    sources.close(masks=False)  # the slides' label lookups read the CSV masks for the whole run
     return out
 
 

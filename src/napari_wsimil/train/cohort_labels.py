@@ -53,6 +53,54 @@ def _csv_source(slide: SlideItem, class_ids: Mapping[str, int], stack: list[Any]
     return src
 
 
+class DrawingSources:
+    """Where each slide's drawings live (a project's paint and annotations, or a CSV's ``pixel_labels`` and
+    ``annotations`` columns) and which drawn class means which slide class (``mapping`` as --tile-classes, or
+    by name). Shared by MS-CLAM's tile labels and the segmentation methods' pixel labels."""
+
+    def __init__(self, cohort: Cohort, slides: Sequence[SlideItem], slide_classes: Sequence[str],
+                 mapping: str | None = None):
+        self.project: Any = None
+        self.masks: list[Any] = []  # CSV masks opened for their lookups
+        if cohort.is_project:
+            from ..project.project import Project
+
+            self.project = Project.open(cohort.source, readonly=True)
+            table = {c.id: c.name for c in self.project.classes}
+        else:
+            table = _csv_class_table(slides)
+        self.class_ids = {name: cid for cid, name in table.items()}
+        try:
+            self.id_to_class = (parse_class_map(mapping, table, slide_classes) if mapping
+                                else default_class_map(table, slide_classes))
+        except BaseException:
+            self.close()
+            raise
+
+    def source(self, slide: SlideItem) -> TileLabelSource:
+        if self.project is None:
+            return _csv_source(slide, self.class_ids, self.masks)
+        src = TileLabelSource(class_ids=self.class_ids, annotations=self.project.annotations(slide.slide_id))
+        points = self.project.pixel_label_points(slide.slide_id)
+        if points is not None:
+            src.lookup, src.downsample = points
+        return src
+
+    def slide_mpp(self, slide_id: str) -> float | None:
+        """The project's µm/px for the slide (its override, if any); None for CSV cohorts."""
+        return None if self.project is None else self.project.slide_mpp(slide_id)
+
+    def close(self, masks: bool = True) -> None:
+        """Close the project; ``masks=False`` keeps the CSV masks open for lookups that outlive this object."""
+        if self.project is not None:
+            self.project.close()
+            self.project = None
+        if masks:
+            for m in self.masks:
+                m.close()
+            self.masks.clear()
+
+
 def cohort_tile_labels(cohort: Cohort, slides: Sequence[SlideItem], bags: Mapping[str, Path],
                        slide_classes: Sequence[str], *, mapping: str | None = None, exhaustive: bool = False,
                        min_fraction: float = 0.5,
@@ -65,31 +113,17 @@ def cohort_tile_labels(cohort: Cohort, slides: Sequence[SlideItem], bags: Mappin
     from ..features.bags import patch_size_level0, read_bag
 
     say = report or (lambda _m: None)
-    stack: list[Any] = []
-    project = None
-    if cohort.is_project:
-        from ..project.project import Project
-
-        project = Project.open(cohort.source, readonly=True)
-        table = {c.id: c.name for c in project.classes}
-    else:
-        table = _csv_class_table(slides)
-    class_ids = {name: cid for cid, name in table.items()}
-    id_to_tile = parse_class_map(mapping, table, slide_classes) if mapping else default_class_map(table, slide_classes)
+    sources = DrawingSources(cohort, slides, slide_classes, mapping)
+    id_to_tile = sources.id_to_class
     if not id_to_tile:
+        sources.close()
         say("tile labels: no drawn class maps to a slide class (see --tile-classes); none used")
         return {}
     out: dict[str, np.ndarray] = {}
     try:
         for s in slides:
             try:
-                if project is not None:
-                    src = TileLabelSource(class_ids=class_ids, annotations=project.annotations(s.slide_id))
-                    points = project.pixel_label_points(s.slide_id)
-                    if points is not None:
-                        src.lookup, src.downsample = points
-                else:
-                    src = _csv_source(s, class_ids, stack)
+                src = sources.source(s)
                 if src.empty:
                     continue
                 bag = read_bag(bags[s.slide_id])
@@ -104,10 +138,7 @@ def cohort_tile_labels(cohort: Cohort, slides: Sequence[SlideItem], bags: Mappin
                                if (labels == k).any())
             say(f"tile labels {s.slide_id}: {counts} of {len(labels)} patches")
     finally:
-        for m in stack:
-            m.close()
-        if project is not None:
-            project.close()
+        sources.close()
     return out
 
 
