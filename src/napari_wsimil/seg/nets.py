@@ -167,7 +167,22 @@ def receptive_margin(net: nn.Module | int) -> int:
     return -(-need // g) * g
 
 
-class SegUNet(nn.Module):
+class _EncoderNet(nn.Module):
+    """What every net here shares: its geometry and the encoder (state-dict names ``encoder.*``)."""
+
+    def __init__(self, in_channels: int, n_classes: int, width: int, depth: int, skips: bool):
+        super().__init__()
+        self.in_channels, self.n_classes = in_channels, n_classes
+        self.width, self.depth, self.skips = width, depth, skips
+        self.encoder = UNetEncoder(in_channels, width, depth)
+
+    @property
+    def margin(self) -> int:
+        """See :func:`receptive_margin`."""
+        return receptive_margin(self.depth)
+
+
+class SegUNet(_EncoderNet):
     """U-Net with separable convs, residual blocks and batch norm (Pinchaud 2024, section 4).
 
     ``(B, in_channels, H, W)`` → per-pixel logits ``(B, n_classes, H, W)``, H and W multiples of
@@ -177,23 +192,15 @@ class SegUNet(nn.Module):
 
     def __init__(self, in_channels: int = 3, n_classes: int = 2, width: int = 32, depth: int = 4,
                  skips: bool = True):
-        super().__init__()
-        self.in_channels, self.n_classes = in_channels, n_classes
-        self.width, self.depth, self.skips = width, depth, skips
-        self.encoder = UNetEncoder(in_channels, width, depth)
+        super().__init__(in_channels, n_classes, width, depth, skips)
         self.decoder = UNetDecoder(n_classes, width, depth, skips)
-
-    @property
-    def margin(self) -> int:
-        """See :func:`receptive_margin`."""
-        return receptive_margin(self.depth)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.in_channels, self.depth)
         return self.decoder(self.encoder(x))
 
 
-class DualDecoderNet(nn.Module):
+class DualDecoderNet(_EncoderNet):
     """ConfKD's dual-branch net: shared :class:`UNetEncoder`, teacher and student :class:`UNetDecoder`.
 
     Sharing the encoder is what lets the weakly supervised student benefit from the features the strongly
@@ -203,17 +210,9 @@ class DualDecoderNet(nn.Module):
 
     def __init__(self, in_channels: int = 3, n_classes: int = 2, width: int = 32, depth: int = 4,
                  skips: bool = True):
-        super().__init__()
-        self.in_channels, self.n_classes = in_channels, n_classes
-        self.width, self.depth, self.skips = width, depth, skips
-        self.encoder = UNetEncoder(in_channels, width, depth)
+        super().__init__(in_channels, n_classes, width, depth, skips)
         self.teacher = UNetDecoder(n_classes, width, depth, skips)
         self.student = UNetDecoder(n_classes, width, depth, skips)
-
-    @property
-    def margin(self) -> int:
-        """See :func:`receptive_margin`."""
-        return receptive_margin(self.depth)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_input(x, self.in_channels, self.depth)
