@@ -38,9 +38,33 @@ class LoadedRun:
         return list(self.info.get("classes") or [str(i) for i in range(self.n_classes)])
 
 
+def saved_config(method: str, state: dict[str, Any]) -> Any:
+    """The method's config as a run's ``last.json`` saved it (options the method no longer has are dropped)."""
+    from ..train import get
+
+    cls = get(method).config_cls
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in state.get("config", {}).items() if k in known})
+
+
+def load_checkpoint_weights(run: Path, model: Any, weights: str, device: str) -> Any:
+    """Load ``best`` (or ``last``) weights of a run folder into ``model``, move it to ``device`` in eval mode;
+    returns the torch device."""
+    from ..train import load_model_weights, pick_device
+
+    src = run / "best.safetensors" if weights == "best" and (run / "best.safetensors").is_file() else run / "last.json"
+    try:
+        load_model_weights(src, model)
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise RunError(f"cannot load the weights {src}: {exc}") from exc
+    dev = pick_device(device)
+    model.to(dev).eval()
+    return dev
+
+
 def load_run(run_dir: str | os.PathLike[str], device: str = "auto", weights: str = "best") -> LoadedRun:
     """The model of a run folder in eval mode; ``weights`` "best" (default) or "last"."""
-    from ..train import get, load_model_weights, pick_device
+    from ..train import get
     from ..train.mil import BagDataset
 
     run = Path(run_dir)
@@ -54,17 +78,9 @@ def load_run(run_dir: str | os.PathLike[str], device: str = "auto", weights: str
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise RunError(f"cannot read {last}: {exc}") from exc
     info_cls = get(name)
-    known = {f.name for f in fields(info_cls.config_cls)}
-    cfg = info_cls.config_cls(**{k: v for k, v in state.get("config", {}).items() if k in known})
-    method = info_cls.builder(cfg, BagDataset([]), None)
+    method = info_cls.builder(saved_config(name, state), BagDataset([]), None)
     model = method.make_model(in_dim, n_classes)
-    src = run / "best.safetensors" if weights == "best" and (run / "best.safetensors").is_file() else last
-    try:
-        load_model_weights(src, model)
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        raise RunError(f"cannot load the weights {src}: {exc}") from exc
-    dev = pick_device(device)
-    model.to(dev).eval()
+    dev = load_checkpoint_weights(run, model, weights, device)
     info: dict[str, Any] = {}
     if (run / RUN_FILE).is_file():
         try:

@@ -21,8 +21,6 @@ from ..errors import WsimilError
 from .data import SegSlide
 from .maps import compute_map
 
-SCORES = ("max", "topk")
-
 
 @dataclass
 class SegRun:
@@ -61,10 +59,7 @@ def is_segmentation_run(run_dir: str | os.PathLike[str]) -> bool:
 
 
 def load_seg_run(run_dir: str | os.PathLike[str], device: str = "auto", weights: str = "best") -> SegRun:
-    from dataclasses import fields
-
-    from ..train.engine import load_model_weights, pick_device
-    from ..train.registry import get
+    from ..infer.predict import load_checkpoint_weights, saved_config
     from .methods import build_net
 
     run = Path(run_dir)
@@ -74,17 +69,9 @@ def load_seg_run(run_dir: str | os.PathLike[str], device: str = "auto", weights:
     except (OSError, ValueError) as exc:
         raise WsimilError(f"{run} is not a finished or running segmentation run: {exc}") from exc
     name = info["method"]
-    cls = get(name).config_cls
-    known = {f.name for f in fields(cls)}
-    cfg = cls(**{k: v for k, v in state.get("config", {}).items() if k in known})
+    cfg = saved_config(name, state)
     net = build_net(cfg, dual=name == "confkd")
-    src = run / "best.safetensors" if weights == "best" and (run / "best.safetensors").is_file() else run / "last.json"
-    try:
-        load_model_weights(src, net)
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        raise WsimilError(f"cannot load the weights {src}: {exc}") from exc
-    dev = pick_device(device)
-    net.to(dev).eval()
+    dev = load_checkpoint_weights(run, net, weights, device)
     if name == "confkd":
         net = _Branch(net, getattr(cfg, "predict_with", "student"))
     return SegRun(net, name, info, state.get("config", {}), dev)
@@ -158,4 +145,4 @@ def remove_zarr(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-__all__ = ["SCORES", "SegRun", "SlideMap", "is_segmentation_run", "load_seg_run", "map_slide", "write_map_tiff"]
+__all__ = ["SegRun", "SlideMap", "is_segmentation_run", "load_seg_run", "map_slide", "write_map_tiff"]
