@@ -358,3 +358,20 @@ def test_mapper_maps_each_slide_once_per_weights_then_idles(cohort: Path) -> Non
         worker.stop()
         for s in slides:
             s.close()
+
+
+def test_slide_without_pixel_size_is_named(cohort: Path, tmp_path: Path, capsys) -> None:
+    from napari_wsimil.slide.tiff_writer import write_image_pyramid
+
+    img = np.full((1024, 1024, 3), 240, np.uint8)
+    img[200:800, 200:800] = (150, 80, 160)  # tissue, but the file records no µm/px
+    write_image_pyramid(tmp_path / "nompp.tif", img, mpp=None)
+    rows = _rows(cohort)
+    for r in rows:
+        r["path"] = str(cohort.parent / r["path"])
+    rows.append({"slide_id": "nompp", "path": str(tmp_path / "nompp.tif"), "label": "0"})
+    bad = _write(rows, tmp_path / "nompp.csv")
+    assert main(["train", str(bad), "--method", "pinchaud", "--out", str(tmp_path / "r"), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "nompp" in err and "pixel size" in err
+    assert not (tmp_path / "r" / "last.json").exists()
