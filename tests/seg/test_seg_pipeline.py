@@ -244,17 +244,24 @@ def test_all_benign_cohort_is_refused_before_training(cohort: Path, tmp_path: Pa
     assert not (tmp_path / "r" / "last.json").exists()
 
 
+def _train_with_extra_slide(cohort: Path, tmp_path: Path, name: str, capsys) -> str:
+    """Train pinchaud on the cohort plus benign slide ``tmp_path/<name>.tif``: it must fail before training;
+    returns the error printed."""
+    rows = _rows(cohort)
+    for r in rows:
+        r["path"] = str(cohort.parent / r["path"])
+    rows.append({"slide_id": name, "path": str(tmp_path / f"{name}.tif"), "label": "0"})
+    bad = _write(rows, tmp_path / f"{name}.csv")
+    assert main(["train", str(bad), "--method", "pinchaud", "--out", str(tmp_path / "r"), *SMALL]) == 2
+    assert not (tmp_path / "r" / "last.json").exists()
+    return capsys.readouterr().err
+
+
 def test_slide_without_tissue_is_named(cohort: Path, tmp_path: Path, capsys) -> None:
     from napari_wsimil.slide.tiff_writer import write_image_pyramid
 
     write_image_pyramid(tmp_path / "blank.tif", np.full((2048, 2048, 3), 245, np.uint8), mpp=0.5)
-    rows = _rows(cohort)
-    for r in rows:
-        r["path"] = str(cohort.parent / r["path"])
-    rows.append({"slide_id": "blank", "path": str(tmp_path / "blank.tif"), "label": "0"})
-    bad = _write(rows, tmp_path / "blank.csv")
-    assert main(["train", str(bad), "--method", "pinchaud", "--out", str(tmp_path / "r"), *SMALL]) == 2
-    err = capsys.readouterr().err
+    err = _train_with_extra_slide(cohort, tmp_path, "blank", capsys)
     assert "no tissue" in err and "blank" in err
 
 
@@ -366,12 +373,5 @@ def test_slide_without_pixel_size_is_named(cohort: Path, tmp_path: Path, capsys)
     img = np.full((1024, 1024, 3), 240, np.uint8)
     img[200:800, 200:800] = (150, 80, 160)  # tissue, but the file records no µm/px
     write_image_pyramid(tmp_path / "nompp.tif", img, mpp=None)
-    rows = _rows(cohort)
-    for r in rows:
-        r["path"] = str(cohort.parent / r["path"])
-    rows.append({"slide_id": "nompp", "path": str(tmp_path / "nompp.tif"), "label": "0"})
-    bad = _write(rows, tmp_path / "nompp.csv")
-    assert main(["train", str(bad), "--method", "pinchaud", "--out", str(tmp_path / "r"), *SMALL]) == 2
-    err = capsys.readouterr().err
+    err = _train_with_extra_slide(cohort, tmp_path, "nompp", capsys)
     assert "nompp" in err and "pixel size" in err
-    assert not (tmp_path / "r" / "last.json").exists()
