@@ -77,11 +77,11 @@ def _paint_everything(row: dict, truth: np.ndarray) -> np.ndarray:
 
 def split_cohort(csv_path: Path, out_csv: Path, seed: int, annotated_fraction: float, *,
                  paint: Callable[[dict, np.ndarray], np.ndarray] = _paint_everything,
-                 test_csv: Path | None = None) -> dict[str, int]:
+                 test_csv: Path | None = None, val_annotated: int = 0) -> dict[str, int]:
     """Add a stratified, seeded split (30 % test, 15 % val per class) and paint the ground truth of
-    ``annotated_fraction`` of the malignant slides (taken from train) into pixel-label masks: ``paint(row,
-    truth)`` gives the class ids (default 1 tumour, 2 everything else). ``test_csv`` also gets the test rows
-    alone. Returns counts for the report."""
+    ``annotated_fraction`` of the malignant slides (taken from train), and of ``val_annotated`` malignant
+    validation slides, into pixel-label masks: ``paint(row, truth)`` gives the class ids (default 1 tumour,
+    2 everything else). ``test_csv`` also gets the test rows alone. Returns counts for the report."""
     import tifffile
 
     from napari_wsimil.project.mask_io import MaskImage
@@ -99,13 +99,15 @@ def split_cohort(csv_path: Path, out_csv: Path, seed: int, annotated_fraction: f
     n_mal = sum(r["label"] == "1" for r in rows)
     n_annot = min(len(malignant_train), max(1, math.ceil(annotated_fraction * n_mal)))
     annotated = {r["slide_id"] for r in malignant_train[:n_annot]}
+    annotated_val = {r["slide_id"] for r in rows if r["label"] == "1" and r["split"] == "val"}
+    annotated_val = set(sorted(annotated_val)[:max(0, val_annotated)])
     paint_dir = out_csv.parent / "paint"
     paint_dir.mkdir(parents=True, exist_ok=True)
     for r in rows:
         r["path"] = str((csv_path.parent / r["path"]).resolve())
         r["gt_mask"] = str((csv_path.parent / r["gt_mask"]).resolve())
         r["pixel_labels"], r["pixel_labels_downsample"] = "", ""
-        if r["slide_id"] in annotated:
+        if r["slide_id"] in annotated | annotated_val:
             with MaskImage(Path(r["gt_mask"])) as gt:
                 truth = gt.points(np.arange(gt.shape[0]), np.arange(gt.shape[1])) > 0
             target = paint_dir / f"{r['slide_id']}.tif"
@@ -118,7 +120,7 @@ def split_cohort(csv_path: Path, out_csv: Path, seed: int, annotated_fraction: f
             w.writeheader()
             w.writerows(keep)
     return {"train": sum(r["split"] == "train" for r in rows), "val": sum(r["split"] == "val" for r in rows),
-            "test": sum(r["split"] == "test" for r in rows), "annotated": len(annotated), "malignant": n_mal,
+            "test": sum(r["split"] == "test" for r in rows), "annotated": len(annotated), "annotated_val": len(annotated_val), "malignant": n_mal,
             "malignant_test": sum(r["split"] == "test" and r["label"] == "1" for r in rows)}
 
 

@@ -20,9 +20,11 @@ from napari_wsimil.seg.losses import (
     top_k_slide_score,
 )
 from napari_wsimil.seg.nets import (
+    BranchNet,
     DualDecoderNet,
     SegUNet,
     autoencoder_pretrain_net,
+    fold_batch_norm,
     receptive_margin,
     receptive_radius,
     reconstruction_loss,
@@ -211,6 +213,45 @@ def test_dual_decoder_net():
     assert net.margin == receptive_margin(3)
     # Both decoders reuse the SegUNet building blocks.
     assert type(net.teacher) is type(SegUNet(width=4, depth=3).decoder)
+
+
+def _trained_bn_stats(net):
+    """Batch norms with statistics and affine parameters far from their initial identity."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.2, 3)
+            m.weight.data.uniform_(0.5, 2)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize("dual", [False, True])
+def test_fold_batch_norm_gives_the_same_maps(dual):
+    net = _trained_bn_stats(DualDecoderNet(width=8, depth=3) if dual else SegUNet(width=8, depth=3))
+    x = torch.rand(2, 3, 64, 64)
+    fused = fold_batch_norm(net)
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert n_bn > 10 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    with torch.no_grad():
+        ref, out = net(x), fused(x)
+    for r, o in zip(ref if dual else [ref], out if dual else [out]):
+        assert torch.allclose(r, o, atol=1e-4), (r - o).abs().max()
+    # the net itself still has its batch norms and trains as before
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == n_bn
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batch_norm(net.train())
+
+
+def test_branch_net_is_one_decoder_of_the_dual_net():
+    net = _trained_bn_stats(DualDecoderNet(width=4, depth=3))
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        t, s = net(x)
+        assert torch.equal(BranchNet(net, "teacher").eval()(x), t)
+        assert torch.equal(BranchNet(net, "student").eval()(x), s)
+    with pytest.raises(ValueError, match="teacher"):
+        BranchNet(net, "both")
 
 
 # ---------------------------------------------------------------------------------- Pinchaud losses

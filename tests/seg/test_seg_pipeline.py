@@ -159,6 +159,38 @@ def test_mapper_crash_stops_training_with_its_error(cohort: Path, tmp_path: Path
     assert not any(th.name == "wsimil-mapper" and th.is_alive() for th in threading.enumerate())
 
 
+@pytest.mark.parametrize("budget", [0.05, 1.0])
+def test_waiting_for_maps_stays_within_its_budget(cohort: Path, tmp_path: Path, monkeypatch, budget) -> None:
+    """A mapper far slower than the trainer: with the default budget the trainer goes on with older maps
+    (and says how old), with an unlimited one it waits for each fresh map."""
+    import time
+
+    import napari_wsimil.seg.mapper as mapper_mod
+    from napari_wsimil.train.engine import train
+    from napari_wsimil.train.pipeline import MILRunSpec, prepare_mil_run
+
+    real = mapper_mod.compute_map
+
+    def slow(*a, **k):
+        time.sleep(0.5)
+        return real(*a, **k)
+
+    monkeypatch.setattr(mapper_mod, "compute_map", slow)
+    spec = MILRunSpec(source=cohort, method="pinchaud", out=tmp_path / "run", epochs=8, mpp=4.0, patch=32,
+                      device="cpu", config=dict(width=8, depth=3, patches_per_epoch=16, batch_size=8, map_tile=128,
+                                                map_staleness=0, max_map_wait=budget, val_patches=2,
+                                                read_workers=1, min_epochs=8))
+    method = prepare_mil_run(spec).method
+    metrics = [ev.metrics for ev in train(method, spec.out) if ev.kind == "validation"]
+    assert len(metrics) == 8 and all("map_age" in m and "map_wait_fraction" in m for m in metrics)
+    ages = [m["map_age"] for m in metrics if m["map_age"] == m["map_age"]]  # nan: nothing mapped yet
+    if budget < 1:
+        assert method.wait_fraction() <= budget + 0.03
+        assert ages and max(ages) >= 1  # the price: older maps
+    else:
+        assert method.wait_fraction() > 0.3  # each epoch waited half a second or more for its map
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 def test_pinchaud_train_resume_predict_evaluate(cohort: Path, tmp_path: Path) -> None:
@@ -219,6 +251,47 @@ def test_hybrid_rounds_use_pseudo_labels_and_keep_the_best_round(cohort: Path, t
     assert method._pseudo, "the E-step of round 2 wrote pseudo-label maps"
     assert {"fine", "negative", "pseudo"} <= set(kinds)
     assert (spec.out / "best.safetensors").is_file()
+
+
+def _painted_val_cohort(cohort: Path, out: Path) -> Path:
+    """The painted cohort with its painted slide and one benign slide as the validation split."""
+    rows = _rows(_painted_cohort(cohort, out))
+    benign = next(r for r in rows if r["label"] == "0")
+    for r in rows:
+        r["split"] = "val" if r["pixel_labels"] or r is benign else "train"
+    return _write(rows, out / "painted_val.csv")
+
+
+def test_painted_validation_slides_choose_the_checkpoint(cohort: Path, tmp_path: Path) -> None:
+    from napari_wsimil.train.engine import train
+    from napari_wsimil.train.pipeline import MILRunSpec, prepare_mil_run
+
+    source = _painted_val_cohort(cohort, tmp_path)
+    best = {}
+    for by in ("auto", "loss"):
+        spec = MILRunSpec(source=source, method="pinchaud", out=tmp_path / by, epochs=4, mpp=4.0, patch=32,
+                          device="cpu", config=dict(width=8, depth=3, patches_per_epoch=32, batch_size=8,
+                                                    map_tile=128, val_patches=8, read_workers=1, w_pixel=0,
+                                                    checkpoint_by=by, min_epochs=4))
+        method = prepare_mil_run(spec).method
+        vals = [e for e in train(method, spec.out) if e.kind == "validation"]
+        dice = [e.metrics["val_pixel_dice"] for e in vals]
+        total = [e.losses["total"] for e in vals]
+        state = json.loads((spec.out / "last.json").read_text())
+        want = dice.index(max(dice)) if by == "auto" else total.index(min(total))
+        assert state["best_epoch"] == vals[want].epoch
+        best[by] = state["best_epoch"]
+
+    # The Dice itself: an all-tumour prediction scores 2T / (2T + N) on the painted and benign pixels.
+    painted = method._painted_val_set()
+    labels = np.stack([p.labels for p in painted])
+    assert (labels == 1).any() and (labels == 0).any()  # half the patches are centred on painted tumour
+    benign_tissue = sum(int(p.tissue.sum()) for lab, pats in method._val_set() if lab == 0 for p in pats)
+    t, n = int((labels == 1).sum()), int((labels == 0).sum()) + benign_tissue
+    method.forward_eval = lambda model, x: torch.stack([torch.zeros_like(x[:, 0]), torch.ones_like(x[:, 0])], 1)
+    assert method.painted_val_dice(method.model, torch.device("cpu")) == pytest.approx(2 * t / (2 * t + n))
+    method.forward_eval = lambda model, x: torch.stack([torch.ones_like(x[:, 0]), torch.zeros_like(x[:, 0])], 1)
+    assert method.painted_val_dice(method.model, torch.device("cpu")) == 0.0
 
 
 def test_confkd_trains_teacher_and_student_and_predicts(cohort: Path, tmp_path: Path) -> None:

@@ -28,13 +28,24 @@ class SegConfig(TrainConfig):
     alpha: float = _doc("Dynamic sampling sharpness: patch centres ∝ Q^alpha of the latest map (0: uniform over "
                         "tissue).", default=2.0)
     revisit_epochs: int = _doc("Every slide is drawn at least once every this many epochs.", default=5)
-    map_tile: int = _doc("Tile side (px) of fully convolutional mapping.", default=512)
+    map_tile: int = _doc("Tile side (px) of fully convolutional mapping (larger: less context re-read per "
+                         "tile, more memory).", default=512)
+    map_threads: int = _doc("CPU threads of the mapping worker (0: half the cores); the trainer keeps its own.",
+                            default=0)
     map_staleness: int = _doc("The trainer waits when the newest map is older than this many epochs.", default=2)
+    max_map_wait: float = _doc("Most of the training time (0-1) the trainer may spend waiting for fresh maps; "
+                               "beyond it, it trains on the maps it has (older: see the map_age metric).",
+                               default=0.05)
     w_pixel: float = _doc("Weight of cross-entropy on painted pixels (mixed supervision); 0 ignores paint.",
                           default=1.0)
     init_weights: str | None = _doc("Start from these weights: an auto-encoder pre-training file "
                                     "(`wsimil pretrain`) or a segmentation checkpoint (.safetensors).", default=None)
     val_patches: int = _doc("Fixed validation patches per validation slide.", default=16)
+    checkpoint_by: str = _doc("What picks best.safetensors and stops early: 'auto' is pixel Dice on the painted "
+                              "pixels of validation slides (benign validation slides' tissue counting as "
+                              "normal) when a validation slide is painted, else the method's validation loss; "
+                              "'loss' is always the method's loss (Hybrid: its stage-2 slide loss, as in the "
+                              "paper).", default="auto")
     read_workers: int = _doc("Threads reading patches ahead of the trainer.", default=4)
 
 

@@ -17,6 +17,7 @@ until maps are at most ``staleness`` epochs behind, and counts the time it waite
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -40,7 +41,7 @@ class MappingWorker:
 
     def __init__(self, net: Any, slides: Sequence[SegSlide], board: GridBoard, *, mpp: float,
                  maps_dir: Path | None, device: Any = "cpu", tile: int = 512, margin: int = 32,
-                 revisit_epochs: int = 5, seed: int = 0,
+                 revisit_epochs: int = 5, seed: int = 0, threads: int = 0,
                  on_map: Callable[[str, int], None] | None = None):
         self.net = copy.deepcopy(net).to(device).eval()
         self.slides = list(slides)
@@ -50,6 +51,9 @@ class MappingWorker:
         self.scheduler = SlideScheduler([s.label for s in slides], revisit_epochs)
         self.rng = np.random.default_rng([seed, 7])
         self.on_map = on_map
+        # Torch's CPU thread count is per thread: the worker's own team, sized so that it and the trainer do
+        # not both spin a full team on the same cores (which made both several times slower).
+        self.threads = threads if threads > 0 else max(1, (os.cpu_count() or 2) // 2)
         self.error: BaseException | None = None
         self.maps_done = 0
         self.wait_seconds = 0.0
@@ -116,6 +120,10 @@ class MappingWorker:
 
     def _run(self) -> None:
         try:
+            if str(self.device).startswith("cpu"):
+                import torch
+
+                torch.set_num_threads(self.threads)
             while not self._stop.is_set():
                 self._take_weights()
                 stale = np.flatnonzero(self._mapped_with < self._epoch)

@@ -122,13 +122,25 @@ def open_map(path: Path, slide: SegSlide, mpp: float, attrs: dict | None = None,
                                               "downsample": slide.downsample(mpp), **(attrs or {})})
 
 
+def inference_net(net: Any) -> Any:
+    """``net`` with batch norm folded into its convolutions when it is a torch module in eval mode (the
+    same maps, ~15 % faster: see :func:`~.nets.fold_batch_norm`); anything else as it is."""
+    from torch import nn
+
+    from .nets import fold_batch_norm
+
+    if isinstance(net, nn.Module) and not net.training:
+        return fold_batch_norm(net)
+    return net
+
+
 def _block_sum(a: np.ndarray, block: int) -> np.ndarray:
     return a.reshape(a.shape[0] // block, block, a.shape[1] // block, block).sum((1, 3))
 
 
 def _grid(net: Any) -> int:
     """Tiles must start and end on the U-Net's pooling grid (2^(depth-1) px) to match whole-image output."""
-    depth = getattr(net, "depth", None) or getattr(getattr(net, "net", None), "depth", 4)
+    depth = getattr(net, "depth", 4)
     return 2 ** (int(depth) - 1)
 
 
@@ -142,6 +154,7 @@ def compute_map(net: Any, slide: SegSlide, mpp: float, *, tile: int = 512, margi
     ``should_stop()`` turned true part-way (the map on disk is then part old, part new: still a map)."""
     if tile % block:
         raise ValueError(f"tile ({tile}) must be a multiple of block ({block})")
+    net = inference_net(net)
     h, w = slide.map_shape(mpp)
     gh, gw = -(-h // block), -(-w // block)
     weights = np.zeros((gh, gw))

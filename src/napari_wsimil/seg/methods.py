@@ -109,6 +109,7 @@ class SegMethod:
         self.model: nn.Module | None = None
         self.mapper: Any = None
         self._val: list[tuple[int, list[Patch]]] | None = None
+        self._painted_val: list[Patch] | None = None
         self._painted: dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------------------------ engine protocol
@@ -118,6 +119,11 @@ class SegMethod:
         if self.patch % mult:
             raise TrainingError(f"the patch size ({self.patch} px) must be a multiple of {mult} for a U-Net of depth "
                                 f"{cfg.depth}")
+        if cfg.checkpoint_by not in ("auto", "loss"):
+            raise TrainingError(f"checkpoint_by is 'auto' or 'loss', not {cfg.checkpoint_by!r}")
+        if not 0 <= getattr(cfg, "max_map_wait", 0) <= 1:
+            raise TrainingError(f"max_map_wait is a share of the training time, between 0 and 1 (got "
+                                f"{cfg.max_map_wait})")
         labels = [s.label for s in self.train_slides]
         if 1 not in labels:
             raise TrainingError("no malignant training slide: weakly supervised segmentation learns tumour from "
@@ -225,6 +231,69 @@ class SegMethod:
         """Slides the validation patches come from."""
         return self.val_slides
 
+    def _painted_val_set(self) -> list[Patch]:
+        """Fixed patches centred on the painted pixels of validation slides, half on tumour where there is
+        some: what checkpoint choice by pixel Dice looks at (slide-level criteria saturate long before the
+        maps stop improving)."""
+        if self._painted_val is None:
+            self._painted_val = []
+            rng = np.random.default_rng(54321)
+            n = self.config.val_patches
+            for s in self.val_slides:
+                if not s.annotated:
+                    continue
+                d = s.downsample(self.mpp)
+                half = self.patch / 2 * d
+                by_class: dict[int, list[PatchRequest]] = {0: [], 1: []}
+                for cx, cy in s.labelled_points(self.mpp, rng=rng):  # up to 4096, so rare tumour shows up
+                    centre = int(s.pixel_labels_at(cx, cy, 1, self.mpp)[0, 0])
+                    if centre in by_class:
+                        by_class[centre].append(PatchRequest(0, round((cx - half) / d) * d,
+                                                             round((cy - half) / d) * d))
+                pos, neg = (rng.permutation(len(by_class[k])) for k in (1, 0))  # spread over the slide
+                take = [by_class[1][j] for j in pos[:n // 2]]
+                take += [by_class[0][j] for j in neg[:n - len(take)]]
+                self._painted_val += [read_patch(s, r, self.patch, self.mpp, "val", None) for r in take]
+        return self._painted_val
+
+    def painted_val_dice(self, model: nn.Module, device: torch.device) -> float | None:
+        """Pooled tumour Dice at p ≥ 0.5 over the painted pixels of validation slides plus the tissue of
+        benign validation slides (all normal: a benign slide has no tumour); None without painted ones."""
+        painted = self._painted_val_set()
+        if not painted:
+            return None
+        groups = [(_stack(painted), False)]
+        benign = [p for label, pats in self._val_set() if label == 0 for p in pats]
+        if benign and self._stage_slides() is self.val_slides:
+            groups.append((_stack(benign), True))
+        tp = fp = fn = 0
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            for batch, all_tissue_normal in groups:
+                b = _to_tensors(batch, device)
+                pred = torch.softmax(self.forward_eval(model, b["x"]).float(), 1)[:, 1] >= 0.5
+                if all_tissue_normal:
+                    known, truth = b["tissue"].bool(), torch.zeros_like(pred)
+                else:
+                    known, truth = b["labels"] >= 0, b["labels"] == 1
+                tp += int((pred & truth & known).sum())
+                fp += int((pred & ~truth & known).sum())
+                fn += int((~pred & truth & known).sum())
+        model.train(was)
+        return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+
+    def _with_pixel_dice(self, result: tuple[dict[str, float], dict[str, float]], model: nn.Module,
+                         device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
+        """Add the painted-validation Dice, and make it the checkpoint choice unless the user said 'loss'."""
+        dice = self.painted_val_dice(model, device)
+        if dice is not None:
+            losses, metrics = result
+            metrics["val_pixel_dice"] = dice
+            if self.config.checkpoint_by == "auto":
+                losses["select"] = 1.0 - dice
+        return result
+
     def _val_logits(self, model: nn.Module, device: torch.device) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         out = []
         was = model.training
@@ -250,9 +319,11 @@ class SegMethod:
             scores.append(float(p.amax()))
             labels.append(label)
             losses.append(float(self.val_loss(logits, label, tissue)))
-        metrics = {"slide_auc": binary_auc(torch.tensor(scores), torch.tensor(labels) == 1),
-                   "map_wait_fraction": self.wait_fraction()}
-        return {"total": float(np.mean(losses))}, metrics
+        metrics = {"slide_auc": binary_auc(torch.tensor(scores), torch.tensor(labels) == 1)}
+        if self.mapper is not None:
+            metrics.update(map_wait_fraction=self.wait_fraction(), map_age=self.map_age,
+                           map_unmapped=self.map_unmapped)
+        return self._with_pixel_dice(({"total": float(np.mean(losses))}, metrics), model, device)
 
     def val_loss(self, logits: torch.Tensor, label: int, tissue: torch.Tensor) -> torch.Tensor:
         from .losses import pinchaud_loss
@@ -307,17 +378,32 @@ class PinchaudMethod(SegMethod):
                 self.mapper = MappingWorker(self.model, self.train_slides, self.board, mpp=self.mpp,
                                             maps_dir=self.maps_dir, device=device, tile=self.map_tile,
                                             margin=_margin(self.model), revisit_epochs=cfg.revisit_epochs,
-                                            seed=cfg.seed).start()
+                                            seed=cfg.seed, threads=cfg.map_threads).start()
                 self._t0 = time.perf_counter()
             self.mapper.update_weights(self.model.state_dict(), epoch - 1)
             if epoch > 1 + cfg.map_staleness:
-                self.mapper.wait_for(epoch - 1, cfg.map_staleness)
+                # Wait for fresh maps only within the waiting budget: when mapping is much slower than training
+                # (big slides on a CPU), the trainer goes on with older maps rather than stall (Pinchaud's
+                # mapper and trainer never wait for each other; the budget allows a little freshness).
+                budget = cfg.max_map_wait * (time.perf_counter() - self._t0) - self.mapper.wait_seconds
+                self.mapper.check()
+                if budget > 0:
+                    self.mapper.wait_for(epoch - 1, cfg.map_staleness, timeout=budget)
         return super().batches(epoch, rng)
 
     def plan(self, epoch: int, rng: np.random.Generator) -> list[Callable[[], Patch]]:
         reqs = plan_epoch(self.train_slides, self.board, self.scheduler, self.config.patches_per_epoch, self.patch,
                           self.mpp, epoch, rng)
+        self._note_map_age(epoch, reqs)
         return [self._job(r, "weak", benign_fill=False) for r in reqs]
+
+    def _note_map_age(self, epoch: int, reqs: Sequence[PatchRequest]) -> None:
+        """How old (in epochs of training) the maps this epoch's patches were drawn from are: what not
+        waiting for the mapper costs. Patches from slides not yet mapped count apart (``map_unmapped``)."""
+        grids = [self.board.get(r.slide) for r in reqs]
+        ages = [epoch - 1 - g.epoch for g in grids if g.version > 0]
+        self.map_age = float(np.mean(ages)) if ages else float("nan")
+        self.map_unmapped = 1.0 - len(ages) / max(1, len(grids))
 
     def step(self, model: nn.Module, batch: Batch, device: torch.device) -> StepOutput:
         from .losses import pinchaud_loss, slide_logits
@@ -477,7 +563,9 @@ class HybridMethod(SegMethod):
         s = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in scores]).clamp(1e-6, 1 - 1e-6)
         y = torch.tensor(labels, dtype=torch.float32)
         stage2 = float(F.binary_cross_entropy(s, y))
-        return {"total": stage2, "stage2": stage2}, {"slide_auc": binary_auc(s, y == 1), "round": float(self._round)}
+        return self._with_pixel_dice(({"total": stage2, "stage2": stage2},
+                                      {"slide_auc": binary_auc(s, y == 1), "round": float(self._round)}),
+                                     model, device)
 
 
 class ConfKDMethod(SegMethod):

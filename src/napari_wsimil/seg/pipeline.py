@@ -46,7 +46,9 @@ def prepare_seg_run(spec: Any, report: Callable[[str], None] | None = None) -> A
     say(f"{spec.method}: tissue masks and pixel labels of {len(tr) + len(va)} slides")
     train_slides = open_seg_slides(cohort, tr, classes, mapping=spec.tile_classes, exhaustive=spec.exhaustive_labels,
                                    report=say)
-    val_slides = open_seg_slides(cohort, va, classes, with_labels=False) if va else []
+    # Validation slides keep their paint too: painted ones choose the checkpoint by pixel Dice (checkpoint_by).
+    val_slides = open_seg_slides(cohort, va, classes, mapping=spec.tile_classes, exhaustive=spec.exhaustive_labels,
+                                 report=say) if va else []
     overrides: dict[str, Any] = {**spec.config, "epochs": spec.epochs, "seed": spec.seed, "device": spec.device}
     if spec.lr is not None:
         overrides["lr"] = spec.lr
@@ -69,9 +71,12 @@ def prepare_seg_run(spec: Any, report: Callable[[str], None] | None = None) -> A
             "seed": spec.seed, "width": cfg.width, "depth": cfg.depth,
             "predict_with": getattr(cfg, "predict_with", None),
             "train_slides": [s.slide_id for s in tr], "val_slides": [s.slide_id for s in va],
-            "pixel_labelled_slides": painted}
+            "pixel_labelled_slides": painted,
+            "pixel_labelled_val_slides": sorted(s.slide_id for s in val_slides if s.annotated)}
     write_text(run_info_path, json.dumps(info, indent=1))
-    say(f"training {spec.method}: {len(tr)} train / {len(va)} val slides ({len(painted)} with painted pixels), "
+    n_val_painted = len(info["pixel_labelled_val_slides"])
+    say(f"training {spec.method}: {len(tr)} train / {len(va)} val slides ({len(painted)} + {n_val_painted} with "
+        "painted pixels), "
         f"{spec.patch} px patches at {spec.mpp:g} µm/px, {spec.epochs} epochs -> {run}")
     return PreparedRun(spec, method, classes, {}, info)
 

@@ -41,16 +41,6 @@ class SegRun:
         return int(self.info["patch"])
 
 
-class _Branch:
-    """A two-decoder net seen as one: maps come from the chosen decoder."""
-
-    def __init__(self, net: Any, which: str):
-        self.net, self.index = net, 0 if which == "teacher" else 1
-
-    def __call__(self, x: Any) -> Any:
-        return self.net(x)[self.index]
-
-
 def is_segmentation_run(run_dir: str | os.PathLike[str]) -> bool:
     try:
         return json.loads((Path(run_dir) / "run.json").read_text()).get("kind") == "segmentation"
@@ -73,14 +63,16 @@ def load_seg_run(run_dir: str | os.PathLike[str], device: str = "auto", weights:
     net = build_net(cfg, dual=name == "confkd")
     dev = load_checkpoint_weights(run, net, weights, device)
     if name == "confkd":
-        net = _Branch(net, getattr(cfg, "predict_with", "student"))
+        from .nets import BranchNet
+
+        net = BranchNet(net, getattr(cfg, "predict_with", "student")).eval()
     return SegRun(net, name, info, state.get("config", {}), dev)
 
 
 def _margin(net: Any) -> int:
     from .nets import receptive_margin
 
-    return int(receptive_margin(getattr(net, "net", net)))
+    return int(receptive_margin(net))
 
 
 @dataclass

@@ -85,6 +85,8 @@ class Method(Protocol):
     def describe(self) -> dict[str, Any]: ...  # JSON: what must match for a resume
     def batches(self, epoch: int, rng: np.random.Generator) -> Iterable[Any]: ...
     def step(self, model: nn.Module, batch: Any, device: torch.device) -> StepOutput: ...
+    # (validation losses, metrics) or None; the best checkpoint and early stopping follow the loss "select"
+    # when the method gives one, else "bag", else "total".
     def evaluate(self, model: nn.Module,
                  device: torch.device) -> tuple[dict[str, float], dict[str, float]] | None: ...
 
@@ -241,7 +243,7 @@ def _train(method: Method, out_dir: str | Path | None, resume: bool) -> Generato
             vl, vm = model_val
             yield ProgressEvent("validation", epoch, total_epochs=cfg.epochs, losses=vl, metrics=vm,
                                 elapsed=time.perf_counter() - t0, eta=eta)
-            _update_early_stopping(state, vl.get("bag", vl.get("total", math.inf)), epoch, cfg, out, model)
+            _update_early_stopping(state, _selection_loss(vl), epoch, cfg, out, model)
             state["val_metrics"] = {k: float(v) for k, v in vm.items()}  # what the runs list shows
         state["epoch"] = epoch
         if out is not None:
@@ -304,6 +306,13 @@ def _run_epoch(method: Method, model: nn.Module, optimizer: torch.optim.Optimize
     mean_losses = {k: v / n for k, v in sums.items()}
     yield ProgressEvent("epoch", epoch, len(batches), cfg.epochs, mean_losses, metrics,
                         time.perf_counter() - t0, _eta(t0, epoch - start + 1, cfg.epochs - epoch))
+
+
+def _selection_loss(losses: dict[str, float]) -> float:
+    for key in ("select", "bag", "total"):
+        if key in losses:
+            return float(losses[key])
+    return math.inf
 
 
 def _update_early_stopping(state: dict[str, Any], val_loss: float, epoch: int, cfg: TrainConfig,
