@@ -130,7 +130,7 @@ def train_run(cohort_csv: Path, out: Path, args: argparse.Namespace, dynamic: bo
     for ev in train(method, out):
         if ev.kind == "validation" and "map_wait_fraction" in ev.metrics:
             waits.append(float(ev.metrics["map_wait_fraction"]))
-            ages.append(float(ev.metrics["map_age"]))
+            ages.append(float(ev.metrics.get("map_age", float("nan"))))
     wall = time.perf_counter() - t
     mapper = method.mapper
     return {"wall": wall, "s_per_epoch": wall / args.epochs, "wait_fraction": method.wait_fraction(),

@@ -321,8 +321,9 @@ class SegMethod:
             losses.append(float(self.val_loss(logits, label, tissue)))
         metrics = {"slide_auc": binary_auc(torch.tensor(scores), torch.tensor(labels) == 1)}
         if self.mapper is not None:
-            metrics.update(map_wait_fraction=self.wait_fraction(), map_age=self.map_age,
-                           map_unmapped=self.map_unmapped)
+            metrics.update(map_wait_fraction=self.wait_fraction(), map_unmapped=self.map_unmapped)
+            if self.map_age == self.map_age:  # not NaN: some sampled slide has a map
+                metrics["map_age"] = self.map_age
         return self._with_pixel_dice(({"total": float(np.mean(losses))}, metrics), model, device)
 
     def val_loss(self, logits: torch.Tensor, label: int, tissue: torch.Tensor) -> torch.Tensor:
@@ -365,6 +366,8 @@ def _stack(pats: Sequence[Patch]) -> Batch:
 
 class PinchaudMethod(SegMethod):
     name = "pinchaud"
+    map_age = float("nan")  # see _note_map_age
+    map_unmapped = 1.0
 
     def batches(self, epoch: int, rng: np.random.Generator) -> PatchBatches:
         import time
