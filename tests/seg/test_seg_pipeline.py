@@ -218,6 +218,16 @@ def test_pinchaud_train_resume_predict_evaluate(cohort: Path, tmp_path: Path) ->
     assert kwargs["metadata"]["wsimil"]["mpp"] == pytest.approx(4.0)
 
 
+@pytest.mark.parametrize("setting, message", [("checkpoint_by=best", "checkpoint_by is 'auto' or 'loss'"),
+                                              ("max_map_wait=5", "max_map_wait is a share")])
+def test_bad_new_settings_are_refused_before_training(cohort: Path, tmp_path: Path, capsys, setting, message) -> None:
+    run = tmp_path / "run"
+    assert main(["train", str(cohort), "--method", "pinchaud", "--out", str(run), "--epochs", "1", *SMALL,
+                 "--set", setting]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(run.glob("*.safetensors"))  # nothing trained
+
+
 def test_hybrid_and_confkd_need_paint(cohort: Path, tmp_path: Path, capsys) -> None:
     for method in ("hybrid", "confkd"):
         assert main(["train", str(cohort), "--method", method, "--out", str(tmp_path / method), "--epochs", "1",
