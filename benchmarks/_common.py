@@ -55,18 +55,22 @@ def table(rows: list[list[object]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def make_cohort(work: Path, n_slides: int, size: int, seed: int, contrast: float = 1.0) -> Path:
-    """The synthetic cohort, made once per (n, size, seed, contrast) and reused across runs.
+def make_cohort(work: Path, n_slides: int, size: int, seed: int, contrast: float = 1.0,
+                mucinous: float = 0.0, aggregates: float = 0.0) -> Path:
+    """The synthetic cohort, made once per (n, size, seed, look) and reused across runs.
 
-    The folder name carries the contrast when it is not 1 (so caches made before the option stay valid)."""
+    The folder name carries the contrast when it is not 1, the mucinous and lymphoid-aggregate shares when
+    they are not 0 (so caches made before these options stay valid)."""
     from napari_wsimil.slide.synthetic import _SAMPLE_VERSION, synthesize_cohort
 
-    tag = "" if contrast == 1.0 else f"_c{contrast:g}"
+    tag = ("" if contrast == 1.0 else f"_c{contrast:g}") + ("" if mucinous == 0.0 else f"_m{mucinous:g}")
+    tag += "" if aggregates == 0.0 else f"_a{aggregates:g}"
     folder = work / f"cohort_v{_SAMPLE_VERSION}_{n_slides}x{size}_s{seed}{tag}"
     csv_path = folder / "cohort.csv"
     if not csv_path.is_file():
         t = time.perf_counter()
-        synthesize_cohort(folder, n_slides, seed=seed, size=size, tumour_contrast=contrast)
+        synthesize_cohort(folder, n_slides, seed=seed, size=size, tumour_contrast=contrast,
+                          mucinous_share=mucinous, aggregate_share=aggregates)
         print(f"(synthesised {n_slides} slides of {size}² in {time.perf_counter() - t:.0f} s)", flush=True)
     return csv_path
 

@@ -14,7 +14,8 @@ and pooled over percentile scores) and the CAMELYON16 FROC. Targets (issue): CLA
 attention AUC ≥ 0.85, MS-CLAM better than CLAM-SB at localisation.
 
 python benchmarks/bench_quality_mil.py [--quick] [--slides 60] [--size 4096] [--epochs 60] [--workdir DIR]
-    [--tumour-contrast 1.0] [--seed 1] [--cohort-seed S]
+    [--tumour-contrast 1.0] [--mucinous-share 0] [--aggregate-share 0]
+    [--seed 1] [--cohort-seed S]
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     ap.add_argument("--annotated", type=float, default=0.10, help="share of malignant slides with pixel labels")
     ap.add_argument("--tumour-contrast", type=float, default=1.0,
                     help="synthetic tumour's contrast to normal tissue, 0-1 (1: the original, easy look)")
+    ap.add_argument("--mucinous-share", type=float, default=0.0,
+                    help="share of each tumour drawn in the mucinous pattern (pale mucin, few cells), 0-1")
+    ap.add_argument("--aggregate-share", type=float, default=0.0,
+                    help="share of every slide's tissue covered by lymphoid aggregates (tumour mimics), 0-0.5")
     ap.add_argument("--cohort-seed", type=int, default=None,
                     help="seed of the synthetic cohort (default: --seed); --seed alone then varies split and training")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -73,14 +78,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     base = args.workdir or Path(tempfile.gettempdir()) / "wsimil-bench" / "quality"
     base.mkdir(parents=True, exist_ok=True)
     cohort_seed = args.seed if args.cohort_seed is None else args.cohort_seed
-    cohort_csv = make_cohort(base, args.slides, args.size, cohort_seed, args.tumour_contrast)
+    cohort_csv = make_cohort(base, args.slides, args.size, cohort_seed, args.tumour_contrast,
+                             args.mucinous_share, args.aggregate_share)
     work = Path(tempfile.mkdtemp(prefix="quality-", dir=base))
     split_csv = work / "cohort_split.csv"
     counts = split_cohort(cohort_csv, split_csv, args.seed, args.annotated)
     print(f"cohort: {args.slides} slides of {args.size}² ({counts['malignant']} malignant); "
           f"train {counts['train']} / val {counts['val']} / test {counts['test']}; pixel labels on "
           f"{counts['annotated']} malignant training slides; patches {args.patch} px at {args.mpp} µm/px; "
-          f"{args.epochs} epochs; handcrafted features; tumour contrast {args.tumour_contrast:g}", flush=True)
+          f"{args.epochs} epochs; handcrafted features; tumour contrast {args.tumour_contrast:g}; mucinous share "
+          f"{args.mucinous_share:g}; lymphoid aggregates {args.aggregate_share:g}", flush=True)
     results: dict[str, dict] = {}
     rows = []
     for method in args.methods:

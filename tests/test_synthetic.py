@@ -324,3 +324,122 @@ def test_cli_synth_tumour_contrast(tmp_path, capsys):
     assert "tumour contrast must be between 0 and 1" in err and "Traceback" not in err
     with pytest.raises(WsimilError, match="tumour contrast"):
         SlideModel((SIZE, SIZE), seed=5, malignant=True, tumour_contrast=-0.1)
+
+
+# ------------------------------------------------------------------------------ mucinous pattern
+
+
+def _tumour_pixels_by_pattern(model: SlideModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RGB pixels of solid tumour, mucinous tumour and normal tissue over the whole slide, sampled at the
+    centres of the ground-truth blocks (so each pattern is read where the generator put it)."""
+    ds = model.gt_downsample
+    gt, tis = model.ground_truth().astype(bool), model.tissue_mask_gt().astype(bool)
+    gy, gx = model._gt_axes()
+    muc = (model.mucin.sample(gy, gx) > 0) if model.mucin is not None else np.zeros_like(gt)
+    n = SIZE // 256
+    img = np.concatenate([np.concatenate([model.render_tile(y, x) for x in range(n)], 1) for y in range(n)], 0)
+    centre = img[ds // 2::ds, ds // 2::ds][: gt.shape[0], : gt.shape[1]].astype(np.float32)
+    return centre[gt & ~muc], centre[gt & muc], centre[tis & ~gt]
+
+
+def test_mucinous_share_zero_is_the_default_and_keeps_layout_and_truth():
+    a = SlideModel((SIZE, SIZE), seed=5, malignant=True)
+    b = SlideModel((SIZE, SIZE), seed=5, malignant=True, mucinous_share=0.0)
+    m = SlideModel((SIZE, SIZE), seed=5, malignant=True, mucinous_share=0.5)
+    ty, tx = _tumour_tile(a)
+    assert a.render_tile(ty, tx).tobytes() == b.render_tile(ty, tx).tobytes()
+    assert a.render_tile(ty, tx).tobytes() != m.render_tile(ty, tx).tobytes()
+    assert np.array_equal(a.ground_truth(), m.ground_truth())
+    assert np.array_equal(a.tissue_mask_gt(), m.tissue_mask_gt())
+    # away from the tumour nothing changes
+    far = [(y, x) for y in range(SIZE // 256) for x in range(SIZE // 256) if abs(y - ty) + abs(x - tx) > 3]
+    assert far and all(a.render_tile(y, x).tobytes() == m.render_tile(y, x).tobytes() for y, x in far[:3])
+    # benign slides have no tumour, so no mucin
+    assert SlideModel((SIZE, SIZE), seed=5, malignant=False, mucinous_share=0.5).mucin is None
+
+
+@pytest.mark.parametrize("share", [0.3, 0.6])
+def test_mucinous_share_is_the_share_of_tumour_area(share):
+    m = SlideModel((SIZE, SIZE), seed=5, malignant=True, mucinous_share=share)
+    gt = m.ground_truth().astype(bool)
+    gy, gx = m._gt_axes()
+    muc = m.mucin.sample(gy, gx) > 0
+    assert (gt & muc).sum() / gt.sum() == pytest.approx(share, abs=0.02)
+
+
+def test_mucinous_tumour_is_paler_and_less_cellular_than_normal_tissue_and_solid_tumour_darker():
+    from skimage.color import rgb2hed
+
+    solid, mucin, normal = _tumour_pixels_by_pattern(SlideModel((SIZE, SIZE), seed=5, malignant=True,
+                                                                mucinous_share=0.5))
+    assert len(solid) > 50 and len(mucin) > 50, (len(solid), len(mucin))
+    grey = {k: float(v.mean()) for k, v in (("solid", solid), ("mucin", mucin), ("normal", normal))}
+    assert grey["mucin"] > grey["normal"] + 10 > grey["solid"] + 20, grey  # opposite sides of normal
+    hed = {k: float(rgb2hed(v[None].astype(np.uint8))[0, :, 0].mean())
+           for k, v in (("solid", solid), ("mucin", mucin), ("normal", normal))}
+    assert hed["solid"] > hed["normal"], hed
+
+
+def test_mucinous_share_is_deterministic_and_checked(tmp_path, capsys):
+    one = synthesize_slide(tmp_path / "a.tiff", 768, seed=3, malignant=True, workers=1, mucinous_share=0.4)
+    two = synthesize_slide(tmp_path / "b.tiff", 768, seed=3, malignant=True, workers=2, mucinous_share=0.4)
+    assert one.path.read_bytes() == two.path.read_bytes()
+    out = tmp_path / "cohort"
+    assert main(["synth", str(out), "--slides", "2", "--seed", "4", "--size", "768", "--workers", "2",
+                 "--mucinous-share", "0.3"]) == 0
+    assert (out / "cohort.csv").is_file()
+    assert main(["synth", str(tmp_path / "bad"), "--mucinous-share", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "mucinous share must be between 0 and 1" in err and "Traceback" not in err
+    with pytest.raises(WsimilError, match="mucinous share"):
+        SlideModel((SIZE, SIZE), seed=5, malignant=True, mucinous_share="a lot")
+
+
+# ------------------------------------------------------------------------------ lymphoid aggregates
+
+
+@pytest.mark.parametrize("malignant", [False, True])
+def test_lymphoid_aggregates_cover_their_share_and_stay_out_of_the_truth(malignant):
+    plain = SlideModel((SIZE, SIZE), seed=5, malignant=malignant)
+    m = SlideModel((SIZE, SIZE), seed=5, malignant=malignant, aggregate_share=0.05)
+    tissue = m.tissue_mask_gt().astype(bool)
+    gy, gx = m._gt_axes()
+    agg = (m.aggregate.sample(gy, gx) > 0) & tissue
+    assert agg.sum() / tissue.sum() == pytest.approx(0.05, abs=0.01)
+    # ground truth and tissue are those of the slide without aggregates: they are normal tissue
+    assert np.array_equal(plain.ground_truth(), m.ground_truth())
+    assert np.array_equal(plain.tissue_mask_gt(), tissue.astype(np.uint8))
+    assert SlideModel((SIZE, SIZE), seed=5, malignant=malignant, aggregate_share=0.0).aggregate is None
+
+
+def test_lymphoid_aggregates_are_denser_and_darker_than_normal_tissue():
+    from skimage.color import rgb2hed
+
+    m = SlideModel((SIZE, SIZE), seed=5, malignant=False, aggregate_share=0.05)
+    plain = SlideModel((SIZE, SIZE), seed=5, malignant=False)
+    ds = m.gt_downsample
+    gy, gx = m._gt_axes()
+    agg = (m.aggregate.sample(gy, gx) > 0) & m.tissue_mask_gt().astype(bool)
+    blocks = np.argwhere(agg)
+    ty, tx = (blocks[len(blocks) // 2] * ds) // 256
+    tile, ref = m.render_tile(int(ty), int(tx)), plain.render_tile(int(ty), int(tx))
+    assert tile.tobytes() != ref.tobytes()
+    sl = agg[ty * 256 // ds:(ty + 1) * 256 // ds, tx * 256 // ds:(tx + 1) * 256 // ds]
+    inside = np.repeat(np.repeat(sl, ds, 0), ds, 1)
+    h, h_ref = rgb2hed(tile)[..., 0], rgb2hed(ref)[..., 0]
+    assert inside.any()
+    assert h[inside].mean() > h_ref[inside].mean() + 0.01  # more haematoxylin than the same place without
+    # tiles without aggregates are untouched
+    far = [(y, x) for y in range(SIZE // 256) for x in range(SIZE // 256)
+           if not agg[y * 256 // ds:(y + 1) * 256 // ds, x * 256 // ds:(x + 1) * 256 // ds].any()
+           and abs(y - ty) + abs(x - tx) > 2]
+    assert far and all(m.render_tile(y, x).tobytes() == plain.render_tile(y, x).tobytes() for y, x in far[:3])
+
+
+def test_aggregate_share_is_checked(tmp_path, capsys):
+    out = tmp_path / "cohort"
+    assert main(["synth", str(out), "--slides", "2", "--seed", "4", "--size", "768", "--workers", "2",
+                 "--aggregate-share", "0.05"]) == 0
+    assert main(["synth", str(tmp_path / "bad"), "--aggregate-share", "0.9"]) == 2
+    err = capsys.readouterr().err
+    assert "lymphoid aggregates' share must be between 0 and 0.5" in err and "Traceback" not in err

@@ -62,6 +62,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tumour-contrast", type=float, default=1.0, metavar="C",
                    help="how different tumour looks from normal tissue, 0-1 (default 1; lower is harder for a "
                         "model, 0 makes it invisible); the ground truth does not change")
+    p.add_argument("--mucinous-share", type=float, default=0.0, metavar="F",
+                   help="share of each tumour drawn as pale mucin with a few floating tumour cells instead of "
+                        "solid tumour, 0-1 (default 0); the ground truth does not change")
+    p.add_argument("--aggregate-share", type=float, default=0.0, metavar="F",
+                   help="share of every slide's tissue covered by lymphoid aggregates, 0-0.5 (default 0): "
+                        "dense, dark normal tissue that mimics tumour; ground truth: normal")
     p.add_argument("--workers", type=int, default=None, metavar="K", help="render threads (default: CPU count)")
     p.set_defaults(func=_cmd_synth)
 
@@ -107,7 +113,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     csv_path = synthesize_cohort(args.out, args.slides, seed=args.seed, size=(h, w), mpp=args.mpp,
                                  malignant_fraction=args.malignant_fraction, progress=progress,
-                                 workers=args.workers, tumour_contrast=args.tumour_contrast)
+                                 workers=args.workers, tumour_contrast=args.tumour_contrast,
+                                 mucinous_share=args.mucinous_share, aggregate_share=args.aggregate_share)
     print(f"cohort: {csv_path}")
     return 0
 

@@ -458,3 +458,25 @@ def test_slide_without_pixel_size_is_named(cohort: Path, tmp_path: Path, capsys)
     write_image_pyramid(tmp_path / "nompp.tif", img, mpp=None)
     err = _train_with_extra_slide(cohort, tmp_path, "nompp", capsys)
     assert "nompp" in err and "pixel size" in err
+
+
+def test_segmentation_metrics_split_dice_into_precision_and_recall(tmp_path):
+    """A map that covers the tumour plus a halo: recall 1, precision = tumour / (tumour + halo), and
+    Dice and IoU from the same counts, on hand-made files (mask and map at the same grid)."""
+    from napari_wsimil.infer.evaluation import TruthItem
+    from napari_wsimil.infer.heatmap import write_heatmap
+    from napari_wsimil.seg.evaluation import segmentation_metrics
+    from napari_wsimil.slide.tiff_writer import write_image_pyramid
+
+    truth = np.zeros((64, 64), np.uint8)
+    truth[20:30, 20:30] = 1  # 100 px of tumour
+    prob = np.zeros((64, 64), np.float32)
+    prob[18:32, 18:32] = 0.9  # 196 px called tumour: the tumour and a 2-px halo
+    prob[40:44, 40:44] = 0.4  # below the threshold: not counted
+    write_image_pyramid(tmp_path / "s1_gt.tiff", truth, mpp=4.0)
+    write_heatmap(tmp_path / "maps" / "s1.tif", prob, slide_mpp=0.5, downsample=8)
+    seg = segmentation_metrics([TruthItem("s1", tmp_path / "s1_gt.tiff", 8.0)], tmp_path / "maps")
+    assert seg["precision_pooled"] == pytest.approx(100 / 196, abs=1e-9)
+    assert seg["recall_pooled"] == pytest.approx(1.0)
+    assert seg["dice"] == pytest.approx(2 * 100 / (100 + 196))
+    assert seg["iou"] == pytest.approx(100 / 196)

@@ -106,7 +106,8 @@ def report_segmentation(seg: dict[str, Any], say: Callable[[str], None]) -> None
         return
     say(f"segmentation on {seg['n_slides_with_truth']} slides with ground truth "
         f"({seg['n_malignant_with_truth']} with tumour, {seg['n_lesions']} lesions): "
-        f"Dice {_fmt(seg['dice'])} (pooled {_fmt(seg['dice_pooled'])})  IoU {_fmt(seg['iou'])}  "
+        f"Dice {_fmt(seg['dice'])} (pooled {_fmt(seg['dice_pooled'])}: precision "
+        f"{_fmt(seg.get('precision_pooled'))}, recall {_fmt(seg.get('recall_pooled'))})  IoU {_fmt(seg['iou'])}  "
         f"FROC {_fmt(seg['froc'])}  benign pixels called tumour {_fmt(seg['benign_positive_fraction'])}")
 
 

@@ -58,7 +58,9 @@ class PinchaudConfig(SegConfig):
     beta1: float = _doc("β of the malignant class (> 0: robust to malignant-slide patches without tumour).",
                         default=1.0)
     eta: float = _doc("Percent of a patch's pixels whose malignant logits make the malignant slide logit "
-                      "(small: max, 100: mean).", default=50.0)
+                      "(small: max, 100: mean). Above the share of tumour in a patch it grows a halo of "
+                      "false tumour around small lesions: lower it when lesions are not much larger than "
+                      "a patch.", default=50.0)
     dynamic_sampling: bool = _doc("Run the mapping worker and sample from its maps (off: uniform over tissue).",
                                   default=True)
 

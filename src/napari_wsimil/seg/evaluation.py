@@ -107,6 +107,9 @@ def segmentation_metrics(items: Iterable[TruthItem], maps_dir: str | os.PathLike
         "iou": float(np.nanmean(list(per_iou.values()))) if per_iou else math.nan,
         "dice_pooled": 2 * inter / (pred_n + truth_n) if pred_n + truth_n else math.nan,
         "iou_pooled": inter / union if union else math.nan,
+        # which way Dice is lost: low precision = over-segmentation (e.g. a halo), low recall = missed tumour
+        "precision_pooled": inter / pred_n if pred_n else math.nan,
+        "recall_pooled": inter / truth_n if truth_n else math.nan,
         "dice_per_slide": per_dice,
         "benign_positive_fraction": float(np.mean(benign_fp)) if benign_fp else math.nan,
         "froc": fr["froc"],

@@ -21,6 +21,17 @@ How a slide is built (all deterministic from the seed):
   normal tissue. Below 1 the tumour nuclei are fewer, smaller and paler, normal stromal nuclei stay
   among them, the pale cytoplasm only partly replaces the stroma and the haematoxylin wash fades; at 0
   tumour looks exactly like normal tissue. The ground truth does not change with it.
+- Heterogeneity: ``mucinous_share`` (0 by default, the original look) draws that share of the tumour
+  area in a second pattern, as in tumours with mucinous areas: pale, faintly basophilic mucin with a
+  few floating tumour cells and no stroma. It is *paler and less cellular* than normal tissue, where the
+  solid pattern is darker and more cellular, so a model that learnt "tumour = dense and dark" from slide
+  labels misses it, while pixel labels that include it teach both. Which parts are mucinous is a
+  smooth ~60 µm-scale field of its own seed, so layout and ground truth are the same at every share.
+- Mimics: ``aggregate_share`` (0 by default) adds lymphoid aggregates to *every* slide, benign or
+  malignant, covering that share of the tissue: round, very dense clusters of small dark lymphocytes
+  with a faint haematoxylin wash, like the germinal centres that attract false positives in lymph
+  nodes. They are dense and dark like the solid tumour but are normal tissue in the ground truth, so
+  telling them from tumour needs more than "dense and dark". Their own seed again: the rest is unchanged.
 
 Memory does not depend on slide size (coarse grids are capped or periodic, tiles are streamed by
 ``tiff_writer.write_pyramid``); time is linear in area, about 60 ms of CPU per megapixel (all levels,
@@ -104,12 +115,16 @@ def synthesize_slide(
     workers: int | None = None,
     progress: Progress | None = None,
     tumour_contrast: float = 1.0,
+    mucinous_share: float = 0.0,
+    aggregate_share: float = 0.0,
 ) -> SlideTruth:
     """Write one synthetic slide (pyramidal JPEG TIFF) and its ground-truth mask.
 
     ``size`` is an int (square) or (height, width) in level-0 pixels. ``progress(done, total)``
     counts written tiles. ``tumour_contrast`` in [0, 1] makes tumour harder to tell from normal
-    tissue below 1 (see the module docstring). The same arguments always give byte-identical files.
+    tissue below 1; ``mucinous_share`` in [0, 1] draws that share of the tumour in the mucinous pattern;
+    ``aggregate_share`` in [0, 1) covers that share of the tissue with lymphoid aggregates (see the
+    module docstring). The same arguments always give byte-identical files.
     """
     from napari_wsimil.slide.tiff_writer import write_image_pyramid, write_pyramid
 
@@ -117,7 +132,8 @@ def synthesize_slide(
     mpp = _check_mpp(mpp)
     path = Path(path)
     gt_path = gt_path_for(path) if gt_path is None else Path(gt_path)
-    model = SlideModel(shape, seed, malignant, mpp, tumour_contrast=tumour_contrast)
+    model = SlideModel(shape, seed, malignant, mpp, tumour_contrast=tumour_contrast,
+                       mucinous_share=mucinous_share, aggregate_share=aggregate_share)
     n_tissue = int(model.tissue_mask_gt().sum(dtype=np.int64))
     mask = model.ground_truth()
     n_gt = mask.size
@@ -148,6 +164,8 @@ def synthesize_cohort(
     *,
     workers: int | None = None,
     tumour_contrast: float = 1.0,
+    mucinous_share: float = 0.0,
+    aggregate_share: float = 0.0,
 ) -> Path:
     """Write ``n_slides`` slides, their masks and ``cohort.csv`` into ``out_dir``; return the CSV path.
 
@@ -157,7 +175,9 @@ def synthesize_cohort(
     is a seeded shuffle; ``round(n_slides * malignant_fraction)`` of them are (halves round up).
     ``progress(done, total)`` is called after each slide. ``tumour_contrast`` (0-1, default 1) is
     passed to every slide: lower values make the tumour harder to tell from normal tissue, with the
-    same layout and ground truth.
+    same layout and ground truth. ``mucinous_share`` (0-1, default 0) is the share of every tumour drawn
+    in the mucinous pattern, also with the same layout and ground truth; ``aggregate_share`` (0-1, default
+    0) the share of every slide's tissue covered by lymphoid aggregates (normal tissue that mimics tumour).
     """
     if isinstance(n_slides, bool) or not isinstance(n_slides, (int, np.integer)) or n_slides < 1:
         raise WsimilError(f"the number of slides must be a whole number of at least 1, got {n_slides!r}")
@@ -166,6 +186,8 @@ def synthesize_cohort(
     shape = _parse_size(size)
     mpp = _check_mpp(mpp)
     tumour_contrast = _check_contrast(tumour_contrast)
+    mucinous_share = _check_share(mucinous_share)
+    aggregate_share = _check_share(aggregate_share, "lymphoid aggregates' share", top=0.5)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -183,7 +205,8 @@ def synthesize_cohort(
         slide_id = f"slide_{i:03d}"
         slide_seed = int(np.random.SeedSequence([int(seed), i]).generate_state(1, np.uint64)[0])
         truth = synthesize_slide(out / f"{slide_id}.tiff", shape, slide_seed, bool(labels[i]), mpp,
-                                 workers=workers, tumour_contrast=tumour_contrast)
+                                 workers=workers, tumour_contrast=tumour_contrast, mucinous_share=mucinous_share,
+                                 aggregate_share=aggregate_share)
         log.info("%s: %s, tumour %.2f %% of tissue", slide_id, "malignant" if labels[i] else "benign",
                  100 * truth.tumour_fraction)
         rows.append((slide_id, truth.path.name, int(labels[i]), truth.gt_mask.name, truth.gt_downsample))
@@ -238,12 +261,16 @@ class SlideModel:
 
     Thread-safe after construction (rendering only reads the model). ``tumour_contrast`` (0-1) scales
     how different tumour looks from normal tissue; 1 is the original look, bit for bit, and the
-    layout, the random draws and the ground truth are the same at every contrast.
+    layout, the random draws and the ground truth are the same at every contrast. ``mucinous_share``
+    (0-1) is the share of the tumour drawn in the mucinous pattern and ``aggregate_share`` (0-0.5) the share
+    of the tissue covered by lymphoid aggregates; 0 is the original look, bit for bit, for both.
     """
 
     def __init__(self, shape: tuple[int, int], seed: int, malignant: bool, mpp: float = 0.5, *,
-                 tumour_contrast: float = 1.0):
+                 tumour_contrast: float = 1.0, mucinous_share: float = 0.0, aggregate_share: float = 0.0):
         self.contrast = _check_contrast(tumour_contrast)
+        self.mucinous_share = _check_share(mucinous_share)
+        self.aggregate_share = _check_share(aggregate_share, "lymphoid aggregates' share", top=0.5)
         self.shape = (int(shape[0]), int(shape[1]))
         self.seed = int(seed)
         self.malignant = bool(malignant)
@@ -294,8 +321,15 @@ class SlideModel:
         self.tumour: _Field | None = None
         self._tumour_possible: _Cull | None = None
         self.target_fraction = 0.0
+        self.mucin: _Field | None = None
         if self.malignant:
             self._place_tumour(rng, pot, cell, scale_px)
+            if self.mucinous_share > 0.0:
+                self._place_mucin()
+        self.aggregate: _Field | None = None
+        self._aggregate_possible: _Cull | None = None
+        if self.aggregate_share > 0.0:
+            self._place_aggregates(pot, cell, scale_px)
 
     # -- layout ----------------------------------------------------------------------------------
 
@@ -355,6 +389,68 @@ class SlideModel:
         rough_max = float(np.abs(self.rough.v).max()) * 1.3
         self._tumour_possible = _Cull(grid, (thr - 1.5 - 4 * um * rough_max) / slope_px)
 
+    def _place_mucin(self) -> None:
+        """Which parts of the tumour are mucinous: a smooth field thresholded so that ``mucinous_share``
+        of the tumour area (on the ground-truth grid) is above 0. Its own random stream, so the rest of
+        the slide is the same as without it."""
+        assert self.tumour is not None
+        um = self._um
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed & (2**64 - 1), 0x3C1D]))
+        cell = 60 * um
+        grid = _physical_grid(rng, self.shape, cell, 1.5)
+        gain = cell / 2  # unit SD over a cell -> about a pixel of boundary displacement per unit
+        gy, gx = self._gt_axes()
+        tumour = self.ground_truth().astype(bool)
+        vals = (grid.sample(gy, gx) * np.float32(gain))[tumour]
+        if self.mucinous_share >= 1.0 or not vals.size:
+            thr = -np.inf if self.mucinous_share >= 1.0 else np.inf
+        else:
+            thr = float(np.quantile(vals, 1.0 - self.mucinous_share))
+        self.mucin = _Field([(gain, grid)], offset=-thr if np.isfinite(thr) else (1e9 if thr < 0 else -1e9))
+
+    def _place_aggregates(self, pot: np.ndarray, cell: float, scale_px: float) -> None:
+        """Round lymphoid aggregates inside tissue covering ``aggregate_share`` of it, on every slide.
+
+        Its own random stream (the slide's other draws are unchanged), and its own lymphocyte population."""
+        um = self._um
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed & (2**64 - 1), 0xA66E]))
+        self.lymph = _NucleusPop.lymphocyte(rng, um, pop=3)
+        inside = pot * scale_px
+        tissue_area = float((inside > 0).sum()) * cell * cell
+        n = int(rng.integers(3, 7))
+        # bumps whose half-maximum discs together hold ~1.5x the target area, at least 25 µm across
+        sigmas = np.full(n, np.sqrt(1.5 * self.aggregate_share * tissue_area / n / (2 * np.pi * np.log(2))))
+        sigmas *= rng.uniform(0.7, 1.3, n)
+        sigmas = np.maximum(sigmas, 12 * um)
+        ys, xs = (np.arange(k) * cell + cell / 2 for k in pot.shape)
+        H, W = self.shape
+        tcell = max(float(sigmas.min()) / 3.0, max(H, W) / 1024)
+        gh, gw = _grid_shape(self.shape, tcell)
+        gy = (np.arange(gh) + 0.5) * tcell - 0.5
+        gx = (np.arange(gw) + 0.5) * tcell - 0.5
+        field = np.zeros((gh, gw), np.float32)
+        for s in sigmas:
+            ok = np.argwhere(inside > 1.5 * s)
+            if len(ok) == 0:
+                ok = np.argwhere(inside >= inside.max() * 0.8)
+            iy, ix = ok[rng.integers(len(ok))]
+            d2 = (gy[:, None] - ys[iy]) ** 2 + (gx[None, :] - xs[ix]) ** 2
+            field = np.maximum(field, np.exp(-0.5 * d2 / (s * s)).astype(np.float32))
+        grid = _Grid(field, tcell, self.shape)
+        slope_px = float(np.median(sigmas)) / 0.59
+        ds = self.gt_downsample
+        step = max(1, math.ceil(max(H, W) / ds / 512))
+        qy = (np.arange(0, math.ceil(H / ds), step) + 0.5) * ds - 0.5
+        qx = (np.arange(0, math.ceil(W / ds), step) + 0.5) * ds - 0.5
+        tis = self.tissue.sample(qy, qx) > 0
+        vals = (grid.sample(qy, qx) * np.float32(slope_px))[tis]
+        thr = float(np.quantile(vals, 1 - self.aggregate_share)) if vals.size else float("inf")
+        self.aggregate = _Field([(slope_px, grid)], offset=-thr)
+        self._aggregate_possible = _Cull(grid, (thr - 3.0) / slope_px)
+
+    def _near_aggregate(self, y0: float, y1: float, x0: float, x1: float) -> bool:
+        return self._aggregate_possible is not None and self._aggregate_possible.any_near(y0, y1, x0, x1)
+
     def _near_tumour(self, y0: float, y1: float, x0: float, x1: float) -> bool:
         return self._tumour_possible is not None and self._tumour_possible.any_near(y0, y1, x0, x1)
 
@@ -392,7 +488,8 @@ class SlideModel:
         tis = self.tissue.sample(ys, xs, y0)
         m = self.margin
         near_tumour = self._near_tumour(y0 - m, y0 + T + m, x0 - m, x0 + T + m)
-        canvas, any_nuclei = self._nuclei(y0, x0, near_tumour)
+        near_aggregate = self._near_aggregate(y0 - m, y0 + T + m, x0 - m, x0 + T + m)
+        canvas, any_nuclei = self._nuclei(y0, x0, near_tumour, near_aggregate)
         if not any_nuclei and float(tis.max()) < -1.0:
             idx = (noise + 3).astype(np.intp) * 256  # background: the faintest tint, plus sensor noise
             return np.take(self.lut, idx, axis=0)
@@ -409,6 +506,7 @@ class SlideModel:
         stroma += tb
         stroma += 0.12 * grain
         hbg = None
+        tumour_px = None  # the tumour ramp, kept when aggregates need it (the wash below reuses its buffer)
         if near_tumour:
             assert self.tumour is not None
             at = _ramp(self.tumour.sample(ys, xs, y0), 0.35)
@@ -417,13 +515,43 @@ class SlideModel:
                 cyto = 0.25 * grain
                 cyto += 0.42
                 cyto -= stroma
-                cyto *= at
-                if self.contrast < 1.0:
-                    cyto *= self.contrast  # only partly: some fibres show through
+                wash: float | np.ndarray = 38.0 * self.contrast
+                if self.mucin is None:  # (this order keeps earlier cohorts bit for bit)
+                    cyto *= at
+                    if self.contrast < 1.0:
+                        cyto *= self.contrast  # only partly: some fibres show through
+                else:
+                    if self.contrast < 1.0:
+                        cyto *= self.contrast
+                    # mucinous parts: pale, faintly basophilic mucin instead of stroma or cytoplasm
+                    b = _ramp(self.mucin.sample(ys, xs, y0), 0.35)
+                    mucin = 0.08 * grain
+                    mucin += MUCIN_EOSIN
+                    mucin -= stroma
+                    mucin -= cyto
+                    mucin *= b
+                    cyto += mucin  # cyto*(1-b) + (mucin - stroma)*b
+                    wash = wash + (MUCIN_WASH - wash) * b
+                    cyto *= at
                 stroma += cyto
+                if near_aggregate:
+                    tumour_px = at.copy()
                 hbg = at
                 hbg *= alpha
-                hbg *= 38.0 * self.contrast
+                hbg *= wash
+        if near_aggregate:
+            assert self.aggregate is not None
+            ag = _ramp(self.aggregate.sample(ys, xs, y0), 0.35)
+            if tumour_px is not None:
+                ag *= 1.0 - tumour_px  # tumour wins where they meet
+            if ag.any():
+                # scant cytoplasm: fibres fade to a pale background behind the packed nuclei
+                fade = 0.30 + 0.1 * grain
+                fade -= stroma
+                fade *= 0.6 * ag
+                stroma += fade
+                wash_ag = ag * alpha * AGGREGATE_WASH
+                hbg = wash_ag if hbg is None else hbg + wash_ag
         nuc = canvas[m:m + T, m:m + T].astype(np.float32)
         e = nuc * -0.5
         e += 200.0
@@ -440,7 +568,8 @@ class SlideModel:
         idx += nuc.astype(np.intp)
         return np.take(self.lut, idx, axis=0)
 
-    def _nuclei(self, y0: int, x0: int, near_tumour: bool) -> tuple[np.ndarray, bool]:
+    def _nuclei(self, y0: int, x0: int, near_tumour: bool, near_aggregate: bool = False
+                ) -> tuple[np.ndarray, bool]:
         """Canvas (tile plus margin) holding the haematoxylin density of nuclei, uint8.
 
         Candidates are culled by their presence draw against the highest probability they could
@@ -451,7 +580,10 @@ class SlideModel:
         canvas = np.zeros(size * size, np.uint8)
         drawn = False
         H, W = self.shape
-        for pop in (self.normal, *self.tumour_pops) if near_tumour else (self.normal,):
+        pops = (self.normal, *self.tumour_pops) if near_tumour else (self.normal,)
+        if near_aggregate:
+            pops = (*pops, self.lymph)
+        for pop in pops:
             gy, gx, cy, cx, u = pop.candidates(self.key, y0, x0)
             sel = u[:, 0] < pop.p_max
             if not sel.any():
@@ -469,8 +601,18 @@ class SlideModel:
             if near_tumour:
                 assert self.tumour is not None
                 at = _ramp(self.tumour.points(py, px), 0.35) * a
-            if pop.kind == "tumour":
+            ag = None
+            if near_aggregate:
+                assert self.aggregate is not None
+                ag = _ramp(self.aggregate.points(py, px), 0.35) * (a - at)  # tumour wins where they meet
+            if pop.kind == "lymph":
+                assert ag is not None
+                p = ag * pop.p_max
+                sprite = np.minimum((u[:, 3] * pop.n_sprites).astype(np.intp), pop.n_sprites - 1)
+            elif pop.kind == "tumour":
                 p = at * pop.p_max
+                if self.mucin is not None:  # only a few cells float in the mucin
+                    p *= 1.0 - (1.0 - MUCIN_CELLS) * _ramp(self.mucin.points(py, px), 0.35)
                 if self.contrast < 1.0:
                     p *= self.contrast  # fewer tumour nuclei ...
                 sprite = np.minimum((u[:, 3] * pop.n_sprites).astype(np.intp), pop.n_sprites - 1)
@@ -481,6 +623,8 @@ class SlideModel:
                 if self.contrast < 1.0:
                     at *= self.contrast  # ... and normal ones left among them
                 p = a * (1.0 - at) * dens
+                if ag is not None:
+                    p *= 1.0 - ag  # the aggregate's lymphocytes replace the stromal nuclei
                 sprite = pop.choose(u, _ramp(self.orient.points(py, px), 1.0), self.tex_a_angle, self.tex_b_angle)
             keep = u[:, 0] < p
             if not keep.any():
@@ -796,6 +940,10 @@ def _splitmix(z: np.ndarray) -> np.ndarray:
 
 TONED_SIZE = 0.62  # tumour nuclei at contrast 0: this linear size (about a normal nucleus's area) ...
 TONED_DARK = 0.8  # ... and this share of their haematoxylin density
+MUCIN_EOSIN = 0.12  # mucin's eosin (stroma ~0.5, solid tumour's cytoplasm 0.42): pale
+MUCIN_WASH = 14.0  # its faint haematoxylin tint (solid tumour 38): bluish-grey, not purple
+MUCIN_CELLS = 0.15  # tumour nuclei in mucin, as a share of the solid pattern's
+AGGREGATE_WASH = 12.0  # lymphoid aggregates' faint haematoxylin tint between the nuclei
 
 
 class _NucleusPop:
@@ -834,6 +982,17 @@ class _NucleusPop:
             sprites.append(_sprite(rng, r, rad, rad * rng.uniform(0.85, 1.0), rng.uniform(0, np.pi),
                                    rng.uniform(0.8, 0.95), lobes=0.04, grain=0.1, rim=0.0, nucleoli=0))
         return cls("normal", r, np.stack(sprites), pop, 0.28, n_orient)
+
+    @classmethod
+    def lymphocyte(cls, rng: np.random.Generator, um: float, pop: int) -> _NucleusPop:
+        """Small, round, dark lymphocyte nuclei on a tight grid (about 6 µm cells): packed aggregates."""
+        r = max(3, round(2.5 * um))
+        sprites = []
+        for _ in range(16):
+            rad = min(rng.uniform(1.7, 2.2) * um, r - 0.5)
+            sprites.append(_sprite(rng, r, rad, rad * rng.uniform(0.85, 1.0), rng.uniform(0, np.pi),
+                                   rng.uniform(0.85, 1.0), lobes=0.04, grain=0.1, rim=0.0, nucleoli=0))
+        return cls("lymph", r, np.stack(sprites), pop, 0.85)
 
     @classmethod
     def tumour(cls, rng: np.random.Generator, um: float, pop: int) -> _NucleusPop:
@@ -939,6 +1098,16 @@ def _sprite(rng: np.random.Generator, r: int, a: float, b: float, angle: float, 
 
 
 # ------------------------------------------------------------------------------------------ misc
+
+
+def _check_share(share: float, what: str = "mucinous share", top: float = 1.0) -> float:
+    try:
+        value = float(share)
+    except (TypeError, ValueError):
+        raise WsimilError(f"the {what} must be a number between 0 and {top:g}, got {share!r}") from None
+    if not (0.0 <= value <= top):
+        raise WsimilError(f"the {what} must be between 0 and {top:g}, got {share!r}")
+    return value
 
 
 def _check_contrast(contrast: float) -> float:
