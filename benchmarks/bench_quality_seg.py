@@ -22,7 +22,7 @@ labels Dice ≥ 0.75 and above Pinchaud.
 
 python benchmarks/bench_quality_seg.py [--quick] [--slides 60] [--size 4096] [--epochs 40] [--mpp 1]
     [--patch 128] [--width 32] [--depth 4] [--methods pinchaud hybrid confkd pinchaud+paint] [--no-ablation]
-    [--val-painted 1] [--eta 50] [--seed 1] [--threads N] [--workdir DIR]
+    [--val-painted 1] [--eta 50] [--sync-maps] [--seed 1] [--threads N] [--workdir DIR]
 
 The defaults are the issue's full run (60 slides, the paper's net): many hours on a CPU. --quick is a smoke
 run (12 slides of 2048², 4 epochs of a small net at 2 µm/px, no ablation; about a minute) whose numbers say
@@ -90,6 +90,8 @@ def run_one(name: str, method: str, options: dict[str, object], cohort_csv: Path
             "batch_size": args.batch_size, **options}
     if method == "pinchaud" and args.eta != 50.0:
         sets["eta"] = args.eta
+    if method == "pinchaud" and args.sync_maps:
+        sets["sync_maps"] = "true"
     set_args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     times = {}
     sink = io.StringIO()
@@ -145,6 +147,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     ap.add_argument("--eta", type=float, default=50.0,
                     help="Pinchaud's η for every Pinchaud run (percent of a patch's pixels in the malignant "
                          "logit; default 50, the paper's)")
+    ap.add_argument("--sync-maps", action="store_true",
+                    help="Pinchaud waits for every slide's map before each epoch: reproducible from the seed "
+                         "(the concurrent mapper's timing otherwise changes the result), slower")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--workdir", type=Path, default=None, help="keeps the cohort between runs")
     ap.add_argument("--verbose", action="store_true", help="show the CLI's output")
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
           f"malignant); pixel labels on {counts['annotated']} malignant training and {counts['annotated_val']} "
           f"validation slides; U-Net "
           f"{args.width}x{args.depth}, {args.patch} px at {args.mpp:g} µm/px, {args.epochs} epochs of "
-          f"{args.patches_per_epoch} patches; Pinchaud η {args.eta:g} %; tumour contrast {args.tumour_contrast:g}; torch "
+          f"{args.patches_per_epoch} patches; Pinchaud η {args.eta:g} %{'' if not args.sync_maps else ', maps synchronous'}; tumour contrast {args.tumour_contrast:g}; torch "
           f"{torch.get_num_threads()} threads", flush=True)
     runs = [(m, *RUNS[m]) for m in args.methods]
     if args.ablation:

@@ -191,6 +191,43 @@ def test_waiting_for_maps_stays_within_its_budget(cohort: Path, tmp_path: Path, 
         assert method.wait_fraction() > 0.3  # each epoch waited half a second or more for its map
 
 
+def test_sync_maps_makes_runs_reproducible_whatever_the_mapper_timing(cohort: Path, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    """Two runs with the same seed, one with a mapper slowed down. With ``sync_maps`` every epoch samples
+    only from maps of the previous epoch's weights (map age 0, no slide unmapped) however slow the mapper,
+    which is what makes the sampled patches, and so the weights, a function of the seed. (Without it, the
+    slowed run samples from older maps or none: map_unmapped 1.0 for 3 of 4 epochs when this was written.)"""
+    import time
+
+    import napari_wsimil.seg.mapper as mapper_mod
+    from napari_wsimil.train.engine import train
+    from napari_wsimil.train.pipeline import MILRunSpec, prepare_mil_run
+
+    real = mapper_mod.compute_map
+    delay = {"s": 0.0}
+
+    def slowed(*a, **k):
+        time.sleep(delay["s"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(mapper_mod, "compute_map", slowed)
+    finals, waits = [], []
+    for run, delay["s"] in (("a", 0.0), ("b", 0.3)):
+        spec = MILRunSpec(source=cohort, method="pinchaud", out=tmp_path / run, epochs=4, mpp=4.0, patch=32,
+                          device="cpu", config=dict(width=8, depth=3, patches_per_epoch=16, batch_size=8,
+                                                    map_tile=128, sync_maps=True, val_patches=2, read_workers=1,
+                                                    min_epochs=4))
+        method = prepare_mil_run(spec).method
+        metrics = [ev.metrics for ev in train(method, spec.out) if ev.kind == "validation"]
+        assert len(metrics) == 4 and all(m["map_age"] == 0.0 for m in metrics)
+        assert all(m["map_unmapped"] == 0.0 for m in metrics)  # every slide mapped before every epoch
+        finals.append({k: v.clone() for k, v in method.model.state_dict().items()})
+        waits.append(method.wait_fraction())
+    assert finals[0].keys() == finals[1].keys()
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    assert min(waits) > 0.0  # the price: the trainer waited for the maps
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 def test_pinchaud_train_resume_predict_evaluate(cohort: Path, tmp_path: Path) -> None:

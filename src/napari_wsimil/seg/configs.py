@@ -36,6 +36,10 @@ class SegConfig(TrainConfig):
     max_map_wait: float = _doc("Most of the training time (0-1) the trainer may spend waiting for fresh maps; "
                                "beyond it, it trains on the maps it has (older: see the map_age metric).",
                                default=0.05)
+    sync_maps: bool = _doc("Before each epoch, wait until every training slide is mapped with the last epoch's "
+                           "weights. Runs are then reproducible from the seed (otherwise the concurrent mapper's "
+                           "timing decides which maps an epoch samples from), at the cost of mapping every slide "
+                           "every epoch while the trainer waits.", default=False)
     w_pixel: float = _doc("Weight of cross-entropy on painted pixels (mixed supervision); 0 ignores paint.",
                           default=1.0)
     init_weights: str | None = _doc("Start from these weights: an auto-encoder pre-training file "

@@ -101,6 +101,22 @@ class MappingWorker:
             raise MapperError("the mapping worker stopped before producing the maps the trainer needs")
         return waited
 
+    def wait_all(self, epoch: int) -> float:
+        """Block until every slide's map comes from weights of epoch >= ``epoch`` (or the worker failed);
+        returns the seconds waited (also added to ``wait_seconds``). With weights handed over only before
+        this call, the maps are then a function of those weights alone: what makes ``sync_maps`` reproducible."""
+        t0 = time.perf_counter()
+        with self._cond:
+            while (bool((self._mapped_with < epoch).any()) and self.error is None and not self._stop.is_set()
+                   and self._thread.is_alive()):
+                self._cond.wait(0.2)
+        waited = time.perf_counter() - t0
+        self.wait_seconds += waited
+        self.check()
+        if bool((self._mapped_with < epoch).any()) and not self._thread.is_alive():
+            raise MapperError("the mapping worker stopped before mapping every slide")
+        return waited
+
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
         with self._cond:

@@ -384,7 +384,9 @@ class PinchaudMethod(SegMethod):
                                             seed=cfg.seed, threads=cfg.map_threads).start()
                 self._t0 = time.perf_counter()
             self.mapper.update_weights(self.model.state_dict(), epoch - 1)
-            if epoch > 1 + cfg.map_staleness:
+            if cfg.sync_maps:
+                self.mapper.wait_all(epoch - 1)
+            elif epoch > 1 + cfg.map_staleness:
                 # Wait for fresh maps only within the waiting budget: when mapping is much slower than training
                 # (big slides on a CPU), the trainer goes on with older maps rather than stall (Pinchaud's
                 # mapper and trainer never wait for each other; the budget allows a little freshness).
