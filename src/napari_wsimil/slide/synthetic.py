@@ -353,12 +353,8 @@ class SlideModel:
             centres.append((ys[iy], xs[ix]))
         centres_a = np.array(centres, np.float64)
 
-        H, W = self.shape
-        tcell = max(float(sigmas.min()) / 3.0, max(H, W) / 1024)
-        gh, gw = _grid_shape(self.shape, tcell)
-        gy = (np.arange(gh) + 0.5) * tcell - 0.5
-        gx = (np.arange(gw) + 0.5) * tcell - 0.5
-        field = np.zeros((gh, gw), np.float32)
+        tcell, gy, gx = _bump_axes(self.shape, sigmas)
+        field = np.zeros((len(gy), len(gx)), np.float32)
         for (cy, cx), s in zip(centres_a, sigmas):
             e = rng.uniform(0.6, 1.0)  # elongation
             a = rng.uniform(0, np.pi)
@@ -373,16 +369,7 @@ class SlideModel:
         grid = _Grid(field, tcell, self.shape)
         # ~px of boundary displacement per unit of field: 1/(slope of a gaussian at half maximum)
         slope_px = float(np.median(sigmas)) / 0.59
-        raw = _Field([(slope_px, grid), (4 * um, self.rough)])
-
-        # threshold at the (1 - target) quantile of the field over tissue, on a bounded grid
-        ds = self.gt_downsample
-        step = max(1, math.ceil(max(H, W) / ds / 512))
-        qy = (np.arange(0, math.ceil(H / ds), step) + 0.5) * ds - 0.5
-        qx = (np.arange(0, math.ceil(W / ds), step) + 0.5) * ds - 0.5
-        tis = self.tissue.sample(qy, qx) > 0
-        vals = raw.sample(qy, qx)[tis]
-        thr = float(np.quantile(vals, 1 - target)) if vals.size else float("inf")
+        thr = self._tissue_quantile(_Field([(slope_px, grid), (4 * um, self.rough)]), 1 - target)
         self.tumour = _Field([(slope_px, grid), (4 * um, self.rough)], offset=-thr)
         self.target_fraction = target
         # cull: tumour pixels (ramp > 0, i.e. field > -1/0.35) need the grid term above this level
@@ -423,12 +410,8 @@ class SlideModel:
         sigmas *= rng.uniform(0.7, 1.3, n)
         sigmas = np.maximum(sigmas, 12 * um)
         ys, xs = (np.arange(k) * cell + cell / 2 for k in pot.shape)
-        H, W = self.shape
-        tcell = max(float(sigmas.min()) / 3.0, max(H, W) / 1024)
-        gh, gw = _grid_shape(self.shape, tcell)
-        gy = (np.arange(gh) + 0.5) * tcell - 0.5
-        gx = (np.arange(gw) + 0.5) * tcell - 0.5
-        field = np.zeros((gh, gw), np.float32)
+        tcell, gy, gx = _bump_axes(self.shape, sigmas)
+        field = np.zeros((len(gy), len(gx)), np.float32)
         for s in sigmas:
             ok = np.argwhere(inside > 1.5 * s)
             if len(ok) == 0:
@@ -438,15 +421,21 @@ class SlideModel:
             field = np.maximum(field, np.exp(-0.5 * d2 / (s * s)).astype(np.float32))
         grid = _Grid(field, tcell, self.shape)
         slope_px = float(np.median(sigmas)) / 0.59
+        thr = self._tissue_quantile(_Field([(slope_px, grid)]), 1 - self.aggregate_share)
+        self.aggregate = _Field([(slope_px, grid)], offset=-thr)
+        self._aggregate_possible = _Cull(grid, (thr - 3.0) / slope_px)
+
+    def _tissue_quantile(self, field: _Field, q: float) -> float:
+        """The ``q`` quantile of ``field`` over tissue, on a grid of at most ~512 points a side: the threshold
+        that leaves ``1 - q`` of the tissue above it (inf without tissue)."""
+        H, W = self.shape
         ds = self.gt_downsample
         step = max(1, math.ceil(max(H, W) / ds / 512))
         qy = (np.arange(0, math.ceil(H / ds), step) + 0.5) * ds - 0.5
         qx = (np.arange(0, math.ceil(W / ds), step) + 0.5) * ds - 0.5
         tis = self.tissue.sample(qy, qx) > 0
-        vals = (grid.sample(qy, qx) * np.float32(slope_px))[tis]
-        thr = float(np.quantile(vals, 1 - self.aggregate_share)) if vals.size else float("inf")
-        self.aggregate = _Field([(slope_px, grid)], offset=-thr)
-        self._aggregate_possible = _Cull(grid, (thr - 3.0) / slope_px)
+        vals = field.sample(qy, qx)[tis]
+        return float(np.quantile(vals, q)) if vals.size else float("inf")
 
     def _near_aggregate(self, y0: float, y1: float, x0: float, x1: float) -> bool:
         return self._aggregate_possible is not None and self._aggregate_possible.any_near(y0, y1, x0, x1)
@@ -831,6 +820,14 @@ def _physical_grid(rng: np.random.Generator, shape: tuple[int, int], cell: float
     memory does not grow with the slide."""
     gh, gw = (min(n, PHYSICAL_PERIOD) for n in _grid_shape(shape, cell))
     return _Grid(_smooth_noise(rng, (gh, gw), sigma, periodic=True) + offset, cell, shape, periodic=True)
+
+
+def _bump_axes(shape: tuple[int, int], sigmas: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Cell size and cell-centre coordinates of a grid fine enough for the narrowest of ``sigmas`` (three
+    cells per sigma) and at most ~1024 cells a side."""
+    tcell = max(float(sigmas.min()) / 3.0, max(shape) / 1024)
+    gh, gw = _grid_shape(shape, tcell)
+    return tcell, (np.arange(gh) + 0.5) * tcell - 0.5, (np.arange(gw) + 0.5) * tcell - 0.5
 
 
 def _grid_shape(shape: tuple[int, int], cell: float) -> tuple[int, int]:
