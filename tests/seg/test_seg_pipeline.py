@@ -127,7 +127,10 @@ def test_tiled_map_has_no_seams_and_zero_outside_tissue(cohort: Path, tmp_path: 
     slide.close()
 
 
-def test_mapper_crash_stops_training_with_its_error(cohort: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("sync", [False, True])
+def test_mapper_crash_stops_training_with_its_error(cohort: Path, tmp_path: Path, monkeypatch, sync) -> None:
+    """Whether the trainer waits within a budget or for every slide (``sync_maps``), it stops with the
+    mapper's error instead of waiting for maps that will never come."""
     import napari_wsimil.seg.mapper as mapper_mod
     from napari_wsimil.seg.mapper import MapperError
     from napari_wsimil.train.engine import train
@@ -139,7 +142,7 @@ def test_mapper_crash_stops_training_with_its_error(cohort: Path, tmp_path: Path
     monkeypatch.setattr(mapper_mod, "compute_map", broken)
     spec = MILRunSpec(source=cohort, method="pinchaud", out=tmp_path / "run", epochs=4, mpp=4.0, patch=32,
                       device="cpu", config=dict(width=8, depth=3, patches_per_epoch=16, batch_size=8, map_tile=128,
-                                                map_staleness=0, val_patches=2, read_workers=1))
+                                                map_staleness=0, val_patches=2, read_workers=1, sync_maps=sync))
     prepared = prepare_mil_run(spec)
     result: dict = {}
 
