@@ -92,6 +92,8 @@ def run_one(name: str, method: str, options: dict[str, object], cohort_csv: Path
         sets["eta"] = args.eta
     if method == "pinchaud" and args.sync_maps:
         sets["sync_maps"] = "true"
+    if method == "pinchaud" and args.threads > 0:  # the mapper too: a run's numbers depend on its thread counts
+        sets["map_threads"] = args.threads
     set_args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     times = {}
     sink = io.StringIO()

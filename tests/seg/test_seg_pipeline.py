@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -226,6 +227,7 @@ def test_sync_maps_makes_runs_reproducible_whatever_the_mapper_timing(cohort: Pa
         assert all(m["map_unmapped"] == 0.0 for m in metrics)  # every slide mapped before every epoch
         finals.append({k: v.clone() for k, v in method.model.state_dict().items()})
         waits.append(method.wait_fraction())
+        assert method.mapper.threads == (os.cpu_count() or 1)  # the trainer waits: the mapper gets every core
     assert finals[0].keys() == finals[1].keys()
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
     assert min(waits) > 0.0  # the price: the trainer waited for the maps

@@ -30,7 +30,8 @@ class SegConfig(TrainConfig):
     revisit_epochs: int = _doc("Every slide is drawn at least once every this many epochs.", default=5)
     map_tile: int = _doc("Tile side (px) of fully convolutional mapping (larger: less context re-read per "
                          "tile, more memory).", default=512)
-    map_threads: int = _doc("CPU threads of the mapping worker (0: half the cores); the trainer keeps its own.",
+    map_threads: int = _doc("CPU threads of the mapping worker (0: half the cores, all with sync_maps); the "
+                            "trainer keeps its own.",
                             default=0)
     map_staleness: int = _doc("The trainer waits when the newest map is older than this many epochs.", default=2)
     max_map_wait: float = _doc("Most of the training time (0-1) the trainer may spend waiting for fresh maps; "

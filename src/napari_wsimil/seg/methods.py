@@ -19,6 +19,7 @@ stopping and events; a method here supplies the network, each epoch's batches an
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -378,10 +379,12 @@ class PinchaudMethod(SegMethod):
                 from .mapper import MappingWorker
 
                 device = next(self.model.parameters()).device
+                # with sync_maps the trainer waits while the worker maps: the worker may have every core
+                threads = cfg.map_threads or ((os.cpu_count() or 1) if cfg.sync_maps else 0)
                 self.mapper = MappingWorker(self.model, self.train_slides, self.board, mpp=self.mpp,
                                             maps_dir=self.maps_dir, device=device, tile=self.map_tile,
                                             margin=_margin(self.model), revisit_epochs=cfg.revisit_epochs,
-                                            seed=cfg.seed, threads=cfg.map_threads).start()
+                                            seed=cfg.seed, threads=threads).start()
                 self._t0 = time.perf_counter()
             self.mapper.update_weights(self.model.state_dict(), epoch - 1)
             if cfg.sync_maps:
