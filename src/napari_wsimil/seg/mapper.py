@@ -86,10 +86,22 @@ class MappingWorker:
         """Block until some map was computed with weights of epoch >= ``epoch - staleness`` (or the worker
         failed); returns the seconds waited (also added to ``wait_seconds``)."""
         need = epoch - staleness
+        return self._wait_until(lambda: self.board.latest_epoch >= need, timeout,
+                                "the mapping worker stopped before producing the maps the trainer needs")
+
+    def wait_all(self, epoch: int) -> float:
+        """Block until every slide's map comes from weights of epoch >= ``epoch`` (or the worker failed);
+        returns the seconds waited (also added to ``wait_seconds``). With weights handed over only before
+        this call, the maps are then a function of those weights alone: what makes ``sync_maps`` reproducible."""
+        return self._wait_until(lambda: not bool((self._mapped_with < epoch).any()), None,
+                                "the mapping worker stopped before mapping every slide")
+
+    def _wait_until(self, done: Callable[[], bool], timeout: float | None, stopped: str) -> float:
+        """Wait for ``done()`` (or the worker's error, a stop, or ``timeout``); the worker's error is raised,
+        and ``stopped`` if the worker ended without ``done()``."""
         t0 = time.perf_counter()
         with self._cond:
-            while (self.board.latest_epoch < need and self.error is None and not self._stop.is_set()
-                   and self._thread.is_alive()):
+            while not done() and self.error is None and not self._stop.is_set() and self._thread.is_alive():
                 left = None if timeout is None else timeout - (time.perf_counter() - t0)
                 if left is not None and left <= 0:
                     break
@@ -97,24 +109,8 @@ class MappingWorker:
         waited = time.perf_counter() - t0
         self.wait_seconds += waited
         self.check()
-        if self.board.latest_epoch < need and not self._thread.is_alive():
-            raise MapperError("the mapping worker stopped before producing the maps the trainer needs")
-        return waited
-
-    def wait_all(self, epoch: int) -> float:
-        """Block until every slide's map comes from weights of epoch >= ``epoch`` (or the worker failed);
-        returns the seconds waited (also added to ``wait_seconds``). With weights handed over only before
-        this call, the maps are then a function of those weights alone: what makes ``sync_maps`` reproducible."""
-        t0 = time.perf_counter()
-        with self._cond:
-            while (bool((self._mapped_with < epoch).any()) and self.error is None and not self._stop.is_set()
-                   and self._thread.is_alive()):
-                self._cond.wait(0.2)
-        waited = time.perf_counter() - t0
-        self.wait_seconds += waited
-        self.check()
-        if bool((self._mapped_with < epoch).any()) and not self._thread.is_alive():
-            raise MapperError("the mapping worker stopped before mapping every slide")
+        if not done() and not self._thread.is_alive():
+            raise MapperError(stopped)
         return waited
 
     def stop(self, timeout: float = 30.0) -> None:
