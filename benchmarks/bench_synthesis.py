@@ -7,6 +7,10 @@ Each slide is made in its own child process, which reports its own peak RSS (ru_
 figures are not mixed with the parent's or each other's. Outputs go to a temporary folder that is
 deleted afterwards. The table gives wall time, megapixels per second, seconds per megapixel, peak RSS,
 and the ratio of peak RSS large/small, which should be about 1.
+
+Then the cost of the harder looks (``--tumour-contrast``, ``--mucinous-share``, ``--aggregate-share``): rendering
+every tile of 8192^2 malignant slides (no JPEG, no writing) with each look, against the plain look in the same
+run (median of 3 repeats over 2 slide seeds, one thread).
 """
 
 from __future__ import annotations
@@ -51,6 +55,30 @@ def _run(size: int, workers: int | None) -> dict:
         return result
 
 
+LOOKS = {"plain": {}, "contrast 0.3": {"tumour_contrast": 0.3}, "mucinous 0.3": {"mucinous_share": 0.3},
+         "aggregates 0.03": {"aggregate_share": 0.03}}
+
+
+def render_looks(size: int = 8192, repeats: int = 3) -> dict[str, float]:
+    """Median seconds to render every tile of a ``size``² malignant slide, per look."""
+    import numpy as np
+
+    from napari_wsimil.slide.synthetic import TILE, SlideModel
+
+    n = size // TILE
+    times: dict[str, list[float]] = {k: [] for k in LOOKS}
+    for _ in range(repeats):
+        for seed in (3, 11):
+            for name, kw in LOOKS.items():
+                model = SlideModel((size, size), seed, True, 0.5, **kw)
+                t0 = time.perf_counter()
+                for ty in range(n):
+                    for tx in range(n):
+                        model.render_tile(ty, tx)
+                times[name].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="4,000^2 and 12,000^2 instead of 20,000^2 and 60,000^2")
@@ -76,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     area = (sizes[1] / sizes[0]) ** 2
     print(f"peak RSS ratio {sizes[1]}^2 / {sizes[0]}^2: {ratio:.2f} (area ratio {area:.0f}); "
           f"time ratio {rows[1]['wall_s'] / rows[0]['wall_s']:.1f}")
+    looks = render_looks(4096 if args.quick else 8192)
+    print("\nrendering the harder looks (all tiles, no writing), against the plain look in this run:")
+    for name, sec in looks.items():
+        print(f"  {name:16s} {sec:6.2f} s  x{sec / looks['plain']:.2f}")
     return 0
 
 
