@@ -22,7 +22,12 @@ labels Dice ≥ 0.75 and above Pinchaud.
 
 python benchmarks/bench_quality_seg.py [--quick] [--slides 60] [--size 4096] [--epochs 40] [--mpp 1]
     [--patch 128] [--width 32] [--depth 4] [--methods pinchaud hybrid confkd pinchaud+paint] [--no-ablation]
-    [--val-painted 1] [--eta 50] [--sync-maps] [--seed 1] [--threads N] [--workdir DIR]
+    [--val-painted 1] [--eta 50] [--sync-maps] [--set KEY=VALUE ...] [--val] [--seed 1] [--threads N]
+    [--workdir DIR]
+
+``--val`` also predicts the validation slides and prints their Dice after each run: settings are chosen on
+those numbers, and the test split is looked at only for the final report. ``--set`` passes a setting to every
+Pinchaud run (e.g. ``--set context=-1``).
 
 The defaults are the issue's full run (60 slides, the paper's net): many hours on a CPU. --quick is a smoke
 run (12 slides of 2048², 4 epochs of a small net at 2 µm/px, no ablation; about a minute) whose numbers say
@@ -94,6 +99,8 @@ def run_one(name: str, method: str, options: dict[str, object], cohort_csv: Path
         sets["sync_maps"] = "true"
     if method == "pinchaud" and args.threads > 0:  # the mapper too: a run's numbers depend on its thread counts
         sets["map_threads"] = args.threads
+    if method == "pinchaud":
+        sets.update(dict(kv.split("=", 1) for kv in args.pinchaud_set))
     set_args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     times = {}
     sink = io.StringIO()
@@ -109,7 +116,26 @@ def run_one(name: str, method: str, options: dict[str, object], cohort_csv: Path
         t = time.perf_counter()
         wsimil("evaluate", pred, "--cohort", cohort_csv, "--split", "test")
         times["evaluate"] = time.perf_counter() - t
-    return json.loads((pred / "metrics.json").read_text()), times
+        val_csv = test_csv.with_name("cohort_val.csv")
+        if args.val and val_csv.is_file():  # the development numbers: choices are made on these, never on test
+            wsimil("predict", run, "--cohort", val_csv, "--out", pred.with_name(pred.name + "_val"), "--device",
+                   "cpu")
+            wsimil("evaluate", pred.with_name(pred.name + "_val"), "--cohort", cohort_csv, "--split", "val")
+    metrics = json.loads((pred / "metrics.json").read_text())
+    if args.val and (pred.with_name(pred.name + "_val") / "metrics.json").is_file():
+        metrics["val"] = json.loads((pred.with_name(pred.name + "_val") / "metrics.json").read_text())
+    return metrics, times
+
+
+def _rows_of_split(split_csv: Path, split: str, out: Path) -> None:
+    import csv
+
+    with open(split_csv, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == split]
+    with open(out, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
 
 
 def _num(v: object) -> object:
@@ -152,10 +178,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     ap.add_argument("--sync-maps", action="store_true",
                     help="Pinchaud waits for every slide's map before each epoch: reproducible from the seed "
                          "(the concurrent mapper's timing otherwise changes the result), slower")
+    ap.add_argument("--set", dest="pinchaud_set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting for every Pinchaud run (repeatable), e.g. --set beta1_warmup=5")
+    ap.add_argument("--val", action="store_true",
+                    help="also predict the validation slides and report their Dice: the numbers to choose "
+                         "settings by (the test split stays untouched)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--workdir", type=Path, default=None, help="keeps the cohort between runs")
     ap.add_argument("--verbose", action="store_true", help="show the CLI's output")
     args = ap.parse_args(argv)
+    if any("=" not in kv for kv in args.pinchaud_set):
+        ap.error("--set takes KEY=VALUE, e.g. --set context=-1")
     if args.quick:
         args.slides, args.size, args.epochs, args.mpp, args.patch = 12, 2048, 4, 2.0, 64
         args.width, args.depth, args.patches_per_epoch = 16, 3, 256
@@ -174,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     work = Path(tempfile.mkdtemp(prefix="seg-quality-", dir=base))
     split_csv, test_csv = work / "cohort_split.csv", work / "cohort_test.csv"
     counts = split_cohort_seg(cohort_csv, split_csv, test_csv, args.seed, args.annotated, args.val_painted)
+    if args.val:
+        _rows_of_split(split_csv, "val", test_csv.with_name("cohort_val.csv"))
     print(f"cohort: {args.slides} slides of {args.size}² ({counts['malignant']} malignant); train "
           f"{counts['train']} / val {counts['val']} / test {counts['test']} ({counts['malignant_test']} "
           f"malignant); pixel labels on {counts['annotated']} malignant training and {counts['annotated_val']} "
@@ -195,7 +230,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                      _num(seg.get("precision_pooled")), _num(seg.get("recall_pooled")),
                      _num(seg.get("froc")), _num(m.get("auc")), _num(seg.get("benign_positive_fraction")),
                      f"{times['train']:.0f} + {times['predict']:.0f} s"])
-        print(f"  {name}: {time.perf_counter() - t:.0f} s", flush=True)
+        val = (m.get("val") or {}).get("segmentation") or {}
+        dev = (f"; validation Dice {_fmt(_dice(m['val']))} (precision {_fmt(val.get('precision_pooled'))}, recall "
+               f"{_fmt(val.get('recall_pooled'))})") if "val" in m else ""
+        print(f"  {name}: {time.perf_counter() - t:.0f} s{dev}", flush=True)
     print("\ntest split: Dice / IoU per malignant slide at p ≥ 0.5, averaged; slide AUC from the maximum "
           "pixel probability; precision / recall pooled over malignant slides' pixels; 'benign px' = share of benign "
           "slides' pixels called tumour")

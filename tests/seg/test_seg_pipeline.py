@@ -261,7 +261,8 @@ def test_pinchaud_train_resume_predict_evaluate(cohort: Path, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("setting, message", [("checkpoint_by=best", "checkpoint_by is 'auto' or 'loss'"),
-                                              ("max_map_wait=5", "max_map_wait is a share")])
+                                              ("max_map_wait=5", "max_map_wait is a share"),
+                                              ("context=-2", "context is -1")])
 def test_bad_new_settings_are_refused_before_training(cohort: Path, tmp_path: Path, capsys, setting, message) -> None:
     run = tmp_path / "run"
     assert main(["train", str(cohort), "--method", "pinchaud", "--out", str(run), "--epochs", "1", *SMALL,
@@ -522,3 +523,78 @@ def test_segmentation_metrics_split_dice_into_precision_and_recall(tmp_path):
     assert seg["recall_pooled"] == pytest.approx(1.0)
     assert seg["dice"] == pytest.approx(2 * 100 / (100 + 196))
     assert seg["iou"] == pytest.approx(100 / 196)
+
+
+def test_context_makes_training_logits_those_of_the_maps(cohort: Path) -> None:
+    from napari_wsimil.seg.configs import PinchaudConfig
+    from napari_wsimil.seg.loader import stack
+    from napari_wsimil.seg.maps import predict_tile
+    from napari_wsimil.seg.methods import make_method
+    from napari_wsimil.seg.sampling import PatchRequest
+
+    slides = _slides(cohort, with_labels=False)
+    s = next(x for x in slides if x.label == 1)
+    torch.manual_seed(0)
+    probs = {}
+    for context in (0, -1):
+        cfg = PinchaudConfig(width=8, depth=3, context=context, augment=False, dynamic_sampling=False)
+        method = make_method("pinchaud", cfg, slides, (), mpp=4.0, patch=32)
+        if context == 0:
+            net = method.build_model().eval()
+        method.model = net  # the same weights for both
+        c = method.context
+        d = s.downsample(4.0)
+        y0 = x0 = 128  # on the U-Net's 4 px grid, well inside the slide
+        p = method._read(s, PatchRequest(0, x0 * d, y0 * d))
+        assert p.rgb.shape == (32 + 2 * c, 32 + 2 * c, 3)
+        if c:
+            ring = np.ones(p.labels.shape, bool)
+            ring[c:-c, c:-c] = False
+            assert not p.tissue[ring].any() and (p.labels[ring] == -1).all()  # the losses never see the ring
+            assert p.tissue[~ring].any()
+        b = stack([p])
+        with torch.no_grad():
+            logits = net(torch.from_numpy(b.rgb).permute(0, 3, 1, 2).float().div(255))
+        probs[context] = torch.softmax(logits, 1)[0, 1, c:c + 32, c:c + 32].numpy()
+    assert c == 24  # the receptive margin of a 3-level U-Net (see test_nets_losses), a multiple of the 4 px grid
+    mapped = predict_tile(net, s, 4.0, 128, 128, 32, 32, c, "cpu", multiple=4)
+    np.testing.assert_allclose(probs[-1], mapped, atol=1e-5)  # what training sees = what the map shows
+    assert np.abs(probs[0] - mapped).max() > 1e-3  # without context, zero padding changes the patch's pixels
+
+
+@pytest.mark.parametrize("method", ["hybrid", "confkd", "pinchaud"])
+def test_every_method_trains_with_context(cohort: Path, tmp_path: Path, method: str) -> None:
+    """Pseudo-labels (hybrid), the all-pixel entropy and KL (confkd) and the slide logits (pinchaud) take
+    the patch inside its context ring; the ring's pixels never enter a loss."""
+    from napari_wsimil.train.engine import train
+    from napari_wsimil.train.pipeline import MILRunSpec, prepare_mil_run
+
+    painted = _painted_cohort(cohort, tmp_path)
+    config = {"width": 8, "depth": 3, "patches_per_epoch": 16, "batch_size": 8, "map_tile": 128, "val_patches": 4,
+              "read_workers": 1, "context": -1}
+    if method == "hybrid":  # two rounds of one epoch; T = 0 keeps every pseudo-label
+        config.update(epochs_per_round=1, threshold=0.0)
+    spec = MILRunSpec(source=painted, method=method, out=tmp_path / "run", epochs=2, mpp=4.0, patch=32,
+                      device="cpu", config=config)
+    prepared = prepare_mil_run(spec)
+    m = prepared.method
+    shapes, softs = set(), []
+    orig = m.step
+
+    def step(model, batch, device):
+        shapes.add(batch.rgb.shape[1:3])
+        assert not batch.tissue[:, :24].any() and (batch.labels[:, :24] == -1).all()
+        if batch.soft is not None:
+            assert np.isnan(batch.soft[:, :24]).all()
+            softs.append(batch.soft)
+        out = orig(model, batch, device)
+        assert all(torch.isfinite(v) for v in out.losses.values())
+        return out
+
+    m.step = step
+    kinds = {e.kind for e in train(m, spec.out)}
+    assert "validation" in kinds
+    assert shapes == {(80, 80)}  # 32 px patches with 24 px of context a side
+    if method == "hybrid":  # round 2's pseudo-labels, padded with "no target" over the ring
+        assert softs and any(np.isfinite(s[:, 24:56, 24:56]).any() for s in softs)
+    assert (tmp_path / "run" / "best.safetensors").is_file()

@@ -52,6 +52,11 @@ class SegConfig(TrainConfig):
                               "'loss' is always the method's loss (Hybrid: its stage-2 slide loss, as in the "
                               "paper).", default="auto")
     read_workers: int = _doc("Threads reading patches ahead of the trainer.", default=4)
+    context: int = _doc("Pixels of slide read around every training and validation patch as context only: the "
+                        "losses see the patch inside. -1: the net's receptive margin, so a patch's logits are "
+                        "those the maps (fully convolutional, on large tiles) give for the same pixels; 0: none, "
+                        "and pixels near a patch's edge are computed from zero padding the maps never see.",
+                        default=0)
 
 
 @dataclass

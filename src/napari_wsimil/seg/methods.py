@@ -112,6 +112,7 @@ class SegMethod:
         self._val: list[tuple[int, list[Patch]]] | None = None
         self._painted_val: list[Patch] | None = None
         self._painted: dict[int, np.ndarray] = {}
+        self._context: int | None = None
 
     # ------------------------------------------------------------------------------ engine protocol
     def check(self) -> None:
@@ -138,6 +139,9 @@ class SegMethod:
                                 "which needs slide labels only")
         if cfg.batch_size < 2:
             raise TrainingError("batch_size must be at least 2 (batch norm)")
+        if cfg.context < -1 or (cfg.context > 0 and (2 * cfg.context) % mult):
+            raise TrainingError(f"context is -1 (the net's receptive margin), 0 or a number of pixels whose double "
+                                f"is a multiple of {mult} (got {cfg.context})")
 
     def build_model(self) -> nn.Module:
         net = build_net(self.config, self.dual)
@@ -165,7 +169,39 @@ class SegMethod:
              soft: Callable[[PatchRequest], np.ndarray | None] | None = None) -> Callable[[], Patch]:
         slide = self.train_slides[req.slide]
         snapped = self._snap(slide, req)
-        return lambda: read_patch(slide, snapped, self.patch, self.mpp, kind, soft, benign_fill=benign_fill)
+        return lambda: self._read(slide, snapped, kind, soft, benign_fill=benign_fill)
+
+    @property
+    def context(self) -> int:
+        """Context pixels around a patch (``config.context``; -1: the net's receptive margin)."""
+        c = self.config.context
+        if c >= 0:
+            return c
+        if self._context is None:
+            g = 2 ** (self.config.depth - 1)  # patch + 2 context stays a multiple of the U-Net's grid
+            m = _margin(self.model if self.model is not None else build_net(self.config, self.dual))
+            self._context = -(-m // g) * g
+        return self._context
+
+    def _read(self, slide: SegSlide, req: PatchRequest, kind: str = "",
+              soft: Callable[[PatchRequest], np.ndarray | None] | None = None, benign_fill: bool = True) -> Patch:
+        """The patch at ``req`` with ``context`` px of slide around it. The context ring has no labels and no
+        tissue, which is all the losses and validation metrics need to see only the patch: its pixels are
+        computed from real neighbours, as in the maps, instead of from zero padding."""
+        c = self.context
+        if c == 0:
+            return read_patch(slide, req, self.patch, self.mpp, kind, soft, benign_fill=benign_fill)
+        d = slide.downsample(self.mpp)
+        wide = PatchRequest(req.slide, req.x0 - c * d, req.y0 - c * d)
+        p = read_patch(slide, wide, self.patch + 2 * c, self.mpp, kind, None, benign_fill=benign_fill)
+        ring = np.ones(p.labels.shape, bool)
+        ring[c:-c, c:-c] = False
+        p.labels = np.where(ring, -1, p.labels).astype(p.labels.dtype)
+        p.tissue = p.tissue & ~ring
+        inner = None if soft is None else soft(req)
+        if inner is not None:
+            p.soft = np.pad(inner.astype(np.float32), c, constant_values=np.nan)
+        return p
 
     def _snap(self, slide: SegSlide, req: PatchRequest) -> PatchRequest:
         """Corners on whole map pixels, so a patch and its map window line up exactly."""
@@ -204,7 +240,7 @@ class SegMethod:
             x, outs = augment(t["x"], [t[k] for k in keys], gen)
             t["x"] = x
             t.update(dict(zip(keys, outs)))
-        t["tissue"] = _nonempty(t["tissue"].bool())
+        t["tissue"] = _nonempty(t["tissue"].bool(), self.context)
         return t
 
     def pixel_ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -224,7 +260,7 @@ class SegMethod:
                 pats = []
                 for cx, cy in draw_centres(grid, self.config.val_patches, rng):
                     req = PatchRequest(0, round(cx - self.patch / 2) * d, round(cy - self.patch / 2) * d)
-                    pats.append(read_patch(s, req, self.patch, self.mpp, "val", None, benign_fill=False))
+                    pats.append(self._read(s, req, "val", None, benign_fill=False))
                 self._val.append((int(s.label), pats))
         return self._val
 
@@ -254,7 +290,7 @@ class SegMethod:
                 pos, neg = (rng.permutation(len(by_class[k])) for k in (1, 0))  # spread over the slide
                 take = [by_class[1][j] for j in pos[:n // 2]]
                 take += [by_class[0][j] for j in neg[:n - len(take)]]
-                self._painted_val += [read_patch(s, r, self.patch, self.mpp, "val", None) for r in take]
+                self._painted_val += [self._read(s, r, "val", None) for r in take]
         return self._painted_val
 
     def painted_val_dice(self, model: nn.Module, device: torch.device) -> float | None:
@@ -303,7 +339,7 @@ class SegMethod:
             for label, pats in self._val_set():
                 b = _to_tensors(_stack(pats), device)
                 logits = self.forward_eval(model, b["x"])
-                out.append((label, logits, _nonempty(b["tissue"].bool())))
+                out.append((label, logits, _nonempty(b["tissue"].bool(), self.context)))
         model.train(was)
         return out
 
@@ -350,12 +386,14 @@ class SegMethod:
             s.close()
 
 
-def _nonempty(tissue: torch.Tensor) -> torch.Tensor:
-    """A patch without tissue pixels (rotated off the tissue, or at its edge) pools over all its pixels."""
+def _nonempty(tissue: torch.Tensor, context: int = 0) -> torch.Tensor:
+    """A patch without tissue pixels (rotated off the tissue, or at its edge) pools over all its pixels
+    (those inside its ``context`` ring)."""
     empty = ~tissue.flatten(1).any(1)
     if bool(empty.any()):
         tissue = tissue.clone()
-        tissue[empty] = True
+        c = context
+        tissue[empty, c:tissue.shape[-2] - c, c:tissue.shape[-1] - c] = True
     return tissue
 
 
@@ -609,9 +647,13 @@ class ConfKDMethod(SegMethod):
         cfg: ConfKDConfig = self.config  # type: ignore[assignment]
         t = self._input(model, batch, device)
         teacher, student = model(t["x"])
+        labels = t["labels"]
+        c = self.context
+        if c:  # the entropy and KL terms cover every pixel: keep those of the patch, not of its context
+            teacher, student, labels = (a[..., c:a.shape[-2] - c, c:a.shape[-1] - c] for a in (teacher, student, labels))
         labelled = torch.tensor([k != "weak" for k in batch.kinds], device=device)
         weak = ~labelled
-        parts = confkd_loss(teacher, student, t["labels"], labelled, weak, w_ce=cfg.w_ce, w_ent=cfg.w_ent,
+        parts = confkd_loss(teacher, student, labels, labelled, weak, w_ce=cfg.w_ce, w_ent=cfg.w_ent,
                             w_kl=cfg.w_kl)
         return StepOutput(dict(parts))
 
