@@ -598,3 +598,28 @@ def test_every_method_trains_with_context(cohort: Path, tmp_path: Path, method: 
     if method == "hybrid":  # round 2's pseudo-labels, padded with "no target" over the ring
         assert softs and any(np.isfinite(s[:, 24:56, 24:56]).any() for s in softs)
     assert (tmp_path / "run" / "best.safetensors").is_file()
+
+
+def test_normalised_logits_close_the_benign_loophole(cohort: Path) -> None:
+    """Half of a benign patch called tumour (p = 0.73) behind pixels whose two logits are both raised: the
+    paper's pooling calls the patch benign, the normalised pooling does not; and only the normalised loss is
+    unchanged when every pixel's two logits move together (which leaves every pixel's probability as it is)."""
+    from napari_wsimil.seg.configs import PinchaudConfig
+    from napari_wsimil.seg.methods import make_method
+
+    slides = _slides(cohort, with_labels=False)
+    logits = torch.zeros(1, 2, 4, 4)
+    logits[0, 0, :2] = 20.0  # rows 0-1: benign, sure of it
+    logits[0, 1, 2:] = 1.0  # rows 2-3: tumour, p = 0.73
+    tissue = torch.ones(1, 4, 4, dtype=torch.bool)
+    shift = torch.zeros(1, 1, 4, 4)  # the same shift to both logits of each pixel: lower the sure-benign pair
+    shift[0, 0, :2] = -20.0
+    losses = {}
+    for norm in (False, True):
+        m = make_method("pinchaud", PinchaudConfig(width=8, depth=3, normalise_logits=norm, beta0=0.0), slides, (),
+                        mpp=4.0, patch=32)
+        losses[norm] = [float(m.val_loss(x, 0, tissue)) for x in (logits, logits + shift)]
+    assert losses[False][0] < 1e-3  # the paper's pooling: a confident "benign" for a half-tumour patch
+    assert losses[True][0] > 0.5  # normalised: KL of "benign" against q0 = 0.41
+    assert losses[False][1] > 1.0  # the same pixel probabilities, now "tumour" to the paper's pooling
+    assert losses[True][1] == pytest.approx(losses[True][0], abs=1e-5)

@@ -71,6 +71,11 @@ class PinchaudConfig(SegConfig):
                       "(small: max, 100: mean). Above the share of tumour in a patch it grows a halo of "
                       "false tumour around small lesions: lower it when lesions are not much larger than "
                       "a patch.", default=50.0)
+    normalise_logits: bool = _doc("Pool each pixel's log-probabilities (log-softmax) into the slide logits instead "
+                                  "of its raw logits. A pixel's probability does not change when both its logits "
+                                  "move together, but the paper's slide logits do, so a net can make a benign patch "
+                                  "look benign by raising both logits of some pixels while it calls others tumour. "
+                                  "Off: the paper's pooling.", default=False)
     dynamic_sampling: bool = _doc("Run the mapping worker and sample from its maps (off: uniform over tissue).",
                                   default=True)
 

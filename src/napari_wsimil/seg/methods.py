@@ -369,7 +369,7 @@ class SegMethod:
         cfg = self.config
         beta = (getattr(cfg, "beta0", 0.0), getattr(cfg, "beta1", 1.0))
         eta = getattr(cfg, "eta", 50.0)
-        return pinchaud_loss(logits, label, eta, beta, mask=tissue)
+        return pinchaud_loss(_poolable(logits, cfg), label, eta, beta, mask=tissue)
 
     def wait_fraction(self) -> float:
         if self.mapper is None:
@@ -384,6 +384,11 @@ class SegMethod:
             self.mapper.stop()
         for s in self.train_slides + self.val_slides:
             s.close()
+
+
+def _poolable(logits: torch.Tensor, cfg: SegConfig) -> torch.Tensor:
+    """What Pinchaud's slide logits pool: the raw pixel logits (the paper) or their log-softmax."""
+    return F.log_softmax(logits, dim=1) if getattr(cfg, "normalise_logits", False) else logits
 
 
 def _nonempty(tissue: torch.Tensor, context: int = 0) -> torch.Tensor:
@@ -457,9 +462,10 @@ class PinchaudMethod(SegMethod):
         cfg: PinchaudConfig = self.config  # type: ignore[assignment]
         t = self._input(model, batch, device)
         logits = model(t["x"])
-        weak = pinchaud_loss(logits, t["slide"], cfg.eta, (cfg.beta0, cfg.beta1), mask=t["tissue"])
+        pooled = _poolable(logits, cfg)
+        weak = pinchaud_loss(pooled, t["slide"], cfg.eta, (cfg.beta0, cfg.beta1), mask=t["tissue"])
         with torch.no_grad():
-            q = torch.softmax(slide_logits(logits, cfg.eta, mask=t["tissue"]).float(), -1)
+            q = torch.softmax(slide_logits(pooled, cfg.eta, mask=t["tissue"]).float(), -1)
         preds = [(q[i], int(t["slide"][i])) for i in range(len(q))]
         losses = {"weak": weak}
         total = weak
