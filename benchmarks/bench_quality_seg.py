@@ -90,7 +90,7 @@ def run_one(name: str, method: str, options: dict[str, object], cohort_csv: Path
             args: argparse.Namespace) -> tuple[dict, dict[str, float]]:
     """train → predict (test slides) → evaluate --split test; metrics.json and the seconds of each stage."""
     tag = name.replace(" ", "_").replace("β", "beta").replace("α", "alpha").replace("=", "").replace("+", "_")
-    run, pred = work / f"run_{tag}", work / f"pred_{tag}"
+    run, pred, pred_val = work / f"run_{tag}", work / f"pred_{tag}", work / f"pred_{tag}_val"
     sets = {"width": args.width, "depth": args.depth, "patches_per_epoch": args.patches_per_epoch,
             "batch_size": args.batch_size, **options}
     if method == "pinchaud" and args.eta != 50.0:
@@ -118,12 +118,11 @@ def run_one(name: str, method: str, options: dict[str, object], cohort_csv: Path
         times["evaluate"] = time.perf_counter() - t
         val_csv = test_csv.with_name("cohort_val.csv")
         if args.val and val_csv.is_file():  # the development numbers: choices are made on these, never on test
-            wsimil("predict", run, "--cohort", val_csv, "--out", pred.with_name(pred.name + "_val"), "--device",
-                   "cpu")
-            wsimil("evaluate", pred.with_name(pred.name + "_val"), "--cohort", cohort_csv, "--split", "val")
+            wsimil("predict", run, "--cohort", val_csv, "--out", pred_val, "--device", "cpu")
+            wsimil("evaluate", pred_val, "--cohort", cohort_csv, "--split", "val")
     metrics = json.loads((pred / "metrics.json").read_text())
-    if args.val and (pred.with_name(pred.name + "_val") / "metrics.json").is_file():
-        metrics["val"] = json.loads((pred.with_name(pred.name + "_val") / "metrics.json").read_text())
+    if args.val and (pred_val / "metrics.json").is_file():
+        metrics["val"] = json.loads((pred_val / "metrics.json").read_text())
     return metrics, times
 
 
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                     help="Pinchaud waits for every slide's map before each epoch: reproducible from the seed "
                          "(the concurrent mapper's timing otherwise changes the result), slower")
     ap.add_argument("--set", dest="pinchaud_set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a setting for every Pinchaud run (repeatable), e.g. --set beta1_warmup=5")
+                    help="a setting for every Pinchaud run (repeatable), e.g. --set context=-1")
     ap.add_argument("--val", action="store_true",
                     help="also predict the validation slides and report their Dice: the numbers to choose "
                          "settings by (the test split stays untouched)")
