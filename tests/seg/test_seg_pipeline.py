@@ -165,8 +165,8 @@ def test_mapper_crash_stops_training_with_its_error(cohort: Path, tmp_path: Path
 
 @pytest.mark.parametrize("budget", [0.05, 1.0])
 def test_waiting_for_maps_stays_within_its_budget(cohort: Path, tmp_path: Path, monkeypatch, budget) -> None:
-    """A mapper far slower than the trainer: with the default budget the trainer goes on with older maps
-    (and says how old), with an unlimited one it waits for each fresh map."""
+    """A mapper far slower than the trainer: with the default budget the trainer goes on with older maps or
+    none (and says so), with an unlimited one it waits for each fresh map."""
     import time
 
     import napari_wsimil.seg.mapper as mapper_mod
@@ -187,10 +187,12 @@ def test_waiting_for_maps_stays_within_its_budget(cohort: Path, tmp_path: Path, 
     method = prepare_mil_run(spec).method
     metrics = [ev.metrics for ev in train(method, spec.out) if ev.kind == "validation"]
     assert len(metrics) == 8 and all("map_wait_fraction" in m and "map_unmapped" in m for m in metrics)
-    ages = [m["map_age"] for m in metrics if "map_age" in m]  # absent while no sampled slide had a map
     if budget < 1:
         assert method.wait_fraction() <= budget + 0.03
-        assert ages and max(ages) >= 1  # the price: older maps
+        # The price: patches drawn from older maps, or from slides with no map yet. Which of the two depends
+        # on how fast this machine trains (on a slow one all 8 epochs can end before the first map does).
+        stale = [m for m in metrics if m["map_unmapped"] > 0 or m.get("map_age", 0) >= 1]
+        assert len(stale) >= 4, metrics
     else:
         assert method.wait_fraction() > 0.3  # each epoch waited half a second or more for its map
 
