@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -18,10 +16,8 @@ from .conftest import make_bags, run_all, small_config
 @pytest.mark.parametrize("name", ["abmil", "clam-sb", "clam-mb", "ms-clam"])
 def test_learns_tiny_problem_and_attends_to_positives(name):
     data = make_bags(annotate=0.3 if name == "ms-clam" else 0.0)
-    t0 = time.perf_counter()
     epochs = 12 if name == "ms-clam" else 8  # its attention loss spreads attention first, then it catches up
     events, model = run_all(train(build(name, data, None, small_config(name, epochs=epochs))))
-    assert time.perf_counter() - t0 < 60
     probs, labels = predict(model, data)
     assert binary_auc(probs[:, 1], labels == 1) > 0.9
     # attention: in positive bags the shifted instances rank above the others
