@@ -27,7 +27,8 @@ python benchmarks/bench_quality_seg.py [--quick] [--slides 60] [--size 4096] [--
 
 ``--val`` also predicts the validation slides and prints their Dice after each run: settings are chosen on
 those numbers, and the test split is looked at only for the final report. ``--set`` passes a setting to every
-Pinchaud run (e.g. ``--set context=-1``).
+Pinchaud run (e.g. ``--set context=-1``; with ``--depth 2`` at ``--mpp 4``, the 60-slide runs of
+docs/benchmarks.md).
 
 The defaults are the issue's full run (60 slides, the paper's net): many hours on a CPU. --quick is a smoke
 run (12 slides of 2048², 4 epochs of a small net at 2 µm/px, no ablation; about a minute) whose numbers say

@@ -20,7 +20,10 @@ class SegConfig(TrainConfig):
     weight_decay: float = _doc("Adam weight decay (L2).", default=1e-5)
     min_epochs: int = _doc("Never stop early before this epoch.", default=20)
     width: int = _doc("Filters in the U-Net's first level (doubling per level); the paper uses 32.", default=32)
-    depth: int = _doc("U-Net levels; patches must be a multiple of 2^(depth-1) px.", default=4)
+    depth: int = _doc("U-Net levels; patches must be a multiple of 2^(depth-1) px. Each level doubles how far "
+                      "the net sees (receptive margin 10 / 24 / 48 px at depth 2 / 3 / 4). From slide labels "
+                      "only, normal tissue within that distance of tumour tends to be called tumour: on the "
+                      "benchmark, about 40 µm kept that halo narrow and 96 µm did not.", default=4)
     batch_size: int = _doc("Patches per optimisation step.", default=16)
     patches_per_epoch: int = _doc("Patches drawn per epoch (half from malignant, half from benign slides).",
                                   default=512)
