@@ -268,6 +268,17 @@ def test_segmentation_method_in_the_widget(make_napari_viewer, qtbot, tmp_path, 
     assert layer.data.ndim == 2 and layer.data.shape == (256, 256)
     ds = layer.metadata["wsimil"]["downsample"]
     assert np.allclose(layer.extent.world, s.image_layer.extent.world, atol=ds * s.slide.mpp * 1.01)
+    # choosing the run sets the threshold (map look, GeoJSON outlines) to its operating threshold
+    from qtpy.QtCore import Qt
+
+    point_t = tw.api.operating_threshold(run)
+    assert point_t is not None and 0.5 <= point_t < 1
+    tw.threshold.setValue(0.2)
+    rows = [tw.runs_list.item(i).data(Qt.ItemDataRole.UserRole) for i in range(tw.runs_list.count())]
+    tw.runs_list.setCurrentRow(-1)
+    tw.runs_list.setCurrentRow(rows.index(run))
+    _wait_idle(qtbot, tw)
+    assert tw.threshold.value() == pytest.approx(point_t, abs=5e-4)
 
     tw.pseudo_btn.click()
     _wait_idle(qtbot, tw)

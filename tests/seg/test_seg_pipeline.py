@@ -246,14 +246,30 @@ def test_pinchaud_train_resume_predict_evaluate(cohort: Path, tmp_path: Path) ->
     assert main(["train", str(cohort), "--method", "pinchaud", "--out", str(run), "--epochs", "3", "--resume",
                  *SMALL]) == 0
     assert json.loads((run / "last.json").read_text())["epoch"] == 3
+    # the operating threshold was set on benign slides with the best weights; 'wsimil calibrate' sets it again
+    trained = json.loads((run / "operating_point.json").read_text())
+    assert main(["calibrate", str(run), "--operating-fpr", "0.5", "--device", "cpu"]) == 0
+    loose = json.loads((run / "operating_point.json").read_text())
+    assert loose["threshold"] == 0.5 or loose["threshold"] <= trained["threshold"]
+    assert main(["calibrate", str(run), "--device", "cpu"]) == 0
+    point = json.loads((run / "operating_point.json").read_text())
+    assert point == trained  # the same weights, slides and rate give the same operating point
+    labels = {r["slide_id"]: r["label"] for r in _rows(cohort)}
+    assert point["slides"] and all(labels[s] == "0" for s in point["slides"])
+    assert 0.5 <= point["threshold"] < 1 and point["benign_fpr"] <= point["operating_fpr"] == 0.001
+    assert point["benign_fpr"] <= point["benign_fpr_at_0.5"]
     assert main(["predict", str(run), "--cohort", str(cohort), "--out", str(pred), "--device", "cpu"]) == 0
     rows = _rows(pred / "predictions.csv")
     assert len(rows) == 6 and all(abs(float(r["prob_0"]) + float(r["prob_1"]) - 1) < 1e-9 for r in rows)
+    assert json.loads((pred / "prediction.json").read_text())["threshold"] == point["threshold"]
     assert main(["evaluate", str(pred), "--cohort", str(cohort)]) == 0
     metrics = json.loads((pred / "metrics.json").read_text())
     seg = metrics["segmentation"]
     assert seg["n_slides_with_truth"] == 6 and seg["n_malignant_with_truth"] >= 1
     assert 0.0 <= (seg["dice"] or 0.0) <= 1.0 and "froc" in seg
+    assert seg["threshold"] == point["threshold"]
+    assert main(["evaluate", str(pred), "--cohort", str(cohort), "--threshold", "0.5"]) == 0
+    assert json.loads((pred / "metrics.json").read_text())["segmentation"]["threshold"] == 0.5
     # the map TIFF opens in napari-wsimil's reader, aligned with the slide (µm/px recorded)
     from napari_wsimil.layers import heatmap_layer_data
 
@@ -264,13 +280,19 @@ def test_pinchaud_train_resume_predict_evaluate(cohort: Path, tmp_path: Path) ->
 
 @pytest.mark.parametrize("setting, message", [("checkpoint_by=best", "checkpoint_by is 'auto' or 'loss'"),
                                               ("max_map_wait=5", "max_map_wait is a share"),
-                                              ("context=-2", "context is -1")])
+                                              ("context=-2", "context is -1"),
+                                              ("operating_fpr=1", "operating_fpr is a share")])
 def test_bad_new_settings_are_refused_before_training(cohort: Path, tmp_path: Path, capsys, setting, message) -> None:
     run = tmp_path / "run"
     assert main(["train", str(cohort), "--method", "pinchaud", "--out", str(run), "--epochs", "1", *SMALL,
                  "--set", setting]) == 2
     assert message in capsys.readouterr().err
-    assert not list(run.glob("*.safetensors"))  # nothing trained
+    assert not run.exists()  # the refused run leaves no empty folder behind
+
+
+def test_calibrate_names_what_is_not_a_segmentation_run(tmp_path: Path, capsys) -> None:
+    assert main(["calibrate", str(tmp_path)]) == 2
+    assert "not a segmentation run" in capsys.readouterr().err
 
 
 def test_hybrid_and_confkd_need_paint(cohort: Path, tmp_path: Path, capsys) -> None:
@@ -525,6 +547,50 @@ def test_segmentation_metrics_split_dice_into_precision_and_recall(tmp_path):
     assert seg["recall_pooled"] == pytest.approx(1.0)
     assert seg["dice"] == pytest.approx(2 * 100 / (100 + 196))
     assert seg["iou"] == pytest.approx(100 / 196)
+    assert "dice_at_0.5" not in seg
+    # at a threshold above the halo's 0.9 nothing is called tumour; Dice at 0.5 is still reported
+    strict = segmentation_metrics([TruthItem("s1", tmp_path / "s1_gt.tiff", 8.0)], tmp_path / "maps", threshold=0.95)
+    assert strict["threshold"] == 0.95 and strict["dice"] == 0.0
+    assert strict["dice_at_0.5"] == pytest.approx(seg["dice"])
+
+
+def test_operating_threshold_is_the_lowest_level_within_the_benign_rate() -> None:
+    from napari_wsimil.seg.operating_point import LevelHistogram, level_threshold, threshold_for_fpr
+
+    hist = LevelHistogram()
+    hist.counts[[100, 150, 250]] = [900, 90, 10]  # 1000 benign tissue pixels
+    assert threshold_for_fpr(hist, 0.01) == (level_threshold(151), 0.01)  # levels ≥ 151 hold 10 of 1000
+    assert threshold_for_fpr(hist, 0.2) == (0.5, 0.1)  # 10 % ≥ 0.5 already: never below 0.5
+    assert threshold_for_fpr(hist, 0.005) == (level_threshold(251), 0.0)
+    levels = np.arange(256)
+    p = (levels / 255).astype(np.float32)  # what evaluation reads back from a stored map
+    assert ((p >= level_threshold(151)) == (levels >= 151)).all() and level_threshold(128) == 0.5
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match="operating_fpr"):
+            threshold_for_fpr(hist, bad)
+
+
+def test_operating_threshold_counts_every_benign_tissue_pixel_once(cohort: Path) -> None:
+    """With a net that says p = 0.8 everywhere, every benign tissue pixel sits at level 204, and glass
+    counts for nothing."""
+    import math
+
+    from napari_wsimil.seg.maps import _tissue_tile
+    from napari_wsimil.seg.operating_point import benign_histogram, level_threshold, threshold_for_fpr
+
+    slides = _slides(cohort)
+    benign = [s for s in slides if s.label == 0]
+
+    def net(x: torch.Tensor) -> torch.Tensor:
+        z = torch.zeros(x.shape[0], 1, *x.shape[2:])
+        return torch.cat([z, z + math.log(4.0)], 1)
+
+    hist = benign_histogram(net, benign, 4.0, margin=0, patch=32, tile=128)
+    n_tissue = sum(int(_tissue_tile(s, 4.0, 0, 0, *s.map_shape(4.0)).sum()) for s in benign)
+    assert hist.counts[204] == hist.total and 0.98 * n_tissue <= hist.total <= n_tissue
+    assert threshold_for_fpr(hist, 0.001) == (level_threshold(205), 0.0)
+    for s in slides:
+        s.close()
 
 
 def test_context_makes_training_logits_those_of_the_maps(cohort: Path) -> None:

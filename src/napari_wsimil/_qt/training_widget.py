@@ -217,11 +217,13 @@ class TrainingWidget(QWidget):
         self.opacity.setValue(50)
         self.opacity.valueChanged.connect(self._apply_look)
         self.threshold = QDoubleSpinBox()
-        self.threshold.setRange(0.0, 0.99)
+        self.threshold.setRange(0.0, 0.999)
+        self.threshold.setDecimals(3)
         self.threshold.setSingleStep(0.05)
         self.threshold.setValue(0.5)
         self.threshold.setToolTip("Scores below this look dark; 'Export GeoJSON' outlines the scores "
-                                  "above it.")
+                                  "above it. Choosing a segmentation run sets it to the run's operating "
+                                  "threshold (set on benign slides after training).")
         self.threshold.valueChanged.connect(self._apply_look)
         runs_box = QGroupBox("Runs and attention map")
         rl = QFormLayout(runs_box)
@@ -644,6 +646,10 @@ class TrainingWidget(QWidget):
                               f"{state}.")
 
     def _on_run_row(self, *_: Any) -> None:
+        name = self.current_run()
+        t = self._api.operating_threshold(name) if self._api is not None and name else None
+        if t is not None:
+            self.threshold.setValue(min(t, 0.999))
         self._show_run_info()
         self._update_buttons()
         self.load_map()

@@ -1,4 +1,4 @@
-"""The segmentation side of ``wsimil predict`` and ``wsimil evaluate``, and ``wsimil pretrain``.
+"""The segmentation side of ``wsimil predict`` and ``wsimil evaluate``; ``wsimil pretrain`` and ``wsimil calibrate``.
 
 ``wsimil train --method pinchaud|hybrid|confkd`` goes through the shared ``train`` command
 (:mod:`napari_wsimil.train.cli`); ``predict`` and ``evaluate`` notice a segmentation run or prediction and
@@ -43,6 +43,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_pretrain)
 
+    p = subparsers.add_parser(
+        "calibrate", help="set a segmentation run's operating threshold on its benign slides again",
+        description="Training ends by setting the threshold that turns the run's maps into tumour masks: the lowest "
+                    "(never below 0.5) at which at most OPERATING_FPR of the benign validation slides' tissue (else "
+                    "the benign training slides') is called tumour. This sets it again, e.g. for another rate; it "
+                    "writes RUN/operating_point.json, which 'wsimil predict' records and 'wsimil evaluate' uses.")
+    p.add_argument("run", metavar="RUN", help="a segmentation run folder")
+    p.add_argument("--operating-fpr", type=float, default=0.001, metavar="F",
+                   help="share of benign tissue the model may call tumour (default 0.001)")
+    p.add_argument("--cohort", default=None, metavar="CSV",
+                   help="the cohort or project the run was trained on (default: the one run.json names)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_calibrate)
+
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from ..errors import WsimilError
@@ -67,24 +81,59 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from ..errors import WsimilError
+    from ..train.cohort import load_cohort
+    from .data import open_seg_slides
+    from .operating_point import calibrate_run, describe
+    from .predict import is_segmentation_run
+
+    if not is_segmentation_run(args.run):
+        raise WsimilError(f"{args.run} is not a segmentation run (no run.json of kind 'segmentation')")
+    if not 0.0 < args.operating_fpr < 1.0:
+        raise WsimilError(f"--operating-fpr is a share of benign tissue, above 0 and below 1 (got {args.operating_fpr})")
+    info = json.loads((Path(args.run) / "run.json").read_text())
+    cohort = load_cohort(args.cohort or info["cohort"])
+    by_id = {s.slide_id: s for s in cohort.slides}
+    for split, source in (("val_slides", "validation"), ("train_slides", "training")):
+        items = [by_id[i] for i in info.get(split, []) if i in by_id]
+        slides = open_seg_slides(cohort, items, info["classes"]) if items else []
+        benign = [s for s in slides if s.label == 0]
+        try:
+            point = calibrate_run(args.run, benign, args.operating_fpr, source=source,
+                                  device=args.device) if benign else None
+        finally:
+            for s in slides:
+                s.close()
+        if point:
+            _say(describe(point))
+            return 0
+    raise WsimilError(f"none of the slides {args.run} was trained or validated on is a benign slide of "
+                      f"{args.cohort or info['cohort']} with tissue: nothing to set the threshold on")
+
+
 def cmd_predict_seg(args: argparse.Namespace) -> int:
     from ..infer.predict import SlidePrediction, write_predictions
     from ..project.atomic import write_text
     from ..train.cohort import load_cohort
     from .data import open_seg_slides
+    from .operating_point import describe, read_operating_point
     from .predict import load_seg_run, map_slide, remove_zarr
 
     run = load_seg_run(args.run, device=args.device, weights=args.weights)
+    point = read_operating_point(args.run) if args.weights == "best" else None
+    threshold = float(point["threshold"]) if point else 0.5
     cohort = load_cohort(args.cohort)
     classes = run.info.get("classes") or ["0", "1"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _say(f"{run.method}: mapping {len(cohort.slides)} slides at {run.mpp:g} µm/px -> {out / 'maps'}")
+    _say(describe(point) if point else "tumour masks at p ≥ 0.5 (the run has no operating threshold)")
     preds = []
     for i, item in enumerate(cohort.slides, 1):
         slide, = open_seg_slides(cohort, [item], classes, with_labels=False)
         try:
-            m = map_slide(run, slide, out, top_k=args.top_k)
+            m = map_slide(run, slide, out, top_k=args.top_k, extra={"threshold": threshold})
         finally:
             slide.close()
         remove_zarr(m.zarr_path)  # the TIFF is the artefact; the zarr was the scratch space
@@ -96,7 +145,7 @@ def cmd_predict_seg(args: argparse.Namespace) -> int:
     write_text(out / "prediction.json", json.dumps(
         {"run": str(Path(args.run).resolve()), "cohort": str(Path(args.cohort).resolve()), "method": run.method,
          "kind": "segmentation", "classes": classes, "weights": args.weights, "slide_score": args.slide_score,
-         "top_k": args.top_k, "mpp": run.mpp}, indent=1))
+         "top_k": args.top_k, "mpp": run.mpp, "threshold": threshold, "operating_point": point}, indent=1))
     _say(f"predictions: {out / 'predictions.csv'}")
     return 0
 
@@ -108,7 +157,9 @@ def report_segmentation(seg: dict[str, Any], say: Callable[[str], None]) -> None
         f"({seg['n_malignant_with_truth']} with tumour, {seg['n_lesions']} lesions): "
         f"Dice {_fmt(seg['dice'])} (pooled {_fmt(seg['dice_pooled'])}: precision "
         f"{_fmt(seg.get('precision_pooled'))}, recall {_fmt(seg.get('recall_pooled'))})  IoU {_fmt(seg['iou'])}  "
-        f"FROC {_fmt(seg['froc'])}  benign pixels called tumour {_fmt(seg['benign_positive_fraction'])}")
+        f"FROC {_fmt(seg['froc'])}  benign pixels called tumour {_fmt(seg['benign_positive_fraction'])}  "
+        f"(tumour at p ≥ {seg['threshold']:.3f}" + (f"; Dice at 0.5: {_fmt(seg['dice_at_0.5'])})"
+                                                     if "dice_at_0.5" in seg else ")"))
 
 
-__all__ = ["cmd_predict_seg", "cmd_pretrain", "register", "report_segmentation"]
+__all__ = ["cmd_calibrate", "cmd_predict_seg", "cmd_pretrain", "register", "report_segmentation"]

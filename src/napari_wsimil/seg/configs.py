@@ -60,6 +60,11 @@ class SegConfig(TrainConfig):
                         "those the maps (fully convolutional, on large tiles) give for the same pixels; 0: none, "
                         "and pixels near a patch's edge are computed from zero padding the maps never see.",
                         default=0)
+    operating_fpr: float = _doc("After training, the threshold that turns maps into tumour masks is set so that "
+                                "at most this share of the benign validation slides' tissue (else the benign "
+                                "training slides') is called tumour, and never below 0.5: trained from slide "
+                                "labels, maps rank pixels well but are not calibrated at 0.5. 0: keep 0.5.",
+                                default=0.001)
 
 
 @dataclass

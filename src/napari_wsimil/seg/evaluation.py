@@ -3,7 +3,8 @@
 Definitions (stated in ``metrics.json`` too):
 
 * maps are compared with the ground truth on the ground truth's own grid: each mask pixel takes the map
-  value under its centre; a pixel is predicted tumour when p ≥ ``threshold`` (0.5);
+  value under its centre; a pixel is predicted tumour when p ≥ ``threshold`` (the run's operating threshold,
+  :mod:`.operating_point`, or 0.5); with another threshold than 0.5, ``dice_at_0.5`` is reported too;
 * **Dice / IoU**: per malignant slide (ground truth with tumour), averaged; ``*_pooled`` counts the pixels
   of all those slides at once. Benign slides have no tumour to overlap, so they report the share of their
   pixels predicted tumour (``benign_positive_fraction``) instead;
@@ -74,6 +75,7 @@ def segmentation_metrics(items: Iterable[TruthItem], maps_dir: str | os.PathLike
     from ..project.mask_io import MaskImage
 
     per_dice: dict[str, float] = {}
+    dice_half: list[float] = []
     per_iou: dict[str, float] = {}
     benign_fp: list[float] = []
     inter = pred_n = truth_n = 0
@@ -90,6 +92,7 @@ def segmentation_metrics(items: Iterable[TruthItem], maps_dir: str | os.PathLike
         if truth.any():
             d, j, i_, p_, t_ = _dice_iou(pred, truth)
             per_dice[item.slide_id], per_iou[item.slide_id] = d, j
+            dice_half.append(_dice_iou(prob >= 0.5, truth)[0])
             inter, pred_n, truth_n = inter + i_, pred_n + p_, truth_n + t_
         else:
             benign_fp.append(float(pred.mean()))
@@ -101,6 +104,7 @@ def segmentation_metrics(items: Iterable[TruthItem], maps_dir: str | os.PathLike
         return {}
     fr = froc(froc_input)
     union = pred_n + truth_n - inter
+    at_half = {"dice_at_0.5": float(np.nanmean(dice_half))} if dice_half and threshold != 0.5 else {}
     return {
         "threshold": threshold,
         "dice": float(np.nanmean(list(per_dice.values()))) if per_dice else math.nan,
@@ -117,6 +121,7 @@ def segmentation_metrics(items: Iterable[TruthItem], maps_dir: str | os.PathLike
         "n_slides_with_truth": len(froc_input),
         "n_malignant_with_truth": len(per_dice),
         "n_lesions": fr["n_lesions"],
+        **at_half,
     }
 
 

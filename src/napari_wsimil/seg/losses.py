@@ -150,7 +150,12 @@ def pinchaud_loss(pixel_logits: torch.Tensor, slide_label: torch.Tensor | int, e
     int: 0 benign, 1 malignant). p = one-hot slide label (the "true distribution"), q = softmax of
     :func:`slide_logits` (the model's distribution). Defaults are the paper's: β = (0, 1), η = 50 %.
     """
-    sl = slide_logits(pixel_logits, eta, mask)
+    return slide_loss(slide_logits(pixel_logits, eta, mask), slide_label, beta)
+
+
+def slide_loss(sl: torch.Tensor, slide_label: torch.Tensor | int,
+               beta: float | Sequence[float] | torch.Tensor = (0.0, 1.0)) -> torch.Tensor:
+    """:func:`pinchaud_loss` from slide logits already pooled ((2,) or (B, 2)), for callers that also need them."""
     if sl.dim() == 1:
         sl = sl[None]
     label = torch.as_tensor(slide_label, device=sl.device).to(torch.long).reshape(-1)

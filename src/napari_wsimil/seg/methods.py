@@ -139,6 +139,9 @@ class SegMethod:
                                 "which needs slide labels only")
         if cfg.batch_size < 2:
             raise TrainingError("batch_size must be at least 2 (batch norm)")
+        if not 0.0 <= cfg.operating_fpr < 1.0:
+            raise TrainingError(f"operating_fpr is a share of benign tissue, at least 0 and below 1 (got "
+                                f"{cfg.operating_fpr})")
         if cfg.context < -1 or (cfg.context > 0 and (2 * cfg.context) % mult):
             raise TrainingError(f"context is -1 (the net's receptive margin), 0 or a number of pixels whose double "
                                 f"is a multiple of {mult} (got {cfg.context})")
@@ -379,6 +382,18 @@ class SegMethod:
         total = time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0
         return float(self.mapper.wait_seconds / total) if total > 0 else 0.0
 
+    def finish(self, out_dir: Path) -> str | None:
+        """Set the run's operating threshold (:mod:`.operating_point`) from its best weights; what to say."""
+        from .operating_point import calibrate_run, choose_benign_slides, describe
+
+        if self.config.operating_fpr <= 0:
+            return None
+        if self.mapper is not None:  # its thread would otherwise compete with the calibration's mapping
+            self.mapper.stop()
+        slides, source = choose_benign_slides(self.train_slides, self.val_slides)
+        point = calibrate_run(out_dir, slides, self.config.operating_fpr, source=source, device=self.config.device)
+        return describe(point) if point else None
+
     def close(self) -> None:
         if self.mapper is not None:
             self.mapper.stop()
@@ -457,15 +472,15 @@ class PinchaudMethod(SegMethod):
         self.map_unmapped = 1.0 - len(ages) / max(1, len(grids))
 
     def step(self, model: nn.Module, batch: Batch, device: torch.device) -> StepOutput:
-        from .losses import pinchaud_loss, slide_logits
+        from .losses import slide_logits, slide_loss
 
         cfg: PinchaudConfig = self.config  # type: ignore[assignment]
         t = self._input(model, batch, device)
         logits = model(t["x"])
-        pooled = _poolable(logits, cfg)
-        weak = pinchaud_loss(pooled, t["slide"], cfg.eta, (cfg.beta0, cfg.beta1), mask=t["tissue"])
+        sl = slide_logits(_poolable(logits, cfg), cfg.eta, mask=t["tissue"])
+        weak = slide_loss(sl, t["slide"], (cfg.beta0, cfg.beta1))
         with torch.no_grad():
-            q = torch.softmax(slide_logits(pooled, cfg.eta, mask=t["tissue"]).float(), -1)
+            q = torch.softmax(sl.detach().float(), -1)
         preds = [(q[i], int(t["slide"][i])) for i in range(len(q))]
         losses = {"weak": weak}
         total = weak

@@ -53,6 +53,7 @@ def prepare_seg_run(spec: Any, report: Callable[[str], None] | None = None) -> A
     if spec.lr is not None:
         overrides["lr"] = spec.lr
     cfg = make_config(spec.method, **overrides)
+    created = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
     method = make_method(spec.method, cfg, train_slides, val_slides, mpp=spec.mpp, patch=spec.patch,
                          maps_dir=run / "maps")
@@ -62,6 +63,8 @@ def prepare_seg_run(spec: Any, report: Callable[[str], None] | None = None) -> A
         method.check()
     except TrainingError as exc:
         method.close()
+        if created:
+            _remove_empty(run)
         raise WsimilError(str(exc)) from exc
     if cohort.is_project and hasattr(method, "on_pseudo_labels"):
         method.on_pseudo_labels = _project_writer(cohort.source, run, say)
@@ -79,6 +82,15 @@ def prepare_seg_run(spec: Any, report: Callable[[str], None] | None = None) -> A
         "painted pixels), "
         f"{spec.patch} px patches at {spec.mpp:g} µm/px, {spec.epochs} epochs -> {run}")
     return PreparedRun(spec, method, classes, {}, info)
+
+
+def _remove_empty(folder: Path) -> None:
+    """Remove a run folder made for a run that was refused, if nothing was written into it."""
+    if any(p.is_file() for p in folder.rglob("*")):
+        return
+    for d in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        d.rmdir()
+    folder.rmdir()
 
 
 def _project_writer(root: Path, run: Path, say: Callable[[str], None]) -> Callable[[str], None]:

@@ -85,8 +85,9 @@ class SlideMap:
 
 
 def map_slide(run: SegRun, slide: SegSlide, out_dir: Path, *, tile: int = 512, top_k: int = 8,
-              tiff: bool = True) -> SlideMap:
-    """Map one slide; scores from the map (max pixel; top-K mean of per-patch maxima)."""
+              tiff: bool = True, extra: dict[str, Any] | None = None) -> SlideMap:
+    """Map one slide; scores from the map (max pixel; top-K mean of per-patch maxima). ``extra`` goes into
+    the TIFF's description (e.g. the run's operating threshold)."""
     zpath = out_dir / "maps" / f"{slide.slide_id}.zarr"
     block_max: dict[tuple[int, int], float] = {}
     patch = run.patch
@@ -104,7 +105,7 @@ def map_slide(run: SegRun, slide: SegSlide, out_dir: Path, *, tile: int = 512, t
     tpath = None
     if tiff:
         tpath = write_map_tiff(zpath, out_dir / "maps" / f"{slide.slide_id}.tif", slide, run.mpp,
-                               {"method": run.method, "run_mpp": run.mpp})
+                               {"method": run.method, "run_mpp": run.mpp, **(extra or {})})
     return SlideMap(slide.slide_id, float(vals[0]), float(vals[:top_k].mean()), zpath, tpath)
 
 

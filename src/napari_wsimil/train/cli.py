@@ -101,6 +101,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--cohort", required=True, metavar="CSV", help="a cohort CSV or a project folder")
     p.add_argument("--split", choices=("train", "val", "test"), default=None,
                    help="only the slides of this split (default: every labelled slide predicted)")
+    p.add_argument("--threshold", type=float, default=None, metavar="P",
+                   help="segmentation: tumour where p ≥ P (default: the run's operating threshold recorded by "
+                        "'wsimil predict', else 0.5)")
     p.add_argument("--no-localisation", dest="localisation", action="store_false",
                    help="skip the attention AUC and FROC against the cohort's gt_mask columns")
     p.set_defaults(func=cmd_evaluate)
@@ -288,8 +291,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ids, probs = read_predictions(pred_dir / "predictions.csv")
     meta_path = pred_dir / "prediction.json"
     classes = None
+    meta: dict[str, Any] = {}
     if meta_path.is_file():
-        classes = json.loads(meta_path.read_text()).get("classes")
+        meta = json.loads(meta_path.read_text())
+        classes = meta.get("classes")
     cohort = load_cohort(args.cohort)
     labelled = {s.slide_id: s for s in cohort.slides if s.label is not None
                 and (args.split is None or s.split == args.split)}
@@ -313,8 +318,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from ..infer.evaluation import TruthItem
         from ..seg.evaluation import segmentation_metrics
 
+        threshold = args.threshold if getattr(args, "threshold", None) is not None else meta.get("threshold", 0.5)
+        if not 0.0 < threshold <= 1.0:
+            raise WsimilError(f"--threshold is a probability in (0, 1], got {threshold}")
         metrics["segmentation"] = segmentation_metrics(
-            [TruthItem(s.slide_id, s.gt_mask, s.gt_downsample) for s in with_truth], pred_dir / "maps")
+            [TruthItem(s.slide_id, s.gt_mask, s.gt_downsample) for s in with_truth], pred_dir / "maps",
+            threshold=float(threshold))
     elif getattr(args, "localisation", True) and with_truth:
         from ..infer.evaluation import TruthItem, localisation_metrics
 

@@ -259,8 +259,13 @@ def _train(method: Method, out_dir: str | Path | None, resume: bool) -> Generato
     if out is not None and state["best_epoch"] is None:  # no validation: the last model is the one to use
         write_bytes(out / "best.safetensors", st_save({f"model.{k}": v.detach().cpu().contiguous()
                                                        for k, v in model.state_dict().items()}))
+    # Methods that derive something from the final best model (segmentation: its operating threshold) do it
+    # here, in the same worker, so that "done" means the run is complete.
+    finish = getattr(method, "finish", None)
+    note = finish(out) if out is not None and finish is not None else None
     yield ProgressEvent("done", state["epoch"], total_epochs=cfg.epochs, elapsed=time.perf_counter() - t0,
-                        eta=0.0, path=str(out) if out else None, message=state["stopped"],
+                        eta=0.0, path=str(out) if out else None,
+                        message=state["stopped"] + (f"; {note}" if note else ""),
                         metrics={"best_epoch": float(state["best_epoch"] or state["epoch"])})
     return model
 

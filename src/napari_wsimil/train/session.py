@@ -206,6 +206,16 @@ class InteractiveSession:
 
         return is_segmentation_run(self.run_dir(name))
 
+    def operating_threshold(self, name: str) -> float | None:
+        """A segmentation run's threshold from maps to tumour masks (:mod:`napari_wsimil.seg.operating_point`),
+        or None (attention runs, and runs without one)."""
+        if not self.is_segmentation(name):
+            return None
+        from ..seg.operating_point import read_operating_point
+
+        point = read_operating_point(self.run_dir(name))
+        return float(point["threshold"]) if point else None
+
     def _seg_map(self, name: str, slide_id: str) -> Path:
         """The run's map of ``slide_id`` (the mapping worker's, or made now with the best checkpoint)."""
         from ..project.pixel_labels import exists
