@@ -258,8 +258,22 @@ def test_pinchaud_train_resume_predict_evaluate(cohort: Path, tmp_path: Path) ->
     assert point["slides"] and all(labels[s] == "0" for s in point["slides"])
     assert 0.5 <= point["threshold"] < 1 and point["benign_fpr"] <= point["operating_fpr"] == 0.001
     assert point["benign_fpr"] <= point["benign_fpr_at_0.5"]
-    assert main(["predict", str(run), "--cohort", str(cohort), "--out", str(pred), "--device", "cpu"]) == 0
+    assert main(["predict", str(run), "--cohort", str(cohort), "--out", str(pred), "--device", "cpu",
+                 "--masks"]) == 0
     rows = _rows(pred / "predictions.csv")
+    # masks and outlines cut at the operating threshold, pixel for pixel the stored map's levels
+    import tifffile
+
+    from napari_wsimil.project.annotations import read_geojson
+    from napari_wsimil.seg.operating_point import threshold_level
+
+    for r in rows:
+        sid = r["slide_id"]
+        stored = tifffile.imread(pred / "maps" / f"{sid}.tif", level=0)
+        mask = tifffile.imread(pred / "masks" / f"{sid}.ome.tif", level=0)[:stored.shape[0], :stored.shape[1]]
+        assert np.array_equal(mask, (stored >= threshold_level(point["threshold"])).astype(np.uint8))
+        regions = read_geojson(pred / "masks" / f"{sid}.geojson")
+        assert all(a.class_name == "Tumor" for a in regions) and (len(regions) > 0) == bool(mask.any())
     assert len(rows) == 6 and all(abs(float(r["prob_0"]) + float(r["prob_1"]) - 1) < 1e-9 for r in rows)
     assert json.loads((pred / "prediction.json").read_text())["threshold"] == point["threshold"]
     assert main(["evaluate", str(pred), "--cohort", str(cohort)]) == 0
@@ -288,6 +302,67 @@ def test_bad_new_settings_are_refused_before_training(cohort: Path, tmp_path: Pa
                  "--set", setting]) == 2
     assert message in capsys.readouterr().err
     assert not run.exists()  # the refused run leaves no empty folder behind
+
+
+def test_a_threshold_that_cannot_be_set_leaves_the_trained_run_whole(cohort: Path, tmp_path: Path, monkeypatch,
+                                                                      capsys) -> None:
+    """A slide that fails while the operating threshold is set (simulated: the mapping raises) does not fail the
+    finished training: its weights stay, the message says why, and no stale operating point is left."""
+    from napari_wsimil.seg import operating_point
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "operating_point.json").write_text('{"threshold": 0.9}')  # from an earlier training of this folder
+
+    def broken(*_a, **_k):
+        raise OSError("slide_002.tiff: read error")
+
+    monkeypatch.setattr(operating_point, "benign_histogram", broken)
+    assert main(["train", str(cohort), "--method", "pinchaud", "--out", str(run), "--epochs", "1", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "no operating threshold (slide_002.tiff: read error)" in out and "wsimil calibrate" in out
+    assert (run / "best.safetensors").is_file() and not (run / "operating_point.json").exists()
+    monkeypatch.undo()
+    assert main(["train", str(cohort), "--method", "pinchaud", "--out", str(tmp_path / "plain"), "--epochs", "1",
+                 *SMALL, "--set", "operating_fpr=0"]) == 0
+    assert not (tmp_path / "plain" / "operating_point.json").exists()
+
+
+def test_tumour_masks_and_outlines_from_a_map(cohort: Path, tmp_path: Path) -> None:
+    """A hand-made map on a real slide's geometry: a disc at p 0.99 inside a ring at 0.7, one lone pixel at
+    0.95. Cut at 0.9, the OME-TIFF is the disc and the pixel; the outlines are their polygons in level-0 px;
+    outlines from a coarser grid still keep the lone pixel."""
+    import tifffile
+    from shapely.geometry import Point
+
+    from napari_wsimil.project.annotations import read_geojson
+    from napari_wsimil.seg.maps import open_map
+    from napari_wsimil.seg.masks import tumour_grid, write_tumour_mask, write_tumour_outlines
+
+    slide = _slides(cohort, with_labels=False)[0]
+    h, w = slide.map_shape(4.0)
+    yy, xx = np.mgrid[:h, :w]
+    r = np.hypot(yy - 100, xx - 80)
+    p = np.where(r < 20, 0.99, np.where(r < 30, 0.7, 0.2))
+    p[200, 200] = 0.95
+    store = open_map(tmp_path / "m.zarr", slide, 4.0)
+    store.array[...] = np.round(p * 255).astype(np.uint8)
+    truth = (p >= 0.9).astype(np.uint8)
+
+    write_tumour_mask(tmp_path / "m.zarr", tmp_path / "m.ome.tif", slide, 4.0, 0.9)
+    with tifffile.TiffFile(tmp_path / "m.ome.tif") as tf:
+        assert np.array_equal(tf.series[0].levels[0].asarray()[:h, :w], truth)
+        assert tf.is_ome and 'PhysicalSizeX="4.0"' in tf.ome_metadata
+    _, n = write_tumour_outlines(tmp_path / "m.zarr", tmp_path / "m.geojson", slide, 4.0, 0.9)
+    regions = read_geojson(tmp_path / "m.geojson")
+    ds = slide.downsample(4.0)
+    assert n == len(regions) == 2
+    disc = max(regions, key=lambda a: a.geometry.area)
+    assert disc.geometry.area == pytest.approx(truth[:150, :150].sum() * ds * ds, rel=0.05)
+    assert disc.geometry.contains(Point(80.5 * ds, 100.5 * ds))
+    coarse, cds = tumour_grid(tmp_path / "m.zarr", ds, 0.9, max_side=64)
+    assert coarse.shape == (64, 64) and cds == 4 * ds and coarse[50, 50] and coarse.sum() > 1
+    slide.close()
 
 
 def test_calibrate_names_what_is_not_a_segmentation_run(tmp_path: Path, capsys) -> None:

@@ -136,11 +136,20 @@ def cmd_predict_seg(args: argparse.Namespace) -> int:
             m = map_slide(run, slide, out, top_k=args.top_k, extra={"threshold": threshold})
         finally:
             slide.close()
+        masks = ""
+        if getattr(args, "masks", False):
+            from .masks import write_tumour_mask, write_tumour_outlines
+
+            write_tumour_mask(m.zarr_path, out / "masks" / f"{item.slide_id}.ome.tif", slide, run.mpp, threshold,
+                              {"method": run.method, "run": str(Path(args.run).resolve())})
+            _, n = write_tumour_outlines(m.zarr_path, out / "masks" / f"{item.slide_id}.geojson", slide, run.mpp,
+                                         threshold)
+            masks = f"; {n} tumour region{'s' if n != 1 else ''} at p ≥ {threshold:.3f}"
         remove_zarr(m.zarr_path)  # the TIFF is the artefact; the zarr was the scratch space
         score = m.score_max if args.slide_score == "max" else m.score_topk
         preds.append(SlidePrediction(item.slide_id, [1.0 - score, score], None, None, None))
         _say(f"[{i}/{len(cohort.slides)}] {item.slide_id}: p(malignant) {score:.3f} "
-             f"(max pixel {m.score_max:.3f}, top-{args.top_k} {m.score_topk:.3f})")
+             f"(max pixel {m.score_max:.3f}, top-{args.top_k} {m.score_topk:.3f}){masks}")
     write_predictions(preds, 2, out / "predictions.csv")
     write_text(out / "prediction.json", json.dumps(
         {"run": str(Path(args.run).resolve()), "cohort": str(Path(args.cohort).resolve()), "method": run.method,

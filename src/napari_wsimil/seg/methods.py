@@ -383,16 +383,26 @@ class SegMethod:
         return float(self.mapper.wait_seconds / total) if total > 0 else 0.0
 
     def finish(self, out_dir: Path) -> str | None:
-        """Set the run's operating threshold (:mod:`.operating_point`) from its best weights; what to say."""
-        from .operating_point import calibrate_run, choose_benign_slides, describe
+        """Set the run's operating threshold (:mod:`.operating_point`) from its best weights; what to say.
 
+        A threshold that cannot be set does not undo a finished training: the run keeps its weights, says why,
+        and has no operating point (maps are then cut at 0.5) until ``wsimil calibrate`` sets one."""
+        from ..errors import WsimilError
+        from .operating_point import FILENAME, calibrate_run, choose_benign_slides, describe
+
+        stale = Path(out_dir) / FILENAME  # set with older weights, or another rate: never left to mislead
+        stale.unlink(missing_ok=True)
         if self.config.operating_fpr <= 0:
             return None
         if self.mapper is not None:  # its thread would otherwise compete with the calibration's mapping
             self.mapper.stop()
         slides, source = choose_benign_slides(self.train_slides, self.val_slides)
-        point = calibrate_run(out_dir, slides, self.config.operating_fpr, source=source, device=self.config.device)
-        return describe(point) if point else None
+        try:
+            point = calibrate_run(out_dir, slides, self.config.operating_fpr, source=source,
+                                  device=self.config.device)
+        except (WsimilError, OSError, ValueError, RuntimeError) as exc:
+            return f"no operating threshold ({exc}); masks are cut at 0.5 until 'wsimil calibrate' sets one"
+        return describe(point) if point else "no benign tissue to set an operating threshold on; masks are cut at 0.5"
 
     def close(self) -> None:
         if self.mapper is not None:

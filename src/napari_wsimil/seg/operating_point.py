@@ -56,6 +56,11 @@ def level_threshold(level: int) -> float:
     return (int(level) - 0.5) / 255.0
 
 
+def threshold_level(threshold: float) -> int:
+    """The lowest stored map level at or above ``threshold`` (the inverse of :func:`level_threshold`)."""
+    return math.ceil(float(threshold) * 255 - 1e-9)
+
+
 def threshold_for_fpr(hist: LevelHistogram, fpr: float) -> tuple[float, float]:
     """(threshold, share of the histogram's pixels at or above it): the lowest level whose share is at most
     ``fpr``, and never below 0.5."""
@@ -140,4 +145,4 @@ def describe(point: dict[str, Any]) -> str:
 
 
 __all__ = ["FILENAME", "LevelHistogram", "benign_histogram", "calibrate_run", "choose_benign_slides", "describe",
-           "level_threshold", "read_operating_point", "threshold_for_fpr"]
+           "level_threshold", "read_operating_point", "threshold_for_fpr", "threshold_level"]

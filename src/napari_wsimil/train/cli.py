@@ -89,6 +89,9 @@ def register(subparsers: Any) -> None:
                    help="prob_1 of predictions.csv: the maximum pixel probability (Pinchaud) or the mean of the "
                         "top-K patch maxima (Hybrid Supervision's stage 2)")
     g.add_argument("--top-k", type=int, default=8, metavar="K", help="K of --slide-score topk (default 8)")
+    g.add_argument("--masks", action="store_true",
+                   help="also PRED/masks/<slide_id>.ome.tif (1 = tumour) and <slide_id>.geojson (QuPath outlines), "
+                        "cut at the run's operating threshold ('wsimil calibrate' sets it), else 0.5")
     p.set_defaults(func=cmd_predict)
 
     p = subparsers.add_parser(
@@ -222,6 +225,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from ..seg.cli import cmd_predict_seg
 
         return cmd_predict_seg(args)
+    if getattr(args, "masks", False):
+        raise WsimilError("--masks cuts the probability maps of segmentation runs; for attention runs use "
+                          "the heatmaps (PRED/heatmaps) or the Training widget's outline export")
     if not 0 <= args.heatmap_overlap < 1:
         raise WsimilError(f"--heatmap-overlap must be in [0, 1), got {args.heatmap_overlap}")
     run = load_run(args.run, device=args.device, weights=args.weights)
