@@ -52,7 +52,7 @@ def test_demo_window_docks_every_widget_on_a_project(tmp_path, qtbot):
         for suffix in ("", " labels", " boxes", " tissue", " patches"):
             assert f"{stem}{suffix}" in names, names
         assert (tmp_path / "project" / "project.json").exists()
-        assert len(viewer.window._dock_widgets) >= 3
+        assert len(viewer.window.dock_widgets) >= 3
     finally:
         viewer.close()
 
