@@ -7,7 +7,10 @@
    as trained and with batch norm folded. Throughput is megapixels of map per second (map pixels, not the
    larger reads with margins); folded/plain is what folding gains; e2e/folded = (a) / (b, folded) says how
    much of the net's speed survives reading and writing (1.0: all of it).
-2. A short Pinchaud training run (``wsimil train`` through its Python API, the mapping worker on; by default
+2. Cutting a map into what ``wsimil predict --masks`` writes: the tumour mask (pyramidal OME-TIFF) and QuPath
+   outlines, at three thresholds, each timed against writing the map's probability TIFF from the same zarr (what
+   every prediction writes). The map is smoothed noise, cut into many small regions: a worst case for outlines.
+3. A short Pinchaud training run (``wsimil train`` through its Python API, the mapping worker on; by default
    the paper's U-Net at 1 µm/px on 4 training slides of 4096²): the share of wall time the trainer spent
    blocked waiting for maps (``wait_fraction()``, also the ``map_wait_fraction`` validation metric). Target
    < 10 %. The trainer waits only within its budget (``max_map_wait``, --max-map-wait; 1 = uncapped), so
@@ -101,6 +104,43 @@ def bench_net(slide, width: int, depth: int, mpp: float, tile: int, repeats: int
             e2e / fold, f"{best_e2e:.1f} s"]
 
 
+def bench_cut(slide, mpp: float, thresholds: list[float], work: Path, seed: int = 0) -> list[list[object]]:
+    """Masks and outlines (``wsimil predict --masks``) from one stored map, against writing the map's own
+    probability TIFF (``wsimil predict``'s artefact) from the same zarr: what --masks adds to a prediction.
+
+    The map is made to be hard to outline: smoothed noise ranked into [0, 1], so that a threshold t cuts
+    1 − t of the map into many separate regions (blobs ~20 map px across)."""
+    from scipy import ndimage as ndi
+
+    from napari_wsimil.project.pixel_labels import LabelStore
+    from napari_wsimil.seg.maps import open_map
+    from napari_wsimil.seg.masks import write_tumour_mask, write_tumour_outlines
+    from napari_wsimil.seg.operating_point import threshold_level
+    from napari_wsimil.seg.predict import write_map_tiff
+
+    h, w = slide.map_shape(mpp)
+    field = ndi.gaussian_filter(np.random.default_rng(seed).standard_normal((h, w)), 6)
+    ranks = np.argsort(np.argsort(field, axis=None)).reshape(h, w) / (h * w - 1)
+    zarr_path = work / "cut.zarr"
+    open_map(zarr_path, slide, mpp).array[...] = np.round(ranks * 255).astype(np.uint8)
+    t = time.perf_counter()
+    write_map_tiff(zarr_path, work / "p.tif", slide, mpp)
+    t_map = time.perf_counter() - t
+    levels = LabelStore.open(zarr_path, readonly=True).read()  # small here; only to report the share cut
+    rows = []
+    for thr in thresholds:
+        t = time.perf_counter()
+        write_tumour_mask(zarr_path, work / "m.ome.tif", slide, mpp, thr)
+        t_mask = time.perf_counter() - t
+        t = time.perf_counter()
+        _, n = write_tumour_outlines(zarr_path, work / "m.geojson", slide, mpp, thr)
+        t_out = time.perf_counter() - t
+        share = float((levels >= threshold_level(thr)).mean())
+        rows.append([thr, f"{share:.1%}", n, levels.size / 1e6, f"{t_map:.2f} s", f"{t_mask:.2f} s",
+                     t_mask / t_map, f"{t_out:.2f} s", t_out / t_map])
+    return rows
+
+
 def make_cohort(work: Path, n: int, size: int, seed: int) -> Path:
     from napari_wsimil.slide.synthetic import _SAMPLE_VERSION, synthesize_cohort
 
@@ -183,12 +223,18 @@ def main(argv: list[str] | None = None) -> int:
             width, depth = (int(v) for v in spec.lower().split("x"))
             rows.append(bench_net(slide, width, depth, args.mpp, args.tile, args.repeats, Path(tmp)))
             print(f"  mapped with {spec}: {rows[-1][-1]}", flush=True)
+        cut_rows = bench_cut(slide, args.mpp, [0.5, 0.9, 0.99], Path(tmp), args.seed)
     slide.close()
     h, w = slide.map_shape(args.mpp)
     print(f"\nmapping a {args.size}² slide at {args.mpp:g} µm/px ({w}x{h} map px), {args.tile} px tiles, "
           f"best of {args.repeats}; Mpx of map per second (ratios within the same run)")
     print(table(rows, ["U-Net", "margin", "tiles", "map Mpx", "read/map px", "forward Mpx/s", "BN folded",
                        "folded/plain", "end-to-end Mpx/s", "e2e/folded", "end-to-end time"]))
+
+    print(f"\nmasks and outlines (predict --masks) of a {w}x{h} map of smoothed noise (many regions: a worst "
+          "case for outlines), against writing its probability TIFF; ratios within the same run")
+    print(table(cut_rows, ["threshold", "map cut", "regions", "map Mpx", "probability TIFF", "mask OME-TIFF",
+                           "mask/TIFF", "outlines", "outlines/TIFF"]))
 
     if args.train:
         cohort = make_cohort(base, args.train_slides, args.train_size, args.seed)

@@ -156,3 +156,27 @@ def test_predict_writes_one_heatmap_per_slide(tmp_path: Path) -> None:
     assert run_cli(["predict", str(run), "--cohort", str(cohort), "--out", str(pred2), "--device", "cpu",
                     "--no-heatmaps"]) == 0
     assert (pred2 / "predictions.csv").is_file() and not (pred2 / "heatmaps").exists()
+
+
+def test_threshold_polygons_cover_exactly_the_pixels_above_the_threshold() -> None:
+    """Smoothed noise cut into hundreds of regions, with holes and islands in holes: a pixel centre lies in
+    the polygons exactly when its value is above the threshold; each polygon is one 4-connected region."""
+    import shapely
+    from scipy import ndimage as ndi
+
+    from napari_wsimil.infer.heatmap import threshold_polygons
+
+    rng = np.random.default_rng(3)
+    heat = ndi.gaussian_filter(rng.standard_normal((120, 150)), 1.5)
+    thr = float(np.quantile(heat, 0.6))
+    d = 8.0
+    polys = threshold_polygons(heat, d, thr)
+    mask = heat > thr
+    _, n_regions = ndi.label(mask)
+    assert len(polys) == n_regions > 100
+    assert any(len(p.interiors) for p in polys)  # holes kept
+    rr, cc = np.mgrid[:120, :150]
+    inside = shapely.contains_xy(shapely.union_all(polys), (cc.ravel() + 0.5) * d, (rr.ravel() + 0.5) * d)
+    assert np.array_equal(inside.reshape(mask.shape), mask)
+    clipped = threshold_polygons(heat, d, thr, bounds=(600.0, 480.0))  # the slide ends mid-map
+    assert shapely.union_all(clipped).bounds[2] <= 600.0 and shapely.union_all(clipped).bounds[3] <= 480.0

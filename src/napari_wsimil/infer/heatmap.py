@@ -175,33 +175,41 @@ def write_slide_heatmap(out_dir: str | os.PathLike[str], slide_id: str, coords: 
 
 
 def threshold_polygons(heat: np.ndarray, downsample: float, threshold: float,
-                        bounds: tuple[float, float] | None = None) -> list[Any]:
+                       bounds: tuple[float, float] | None = None) -> list[Any]:
     """Regions where ``heat > threshold`` as shapely polygons (holes kept) in level-0 px (x, y).
 
-    Contours of the padded mask never cross, so their even-odd combination (a symmetric difference)
-    is exactly the thresholded region; heat pixel (r, c) is centred at level-0 ((c + ½)·d, (r + ½)·d).
-    ``bounds`` (width, height) clips to the slide, which the last heat pixels overhang.
+    One connected region (4-connected, as ``find_contours`` traces the foreground) at a time, on its own
+    bounding box: its longest contour is the outline and the others are its holes, and regions lying in a
+    hole are regions of their own. Work is then linear in the number of regions (a map of noise can have
+    thousands). Heat pixel (r, c) is centred at level-0 ((c + ½)·d, (r + ½)·d). ``bounds`` (width, height)
+    clips to the slide, which the last heat pixels overhang.
     """
+    from scipy import ndimage as ndi
     from shapely.geometry import Polygon, box
     from skimage.measure import find_contours
 
-    mask = np.pad(np.asarray(heat) > threshold, 1).astype(np.float32)
-    region = None
-    for c in find_contours(mask, 0.5):
-        if len(c) < 4:
+    mask = np.asarray(heat) > threshold
+    labels, n = ndi.label(mask)
+    clip = box(0, 0, float(bounds[0]), float(bounds[1])) if bounds is not None else None
+    out = []
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
             continue
-        poly = Polygon(np.stack([(c[:, 1] - 1 + 0.5) * downsample, (c[:, 0] - 1 + 0.5) * downsample], 1))
+        one = np.pad(labels[sl] == i, 1).astype(np.float32)
+        y0, x0 = sl[0].start - 1, sl[1].start - 1  # the crop's origin, padding included
+        rings = [np.stack([(c[:, 1] + x0 + 0.5) * downsample, (c[:, 0] + y0 + 0.5) * downsample], 1)
+                 for c in find_contours(one, 0.5) if len(c) >= 4]
+        if not rings:
+            continue
+        areas = [Polygon(r).area for r in rings]
+        k = int(np.argmax(areas))
+        poly = Polygon(rings[k], [r for m, r in enumerate(rings) if m != k])
         if not poly.is_valid:
             poly = poly.buffer(0)
-        if poly.is_empty:
-            continue
-        region = poly if region is None else region.symmetric_difference(poly)
-    if region is None:
-        return []
-    if bounds is not None:
-        region = region.intersection(box(0, 0, float(bounds[0]), float(bounds[1])))
-    parts = getattr(region, "geoms", [region])
-    return [g for g in parts if g.geom_type == "Polygon" and g.area > 0]
+        if clip is not None:
+            poly = poly.intersection(clip)
+        out.extend(g for g in getattr(poly, "geoms", [poly]) if g.geom_type == "Polygon" and g.area > 0)
+    return out
 
 
 __all__ = ["attention_heatmap", "threshold_polygons", "default_downsample", "percentile_scores", "top_k_patches",
