@@ -189,7 +189,7 @@ def threshold_polygons(heat: np.ndarray, downsample: float, threshold: float,
     from skimage.measure import find_contours
 
     mask = np.asarray(heat) > threshold
-    labels, n = ndi.label(mask)
+    labels, _ = ndi.label(mask)
     clip = box(0, 0, float(bounds[0]), float(bounds[1])) if bounds is not None else None
     out = []
     for i, sl in enumerate(ndi.find_objects(labels), start=1):
