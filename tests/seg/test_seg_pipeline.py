@@ -254,6 +254,13 @@ def test_pinchaud_train_resume_predict_evaluate(cohort: Path, tmp_path: Path) ->
     assert main(["calibrate", str(run), "--device", "cpu"]) == 0
     point = json.loads((run / "operating_point.json").read_text())
     assert point == trained  # the same weights, slides and rate give the same operating point
+    from napari_wsimil.seg.operating_point import read_operating_point
+
+    assert read_operating_point(run) == point
+    best = (run / "best.safetensors").read_bytes()
+    (run / "best.safetensors").write_bytes(best + b" ")  # other weights (as after more epochs): not theirs
+    assert read_operating_point(run) is None
+    (run / "best.safetensors").write_bytes(best)
     labels = {r["slide_id"]: r["label"] for r in _rows(cohort)}
     assert point["slides"] and all(labels[s] == "0" for s in point["slides"])
     assert 0.5 <= point["threshold"] < 1 and point["benign_fpr"] <= point["operating_fpr"] == 0.001

@@ -128,7 +128,8 @@ def cmd_predict_seg(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _say(f"{run.method}: mapping {len(cohort.slides)} slides at {run.mpp:g} µm/px -> {out / 'maps'}")
-    _say(describe(point) if point else "tumour masks at p ≥ 0.5 (the run has no operating threshold)")
+    _say(describe(point) if point else "tumour masks at p ≥ 0.5: the run has no operating threshold for its best "
+         "weights ('wsimil calibrate' sets one)")
     preds = []
     for i, item in enumerate(cohort.slides, 1):
         slide, = open_seg_slides(cohort, [item], classes, with_labels=False)

@@ -121,18 +121,36 @@ def calibrate_run(run_dir: str | os.PathLike[str], slides: Sequence[SegSlide], f
     point = {"format": 1, "threshold": threshold, "operating_fpr": fpr, "benign_fpr": achieved,
              "benign_fpr_at_0.5": hist.share_at_or_above(FLOOR_LEVEL), "benign_pixels": hist.total,
              "slides": [s.slide_id for s in benign], "source": source, "weights": weights,
+             "weights_sha256": _weights_digest(Path(run_dir)),
              "why": "the lowest threshold (never below 0.5) at which at most operating_fpr of these benign "
                     "slides' tissue is called tumour"}
     write_text(Path(run_dir) / FILENAME, json.dumps(point, indent=1))
     return point
 
 
+def _weights_digest(run: Path) -> str | None:
+    """SHA-256 of the run's best weights: a threshold belongs to the weights it was set with."""
+    import hashlib
+
+    path = run / "best.safetensors"
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_operating_point(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The run's operating point, or None (runs from before it existed, or without benign tissue)."""
+    """The run's operating point, or None: none was set (older runs, no benign tissue), or it was set with
+    other weights than the run's best ones now (training went on after it, e.g. resumed and stopped)."""
     try:
         point = json.loads((Path(run_dir) / FILENAME).read_text())
         float(point["threshold"])
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if point.get("weights_sha256") != _weights_digest(Path(run_dir)):
         return None
     return point
 
