@@ -96,7 +96,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     cohort = load_cohort(args.cohort or info["cohort"])
     by_id = {s.slide_id: s for s in cohort.slides}
     for split, source in (("val_slides", "validation"), ("train_slides", "training")):
-        items = [by_id[i] for i in info.get(split, []) if i in by_id]
+        benign_class = str(info["classes"][0])  # only benign slides are opened (tissue masks cost time)
+        items = [by_id[i] for i in info.get(split, []) if i in by_id and str(by_id[i].label) == benign_class]
         slides = open_seg_slides(cohort, items, info["classes"]) if items else []
         benign = [s for s in slides if s.label == 0]
         try:
