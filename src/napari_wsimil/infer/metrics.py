@@ -1,7 +1,9 @@
-"""Slide-level metrics with numpy only: AUC, accuracy, balanced accuracy, F1.
+"""Slide-level metrics (numpy, and scipy for ranks): AUC, accuracy, balanced accuracy, F1.
 
 ``probs`` is (N, C) class probabilities, ``labels`` (N,) class indices. AUC is the Mann–Whitney statistic
-(ties count one half): binary on column 1, else the macro mean of one-vs-rest AUCs over the classes that
+(ties count one half), computed from ranks (``scipy.stats.rankdata``) so that memory is linear in the scores:
+a million patches at 5 % tumour would need a 44 GiB positives × negatives matrix the pairwise way. AUC is
+binary on column 1, else the macro mean of one-vs-rest AUCs over the classes that
 have both positives and negatives. F1 is the positive-class (1) F1 for two classes, macro F1 otherwise.
 A metric that cannot be computed (AUC with one class present) is NaN.
 """
@@ -14,14 +16,23 @@ import numpy as np
 
 
 def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    s = np.asarray(scores, dtype=np.float64)
-    pos_mask = np.asarray(positive, dtype=bool)
-    pos, neg = s[pos_mask], s[~pos_mask]
-    if len(pos) == 0 or len(neg) == 0:
+    """P(score of a random positive > score of a random negative), ties counted as one half.
+
+    The Mann–Whitney U from average ranks: ``(sum of positive ranks − n_pos(n_pos+1)/2) / (n_pos·n_neg)``,
+    O(N log N) time and O(N) memory. NaN when either class is absent or a score is NaN."""
+    from scipy.stats import rankdata
+
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    pos_mask = np.asarray(positive, dtype=bool).reshape(-1)
+    if s.shape != pos_mask.shape:
+        raise ValueError(f"{s.size} scores but {pos_mask.size} labels")
+    n_pos = int(pos_mask.sum())
+    n_neg = len(s) - n_pos
+    if n_pos == 0 or n_neg == 0 or np.isnan(s).any():
         return math.nan
-    greater = (pos[:, None] > neg[None, :]).sum()
-    ties = (pos[:, None] == neg[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+    ranks = rankdata(s)  # average ranks: a tie between a positive and a negative adds one half
+    u = float(ranks[pos_mask].sum()) - n_pos * (n_pos + 1) / 2.0
+    return float(u / (float(n_pos) * float(n_neg)))
 
 
 def _check(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -42,13 +42,39 @@ class _AttentionMIL(nn.Module):
         if n_classes < 2:
             raise ValueError("an MIL classifier needs at least 2 classes")
         self.in_dim, self.n_classes = in_dim, n_classes
+        # Per-feature standardisation fitted on the training bags (identity until set_input_scaling). Buffers,
+        # not parameters: they travel in every checkpoint, so prediction applies exactly what training used.
+        self.register_buffer("input_mean", torch.zeros(in_dim))
+        self.register_buffer("input_std", torch.ones(in_dim))
         self.trunk = _trunk(in_dim, hidden, dropout)
         self.attention = GatedAttention(hidden, attn_hidden, n_branches, dropout)
+
+    def set_input_scaling(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardise every input feature as ``(x − mean) / std`` before the trunk.
+
+        Why: encoders' features differ in scale by orders of magnitude (a stain histogram bin next to a
+        gradient energy); without this the trunk's first layer sees only the largest ones, and on real tissue
+        CLAM-SB stayed at a test AUC of 0.70 where the same standardised bags gave 1.00."""
+        std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        if mean.shape != (self.in_dim,) or std.shape != (self.in_dim,):
+            raise ValueError(f"scaling of {self.in_dim} features needed, got {tuple(mean.shape)} and "
+                             f"{tuple(std.shape)}")
+        if not bool((std > 0).all()) or not bool(torch.isfinite(mean).all() & torch.isfinite(std).all()):
+            raise ValueError("feature standard deviations must be positive and finite")
+        self.input_mean.copy_(mean)
+        self.input_std.copy_(std)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # Runs trained before the scaling existed have no such buffers: they were trained unscaled (identity).
+        for name, fill in (("input_mean", 0.0), ("input_std", 1.0)):
+            state_dict.setdefault(prefix + name, torch.full((self.in_dim,), fill))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         if x.ndim != 2 or x.shape[0] == 0:
             raise ValueError(f"a bag must be a non-empty (N, D) tensor, got shape {tuple(x.shape)}")
-        h = self.trunk(x)
+        h = self.trunk((x - self.input_mean) / self.input_std)
         raw = self.attention(h)
         att = F.softmax(raw, dim=1)
         return h, raw, att, att @ h

@@ -3,7 +3,7 @@
 * :func:`load_cohort` reads ``slide_id,path,label[,split]`` CSVs (paths relative to the CSV) or a
   project folder (labels are its slide-level class names, in the project's class order).
 * :func:`class_names` orders the labels (numerically when every label is a whole number).
-* :func:`assign_splits` gives slides without a split a deterministic, stratified train/val split.
+* :func:`assign_splits` gives every slide a split and carves a stratified validation split when there is none.
 * :func:`ensure_features` extracts the bags that are missing or stale with ``extract_cohort``.
 """
 
@@ -163,11 +163,19 @@ def label_indices(slides: Sequence[SlideItem], classes: Sequence[str]) -> list[i
 
 def assign_splits(slides: Sequence[SlideItem], classes: Sequence[str], seed: int = 0,
                   val_fraction: float = 0.25) -> list[SlideItem]:
-    """Slides with a split keep it; if none has one, a stratified train/val split, the same for a given seed:
-    in each class ``round(n·val_fraction)`` slides (at least 1 when the class has 2 or more) go to val."""
-    if any(s.split for s in slides):
-        return [s if s.split else replace(s, split="train") for s in slides]
-    labels = np.asarray(label_indices(slides, classes))
+    """Every slide gets a split, and there is a validation split whenever the cohort allows one.
+
+    Slides with a split keep it (slides without one in such a cohort are training slides). When no slide is
+    in ``val`` — no split column at all, or a CSV with train/test only — a stratified validation split is
+    carved from the training slides, the same for a given seed: in each class ``round(n·val_fraction)``
+    slides (at least 1 when the class has 2 or more) go to val. Why always: early stopping and the choice of
+    the checkpoint need slides the model did not train on, and the test slides must never serve for that.
+    ``val_fraction`` 0 turns the carving off (the last epoch's model is then the one used)."""
+    out = [s if s.split else replace(s, split="train") for s in slides]
+    if val_fraction <= 0 or any(s.split == "val" for s in out):
+        return out
+    train_idx = [i for i, s in enumerate(out) if s.split == "train"]
+    labels = np.asarray(label_indices([out[i] for i in train_idx], classes))
     rng = np.random.default_rng(seed)
     val: set[int] = set()
     for k in range(len(classes)):
@@ -175,8 +183,8 @@ def assign_splits(slides: Sequence[SlideItem], classes: Sequence[str], seed: int
         if len(idx) < 2:
             continue
         n_val = min(len(idx) - 1, max(1, int(round(len(idx) * val_fraction))))
-        val.update(int(i) for i in rng.permutation(idx)[:n_val])
-    return [replace(s, split="val" if i in val else "train") for i, s in enumerate(slides)]
+        val.update(train_idx[int(i)] for i in rng.permutation(idx)[:n_val])
+    return [replace(s, split="val") if i in val else s for i, s in enumerate(out)]
 
 
 def features_dir_for(cohort: Cohort, run_dir: str | os.PathLike[str], encoder: str) -> Path:

@@ -115,14 +115,10 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[st
 
 
 def binary_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
-    """Mann–Whitney AUC with ties counted as half (no scikit-learn needed)."""
-    s = scores.double().cpu()
-    pos, neg = s[positive.cpu()], s[~positive.cpu()]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    greater = (pos[:, None] > neg[None, :]).double().sum()
-    ties = (pos[:, None] == neg[None, :]).double().sum()
-    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+    """Mann–Whitney AUC with ties counted as half, from ranks (memory linear in the scores)."""
+    from ..infer.metrics import binary_auc as rank_auc
+
+    return rank_auc(scores.detach().double().cpu().numpy(), positive.detach().cpu().numpy())
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------

@@ -107,8 +107,47 @@ class BagDataset(Sequence[Bag]):
                         dtype=bool)
 
 
-def check_bags(data: BagDataset, n_classes: int, what: str, need_all_classes: bool) -> int:
-    """Validate a cohort before training; returns the feature dimension. Reads each bag once."""
+class FeatureMoments:
+    """Mean and standard deviation of every feature over all instances of many bags, one bag at a time.
+
+    Chan et al.'s pairwise update of (count, mean, M2) in float64: exact enough for features of any scale
+    and memory independent of the cohort's size."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: np.ndarray | None = None
+        self.m2: np.ndarray | None = None
+
+    def add(self, features: torch.Tensor) -> None:
+        x = features.detach().double().cpu().numpy()
+        n_b = x.shape[0]
+        if n_b == 0:
+            return
+        mean_b = x.mean(0)
+        m2_b = ((x - mean_b) ** 2).sum(0)
+        if self.mean is None or self.m2 is None:
+            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta ** 2 * (self.n * n_b / n)
+        self.n = n
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as float32; a constant feature gets std 1, so it is centred, not blown up."""
+        if self.mean is None or self.m2 is None or self.n == 0:
+            raise TrainingError("no instances to standardise the features with")
+        std = np.sqrt(self.m2 / max(self.n - 1, 1))
+        constant = ~np.isfinite(std) | (std <= 1e-12 * (1.0 + np.abs(self.mean)))
+        std[constant] = 1.0
+        return torch.from_numpy(self.mean.astype(np.float32)), torch.from_numpy(std.astype(np.float32))
+
+
+def check_bags(data: BagDataset, n_classes: int, what: str, need_all_classes: bool,
+               moments: FeatureMoments | None = None) -> int:
+    """Validate a cohort before training; returns the feature dimension. Reads each bag once, and adds its
+    features to ``moments`` when given (the standardisation is fitted in the same pass)."""
     if len(data) == 0:
         raise TrainingError(f"the {what} cohort has no slides")
     dim = None
@@ -136,6 +175,8 @@ def check_bags(data: BagDataset, n_classes: int, what: str, need_all_classes: bo
             if bool(((il < -1) | (il >= n_classes)).any()):
                 raise TrainingError(f"{what} {name} has instance labels outside -1 (unknown) and "
                                     f"0..{n_classes - 1}")
+        if moments is not None:
+            moments.add(f)
     present = set(data.labels)
     if need_all_classes and len(present) < 2:
         raise TrainingError(f"the {what} cohort has only class {sorted(present)}: a classifier needs slides "
@@ -160,21 +201,31 @@ class MILMethod:
     sampler: Callable[[BagDataset, int, np.random.Generator], list[list[int]]]
     n_classes: int | None = None
     in_dim: int = 0
+    standardise: bool = False
+    scaling: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, std) fitted on the training bags
 
     def check(self) -> None:
-        """Validate the cohorts once (build() calls it, so errors come before any thread or loop starts)."""
+        """Validate the cohorts once (build() calls it, so errors come before any thread or loop starts);
+        with ``standardise``, the features' mean and std over the training instances are fitted in the same
+        pass (never on validation or test bags)."""
         if self.in_dim:
             return
         if self.n_classes is None:
             labels = self.train_data.labels
             self.n_classes = max(2, max(labels) + 1) if labels else 2
-        self.in_dim = check_bags(self.train_data, self.n_classes, "training", True)
+        moments = FeatureMoments() if self.standardise else None
+        self.in_dim = check_bags(self.train_data, self.n_classes, "training", True, moments)
+        if moments is not None:
+            self.scaling = moments.result()
         if self.val_data is not None:
             if check_bags(self.val_data, self.n_classes, "validation", False) != self.in_dim:
                 raise TrainingError("validation and training bags have different feature dimensions")
 
     def build_model(self) -> nn.Module:
-        return self.make_model(self.in_dim, self.n_classes)
+        model = self.make_model(self.in_dim, self.n_classes)
+        if self.scaling is not None:
+            model.set_input_scaling(*self.scaling)  # buffers: saved in every checkpoint, used at predict time
+        return model
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "in_dim": self.in_dim, "n_classes": self.n_classes}
@@ -236,6 +287,28 @@ def shuffle_sampler(data: BagDataset, epoch: int, rng: np.random.Generator) -> l
     return [[int(i)] for i in rng.permutation(len(data))]
 
 
+def balanced_sampler(data: BagDataset, epoch: int, rng: np.random.Generator) -> list[list[int]]:
+    """As many steps as bags, each class drawn equally often (CLAM's ``--weighted_sample``).
+
+    Why: with 3 benign slides for each malignant one, an unweighted epoch teaches "benign" three times as
+    often and the attention never needs to find the tumour. Unlike CLAM's draw with replacement, each class's
+    slides are taken from successive random permutations, so every slide of a minority class is seen at least
+    once per epoch and no slide of any class twice before the others of its class once."""
+    labels = np.asarray(data.labels)
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        return shuffle_sampler(data, epoch, rng)
+    per_class = -(-len(labels) // len(classes))
+    picks: list[int] = []
+    for c in classes:
+        idx = np.flatnonzero(labels == c)
+        reps = -(-per_class // len(idx))
+        cycle = np.concatenate([rng.permutation(idx) for _ in range(reps)])
+        picks.extend(int(i) for i in cycle[:per_class])
+    order = rng.permutation(len(picks))[:len(labels)]
+    return [[picks[int(i)]] for i in order]
+
+
 def paired_sampler(oversample: float, decay: float, paired: bool = True
                    ) -> Callable[[BagDataset, int, np.random.Generator], list[list[int]]]:
     """MS-CLAM: steps of one negative + one positive slide, slides with tile labels drawn
@@ -284,4 +357,5 @@ def ms_clam_loss(c1: float, w_att: float) -> Callable[[Any, Bag], dict[str, torc
     return loss
 
 
-__all__ = ["Bag", "BagDataset", "MILMethod", "attention_scores", "check_bags", "load_bag_file", "predict"]
+__all__ = ["Bag", "BagDataset", "FeatureMoments", "MILMethod", "attention_scores", "balanced_sampler", "check_bags",
+           "load_bag_file", "predict"]

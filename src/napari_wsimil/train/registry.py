@@ -14,7 +14,8 @@ from torch import nn
 
 from ..models import ABMIL, CLAMMB, CLAMSB
 from .engine import TrainConfig, TrainingError, _doc
-from .mil import BagDataset, MILMethod, abmil_loss, clam_loss, ms_clam_loss, paired_sampler, shuffle_sampler
+from .mil import (BagDataset, MILMethod, abmil_loss, balanced_sampler, clam_loss, ms_clam_loss, paired_sampler,
+                  shuffle_sampler)
 
 
 @dataclass
@@ -25,6 +26,12 @@ class ABMILConfig(TrainConfig):
     hidden: int = _doc("Width of the trunk Linear(D, hidden) after the encoder features.", default=512)
     attn_hidden: int = _doc("Width of the gated attention's hidden layer.", default=256)
     dropout: float = _doc("Dropout after the trunk and inside the attention.", default=0.25)
+    standardise: bool = _doc("Standardise each feature with the mean and std of the training bags' patches "
+                             "(stored in the model, applied at prediction). Off only to reproduce old runs: "
+                             "real encoders' features differ in scale by orders of magnitude.", default=True)
+    balanced: bool = _doc("Draw the training slides so that every class is seen equally often per epoch "
+                          "(CLAM's weighted sampling); off: each slide once, in random order. MS-CLAM's `paired` "
+                          "steps are balanced by construction.", default=True)
 
 
 @dataclass
@@ -73,26 +80,32 @@ def _clam_model(cls: type[nn.Module], cfg: CLAMConfig, **extra: Any) -> Callable
     return make
 
 
+def _sampler(cfg: ABMILConfig) -> Any:
+    return balanced_sampler if cfg.balanced else shuffle_sampler
+
+
 def _abmil(cfg: ABMILConfig, tr: BagDataset, va: BagDataset | None) -> MILMethod:
     return MILMethod("abmil", cfg, tr, va,
                      lambda d, c: ABMIL(d, c, cfg.hidden, cfg.attn_hidden, cfg.dropout),
-                     abmil_loss, shuffle_sampler, cfg.n_classes)
+                     abmil_loss, _sampler(cfg), cfg.n_classes, standardise=cfg.standardise)
 
 
 def _clam_sb(cfg: CLAMConfig, tr: BagDataset, va: BagDataset | None) -> MILMethod:
     return MILMethod("clam-sb", cfg, tr, va, _clam_model(CLAMSB, cfg), clam_loss(cfg.bag_weight),
-                     shuffle_sampler, cfg.n_classes)
+                     _sampler(cfg), cfg.n_classes, standardise=cfg.standardise)
 
 
 def _clam_mb(cfg: CLAMConfig, tr: BagDataset, va: BagDataset | None) -> MILMethod:
     return MILMethod("clam-mb", cfg, tr, va, _clam_model(CLAMMB, cfg), clam_loss(cfg.bag_weight),
-                     shuffle_sampler, cfg.n_classes)
+                     _sampler(cfg), cfg.n_classes, standardise=cfg.standardise)
 
 
 def _ms_clam(cfg: MSCLAMConfig, tr: BagDataset, va: BagDataset | None) -> MILMethod:
+    # MS-CLAM's paired sampler is class-balanced by construction (one normal + one tumour slide a step).
     return MILMethod("ms-clam", cfg, tr, va, _clam_model(CLAMSB, cfg, instance_mode="ms-clam"),
                      ms_clam_loss(cfg.c1, cfg.w_att), paired_sampler(cfg.oversample, cfg.oversample_decay,
-                                                                     cfg.paired), cfg.n_classes)
+                                                                     cfg.paired), cfg.n_classes,
+                     standardise=cfg.standardise)
 
 
 def _segmentation() -> list[MethodInfo]:
