@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-SHARED_SLIDES = Path(
-    os.environ.get("WSIMIL_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
-) / "slides"
+SHARED_DATA = Path(os.environ.get("WSIMIL_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+SHARED_SLIDES = SHARED_DATA / "slides"
+#: The real-tissue benchmark's default textures: PatchCamelyon's lymph-node tumour and normal patches.
+PCAM = SHARED_DATA / "pcam"
+PCAM_MPP = 0.97
 
 
 def real_slides(*names: str) -> list[Path]:
@@ -75,6 +77,31 @@ def make_cohort(work: Path, n_slides: int, size: int, seed: int, contrast: float
     return csv_path
 
 
+def make_textured_cohort(work: Path, n_slides: int, size: int, seed: int, textures: Path,
+                         tile_mpp: float | None) -> Path:
+    """A cohort whose regions are filled with real labelled tissue (``wsimil synth --textures``), made once
+    per (n, size, seed, textures) and reused. Its CSV already holds the split: training and validation slides
+    are drawn from the textures' training tiles, test slides from held-out tiles."""
+    from napari_wsimil.slide.synthetic import _SAMPLE_VERSION
+
+    textures = Path(textures)
+    if not textures.is_dir():
+        raise SystemExit(f"no textures at {textures}: ../shared/data must be beside the checkout "
+                         "(or pass --textures DIR)")
+    folder = work / f"textured_v{_SAMPLE_VERSION}_{textures.name}_{n_slides}x{size}_s{seed}"
+    csv_path = folder / "cohort.csv"
+    if not csv_path.is_file():
+        t = time.perf_counter()
+        args: list[object] = ["synth", folder, "--slides", n_slides, "--seed", seed, "--size", size,
+                              "--textures", textures]
+        if tile_mpp:
+            args += ["--tile-mpp", tile_mpp]
+        wsimil(*args)
+        print(f"(synthesised {n_slides} slides of {size}² from {textures.name} in {time.perf_counter() - t:.0f} s)",
+              flush=True)
+    return csv_path
+
+
 def _paint_everything(row: dict, truth: np.ndarray) -> np.ndarray:
     return np.where(truth, 1, 2).astype(np.uint8)
 
@@ -82,7 +109,7 @@ def _paint_everything(row: dict, truth: np.ndarray) -> np.ndarray:
 def split_cohort(csv_path: Path, out_csv: Path, seed: int, annotated_fraction: float, *,
                  paint: Callable[[dict, np.ndarray], np.ndarray] = _paint_everything,
                  test_csv: Path | None = None, val_annotated: int = 0) -> dict[str, int]:
-    """Add a stratified, seeded split (30 % test, 15 % val per class) and paint the ground truth of
+    """Add a stratified, seeded split (30 % test, 15 % val per class; kept when every row has one) and paint the ground truth of
     ``annotated_fraction`` of the malignant slides (taken from train), and of ``val_annotated`` malignant
     validation slides, into pixel-label masks: ``paint(row, truth)`` gives the class ids (default 1 tumour,
     2 everything else). ``test_csv`` also gets the test rows alone. Returns counts for the report."""
@@ -93,7 +120,8 @@ def split_cohort(csv_path: Path, out_csv: Path, seed: int, annotated_fraction: f
     with open(csv_path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     rng = np.random.default_rng(seed)
-    for label in ("0", "1"):
+    keep_splits = all(r.get("split") in ("train", "val", "test") for r in rows)  # textured cohorts: tiles decide
+    for label in ("0", "1") if not keep_splits else ():
         group = [r for r in rows if r["label"] == label]
         order = rng.permutation(len(group))
         n_test, n_val = round(0.30 * len(group)), round(0.15 * len(group))

@@ -1,5 +1,5 @@
-"""The quality benchmark (benchmarks/bench_quality_mil.py) in miniature: synth → split and paint → train →
-predict → evaluate on the test split, for CLAM-SB and MS-CLAM, through the real CLI."""
+"""The quality benchmark (benchmarks/bench_quality_mil.py) in miniature, on the procedural look: synth → split
+and paint → train → predict → evaluate on the test split, for CLAM-SB and MS-CLAM, through the real CLI."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ def _bench():
 @pytest.mark.timeout(600)
 def test_tiny_quality_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bench = _bench()
-    results = bench.main(["--slides", "12", "--size", "4096", "--patch", "128", "--mpp", "1.0", "--epochs", "12",
-                          "--methods", "clam-sb", "ms-clam", "--workdir", str(tmp_path)])
+    results = bench.main(["--synthetic", "--slides", "12", "--size", "4096", "--patch", "128", "--mpp", "1.0",
+                          "--epochs", "12", "--methods", "clam-sb", "ms-clam", "--workdir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "attention AUC" in out and "MS-CLAM" in out
     run_dirs = list(tmp_path.glob("quality-*"))
