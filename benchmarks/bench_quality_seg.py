@@ -1,7 +1,10 @@
-"""Quality of the pixel-segmentation methods on a synthetic cohort with ground truth, through the real CLI.
+"""Quality of the pixel-segmentation methods on a cohort with ground truth, through the real CLI.
 
-A cohort of N slides (half malignant) is split, stratified and seeded, into train / val / test
-(55 / 15 / 30 %). Then, with the same U-Net, patches and seed:
+By default the cohort is the real-tissue benchmark (``wsimil synth --textures``: the generator's regions filled
+with real PatchCamelyon patches, training and validation slides from PCam's train split, test slides from its
+valid split; see bench_quality_mil.py); ``--synthetic`` uses the procedural generator. A procedural cohort of N
+slides (half malignant) is split, stratified and seeded, into train / val / test (55 / 15 / 30 %); a textured
+one keeps the split its tiles decided. Then, with the same U-Net, patches and seed:
 
 * Pinchaud from slide labels only (β1 = 1, α = 2: the paper's defaults; the painted slides' paint is
   ignored: no pixel cross-entropy, checkpoint by its own validation loss);
@@ -25,7 +28,7 @@ labels Dice ≥ 0.75 and above Pinchaud.
 python benchmarks/bench_quality_seg.py [--quick] [--slides 60] [--size 4096] [--epochs 40] [--mpp 1]
     [--patch 128] [--width 32] [--depth 4] [--methods pinchaud hybrid confkd pinchaud+paint] [--no-ablation]
     [--val-painted 1] [--eta 50] [--sync-maps] [--set KEY=VALUE ...] [--val] [--seed 1] [--threads N]
-    [--workdir DIR]
+    [--textures DIR --tile-mpp M | --synthetic [--tumour-contrast C]] [--workdir DIR]
 
 ``--val`` also predicts the validation slides and prints their Dice after each run: settings are chosen on
 those numbers, and the test split is looked at only for the final report. ``--set`` passes a setting to every
@@ -52,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import make_cohort, split_cohort, table, wsimil  # noqa: E402
+from _common import PCAM, PCAM_MPP, make_cohort, make_textured_cohort, split_cohort, table, wsimil  # noqa: E402
 
 METHODS = ("pinchaud", "hybrid", "confkd", "pinchaud+paint")
 # Slide labels only: no cross-entropy on the painted slides and no checkpoint choice by painted pixels.
@@ -171,6 +174,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                     help="malignant validation slides with pixel labels (they choose the mixed methods' checkpoint)")
     ap.add_argument("--tumour-contrast", type=float, default=1.0,
                     help="synthetic tumour's contrast to normal tissue, 0-1 (1: the original, easy look)")
+    ap.add_argument("--textures", type=Path, default=PCAM,
+                    help="folder of labelled real tiles, one folder per class (default: PCam)")
+    ap.add_argument("--tile-mpp", type=float, default=None,
+                    help=f"µm/px of the textures' tiles (default {PCAM_MPP} for PCam)")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="the procedural generator instead of real textures (unit-test look)")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=None,
                     help="also Pinchaud with β1 = 0 and with α = 0 (default: on, off with --quick)")
@@ -205,7 +214,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     base = args.workdir or Path(tempfile.gettempdir()) / "wsimil-bench" / "quality-seg"
     base.mkdir(parents=True, exist_ok=True)
     cohort_seed = args.seed if args.cohort_seed is None else args.cohort_seed
-    cohort_csv = make_cohort(base, args.slides, args.size, cohort_seed, args.tumour_contrast)
+    if args.synthetic:
+        cohort_csv = make_cohort(base, args.slides, args.size, cohort_seed, args.tumour_contrast)
+    else:
+        tile_mpp = args.tile_mpp or (PCAM_MPP if args.textures.resolve() == PCAM.resolve() else None)
+        cohort_csv = make_textured_cohort(base, args.slides, args.size, cohort_seed, args.textures, tile_mpp)
     work = Path(tempfile.mkdtemp(prefix="seg-quality-", dir=base))
     split_csv, test_csv = work / "cohort_split.csv", work / "cohort_test.csv"
     counts = split_cohort_seg(cohort_csv, split_csv, test_csv, args.seed, args.annotated, args.val_painted)
