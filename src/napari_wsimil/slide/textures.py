@@ -13,33 +13,49 @@ slides are drawn from training tiles only and test slides from held-out tiles on
 held-out tiles are those of ``valid``/``val``/``test``, with flat folders each class's files are ranked by a
 hash of their name and the first half (rounded up) trains, the rest is held out.
 
-How a tile is rendered (``TexturedSlide``; any window on its own, so tiles need no neighbours and memory does
+Pools (``open_textures``): every split a cohort needs is decoded once, as uint8 at native size, at most
+``POOL_MIB`` MiB in all (which files are kept is a hash rank of their names: ~900 of PCam's 96-px tiles per
+class and split). The white point (background) and the stain hue of every tile are evened out towards the
+pools' median, since a set's tiles come from many slides and scanners and would otherwise outline each
+other; tiles that are stained but featureless (out of focus, ink) are left out, and ``textures.json`` lists
+them.
+
+How a tile is rendered (``TexturedSlide``; every tile on its own, so tiles need no neighbours and memory does
 not grow with the slide):
 
-- Stamps: each layer (normal, tumour) is a jittered square lattice of stamps, spacing ``SPACING`` of the stamp
-  size, so neighbours overlap. A stamp is a random square crop (``CROP`` of the tile's side) of one pool tile,
-  with mild stain jitter in HED space (per slide and per stamp), resampled from the tiles' µm/px to the
-  slide's, turned by a multiple of 90° and maybe flipped. Everything about a stamp comes from a hash of its
-  global lattice index (as the procedural nuclei do), so the tiles either side of a border see the same
-  stamps; a pool of n tiles repeats a tile in two given cells with chance 1/n.
-- Blending: stamps are weighted by a Hann window; the low frequencies (each stamp's mean colour) blend
-  linearly and the detail is divided by the root of the summed squared weights, which keeps the texture's
-  contrast in the overlaps instead of washing it out into a blurred double exposure (Heitz & Neyret's
-  variance-preserving blend).
-- Normal classes: with several, a smooth ~``CLASS_CELL_UM`` µm-scale field per class picks, at each stamp's
-  centre, the class whose field is highest: patches of stroma, lymphocytes, mucosa, not confetti.
-- Tumour: the tumour layer replaces the normal one over a ramp ``FEATHER_UM`` µm wide centred on the
-  ground truth's boundary; tissue then covers the generator's glass with the generator's opacity (outline,
-  holes), so the ground truth, the tissue mask and the background are the procedural slide's.
+- Stamps: each layer (normal, tumour) is a jittered square lattice of stamps on a canvas at the tiles' own
+  µm/px, spacing ``SPACING`` of the stamp size, so neighbours overlap. A stamp is a random square crop (``CROP``
+  of the tile's side) of one pool tile, re-stained as this slide (HED amounts scaled and shifted a little per
+  slide, and a little more per stamp), turned by a multiple of 90° and maybe flipped. Everything about a stamp
+  comes from a hash of its global lattice index (as the procedural nuclei do), so the tiles either side of a
+  border see the same stamps.
+- Which tile: smooth fields (``LOOK_CELL_UM`` scale, with a finer octave) ask for a look — density and hue —
+  and each stamp draws a tile at random among those near that look (``LOOK_SPREAD``): fat next to fat, dense
+  lymphocytes next to dense lymphocytes, and with PCam neighbouring stamps share a tile about 1 % of the time.
+  Both layers follow the same look fields (each at its own pool's ranks), so tumour in fatty tissue is the
+  fattier tumour: it is not found by density alone.
+  With several normal classes, one more smooth field per class picks which class fills where (the highest
+  wins): patches of stroma, lymphocytes, mucosa, not confetti.
+- Blending: each stamp has a Hann window times exp(smooth noise), sharpened (``MASK_NOISE``, ``MASK_SHARPEN``),
+  so seams wander instead of following the lattice and cross-fades stay narrow; the stamps' mean colours blend
+  linearly and their detail is divided by the root of the summed squared weights, which keeps the texture's
+  contrast in the overlaps (Heitz & Neyret's variance-preserving blend), capped at the glass's colour (nothing
+  is brighter than the light; the overshoot would outline seams in white areas). The canvas is resampled once per
+  256-px tile (PIL bicubic, antialiased when shrinking, placed from global coordinates), not once per stamp.
+- Tumour: the tumour layer replaces the normal one over a ramp ``FEATHER_UM`` µm wide centred on the ground
+  truth's boundary (distance from the tumour field's zero); tissue then covers the generator's glass with the
+  generator's opacity (outline, holes), and white in the tiles becomes the glass's colour. The ground truth,
+  the tissue mask and the background are the procedural slide's.
+- Memory: the pools, and a bounded cache of built stamps (``STAMP_CACHE_MIB``) for the neighbouring tiles.
 
-Memory: the pools hold tiles as uint8 at native size, at most ``POOL_MIB`` MiB in all (which files are kept
-is a hash rank of their names; all of PCam's 96-px tiles fit but a few hundred per pool), and the renderer
-keeps a bounded cache of recently built stamps.
+Limits: a set with few tiles per class (Kather's 3, CRC-VAL's 10) repeats them visibly; a stamp whose tile
+differs from all its neighbours still shows a roughly square outline; PCam labels a tile tumour when its
+centre 32 px holds tumour, so some tumour stamps carry normal tissue at their edges.
 
 Speed (``benchmarks/bench_synthesis.py --quick --looks-only --workers 2``, 2 cores shared with other jobs, load
-~5): writing a 4096² malignant slide from PCam at 0.5 µm/px, all levels and JPEG included, takes about 110 ms per
-megapixel against about 75 ms for the procedural look in the same run (x1.5; rendering alone x2.1). Loading the
-pools (decoding ~3600 PCam JPEGs once per cohort) takes ~2 s.
+~6): writing a 4096² malignant slide from PCam at 0.5 µm/px, all levels and JPEG included, takes about 105 ms per
+megapixel against about 72 ms for the procedural look in the same run (x1.45; rendering alone x2.1), i.e. ~2 s
+per 4096² slide. Loading the pools (decoding ~3600 PCam JPEGs, once per cohort) takes 3-5 s.
 """
 
 from __future__ import annotations
@@ -72,6 +88,7 @@ JITTER = 0.12  # lattice jitter either way, as a share of the spacing (every pix
 FEATHER_UM = 2.0  # width of the tumour/normal blend across the ground truth's boundary
 CLASS_CELL_UM = 250.0  # scale of the field that picks which normal class fills where
 LOOK_CELL_UM = 300.0  # scale of the fields that pick which look (density, hue) of a class fills where
+LOOK_SPREAD = 0.2  # share of each look axis a stamp's tile is drawn from around the field's look
 FINE_OCTAVE = 0.4  # weight of those fields' finer octave (a quarter of the scale)
 LOOK_SD = 1.0 / math.sqrt(1.0 + FINE_OCTAVE**2)  # brings the look fields back to unit SD, so all looks are used
 POOL_MIB = 96  # all pools together, uint8 at native size
@@ -222,13 +239,15 @@ class Pool:
         self.order = np.concatenate([p[np.argsort(hue[p], kind="stable")] for p in parts])
 
     def pick(self, r1: float, r2: float, u1: float, u2: float) -> np.ndarray:
-        """The tile at look (r1, r2) in [0, 1)^2, spread by (u1, u2) over about 1/8 of the pool's looks."""
+        """The tile at look (r1, r2) in [0, 1)^2, spread at random by (u1, u2) over ``LOOK_SPREAD`` of each
+        axis (at least 2-3 groups or positions): neighbouring stamps, whose looks are nearly the same, draw
+        from a few dozen similar tiles of a large pool, so they look alike but are rarely the same tile."""
         n, g = len(self.tiles), self.groups
         per = n / g
-        gi = min(g - 1, max(0, int((r1 + (u1 - 0.5) * max(0.12, 2.5 / g)) * g)))
+        gi = min(g - 1, max(0, int((r1 + (u1 - 0.5) * max(LOOK_SPREAD, 2.5 / g)) * g)))
         lo, hi = round(gi * per), round((gi + 1) * per)
         span = hi - lo
-        pos = min(span - 1, max(0, int((r2 + (u2 - 0.5) * max(0.12, 5.0 / span)) * span)))
+        pos = min(span - 1, max(0, int((r2 + (u2 - 0.5) * max(LOOK_SPREAD, 5.0 / span)) * span)))
         return self.tiles[int(self.order[lo + pos])]
 
     @property
@@ -543,6 +562,7 @@ class TexturedSlide:
         self.stain_scale = 1.0 + rng.uniform(-SLIDE_STAIN, SLIDE_STAIN, 2)
         self.stain_shift = rng.uniform(-SLIDE_SHIFT, SLIDE_SHIFT, 2)
         self.white = model.lut[3 * 256].astype(np.float64)  # the glass's colour (see SlideModel.glass)
+        self._white32 = self.white.astype(np.float32)
         # fields in native pixels: which normal class, and which look (density, hue) within a class
         nshape = (math.ceil(self.shape[0] * self.k) + 1, math.ceil(self.shape[1] * self.k) + 1)
         num = 1.0 / pools.tile_mpp
@@ -554,12 +574,13 @@ class TexturedSlide:
                            (FINE_OCTAVE, _physical_grid(rng, nshape, cell_um * num / 4, 1.5))])
 
         self.class_fields = [field(CLASS_CELL_UM) for _ in pools.normal] if len(pools.normal) > 1 else []
-        self.look_fields = [[field(LOOK_CELL_UM) for _ in range(2)] for _ in range(2)]  # normal, tumour layer
+        # one look for both layers: where the normal tissue is fatty, the tumour drawn there is the fattier
+        # tumour (its own rank of density and hue), so tumour is not told by density alone
+        self.look_fields = [field(LOOK_CELL_UM) for _ in range(2)]
         self._cache: OrderedDict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._cache_cap = max(64, STAMP_CACHE_MIB * 2**20 // (c * c * 8 * 4))
         self._lock = threading.Lock()
         self._ones = np.ones(c * c, np.float32)
-        self.builds = 0
 
     # the layout and truth are the model's
     def ground_truth(self) -> np.ndarray:
@@ -652,7 +673,7 @@ class TexturedSlide:
             cls = np.argmax(np.stack([f.points(cy, cx) for f in self.class_fields]), axis=0)
         else:
             cls = np.zeros(len(gy), np.intp)
-        look = ndtr(np.stack([f.points(cy, cx) for f in self.look_fields[layer]], axis=1) * LOOK_SD)
+        look = ndtr(np.stack([f.points(cy, cx) for f in self.look_fields], axis=1) * LOOK_SD)
         mean_acc = np.zeros((nh, nw, 3), np.float32)
         detail = np.zeros((nh, nw, 3), np.float32)
         wsum = np.zeros((nh, nw), np.float32)
@@ -675,7 +696,8 @@ class TexturedSlide:
         mean_acc /= wsum[..., None]
         detail /= (np.sqrt(w2sum) if BLEND_KEEPS_CONTRAST else wsum)[..., None]
         mean_acc += detail
-        np.clip(mean_acc, 0.0, 255.0, out=mean_acc)
+        np.minimum(mean_acc, self._white32, out=mean_acc)  # nothing is brighter than the light: the blend's
+        np.maximum(mean_acc, 0.0, out=mean_acc)  # kept contrast would otherwise outline seams in white areas
         mean_acc += 0.5
         canvas = mean_acc.astype(np.uint8)
         box = (x0 * k - nx0, y0 * k - ny0, (x0 + n) * k - nx0, (y0 + n) * k - ny0)
@@ -705,7 +727,6 @@ class TexturedSlide:
         d = np.rot90(d, turn & 3)
         if turn & 4:
             d = d[:, ::-1]
-        self.builds += 1
         d = np.ascontiguousarray(d)
         mean = (self._ones @ d.reshape(-1, 3)) * np.float32(1.0 / (c * c))  # (a matrix product: fast)
         d -= mean
