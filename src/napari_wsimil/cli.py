@@ -68,6 +68,22 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregate-share", type=float, default=0.0, metavar="F",
                    help="share of every slide's tissue covered by lymphoid aggregates, 0-0.5 (default 0): "
                         "dense, dark normal tissue that mimics tumour; ground truth: normal")
+    t = p.add_argument_group(
+        "real tissue",
+        "fill the tissue with real labelled H&E tiles instead of drawing it; same layout and ground truth. Adds "
+        "split, textures and texture_tiles columns to cohort.csv and writes OUT/textures.json")
+    t.add_argument("--textures", metavar="DIR",
+                   help="folder with one folder per class (images directly, or train/ and valid|val|test/ split "
+                        "folders, as PCam); tumour is the class whose name contains 'tum'; classes named like "
+                        "'empty' or 'background' are left out")
+    t.add_argument("--tumour-class", metavar="NAME",
+                   help="which class folder is tumour (default: the one named *tum*)")
+    t.add_argument("--tile-mpp", type=float, metavar="M",
+                   help="µm/px of the texture tiles (default: their resolution tags, when believable)")
+    t.add_argument("--split", choices=("all", "train", "test"), default=None,
+                   help="all (default): 55/15/30 %% train/val/test slides, stratified by label; train: "
+                        "train and val slides only; test: test slides only. Train and val slides use training "
+                        "tiles, test slides held-out tiles")
     p.add_argument("--workers", type=int, default=None, metavar="K", help="render threads (default: CPU count)")
     p.set_defaults(func=_cmd_synth)
 
@@ -103,7 +119,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise WsimilError(f"--workers must be at least 1, got {args.workers}")
     h, w = args.size
-    print(f"writing {args.slides} synthetic slides of {h} x {w} px at {args.mpp:g} µm/px into {args.out}",
+    what = "synthetic" if args.textures is None else f"textured ({args.textures})"
+    print(f"writing {args.slides} {what} slides of {h} x {w} px at {args.mpp:g} µm/px into {args.out}",
           flush=True)
     start = time.perf_counter()
 
@@ -114,7 +131,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     csv_path = synthesize_cohort(args.out, args.slides, seed=args.seed, size=(h, w), mpp=args.mpp,
                                  malignant_fraction=args.malignant_fraction, progress=progress,
                                  workers=args.workers, tumour_contrast=args.tumour_contrast,
-                                 mucinous_share=args.mucinous_share, aggregate_share=args.aggregate_share)
+                                 mucinous_share=args.mucinous_share, aggregate_share=args.aggregate_share,
+                                 textures=args.textures, tumour_class=args.tumour_class, tile_mpp=args.tile_mpp,
+                                 split=args.split)
     print(f"cohort: {csv_path}")
     return 0
 

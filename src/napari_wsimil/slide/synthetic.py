@@ -47,10 +47,14 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from napari_wsimil.errors import WsimilError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from napari_wsimil.slide.textures import Pools
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +121,7 @@ def synthesize_slide(
     tumour_contrast: float = 1.0,
     mucinous_share: float = 0.0,
     aggregate_share: float = 0.0,
+    textures: Pools | None = None,
 ) -> SlideTruth:
     """Write one synthetic slide (pyramidal JPEG TIFF) and its ground-truth mask.
 
@@ -124,7 +129,9 @@ def synthesize_slide(
     counts written tiles. ``tumour_contrast`` in [0, 1] makes tumour harder to tell from normal
     tissue below 1; ``mucinous_share`` in [0, 1] draws that share of the tumour in the mucinous pattern;
     ``aggregate_share`` in [0, 1) covers that share of the tissue with lymphoid aggregates (see the
-    module docstring). The same arguments always give byte-identical files.
+    module docstring). ``textures`` (pools from ``textures.open_textures``) fills the tissue with real tiles
+    instead of drawing it, with the same layout and ground truth (see ``slide/textures.py``). The same
+    arguments always give byte-identical files.
     """
     from napari_wsimil.slide.tiff_writer import write_image_pyramid, write_pyramid
 
@@ -134,6 +141,13 @@ def synthesize_slide(
     gt_path = gt_path_for(path) if gt_path is None else Path(gt_path)
     model = SlideModel(shape, seed, malignant, mpp, tumour_contrast=tumour_contrast,
                        mucinous_share=mucinous_share, aggregate_share=aggregate_share)
+    render_tile = model.render_tile
+    what = "napari-wsimil synthetic slide"
+    if textures is not None:
+        from napari_wsimil.slide.textures import TexturedSlide
+
+        render_tile = TexturedSlide(model, textures).render_tile
+        what += f" ({textures.split} tiles of {textures.source})"
     n_tissue = int(model.tissue_mask_gt().sum(dtype=np.int64))
     mask = model.ground_truth()
     n_gt = mask.size
@@ -146,7 +160,7 @@ def synthesize_slide(
     )
     del mask
     write_pyramid(
-        path, shape, model.render_tile, mpp=mpp, description=f"napari-wsimil synthetic slide; mpp={mpp:g}",
+        path, shape, render_tile, mpp=mpp, description=f"{what}; mpp={mpp:g}",
         quality=quality, workers=workers, progress=progress,
     )
     return SlideTruth(path, gt_path, ds, bool(malignant), tumour_fraction, n_tissue / n_gt, shape, mpp,
@@ -166,6 +180,10 @@ def synthesize_cohort(
     tumour_contrast: float = 1.0,
     mucinous_share: float = 0.0,
     aggregate_share: float = 0.0,
+    textures: str | os.PathLike[str] | None = None,
+    tumour_class: str | None = None,
+    tile_mpp: float | None = None,
+    split: str | None = None,
 ) -> Path:
     """Write ``n_slides`` slides, their masks and ``cohort.csv`` into ``out_dir``; return the CSV path.
 
@@ -178,6 +196,15 @@ def synthesize_cohort(
     same layout and ground truth. ``mucinous_share`` (0-1, default 0) is the share of every tumour drawn
     in the mucinous pattern, also with the same layout and ground truth; ``aggregate_share`` (0-1, default
     0) the share of every slide's tissue covered by lymphoid aggregates (normal tissue that mimics tumour).
+
+    ``textures`` (a folder of labelled tiles, one folder per class) fills the tissue with real H&E: tumour
+    with the tumour class (``tumour_class``, else the folder whose name contains "tum"), normal tissue with the
+    others, resampled from ``tile_mpp`` (else the images' resolution tags). Such a cohort has a ``split`` column,
+    stratified by label (``split``: "all", the default, 55 / 15 / 30 % train / val / test; "train": train and
+    val only; "test": test only); train and val slides are drawn from training tiles, test slides from
+    held-out tiles. Its CSV adds ``split``, ``textures`` (the source folder) and ``texture_tiles`` (``train`` or
+    ``held-out``); ``textures.json`` beside it lists the tile files of each split. Every problem with the
+    folder is reported before anything is written; see ``slide/textures.py``.
     """
     if isinstance(n_slides, bool) or not isinstance(n_slides, (int, np.integer)) or n_slides < 1:
         raise WsimilError(f"the number of slides must be a whole number of at least 1, got {n_slides!r}")
@@ -188,36 +215,58 @@ def synthesize_cohort(
     tumour_contrast = _check_contrast(tumour_contrast)
     mucinous_share = _check_share(mucinous_share)
     aggregate_share = _check_share(aggregate_share, "lymphoid aggregates' share", top=0.5)
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise WsimilError(f"cannot create the cohort folder {out}: {exc.strerror or exc}") from exc
-
     n = int(n_slides)
     n_malignant = int(math.floor(n * float(malignant_fraction) + 0.5))
     labels = np.zeros(n, np.int64)
     labels[:n_malignant] = 1
     np.random.default_rng(np.random.SeedSequence([int(seed), 0xC0407])).shuffle(labels)
 
+    tex = None
+    if textures is not None:  # everything about the textures is checked before anything is written
+        from napari_wsimil.slide import textures as tx
+
+        if tumour_contrast != 1.0 or mucinous_share or aggregate_share:
+            raise WsimilError("textures fill the tissue with real tiles: they cannot be combined with tumour "
+                              "contrast, a mucinous share or lymphoid aggregates, which are procedural looks")
+        splits = tx.cohort_splits(labels, int(seed), "all" if split is None else split)
+        tex = tx.open_textures(textures, splits=[tx.tile_split_for(s) for s in splits],
+                               tumour_class=tumour_class, tile_mpp=tile_mpp, mpp=mpp)
+    elif tumour_class is not None or tile_mpp is not None or split is not None:
+        raise WsimilError("a tumour class, tile µm/px or split only apply to textured cohorts: "
+                          "add --textures DIR")
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WsimilError(f"cannot create the cohort folder {out}: {exc.strerror or exc}") from exc
+
+    header = ["slide_id", "path", "label", "gt_mask", "gt_downsample"]
+    if tex is not None:
+        header += ["split", "textures", "texture_tiles"]
     rows = []
     for i in range(n):
         slide_id = f"slide_{i:03d}"
         slide_seed = int(np.random.SeedSequence([int(seed), i]).generate_state(1, np.uint64)[0])
+        pools = None if tex is None else tex.pools[tx.tile_split_for(splits[i])]
         truth = synthesize_slide(out / f"{slide_id}.tiff", shape, slide_seed, bool(labels[i]), mpp,
                                  workers=workers, tumour_contrast=tumour_contrast, mucinous_share=mucinous_share,
-                                 aggregate_share=aggregate_share)
+                                 aggregate_share=aggregate_share, textures=pools)
         log.info("%s: %s, tumour %.2f %% of tissue", slide_id, "malignant" if labels[i] else "benign",
                  100 * truth.tumour_fraction)
-        rows.append((slide_id, truth.path.name, int(labels[i]), truth.gt_mask.name, truth.gt_downsample))
+        row = [slide_id, truth.path.name, int(labels[i]), truth.gt_mask.name, truth.gt_downsample]
+        if pools is not None:
+            row += [splits[i], pools.source, pools.split]
+        rows.append(row)
         if progress is not None:
             progress(i + 1, n)
 
+    if tex is not None:
+        tx.write_manifest(out / "textures.json", tex, {r[0]: (r[5], r[7]) for r in rows})
     csv_path = out / "cohort.csv"
     tmp = csv_path.with_name(f"cohort.csv.{os.getpid()}.tmp")
     with open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["slide_id", "path", "label", "gt_mask", "gt_downsample"])
+        writer.writerow(header)
         writer.writerows(rows)
     os.replace(tmp, csv_path)
     return csv_path
@@ -464,6 +513,41 @@ class SlideModel:
             return (self.tissue.sample(ys, xs) > 0) & (tumour.sample(ys, xs) > 0)
 
         return _blocks(gy, gx, block)
+
+    # -- the layout for other renderers (slide/textures.py) ----------------------------------------
+
+    def tissue_opacity(self, ys: np.ndarray, xs: np.ndarray, row_key: int | None = None) -> np.ndarray:
+        """Tissue's opacity over the glass (0-1, float32) on rows ``ys`` x columns ``xs``: the outline and
+        the holes, soft over ~2 px, exactly as ``render_tile`` blends them. ``row_key`` as in ``_Grid.sample``
+        (only for the 256 rows of a tile starting there)."""
+        alpha = _ramp(self.tissue.sample(ys, xs, row_key), 0.5)
+        if alpha.any() and self._holes_possible.any_near(ys[0], ys[-1] + 1, xs[0], xs[-1] + 1):
+            alpha *= _ramp(self.holes.sample(ys, xs, row_key), 0.5)
+        return alpha
+
+    def tumour_share(self, ys: np.ndarray, xs: np.ndarray, feather_px: float) -> np.ndarray | None:
+        """How much of each pixel is tumour (0-1, float32) on consecutive rows ``ys`` x columns ``xs``: a ramp
+        ``feather_px`` wide centred on the ground truth's boundary (the tumour field's zero); None where no
+        tumour can be near. The field is divided by its gradient (central differences, one pixel beyond the
+        window so that every window agrees) to measure the distance in pixels: the ramp is as narrow where the
+        field is shallow as where it is steep, and the rendered boundary follows the ground truth."""
+        if self.tumour is None or not self._near_tumour(ys[0], ys[-1] + 1, xs[0], xs[-1] + 1):
+            return None
+        f = self.tumour.sample(np.arange(ys[0] - 1, ys[-1] + 2), np.arange(xs[0] - 1, xs[-1] + 2))
+        gy = f[2:, 1:-1] - f[:-2, 1:-1]
+        gx = f[1:-1, 2:] - f[1:-1, :-2]
+        grad = np.hypot(gy, gx)
+        grad *= 0.5
+        np.maximum(grad, 1e-4, out=grad)
+        dist = f[1:-1, 1:-1] / grad
+        return _ramp(dist, 1.0 / max(float(feather_px), 1e-3))
+
+    def glass(self, y0: int, x0: int) -> np.ndarray:
+        """The empty glass (RGB uint8) of the tile whose first pixel is (y0, x0): the faintest tint plus sensor
+        noise, the same pixels ``render_tile`` draws outside tissue."""
+        idx = (self.noise.window(y0, x0) + 3).astype(np.intp)
+        idx *= 256
+        return np.take(self.lut, idx, axis=0)
 
     # -- rendering -------------------------------------------------------------------------------
 
