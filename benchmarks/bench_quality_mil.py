@@ -56,6 +56,9 @@ def run_method(method: str, cohort_csv: Path, work: Path, *, epochs: int, patch:
             wsimil("train", cohort_csv, "--method", method, "--out", run, "--epochs", epochs, "--patch", patch,
                    "--mpp", mpp, "--seed", seed, "--device", "cpu", "--encoder", encoder, *extra)
         wsimil("predict", run, "--cohort", cohort_csv, "--out", pred, "--device", "cpu")
+        if split == "test":  # validation figures too, kept apart: what settings were chosen on
+            wsimil("evaluate", pred, "--cohort", cohort_csv, "--split", "val")
+            (pred / "metrics_val.json").write_text((pred / "metrics.json").read_text())
         wsimil("evaluate", pred, "--cohort", cohort_csv, "--split", split)
     return json.loads((pred / "metrics.json").read_text())
 
