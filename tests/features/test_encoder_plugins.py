@@ -9,6 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from napari_wsimil.cli import main
 from napari_wsimil.features import EncoderError, available_encoders, build_encoder
 from napari_wsimil.features.encoders import refresh_encoders
 
@@ -90,6 +91,12 @@ def test_broken_plugin_warns_and_says_why(fake_plugin) -> None:
     assert "fake-broken" not in available_encoders()
     with pytest.raises(EncoderError, match="fake-broken.*could not be loaded.*needs a GPU library"):
         build_encoder("fake-broken")
+
+
+def test_encoders_command_lists_plugins(fake_plugin, capsys) -> None:
+    assert main(["encoders"]) == 0
+    out = capsys.readouterr().out
+    assert "fake-class" in out and "[fake-wsimil-plugin]" in out and "timm:vit_large_patch16_224" in out
 
 
 def test_refresh_forgets_removed_plugins(tmp_path) -> None:
