@@ -323,8 +323,12 @@ def build_encoder(name: str, weights: str | Path | None = None, device: str = "a
     """
     if isinstance(name, Encoder):
         return name
-    _ensure_registry()
+    _register_builtins()
+    _register_timm()
     spec = _REGISTRY.get(name)
+    if spec is None:  # plugins are imported only when a name is not a built-in one
+        _register_plugins()
+        spec = _REGISTRY.get(name)
     if spec is None and name.startswith(TIMM_PREFIX + ":"):
         from .timm_encoders import build_timm_encoder
 
