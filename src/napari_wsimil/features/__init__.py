@@ -1,7 +1,7 @@
 """Patch encoders and per-slide feature bags (compute only: no Qt, no napari).
 
-``build_encoder("handcrafted" | "resnet18" | "resnet50" | "resnet50-trunc", weights=FILE)`` gives an
-:class:`Encoder`; :func:`extract_features` turns a slide into a :class:`Bag` (coords + features);
+``build_encoder("handcrafted" | "resnet18" | "resnet50" | "resnet50-trunc" | "timm:ARCH" | a plugin's name,
+weights=FILE)`` gives an :class:`Encoder`; :func:`evaluate_encoder` probes one on labelled tiles; :func:`extract_features` turns a slide into a :class:`Bag` (coords + features);
 :func:`extract_cohort` writes one bag per slide and skips the ones already current. Names load on
 first use, so importing the package does not import torch.
 """
@@ -15,6 +15,7 @@ _LAZY = {
     "Encoder": "encoders", "TorchEncoder": "encoders", "EncoderError": "encoders",
     "build_encoder": "encoders",
     "register_encoder": "encoders", "available_encoders": "encoders", "load_weights": "encoders",
+    "refresh_encoders": "encoders", "evaluate_encoder": "evaluate",
     "HandcraftedEncoder": "handcrafted", "handcrafted_features": "handcrafted",
     "Bag": "bags", "BagError": "bags", "read_bag": "bags", "is_stale": "bags", "stale_reasons": "bags",
     "extract_features": "extract", "extract_cohort": "extract", "CohortEvent": "extract",

@@ -23,10 +23,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("source", nargs="+", metavar="COHORT_OR_PROJECT",
                    help="a project folder, or one or more slide files")
     p.add_argument("--encoder", default="handcrafted", metavar="NAME",
-                   help="handcrafted (no weights), resnet18, resnet50, resnet50-trunc (CLAM's) or ssl-ae; "
-                        "default handcrafted")
+                   help="handcrafted (no weights), resnet18, resnet50, resnet50-trunc (CLAM's), ssl-ae, "
+                        "timm:ARCH (e.g. timm:vit_large_patch16_224, UNI's), timm (a folder's config.json "
+                        "names the architecture), or a plugin's encoder; `wsimil encoders` lists them all. "
+                        "Default handcrafted")
     p.add_argument("--weights", default=None, metavar="FILE",
-                   help="weights for the encoder: .safetensors or a torch state dict (.pth/.pt)")
+                   help="weights for the encoder: .safetensors or a torch state dict (.pth/.pt/.bin, read "
+                        "without unpickling code); for timm encoders also a folder with config.json and "
+                        "model.safetensors or pytorch_model.bin")
     p.add_argument("--mpp", type=float, default=0.5, metavar="M",
                    help="µm per pixel of the patches (default 0.5)")
     p.add_argument("--patch", type=int, default=256, metavar="PX", help="patch size in pixels (default 256)")
@@ -38,6 +42,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="where bags go (default: PROJECT/features/ENCODER; required for slide files)")
     p.add_argument("--overwrite", action="store_true", help="recompute every bag, even current ones")
     p.set_defaults(func=_cmd_features)
+    from .eval_cli import register as register_eval
+
+    register_eval(subparsers)  # features-eval and encoders
     return p
 
 

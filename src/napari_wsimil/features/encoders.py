@@ -80,23 +80,33 @@ def resolve_device(device: str | None) -> str:
 
 
 class TorchEncoder(Encoder):
-    """A torch module over ImageNet-normalised patches, run in inference mode.
+    """A torch module over normalised patches, run in inference mode.
 
-    ``input_size`` resizes patches first (CLAM feeds 224 px); None keeps the patch size, which a
-    global-pooled CNN accepts as is. On CUDA the forward pass runs in float16 autocast when
-    ``half`` is set: the features are pooled averages, which half precision keeps to ~1e-3.
+    ``mean``/``std`` are the channel statistics (0-1 scale) the network was trained with: ImageNet's
+    by default, but a foundation model's ``config.json`` may name others, and a network fed the
+    wrong statistics encodes shifted colours. ``input_size`` resizes patches first (CLAM feeds 224 px;
+    a ViT needs the size its position embedding was trained for) with ``interpolation`` ("bilinear"
+    or "bicubic", antialiased); None keeps the patch size, which a global-pooled CNN accepts as is.
+    On CUDA the forward pass runs in float16 autocast when ``half`` is set: the features are pooled
+    averages, which half precision keeps to ~1e-3.
     """
 
     def __init__(self, module: torch.nn.Module, name: str, version: str, dim: int, *,
-                 input_size: int | None = None, device: str = "cpu", half: bool = False):
+                 input_size: int | None = None, device: str = "cpu", half: bool = False,
+                 mean: tuple[float, float, float] = IMAGENET_MEAN,
+                 std: tuple[float, float, float] = IMAGENET_STD, interpolation: str = "bilinear"):
         import torch
 
+        if interpolation not in ("bilinear", "bicubic"):
+            raise EncoderError(f"interpolation must be bilinear or bicubic, got {interpolation!r}")
         self.module = module.eval()
         self.name, self.version, self.dim = name, version, int(dim)
         self.input_size = input_size
         self.half = half
-        self._mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
+        self.interpolation = interpolation
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        self._mean = torch.tensor(self.mean).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(self.std).view(1, 3, 1, 1) * 255.0
         self.to(device)
 
     def to(self, device: str) -> TorchEncoder:
@@ -117,9 +127,9 @@ class TorchEncoder(Encoder):
         else:
             x = x.to(self.device)
         x = x.permute(0, 3, 1, 2).float()
-        if self.input_size is not None and x.shape[-1] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,
-                              align_corners=False)
+        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode=self.interpolation,
+                              antialias=True, align_corners=False)
         return (x - self._mean) / self._std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,6 +166,9 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
     import torch
 
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise EncoderError(f"{path} is a folder: name the weights file in it (a folder with timm's "
+                           "config.json is read by the timm encoders: --encoder timm --weights FOLDER)")
     if not path.is_file():
         raise EncoderError(f"weights file {path} does not exist")
     try:
@@ -178,37 +191,63 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
     return dict(state)
 
 
-def load_weights(module: torch.nn.Module, path: str | Path, ignorable: tuple[str, ...] = ()) -> None:
-    """Load ``path`` into ``module`` with strict key and shape checking and a readable error.
+def load_weights(module: torch.nn.Module, path: str | Path, ignorable: tuple[str, ...] = (), *,
+                 state: Mapping[str, Any] | None = None, assign: bool = False) -> None:
+    """Load ``path`` into ``module`` with strict key and shape checking and a one-line readable error.
 
     Keys starting with one of ``ignorable`` may be present in the file and absent from the module
-    (a full ResNet-50 file loaded into the truncated trunk).
+    (a full ResNet-50 file loaded into the truncated trunk, a classifier head). ``state`` is the
+    file's content when the caller has read it already (``path`` then only names it in messages).
+    ``assign`` hands the file's tensors to the module instead of copying them, for a module built on
+    the ``meta`` device (no memory or time spent on a random initialisation the file overwrites);
+    they are cast to the module's dtypes first.
     """
     path = Path(path).expanduser()
-    state = read_state_dict(path)
+    state = dict(read_state_dict(path) if state is None else state)
     state = {k: v for k, v in state.items() if not (ignorable and k.startswith(ignorable))}
     own = module.state_dict()
     for k in set(own) - set(state):
         if k.endswith("num_batches_tracked"):  # files from torch < 0.4.1 lack this counter (not a weight)
-            state[k] = own[k]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+            state[k] = own[k] if own[k].device.type != "meta" else _zeros_cpu(own[k])
+    order = {k: i for i, k in enumerate(own)}
+    for i, k in enumerate(state):
+        order.setdefault(k, len(own) + i)
+
+    def telling_first(keys: set[str]) -> list[str]:
+        """Shallow keys first (``pos_embed``, ``fc.weight``, ``conv1.weight`` name the width or the
+        architecture at a glance), then the module's own order."""
+        return sorted(keys, key=lambda k: (k.count("."), order[k]))
+
+    missing = telling_first(set(own) - set(state))
+    unexpected = telling_first(set(state) - set(own))
+    wrong = telling_first({k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape)})
     if missing or unexpected or wrong:
         def listing(keys: list[str]) -> str:
             return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
 
         parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} of another shape (file vs model): " + listing(
+                [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]))
         if missing:
             parts.append(f"{len(missing)} missing: {listing(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected: {listing(unexpected)}")
-        if wrong:
-            parts.append(f"{len(wrong)} of another shape: " + listing(
-                [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]))
-        raise EncoderError(f"{path.name} ({path}) does not fit {type(module).__name__}: " + "; ".join(parts)
-                           + ". Is it weights for another architecture?")
-    module.load_state_dict(state, strict=True)
+        text = (f"{path.name} ({path}) does not fit {type(module).__name__}: " + "; ".join(parts)
+                + ". Is it weights for another architecture?")
+        raise EncoderError(" ".join(text.split()))  # one line, whatever the key names hold
+    if assign:
+        state = {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
+        module.load_state_dict(state, strict=True, assign=True)
+    else:
+        module.load_state_dict(state, strict=True)
+
+
+def _zeros_cpu(t: torch.Tensor) -> torch.Tensor:
+    """A zero tensor of ``t``'s shape and dtype on the CPU (``t`` may live on the meta device)."""
+    import torch
+
+    return torch.zeros(t.shape, dtype=t.dtype)
 
 
 def seeded_init(factory: Callable[[], Any], seed: int = 0) -> Any:
@@ -231,12 +270,17 @@ Builder = Callable[..., Encoder]
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """A registered encoder: how to build it and what it says about itself before being built."""
+    """A registered encoder: how to build it and what it says about itself before being built.
+
+    ``source`` says where it comes from: "builtin", or the distribution (package) whose
+    ``napari_wsimil.encoders`` entry point registered it.
+    """
 
     name: str
     builder: Builder
     description: str
     takes_weights: bool = False
+    source: str = "builtin"
 
 
 _REGISTRY: dict[str, EncoderSpec] = {}
@@ -248,19 +292,52 @@ def register_encoder(name: str, builder: Builder, description: str = "", takes_w
 
 
 def available_encoders() -> dict[str, EncoderSpec]:
-    _register_builtins()
+    """Every encoder by name: the built-in ones, ``timm:ARCH`` for the architectures built without
+    timm, and those other packages register under the ``napari_wsimil.encoders`` entry-point group
+    (loaded on the first call; :func:`refresh_encoders` looks again)."""
+    _ensure_registry()
     return dict(_REGISTRY)
+
+
+def refresh_encoders() -> dict[str, EncoderSpec]:
+    """Forget the entry-point encoders found so far and look for them again.
+
+    For a package installed (or a folder put on ``sys.path``) after the first look: the entry points
+    themselves are read afresh each time, only this registry remembers.
+    """
+    global _PLUGINS_DONE
+    for name in [n for n, spec in _REGISTRY.items() if spec.source != "builtin"]:
+        del _REGISTRY[name]
+    _BROKEN_PLUGINS.clear()
+    _PLUGINS_DONE = False
+    return available_encoders()
 
 
 def build_encoder(name: str, weights: str | Path | None = None, device: str = "auto",
                   **options: Any) -> Encoder:
-    """The encoder registered as ``name``, with weights from a local file where it takes any."""
-    _register_builtins()
+    """The encoder registered as ``name``, with weights from a local file where it takes any.
+
+    ``timm:ARCH`` builds any architecture of timm's registry when timm imports, and those of
+    :mod:`.timm_encoders` without it; ``timm`` alone takes the architecture from ``weights``, a
+    folder holding timm's ``config.json``.
+    """
     if isinstance(name, Encoder):
         return name
+    _register_builtins()
+    _register_timm()
     spec = _REGISTRY.get(name)
+    if spec is None:  # plugins are imported only when a name is not a built-in one
+        _register_plugins()
+        spec = _REGISTRY.get(name)
+    if spec is None and name.startswith(TIMM_PREFIX + ":"):
+        from .timm_encoders import build_timm_encoder
+
+        return build_timm_encoder(name[len(TIMM_PREFIX) + 1:], weights=weights, device=device, **options)
     if spec is None:
-        raise EncoderError(f"no encoder named {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
+        if name in _BROKEN_PLUGINS:
+            raise EncoderError(f"encoder {name!r} could not be loaded: {_BROKEN_PLUGINS[name]}")
+        raise EncoderError(f"no encoder named {name!r}; choose one of {', '.join(sorted(_REGISTRY))}, "
+                           f"or {TIMM_PREFIX}:ARCH (see `wsimil encoders`)")
     return spec.builder(weights=weights, device=device, **options)
 
 
@@ -320,8 +397,54 @@ def _register_builtins() -> None:
         "handcrafted", _handcrafted_builder, "stain histograms (HED, HSV) + gradient and LBP texture, 76-d"))
 
 
+# --- timm architectures and entry-point plugins ---------------------------------------------------
+# Kept apart from _register_builtins: these are found (timm) or loaded (plugins) rather than listed.
+
+#: ``timm:ARCH`` names a timm architecture; ``timm`` alone reads it from a weights folder's config.json.
+TIMM_PREFIX = "timm"
+_PLUGINS_DONE = False
+_TIMM_DONE = False
+#: Entry-point encoders that failed to load: name → why (build_encoder repeats it).
+_BROKEN_PLUGINS: dict[str, str] = {}
+
+
+def _ensure_registry() -> None:
+    _register_builtins()
+    _register_timm()
+    _register_plugins()
+
+
+def _register_timm() -> None:
+    global _TIMM_DONE
+    if _TIMM_DONE:
+        return
+    _TIMM_DONE = True
+    from .timm_encoders import LISTED, timm_builder
+
+    _REGISTRY.setdefault(TIMM_PREFIX, EncoderSpec(
+        TIMM_PREFIX, timm_builder(None), "a timm model from a folder holding config.json and "
+        "model.safetensors or pytorch_model.bin (as saved from the Hugging Face hub): --weights FOLDER",
+        takes_weights=True))
+    for arch, text in LISTED.items():
+        name = f"{TIMM_PREFIX}:{arch}"
+        _REGISTRY.setdefault(name, EncoderSpec(name, timm_builder(arch), text, takes_weights=True))
+
+
+def _register_plugins() -> None:
+    global _PLUGINS_DONE
+    if _PLUGINS_DONE:
+        return
+    _PLUGINS_DONE = True
+    from .plugins import discover_encoders
+
+    specs, broken = discover_encoders(reserved=set(_REGISTRY))
+    for spec in specs:
+        _REGISTRY[spec.name] = spec
+    _BROKEN_PLUGINS.update(broken)
+
+
 __all__ = [
     "Encoder", "TorchEncoder", "EncoderError", "EncoderSpec", "IMAGENET_MEAN", "IMAGENET_STD",
     "available_encoders", "build_encoder", "register_encoder", "load_weights", "read_state_dict",
-    "resolve_device", "file_digest", "seeded_init",
+    "resolve_device", "file_digest", "seeded_init", "refresh_encoders", "TIMM_PREFIX",
 ]

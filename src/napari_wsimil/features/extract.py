@@ -35,6 +35,14 @@ class ExtractionCancelled(WsimilError):
     """The caller asked extraction to stop (``cancel`` was set); nothing was written for that slide."""
 
 
+def safe_dirname(name: str) -> str:
+    """An encoder name as a folder name on every system (``timm:vit_large_patch16_224`` has a colon,
+    which Windows refuses): characters other than letters, digits, ``.``, ``-``, ``_`` become ``_``."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
 def _as_encoder(encoder: Encoder | str, device: str, weights: str | Path | None) -> Encoder:
     if isinstance(encoder, Encoder):
         return encoder.to(device)
@@ -181,7 +189,7 @@ def extract_cohort(
     if out_dir is None:
         if features_dir is None:
             raise ValueError("out_dir is needed when the slides do not come from a project")
-        out_dir = features_dir / enc.name
+        out_dir = features_dir / safe_dirname(enc.name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: list[CohortResult] = []
