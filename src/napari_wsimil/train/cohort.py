@@ -188,10 +188,13 @@ def assign_splits(slides: Sequence[SlideItem], classes: Sequence[str], seed: int
 
 
 def features_dir_for(cohort: Cohort, run_dir: str | os.PathLike[str], encoder: str) -> Path:
-    """Where bags go: PROJECT/features/ENCODER for a project, else RUN/../features/ENCODER."""
+    """Where bags go: PROJECT/features/ENCODER for a project, else RUN/../features/ENCODER (the encoder's name
+    made safe as a folder name: ``timm:vit_large_patch16_224`` has a colon, which Windows refuses)."""
+    from ..features.extract import safe_dirname
+
     if cohort.is_project:
-        return cohort.source / "features" / encoder
-    return Path(run_dir).resolve().parent / "features" / encoder
+        return cohort.source / "features" / safe_dirname(encoder)
+    return Path(run_dir).resolve().parent / "features" / safe_dirname(encoder)
 
 
 def ensure_features(slides: Sequence[SlideItem], out_dir: Path, encoder: str, patch: int, mpp: float,
