@@ -293,3 +293,144 @@ def test_segmentation_method_in_the_widget(make_napari_viewer, qtbot, tmp_path, 
     assert (s.project.pixel_labels(sid)[:8, :8] == tumour).all()
     state = json.loads((tw.api.run_dir(run) / "last.json").read_text())
     assert state["epoch"] > 1 and state["method"]["name"] == "pinchaud"  # the same run went on
+
+
+# --- the encoder row -----------------------------------------------------------------------------
+LAB_MODULE = '''
+"""A lab's own encoder, installed as a package that registers it through an entry point."""
+from pathlib import Path
+
+import numpy as np
+from napari_wsimil.features.encoders import Encoder
+
+
+class LabMean(Encoder):
+    """Mean colour of the patch, 3-d (a lab's encoder)."""
+
+    name = "lab-mean"
+    version = "1"
+    dim = 3
+
+    def __init__(self, weights=None):
+        self.weights = weights
+        if weights is not None:  # a real encoder would load them; this one only proves it got them
+            self.version = "1+" + Path(weights).read_text().strip()
+
+    def encode(self, patches):
+        return patches.reshape(len(patches), -1, 3).mean(1).astype(np.float32) / 255.0
+'''
+
+
+@pytest.fixture
+def lab_plugin(tmp_path, monkeypatch):
+    """A fake installed distribution registering ``lab-mean`` in the napari_wsimil.encoders group (a
+    *.dist-info folder on sys.path, which the training child process inherits); removed afterwards."""
+    import sys
+
+    from napari_wsimil.features.encoders import refresh_encoders
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "fake_lab_encoders.py").write_text(LAB_MODULE)
+    info = site / "fake_lab_encoders-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-lab-encoders\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[napari_wsimil.encoders]\nlab-mean = fake_lab_encoders:LabMean\n")
+    monkeypatch.syspath_prepend(str(site))
+    assert refresh_encoders()["lab-mean"].source == "fake-lab-encoders"
+    yield site
+    monkeypatch.undo()
+    sys.modules.pop("fake_lab_encoders", None)
+    refresh_encoders()
+
+
+def test_encoder_row_lists_plugins_remembers_and_refuses_bad_weights(make_napari_viewer, tmp_path, cohort,
+                                                                      lab_plugin, monkeypatch):
+    from napari_wsimil._qt import training_widget
+
+    messages = []
+    monkeypatch.setattr(training_widget, "notify",
+                        lambda message, level="error": messages.append((level, message)))
+    project = _project(tmp_path / "proj", cohort)
+    _, pw, tw = _open(make_napari_viewer, project)
+    picker = tw.encoder_picker
+    names = picker.names()
+    assert {"handcrafted", "resnet18", "resnet50-trunc", "ssl-ae", "timm", "timm:vit_large_patch16_224",
+            "lab-mean"} <= set(names)
+    assert picker.encoder() == "handcrafted" and picker.weights() is None
+    i = names.index("lab-mean")
+    assert picker.combo.itemText(i) == "lab-mean  [fake-lab-encoders]"  # a plugin shows its package
+    tip = picker.combo.itemData(i, 3)  # Qt.ToolTipRole
+    assert "Mean colour of the patch" in tip and "fake-lab-encoders" in tip
+    assert "stain histograms" in picker.combo.itemData(names.index("handcrafted"), 3)
+
+    # the weights field only for encoders that take weights; a folder for timm ones and plugins
+    assert not picker.weights_edit.isEnabled() and not picker.weights_btn.isEnabled()
+    assert picker.set_encoder("resnet18")
+    assert picker.weights_edit.isEnabled() and picker.weights_btn.isEnabled()
+    assert not picker.folder_btn.isEnabled()
+    assert "resnet18" in picker.combo.toolTip() and "random" in picker.combo.toolTip()
+    picker.set_encoder("timm")
+    assert picker.folder_btn.isEnabled() and "required" in picker.weights_edit.placeholderText()
+    picker.set_encoder("lab-mean")
+    assert picker.folder_btn.isEnabled() and picker.weights() is None
+
+    # refused before anything is created: a missing weights file, the timm encoder without its folder
+    missing = tmp_path / "nowhere" / "resnet18.pth"
+    picker.set_encoder("resnet18")
+    picker.set_weights(missing)
+    tw.start_btn.click()
+    assert not tw.training and not tw.api.runs_dir.exists()
+    [(level, message)] = messages
+    assert level == "warning" and str(missing) in message and "does not exist" in message
+    assert tw.status.text() == message
+    messages.clear()
+    picker.set_encoder("timm")
+    tw.start()
+    assert not tw.training and not tw.api.runs_dir.exists()
+    assert len(messages) == 1 and "needs a weights folder" in messages[0][1]
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    picker.set_weights(folder)
+    tw.start()
+    assert not tw.training and not tw.api.runs_dir.exists() and "config.json" in messages[-1][1]
+
+    # the choice and each encoder's weights are remembered: other encoders, methods, projects
+    picker.set_encoder("resnet18")
+    assert picker.weights() == str(missing)
+    picker.set_encoder("handcrafted")
+    assert picker.weights() is None and picker.weights_edit.text() == ""
+    picker.set_encoder("resnet18")
+    assert picker.weights_edit.text() == str(missing)
+    tw.method.setCurrentText("pinchaud")  # segmentation trains on pixels: no encoder row
+    assert picker.isHidden()
+    tw.method.setCurrentText("abmil")
+    assert not picker.isHidden() and picker.encoder() == "resnet18"
+    pw.close_project()
+    pw.open_project(project)
+    assert picker.encoder() == "resnet18" and picker.weights() == str(missing)
+    assert "lab-mean" in picker.names()
+    pw.close_project()
+
+
+def test_chosen_encoder_and_weights_reach_the_run(make_napari_viewer, qtbot, tmp_path, cohort, lab_plugin):
+    """The plugin's encoder, with a weights file, encodes the bags in the training child process; run.json
+    records both."""
+    _, pw, tw = _open(make_napari_viewer, _project(tmp_path / "proj", cohort))
+    weights = tmp_path / "lab.weights"
+    weights.write_text("w42\n")
+    _small(tw, 2)
+    tw.encoder_picker.set_encoder("lab-mean")
+    tw.encoder_picker.set_weights(weights)
+    run = tw.run_name.text()
+    tw.start_btn.click()
+    assert tw.training
+    _wait_idle(qtbot, tw)
+    assert "done after epoch 2" in tw.status.text()
+    info = json.loads((tw.api.run_dir(run) / "run.json").read_text())
+    assert info["encoder"] == "lab-mean" and info["weights"] == str(weights.resolve())
+    from napari_wsimil.features import read_bag
+
+    bag = read_bag(next((tmp_path / "proj" / "features" / "lab-mean").rglob("*.npz")))
+    assert bag.features.shape[1] == 3 and bag.attrs["encoder_version"] == "1+w42"
+    pw.close_project()

@@ -148,3 +148,56 @@ def test_training_in_a_child_process_streams_events_and_errors(project, tmp_path
     handle.close()
     assert not handle._proc.is_alive()
     assert list(handle) == []
+
+
+def test_encoder_choice_is_checked_and_recorded(project, tmp_path, monkeypatch) -> None:
+    """What the widget's encoder row hands the session: refused choices say why before anything starts;
+    a chosen encoder and its weights (kept absolute) are what run.json records."""
+    import json
+
+    from napari_wsimil.errors import WsimilError
+    from napari_wsimil.features import encoders
+    from napari_wsimil.features.encoders import Encoder, EncoderSpec
+    from napari_wsimil.train.session import InteractiveSession, encoder_problem, method_kind
+
+    assert method_kind("clam-sb") == "mil" and method_kind("pinchaud") == "segmentation"
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"not read by this test")
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    assert encoder_problem("handcrafted") is None and encoder_problem("resnet18") is None
+    assert encoder_problem("resnet18", str(weights)) is None
+    assert "takes no weights" in encoder_problem("handcrafted", str(weights))
+    assert "does not exist" in encoder_problem("resnet18", str(tmp_path / "missing.pth"))
+    assert "is a folder" in encoder_problem("resnet18", str(hub))
+    assert "needs a weights folder" in encoder_problem("timm")
+    assert "config.json" in encoder_problem("timm", str(hub))
+    (hub / "config.json").write_text("{}")
+    assert encoder_problem("timm", str(hub)) is None
+    assert encoder_problem("timm:convnext_tiny") is None  # any timm architecture, listed or not
+    assert "no encoder named" in encoder_problem("no-such-encoder")
+
+    class Brightness(Encoder):
+        name, version, dim = "test-brightness", "1", 1
+
+        def __init__(self, weights=None):
+            self.weights = weights
+
+        def encode(self, patches):
+            return patches.reshape(len(patches), -1).mean(1, keepdims=True).astype(np.float32)
+
+    monkeypatch.setitem(encoders._REGISTRY, "test-brightness", EncoderSpec(
+        "test-brightness", lambda weights=None, device="auto": Brightness(weights), "brightness, 1-d", True))
+    session = InteractiveSession(project)
+    with pytest.raises(WsimilError, match="does not exist"):
+        session.spec("abmil", "nope", encoder="test-brightness", weights=str(tmp_path / "missing.pth"))
+    assert session.spec("abmil", "empty", encoder="test-brightness", weights="").weights is None
+    monkeypatch.chdir(tmp_path)
+    spec = session.spec("abmil", "brightness", epochs=1, device="cpu", mpp=1.0, patch=128,
+                        encoder="test-brightness", weights="w.pth")
+    assert spec.encoder == "test-brightness" and spec.weights == str(weights.resolve())
+    list(session.train(spec))
+    info = json.loads((spec.out / "run.json").read_text())
+    assert info["encoder"] == "test-brightness" and info["weights"] == str(weights.resolve())
+    again = session.resume_spec("brightness", extra_epochs=1)  # a resumed run reads them back
+    assert again.encoder == "test-brightness" and again.weights == info["weights"] and again.resume

@@ -40,6 +40,7 @@ from qtpy.QtWidgets import (
 from ..errors import WsimilError
 from ..layers import attention_layer_data, world_mpp
 from ._common import notify, session_for
+from .encoder_picker import EncoderPicker
 from .loss_plot import LossPlot
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -152,6 +153,11 @@ class TrainingWidget(QWidget):
         self.method = QComboBox()
         self.method.addItems(method_names())
         self.method.setToolTip("Training method (the registry's methods).")
+        self._kind = "mil"  # of the chosen method: "segmentation" methods train on pixels, without an encoder
+        self.encoder_picker = EncoderPicker()
+        self.encoder_picker.setToolTip("Patch encoder of the feature bags a MIL method trains on (features "
+                                       "are cached per encoder in PROJECT/features). Segmentation methods "
+                                       "train on pixels and have none.")
         self.settings = QGroupBox("Settings")
         self.settings_form = QFormLayout(self.settings)
         self.epochs = QSpinBox()
@@ -177,6 +183,7 @@ class TrainingWidget(QWidget):
         request = QGroupBox("Training")
         form = QFormLayout(request)
         form.addRow("Method", self.method)
+        form.addRow(self.encoder_picker)
         form.addRow(self.settings)
         form.addRow("Epochs", self.epochs)
         form.addRow("Device", self.device)
@@ -336,6 +343,7 @@ class TrainingWidget(QWidget):
             from ..train.session import InteractiveSession
 
             self._api = InteractiveSession(p)
+            self.encoder_picker.refresh()  # encoders registered since (the choice itself is kept)
         self.refresh_runs()
         self._default_name(force=True)
         self._on_slide()
@@ -398,6 +406,13 @@ class TrainingWidget(QWidget):
             mpp, patch = method_geometry(name)  # segmentation works at 1 µm/px on 128 px patches, MIL otherwise
             self.mpp.setValue(mpp)
             self.patch.setValue(patch)
+        try:
+            from ..train.session import method_kind
+
+            self._kind = method_kind(name) if name else "mil"
+        except Exception:  # noqa: BLE001 - reported above with its settings
+            self._kind = "mil"
+        self.encoder_picker.setVisible(self._kind != "segmentation")  # the choice is kept while hidden
         self._default_name()
 
     def set_option(self, name: str, value: Any) -> None:
@@ -429,13 +444,33 @@ class TrainingWidget(QWidget):
             notify("Open a project first.", "info")
             return
         try:
+            encoder = self._encoder_choice()
+            if encoder is None:
+                return
             spec = self._api.spec(self.method.currentText(), self.run_name.text().strip(),
                                   epochs=self.epochs.value(), device=self.device.currentText(),
-                                  mpp=self.mpp.value(), patch=self.patch.value(), config=self.config())
+                                  mpp=self.mpp.value(), patch=self.patch.value(), config=self.config(),
+                                  **encoder)
         except Exception as exc:  # noqa: BLE001
             self._fail("Training", exc)
             return
         self.train(spec)
+
+    def _encoder_choice(self) -> dict[str, Any] | None:
+        """``encoder`` and ``weights`` of a MIL run ({} for a segmentation method), or None after telling the
+        user why that choice cannot start (nothing is created then)."""
+        if self._kind == "segmentation":
+            return {}
+        from ..train.session import encoder_problem
+
+        picker = self.encoder_picker
+        encoder, weights = picker.encoder(), picker.weights()
+        problem = encoder_problem(encoder, weights, picker.specs)
+        if problem:
+            self.status.setText(problem)
+            notify(problem, "warning")
+            return None
+        return {"encoder": encoder, "weights": weights}
 
     def resume_run(self) -> None:
         """Continue the chosen run from its last checkpoint (a finished one for ``epochs`` more)."""

@@ -73,6 +73,65 @@ def method_geometry(name: str) -> tuple[float, int]:
     return 0.5, 256
 
 
+def method_kind(name: str) -> str:
+    """"mil" (trains on feature bags: it has an encoder) or "segmentation" (trains on slide pixels)."""
+    from .registry import get
+
+    return get(name).kind
+
+
+def _timm_family(encoder: str) -> bool:
+    from ..features.encoders import TIMM_PREFIX
+
+    return encoder == TIMM_PREFIX or encoder.startswith(TIMM_PREFIX + ":")
+
+
+def encoder_requires_weights(encoder: str) -> bool:
+    """Whether ``encoder`` cannot run without weights: only ``timm``, whose architecture is read from the
+    hub folder (the other weights-taking built-ins fall back to a seeded random network, a baseline)."""
+    from ..features.encoders import TIMM_PREFIX
+
+    return encoder == TIMM_PREFIX
+
+
+def encoder_problem(encoder: str, weights: str | Path | None = None, specs: Any = None) -> str | None:
+    """Why ``encoder`` with ``weights`` cannot start a run (one sentence for the user), or None when it can.
+
+    Checked before a run starts, so that a typo in a path is not found only after the cohort was split
+    and the child process started: an unknown encoder, weights for one that takes none, the ``timm``
+    encoder without its hub folder (the only one that cannot run without weights: the others fall back
+    to a seeded random network), a weights path that does not exist, a folder where a file is needed or
+    a hub folder without ``config.json``. ``specs`` is ``available_encoders()`` when the caller has it.
+    """
+    from ..features.encoders import available_encoders
+
+    if not encoder:
+        return "Choose an encoder."
+    spec = (available_encoders() if specs is None else specs).get(encoder)
+    timm = _timm_family(encoder)
+    if spec is None and not timm:  # any timm:ARCH is built on request, listed or not
+        return f"There is no encoder named {encoder!r} (`wsimil encoders` lists them)."
+    takes = True if spec is None else spec.takes_weights
+    if weights in (None, ""):
+        if encoder_requires_weights(encoder):
+            return ("The timm encoder needs a weights folder (a Hugging Face hub folder holding timm's "
+                    "config.json and the weights): choose it with 'Folder…', or choose timm:ARCH.")
+        return None
+    if not takes:
+        return f"The {encoder} encoder takes no weights file: clear the weights."
+    path = Path(weights).expanduser()
+    if not path.exists():
+        return f"Weights for {encoder}: {path} does not exist."
+    if path.is_dir():
+        if timm:
+            if not (path / "config.json").is_file():
+                return (f"Weights for {encoder}: the folder {path} holds no config.json (a timm hub folder "
+                        "has config.json beside model.safetensors or pytorch_model.bin).")
+        elif spec is not None and spec.source == "builtin":
+            return f"Weights for {encoder}: {path} is a folder; choose the weights file in it."
+    return None
+
+
 class InteractiveSession:
     """Training, maps and corrections for one project."""
 
@@ -113,10 +172,22 @@ class InteractiveSession:
 
     def spec(self, method: str, name: str, *, epochs: int = 50, device: str = "auto", encoder: str = "handcrafted",
              mpp: float = 0.5, patch: int = 256, seed: int = 0, config: dict[str, Any] | None = None,
-             resume: bool = False, weights: str | None = None) -> MILRunSpec:
-        """The request the Start button makes (``config``: the method's form values)."""
+             resume: bool = False, weights: str | Path | None = None) -> MILRunSpec:
+        """The request the Start button makes (``config``: the method's form values).
+
+        ``encoder`` names the patch encoder of a MIL method (``available_encoders()`` lists them; a
+        segmentation method has none) and ``weights`` its weights file or hub folder, kept as an absolute
+        path (run.json records it, and a resumed run reads it again); a new run is refused when that path
+        does not exist."""
         cfg = dict(config or {})
         lr = cfg.pop("lr", None)
+        if weights in ("", None):
+            weights = None
+        else:
+            path = Path(weights).expanduser().resolve()
+            if not resume and not path.exists():
+                raise WsimilError(f"weights for encoder {encoder}: {path} does not exist")
+            weights = str(path)
         return MILRunSpec(source=self.root, method=method, out=self.run_dir(name), epochs=int(epochs),
                           encoder=encoder, weights=weights, mpp=float(mpp), patch=int(patch), seed=int(seed),
                           lr=lr, device=device, resume=resume, config=cfg)
@@ -296,4 +367,5 @@ class InteractiveSession:
         return suggest_regions(self.scores(name, slide_id), k)
 
 
-__all__ = ["InteractiveSession", "RunSummary", "method_geometry", "method_names", "method_options"]
+__all__ = ["InteractiveSession", "RunSummary", "encoder_problem", "encoder_requires_weights",
+           "method_geometry", "method_kind", "method_names", "method_options"]
