@@ -83,12 +83,13 @@ def make_textured_cohort(work: Path, n_slides: int, size: int, seed: int, textur
     per (n, size, seed, textures) and reused. Its CSV already holds the split: training and validation slides
     are drawn from the textures' training tiles, test slides from held-out tiles."""
     from napari_wsimil.slide.synthetic import _SAMPLE_VERSION
+    from napari_wsimil.slide.textures import TEXTURES_VERSION
 
     textures = Path(textures)
     if not textures.is_dir():
         raise SystemExit(f"no textures at {textures}: ../shared/data must be beside the checkout "
                          "(or pass --textures DIR)")
-    folder = work / f"textured_v{_SAMPLE_VERSION}_{textures.name}_{n_slides}x{size}_s{seed}"
+    folder = work / f"textured_v{_SAMPLE_VERSION}.{TEXTURES_VERSION}_{textures.name}_{n_slides}x{size}_s{seed}"
     csv_path = folder / "cohort.csv"
     if not csv_path.is_file():
         t = time.perf_counter()

@@ -32,8 +32,11 @@ not grow with the slide):
 - Which tile: smooth fields (``LOOK_CELL_UM`` scale, with a finer octave) ask for a look — density and hue —
   and each stamp draws a tile at random among those near that look (``LOOK_SPREAD``): fat next to fat, dense
   lymphocytes next to dense lymphocytes, and with PCam neighbouring stamps share a tile about 1 % of the time.
-  Both layers follow the same look fields (each at its own pool's ranks), so tumour in fatty tissue is the
-  fattier tumour: it is not found by density alone.
+  Each layer has its own look fields; tumour stamps are drawn from the denser 70 % of the tumour tiles
+  (``TUMOUR_MIN_LOOK``), since PCam's least dense "tumour" tiles are fat with a few tumour cells at the centre
+  (its label needs one tumour pixel in the centre 32 px) and a lesion filled with them would be fat under a
+  tumour label. (A first version shared the look fields between layers, so tumour in fatty tissue was the
+  fattiest tumour: on the 60-slide PCam cohort, lesions were then mostly fat and no method found them.)
   With several normal classes, one more smooth field per class picks which class fills where (the highest
   wins): patches of stroma, lymphocytes, mucosa, not confetti.
 - Blending: each stamp has a Hann window times exp(smooth noise), sharpened (``MASK_NOISE``, ``MASK_SHARPEN``),
@@ -75,6 +78,8 @@ import numpy as np
 
 from napari_wsimil.errors import WsimilError
 
+#: Bumped whenever the same seed and tiles would render different slides (benchmark caches are keyed by it).
+TEXTURES_VERSION = 2
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
 TRAIN_DIRS = ("train",)
 HELD_OUT_DIRS = ("valid", "val", "test")
@@ -89,6 +94,10 @@ FEATHER_UM = 2.0  # width of the tumour/normal blend across the ground truth's b
 CLASS_CELL_UM = 250.0  # scale of the field that picks which normal class fills where
 LOOK_CELL_UM = 300.0  # scale of the fields that pick which look (density, hue) of a class fills where
 LOOK_SPREAD = 0.2  # share of each look axis a stamp's tile is drawn from around the field's look
+# Tumour stamps come from the denser 70 % of the tumour tiles: PCam calls a tile tumour when its centre 32 px
+# hold one tumour pixel, so its least dense "tumour" tiles are fat or sinus with a few cells, and a lesion drawn
+# from them would be ground truth over fat, which no pathologist would draw and no model could learn.
+TUMOUR_MIN_LOOK = 0.3
 FINE_OCTAVE = 0.4  # weight of those fields' finer octave (a quarter of the scale)
 LOOK_SD = 1.0 / math.sqrt(1.0 + FINE_OCTAVE**2)  # brings the look fields back to unit SD, so all looks are used
 POOL_MIB = 96  # all pools together, uint8 at native size
@@ -574,9 +583,8 @@ class TexturedSlide:
                            (FINE_OCTAVE, _physical_grid(rng, nshape, cell_um * num / 4, 1.5))])
 
         self.class_fields = [field(CLASS_CELL_UM) for _ in pools.normal] if len(pools.normal) > 1 else []
-        # one look for both layers: where the normal tissue is fatty, the tumour drawn there is the fattier
-        # tumour (its own rank of density and hue), so tumour is not told by density alone
-        self.look_fields = [field(LOOK_CELL_UM) for _ in range(2)]
+        # each layer its own look fields; the tumour layer draws from its denser tiles only (TUMOUR_MIN_LOOK)
+        self.look_fields = [[field(LOOK_CELL_UM) for _ in range(2)] for _layer in range(2)]
         self._cache: OrderedDict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._cache_cap = max(64, STAMP_CACHE_MIB * 2**20 // (c * c * 8 * 4))
         self._lock = threading.Lock()
@@ -673,7 +681,9 @@ class TexturedSlide:
             cls = np.argmax(np.stack([f.points(cy, cx) for f in self.class_fields]), axis=0)
         else:
             cls = np.zeros(len(gy), np.intp)
-        look = ndtr(np.stack([f.points(cy, cx) for f in self.look_fields], axis=1) * LOOK_SD)
+        look = ndtr(np.stack([f.points(cy, cx) for f in self.look_fields[layer]], axis=1) * LOOK_SD)
+        if layer == 1:
+            look[:, 0] = TUMOUR_MIN_LOOK + (1.0 - TUMOUR_MIN_LOOK) * look[:, 0]
         mean_acc = np.zeros((nh, nw, 3), np.float32)
         detail = np.zeros((nh, nw, 3), np.float32)
         wsum = np.zeros((nh, nw), np.float32)
