@@ -204,3 +204,21 @@ def test_project_create_keeps_extra_columns_through_export(no_mpp: Path, tmp_pat
         (s.slide_id, s.mpp, s.extra) for s in load_cohort(src).slides]
     assert load_cohort(proj).slides[3].extra == {"textures": "/data/tiles", "texture_tiles": "held-out"}
     assert np.all([s.path.is_file() for s in again])
+
+
+def test_real_svs_without_pixel_size_takes_the_row_mpp(tmp_path: Path) -> None:
+    """The TCGA frozen section records no µm/px: its bag is made at the CSV's, and refused without it."""
+    from conftest import real_slide
+
+    from napari_wsimil.features.bags import read_bag_attrs
+    from napari_wsimil.train.cohort import ensure_features
+
+    svs = real_slide("tcga-cr-7395-01a-01-ts1.svs")
+    plain = load_cohort(_write_csv(tmp_path / "a.csv", [{"slide_id": "tcga", "path": str(svs), "label": "1"}]))
+    with pytest.raises(CohortError, match="failed for tcga: .*does not record its pixel size.*mpp column"):
+        ensure_features(plain.slides, tmp_path / "f", "handcrafted", 64, 4.0, device="cpu")
+    given = load_cohort(_write_csv(tmp_path / "b.csv", [{"slide_id": "tcga", "path": str(svs), "label": "1",
+                                                         "mpp": "0.25"}]))
+    bags = ensure_features(given.slides, tmp_path / "f", "handcrafted", 64, 4.0, device="cpu")
+    attrs = read_bag_attrs(bags["tcga"])
+    assert attrs["slide_mpp"] == 0.25 and attrs["mpp"] == 4.0 and attrs["slide_id"] == "tcga"
