@@ -125,12 +125,12 @@ def _float(value: str, what: str, problems: list[str], where: str) -> float | No
 
 def parse_rows(csv_path: Path, slide_classes: Sequence[str] | None, problems: list[str], *,
                strict: bool = True) -> list[CohortRow]:
-    """Rows with paths resolved and every value checked; problems appended (``line N (id): ...``), bad
-    rows skipped.
+    """Rows with paths resolved and every value checked; problems appended (``line N (id): ...``), rows
+    without a path skipped. Slide ids must be unique.
 
     ``slide_classes`` None keeps labels as written (the command line's cohorts, whose classes are the
     labels met); else a label is one of them or its index, and is stored as the name. ``strict`` (project
-    import) also wants the files to exist, the ids to be usable as file names and each slide listed once;
+    import) also wants the files to exist, the ids to be usable as file names and each file listed once;
     training opens the files when it needs them, and a missing one is then an error naming the slide."""
     from .project import check_slide_id, id_from_path, normalize_split
 
