@@ -19,6 +19,10 @@ patient id or a scanner name survives a round trip. Relative paths are relative 
 Every row is checked before anything is written — files exist, slides open, labels are known, ids
 and paths are unique, masks fit their slide and hold class ids, annotations are valid and inside
 their slide — and all problems are reported together, each with its line number.
+
+:func:`parse_rows` is the one reader of the format: project import uses it here, and the command
+line's cohorts (``wsimil train``/``predict``/``evaluate``/``calibrate``, ``napari_wsimil.train.cohort``)
+read their CSVs with it too, so every column, ``mpp`` included, means the same everywhere.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ import csv
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -44,11 +49,16 @@ KNOWN = ("slide_id", "path", "label", "split", "mpp", "pixel_labels", "pixel_lab
          "gt_mask", "gt_downsample")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CohortRow:
-    """One parsed CSV row; paths absolute."""
+    """One slide of a cohort with every column of its CSV row (paths absolute); ``line`` is the row's line
+    in the file (0 for a slide that comes from a project, where these fields mirror its record).
 
-    line: int
+    ``mpp`` overrides the file's pixel size (µm/px at level 0): whoever opens the slide passes it to
+    ``open_slide(path, mpp=...)``. ``pixel_labels`` is a class-id mask for training, ``annotations`` a
+    GeoJSON, ``gt_mask`` ground truth for evaluation only; a downsample of None means "work it out
+    from the mask's size". ``extra`` holds the other columns, kept for export."""
+
     slide_id: str
     path: Path
     label: str | None = None
@@ -59,11 +69,16 @@ class CohortRow:
     annotations: Path | None = None
     gt_mask: Path | None = None
     gt_downsample: float | None = None
-    extra: dict[str, str] = field(default_factory=dict)
-    # filled while checking
-    dimensions: tuple[int, int] | None = None
-    scan_mpp: float | None = None
-    parsed_annotations: list[Annotation] | None = None
+    extra: dict[str, str] = field(default_factory=dict, hash=False)
+    line: int = 0
+
+
+class _Checked(NamedTuple):
+    """What opening a row's slide and reading its annotations found (for create_from_csv)."""
+
+    dimensions: tuple[int, int]
+    scan_mpp: float | None
+    annotations: list[Annotation] | None
 
 
 def _read_table(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
@@ -82,6 +97,7 @@ def _read_table(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, st
         delimiter = "\t" if "\t" in header_line else (";" if ";" in header_line else ",")
     reader = csv.reader(lines, delimiter=delimiter)
     header = [h.strip() for h in next(reader)]
+    header = [h.lower() if h.lower() in KNOWN else h for h in header]  # Path, MPP... ; other names kept as written
     if "path" not in header:
         raise ProjectError(f"cohort file {csv_path.name} has no 'path' column (columns: {', '.join(header)}); "
                            "expected at least slide_id,path,label")
@@ -107,8 +123,15 @@ def _float(value: str, what: str, problems: list[str], where: str) -> float | No
     return v
 
 
-def parse_rows(csv_path: Path, slide_classes: list[str], problems: list[str]) -> list[CohortRow]:
-    """Rows with paths resolved and simple fields checked; problems appended, bad rows skipped."""
+def parse_rows(csv_path: Path, slide_classes: Sequence[str] | None, problems: list[str], *,
+               strict: bool = True) -> list[CohortRow]:
+    """Rows with paths resolved and every value checked; problems appended (``line N (id): ...``), rows
+    without a path skipped. Slide ids must be unique.
+
+    ``slide_classes`` None keeps labels as written (the command line's cohorts, whose classes are the
+    labels met); else a label is one of them or its index, and is stored as the name. ``strict`` (project
+    import) also wants the files to exist, the ids to be usable as file names and each file listed once;
+    training opens the files when it needs them, and a missing one is then an error naming the slide."""
     from .project import check_slide_id, id_from_path, normalize_split
 
     header, table = _read_table(csv_path)
@@ -123,50 +146,53 @@ def parse_rows(csv_path: Path, slide_classes: list[str], problems: list[str]) ->
         path = (base / raw_path).resolve()
         slide_id = d.get("slide_id") or id_from_path(path)
         where = f"line {line} ({slide_id})"
-        try:
-            check_slide_id(slide_id)
-        except ProjectError as exc:
-            problems.append(f"{where}: {exc}")
-        if not path.exists():
-            problems.append(f"{where}: slide file {raw_path} not found (looked for {path})")
-        row = CohortRow(line, slide_id, path, extra={k: v for k, v in d.items() if k not in KNOWN})
+        if strict:
+            try:
+                check_slide_id(slide_id)
+            except ProjectError as exc:
+                problems.append(f"{where}: {exc}")
+            if not path.exists():
+                problems.append(f"{where}: slide file {raw_path} not found (looked for {path})")
+        values: dict[str, Any] = {}
         label = d.get("label", "")
-        if label:
+        if label and slide_classes is None:
+            values["label"] = label
+        elif label:
             if label in slide_classes:
-                row.label = label
+                values["label"] = label
             else:
                 try:
                     k = int(label)
-                    row.label = slide_classes[k] if 0 <= k < len(slide_classes) else None
+                    values["label"] = slide_classes[k] if 0 <= k < len(slide_classes) else None
                 except ValueError:
-                    row.label = None
-                if row.label is None:
+                    pass
+                if values.get("label") is None:
                     valid = ", ".join(f"{i} {n}" for i, n in enumerate(slide_classes))
                     problems.append(f"{where}: label {label!r} is not a slide class ({valid})")
         try:
-            row.split = normalize_split(d.get("split"))
+            values["split"] = normalize_split(d.get("split"))
         except ProjectError as exc:
             problems.append(f"{where}: {exc}")
-        row.mpp = _float(d.get("mpp", ""), "mpp", problems, where)
+        for col in ("mpp", "pixel_labels_downsample", "gt_downsample"):
+            values[col] = _float(d.get(col, ""), col, problems, where)
         for col in ("pixel_labels", "annotations", "gt_mask"):
             value = d.get(col, "")
             if value:
                 p = (base / value).resolve()
-                if not p.is_file():
+                if strict and not p.is_file():
                     problems.append(f"{where}: {col} file {value} not found (looked for {p})")
-                setattr(row, col, p)
-        row.pixel_labels_downsample = _float(d.get("pixel_labels_downsample", ""), "pixel_labels_downsample",
-                                             problems, where)
-        row.gt_downsample = _float(d.get("gt_downsample", ""), "gt_downsample", problems, where)
-        out.append(row)
+                values[col] = p
+        out.append(CohortRow(slide_id, path, extra={k: v for k, v in d.items() if k not in KNOWN}, line=line,
+                             **values))
     ids: dict[str, int] = {}
     paths: dict[Path, int] = {}
     for row in out:
         if row.slide_id in ids:
-            problems.append(f"line {row.line}: slide_id {row.slide_id!r} is also used on line {ids[row.slide_id]}")
+            problems.append(f"line {row.line} ({row.slide_id}): slide_id {row.slide_id!r} is also used on line "
+                            f"{ids[row.slide_id]}")
         else:
             ids[row.slide_id] = row.line
-        if row.path in paths:
+        if strict and row.path in paths:
             problems.append(f"line {row.line} ({row.slide_id}): {row.path.name} is also listed on line "
                             f"{paths[row.path]}")
         else:
@@ -177,8 +203,9 @@ def parse_rows(csv_path: Path, slide_classes: list[str], problems: list[str]) ->
 
 
 def check_rows(rows: list[CohortRow], label_mpp: float, class_names: dict[int, str], add_missing_classes: bool,
-               problems: list[str]) -> dict[str, str | None]:
-    """Open every slide, fit every mask and parse every annotation file; returns classes to add."""
+               problems: list[str]) -> tuple[dict[str, str | None], dict[str, _Checked]]:
+    """Open every slide, fit every mask and parse every annotation file; returns the classes to add and,
+    per slide id, what was found."""
     from napari_wsimil.errors import WsimilError
     from napari_wsimil.slide import open_slide
 
@@ -188,22 +215,24 @@ def check_rows(rows: list[CohortRow], label_mpp: float, class_names: dict[int, s
     from .pixel_labels import CHUNK, compute_geometry, count_values
 
     missing: dict[str, str | None] = {}
+    checked: dict[str, _Checked] = {}
     for row in rows:
         where = f"line {row.line} ({row.slide_id})"
         if not row.path.exists():
             continue
         try:
             with open_slide(row.path, mpp=row.mpp) as slide:
-                row.dimensions, row.scan_mpp = slide.dimensions, slide.file_mpp
+                dimensions, scan_mpp = slide.dimensions, slide.file_mpp
         except WsimilError as exc:
             problems.append(f"{where}: {exc}")
             continue
-        mpp = row.mpp if row.mpp is not None else row.scan_mpp
-        geometry = compute_geometry(row.dimensions, mpp, label_mpp)
+        checked[row.slide_id] = _Checked(dimensions, scan_mpp, None)
+        mpp = row.mpp if row.mpp is not None else scan_mpp
+        geometry = compute_geometry(dimensions, mpp, label_mpp)
         if row.pixel_labels is not None and row.pixel_labels.is_file():
             try:
                 with MaskImage(row.pixel_labels) as mask:
-                    ds = choose_downsample(mask, row.dimensions, mpp, geometry, row.pixel_labels_downsample)
+                    ds = choose_downsample(mask, dimensions, mpp, geometry, row.pixel_labels_downsample)
                     counts = np.zeros(256, np.int64)
                     for _, band in resampled_bands(mask, ds, geometry, CHUNK):
                         count_values(band, counts)
@@ -229,10 +258,10 @@ def check_rows(rows: list[CohortRow], label_mpp: float, class_names: dict[int, s
                         problems.append(f"{where}: {row.annotations.name} uses class {a.class_name!r}, which is not "
                                         f"one of {', '.join(sorted(known - {UNLABELLED}))}")
                         known.add(a.class_name)  # report each unknown class once per file
-            for msg in check_annotations(anns, known | set(missing), row.dimensions):
+            for msg in check_annotations(anns, known | set(missing), dimensions):
                 problems.append(f"{where}: {row.annotations.name}: {msg}")
-            row.parsed_annotations = anns
-    return missing
+            checked[row.slide_id] = _Checked(dimensions, scan_mpp, anns)
+    return missing, checked
 
 
 def create_from_csv(project_cls: type[Project], dir: str | os.PathLike[str], csv_path: str | os.PathLike[str],
@@ -255,7 +284,7 @@ def create_from_csv(project_cls: type[Project], dir: str | os.PathLike[str], csv
     sc = _check_slide_classes(slide_classes)
     problems: list[str] = []
     rows = parse_rows(csv_path, sc, problems)
-    missing = check_rows(rows, label_mpp_v, {c.id: c.name for c in table}, add_missing_classes, problems)
+    missing, checked = check_rows(rows, label_mpp_v, {c.id: c.name for c in table}, add_missing_classes, problems)
     if problems:
         problems.sort(key=_line_of)
         raise problems_error(f"cannot create a project from {csv_path.name}; nothing was written", problems)
@@ -268,16 +297,16 @@ def create_from_csv(project_cls: type[Project], dir: str | os.PathLike[str], csv
             used = {c.color for c in project.classes}
             project.add_class(cname, color if color and color not in used else None)
         project._add_records([
-            SlideRecord(row.slide_id, project._stored(row.path), row.label, row.split, row.mpp, row.dimensions,
-                        row.scan_mpp, project._stored(row.gt_mask) if row.gt_mask else None, row.gt_downsample,
-                        row.extra)
+            SlideRecord(row.slide_id, project._stored(row.path), row.label, row.split, row.mpp,
+                        checked[row.slide_id].dimensions, checked[row.slide_id].scan_mpp,
+                        project._stored(row.gt_mask) if row.gt_mask else None, row.gt_downsample, dict(row.extra))
             for row in rows
         ])
         for row in rows:
             if row.pixel_labels is not None:
                 project.import_mask(row.slide_id, row.pixel_labels, downsample=row.pixel_labels_downsample)
-            if row.parsed_annotations:
-                project.save_annotations(row.slide_id, row.parsed_annotations)
+            if checked[row.slide_id].annotations:
+                project.save_annotations(row.slide_id, checked[row.slide_id].annotations)
     except BaseException:
         project.close()
         _discard(root, existed, before)

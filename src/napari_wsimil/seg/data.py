@@ -180,12 +180,12 @@ def open_seg_slides(cohort: Any, items: Sequence[Any], classes: Sequence[str], *
     out = []
     try:
         for s in items:
-            mpp = sources.slide_mpp(s.slide_id)
+            mpp = sources.slide_mpp(s)
             try:
                 with open_slide(s.path, mpp=mpp) as sl:
                     if sl.mpp is None:
                         raise SegDataError(f"{s.slide_id}: the slide does not record its pixel size (µm/px); set "
-                                           "it in the project or give the slide with an mpp")
+                                           "it in the project, or give it in the cohort CSV's mpp column")
                     tissue = tissue_mask(sl)
                     slide_mpp, shape0 = float(sl.mpp), tuple(sl.level_shapes[0])
             except SegDataError:

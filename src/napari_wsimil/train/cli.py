@@ -30,7 +30,8 @@ def register(subparsers: Any) -> None:
                     "µm/px, --patch 128). Both write RUN/ (checkpoints, best.safetensors, run.json). Without a "
                     "split column the slides are split train/val, stratified by label and fixed by --seed.")
     p.add_argument("source", metavar="COHORT_OR_PROJECT",
-                   help="a cohort CSV (slide_id,path,label[,split]) or a project folder")
+                   help="a cohort CSV (slide_id,path,label and optionally split, mpp: µm/px for files that "
+                        "lack it, ...; see the README) or a project folder")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--out", required=True, metavar="RUN", help="run folder to write")
     p.add_argument("--epochs", type=int, default=None, metavar="N",

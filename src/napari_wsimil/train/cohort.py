@@ -1,15 +1,15 @@
 """Cohorts for the command line: a cohort CSV or a project folder → slide records with labels and splits.
 
-* :func:`load_cohort` reads ``slide_id,path,label[,split]`` CSVs (paths relative to the CSV) or a
-  project folder (labels are its slide-level class names, in the project's class order).
+* :func:`load_cohort` reads a cohort CSV (with ``project.cohort_csv.parse_rows``, the one reader of the
+  format: every column is kept, ``mpp`` included) or a project folder (labels are its slide-level class
+  names, in the project's class order; each slide carries the pixel size the user set).
 * :func:`class_names` orders the labels (numerically when every label is a whole number).
 * :func:`assign_splits` gives every slide a split and carves a stratified validation split when there is none.
-* :func:`ensure_features` extracts the bags that are missing or stale with ``extract_cohort``.
+* :func:`ensure_features` extracts the bags that are missing or stale, each slide opened with its µm/px.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -19,27 +19,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import WsimilError
+from ..project.cohort_csv import CohortRow
+
+#: One slide of a cohort: the cohort CSV's row type (``mpp``, the mask and annotation columns, ``extra``).
+SlideItem = CohortRow
 
 
 class CohortError(WsimilError):
     """The cohort CSV or project cannot be used as asked."""
-
-
-@dataclass(frozen=True)
-class SlideItem:
-    """One slide; the optional paths come from a cohort CSV's columns (projects keep them in the project):
-    ``pixel_labels`` a class-id mask for training, ``annotations`` a GeoJSON, ``gt_mask`` ground truth for
-    evaluation only. A downsample of None means "work it out from the mask's size"."""
-
-    slide_id: str
-    path: Path
-    label: str | None = None
-    split: str | None = None
-    pixel_labels: Path | None = None
-    pixel_labels_downsample: float | None = None
-    annotations: Path | None = None
-    gt_mask: Path | None = None
-    gt_downsample: float | None = None
 
 
 @dataclass
@@ -56,41 +43,12 @@ class Cohort:
         return any(s.split for s in self.slides)
 
 
-_SPLIT_ALIASES = {"validation": "val", "valid": "val", "training": "train", "testing": "test"}
-
-
-def _norm_split(value: Any) -> str | None:
-    s = str(value or "").strip().lower()
-    if not s:
-        return None
-    s = _SPLIT_ALIASES.get(s, s)
-    if s not in ("train", "val", "test"):
-        raise CohortError(f"split {value!r} is not train, val or test")
-    return s
-
-
-def _rel_path(csv_path: Path, value: str | None) -> Path | None:
-    if not value:
-        return None
-    p = Path(value)
-    return p if p.is_absolute() else csv_path.parent / p
-
-
-def _opt_float(value: str | None, column: str) -> float | None:
-    if not value:
-        return None
-    try:
-        v = float(value)
-    except ValueError:
-        raise CohortError(f"{column} {value!r} is not a number") from None
-    if not v > 0:
-        raise CohortError(f"{column} must be positive, got {value}")
-    return v
-
-
 def load_cohort(source: str | os.PathLike[str]) -> Cohort:
-    """Read a cohort CSV or a project folder."""
-    from ..project.project import PROJECT_FILE, Project, id_from_path
+    """Read a cohort CSV or a project folder. A bad value (a split, an mpp that is not a positive number,
+    a slide id used twice...) is an error naming its line and slide."""
+    from ..project.cohort_csv import parse_rows
+    from ..project.errors import ProjectError
+    from ..project.project import PROJECT_FILE, Project
 
     src = Path(source)
     if src.is_dir():
@@ -98,45 +56,24 @@ def load_cohort(source: str | os.PathLike[str]) -> Cohort:
             raise CohortError(f"{src} is a folder without {PROJECT_FILE}: give a cohort CSV or a project folder")
         p = Project.open(src, readonly=True)
         try:
-            items = [SlideItem(r.slide_id, p.slide_path(r.slide_id), r.label, r.split,
-                               gt_mask=p.resolve(r.gt_mask) if r.gt_mask else None, gt_downsample=r.gt_downsample)
+            items = [SlideItem(r.slide_id, p.slide_path(r.slide_id), r.label, r.split, mpp=r.mpp,
+                               gt_mask=p.resolve(r.gt_mask) if r.gt_mask else None, gt_downsample=r.gt_downsample,
+                               extra=dict(r.extra))
                      for r in p.slides]
             return Cohort(src, items, True, list(p.slide_classes) or None)
         finally:
             p.close()
     if not src.is_file():
         raise CohortError(f"cohort {src} does not exist")
+    problems: list[str] = []
     try:
-        with open(src, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            cols = [c.strip().lower() for c in (reader.fieldnames or [])]
-            if "path" not in cols:
-                raise CohortError(f"{src.name} has no 'path' column (columns: {', '.join(cols) or 'none'})")
-            rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise CohortError(f"cannot read the cohort CSV {src}: {exc}") from exc
-    items, seen = [], set()
-    for line, row in enumerate(rows, 2):
-        if not row.get("path"):
-            raise CohortError(f"{src.name} line {line}: empty path")
-        path = Path(row["path"])
-        path = path if path.is_absolute() else src.parent / path
-        sid = row.get("slide_id") or id_from_path(path)
-        if sid in seen:
-            raise CohortError(f"{src.name} line {line}: slide_id {sid!r} appears twice")
-        seen.add(sid)
-        try:
-            split = _norm_split(row.get("split"))
-        except CohortError as exc:
-            raise CohortError(f"{src.name} line {line}: {exc}") from None
-        try:
-            optional = {k: _rel_path(src, row.get(k)) for k in ("pixel_labels", "annotations", "gt_mask")}
-            optional.update({k: _opt_float(row.get(k), k) for k in ("pixel_labels_downsample", "gt_downsample")})
-        except CohortError as exc:
-            raise CohortError(f"{src.name} line {line}: {exc}") from None
-        items.append(SlideItem(sid, path, row.get("label") or None, split, **optional))
-    if not items:
-        raise CohortError(f"the cohort {src} has no slides")
+        items = parse_rows(src, None, problems, strict=False)
+    except ProjectError as exc:
+        raise CohortError(str(exc)) from None
+    if len(problems) == 1:
+        raise CohortError(f"{src.name} {problems[0]}")
+    if problems:
+        raise CohortError(f"{src.name} has {len(problems)} problems:\n  " + "\n  ".join(problems))
     return Cohort(src, items, False, None)
 
 
@@ -202,43 +139,56 @@ def ensure_features(slides: Sequence[SlideItem], out_dir: Path, encoder: str, pa
                     weights: str | None = None, project: Path | None = None) -> dict[str, Path]:
     """Extract the bags of ``slides`` that are missing or stale; returns slide id → bag path.
 
-    A slide whose extraction fails is an error naming it (training on a silently smaller cohort would
-    mislead)."""
-    from ..features import extract_cohort
+    Each slide is opened with its own µm/px (``SlideItem.mpp``: the CSV's ``mpp`` column, or the pixel
+    size set in the project), so a slide whose file does not record it can be used when the cohort does.
+    With ``project`` the slides open through it (a missing file then says how to relink it). A slide
+    whose extraction fails is an error naming it (training on a silently smaller cohort would mislead)."""
+    from ..errors import MissingMppError
+    from ..features import build_encoder, extract_features, stale_reasons
+    from ..features.bags import BAG_SUFFIX
+    from ..slide import open_slide
 
     say = report or (lambda _m: None)
-
-    def progress(ev: Any) -> None:
-        head = f"features [{ev.index + 1}/{ev.count}] {ev.slide_id}"
-        if ev.stage == "done":
-            say(f"{head}: {ev.total} patches")
-        elif ev.stage == "skipped":
-            say(f"{head}: up to date")
-        elif ev.stage == "failed":
-            say(f"{head}: FAILED: {ev.message}")
-
-    wanted = {s.slide_id for s in slides}
+    enc = build_encoder(encoder, weights=weights, device=device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    proj: Any = None
     if project is not None:
         from ..project.project import Project
-        source: Any = Project.open(project, readonly=True)
-    else:
-        source = {s.slide_id: s.path for s in slides}
+
+        proj = Project.open(project, readonly=True)
+    bags: dict[str, Path] = {}
+    failed: list[tuple[str, str]] = []
     try:
-        if project is not None:
-            # only the slides asked for, but with the project's per-slide µm/px
-            results = _extract_project_subset(source, wanted, out_dir, encoder, patch, mpp, device, progress,
-                                              weights)
-        else:
-            results = extract_cohort(source, out_dir, encoder, patch_size=patch, mpp=mpp, device=device,
-                                     progress=progress, weights=weights)
+        count = len(slides)
+        for index, s in enumerate(slides):
+            head = f"features [{index + 1}/{count}] {s.slide_id}"
+            bag_path = out / f"{s.slide_id}{BAG_SUFFIX}"
+            bags[s.slide_id] = bag_path
+            if bag_path.exists() and not stale_reasons(bag_path, enc, s.path, patch, mpp, s.mpp):
+                say(f"{head}: up to date")
+                continue
+            try:
+                with (proj.open_slide(s.slide_id) if proj is not None else open_slide(s.path, mpp=s.mpp)) as slide:
+                    bag = extract_features(slide, enc, patch, mpp, device=enc.device)
+                bag.attrs["slide_id"] = s.slide_id
+                bag.save(bag_path)
+            except (WsimilError, OSError) as exc:
+                msg = str(exc)
+                if isinstance(exc, MissingMppError):
+                    msg += (" In a cohort CSV give it in an mpp column (µm/px at full resolution); in a project, "
+                            "set the slide's pixel size.")
+                say(f"{head}: FAILED: {msg}")
+                failed.append((s.slide_id, msg))
+                continue
+            say(f"{head}: {len(bag)} patches")
     finally:
-        if project is not None:
-            source.close()
-    failed = [r for r in results if r.status == "failed"]
+        if proj is not None:
+            proj.close()
     if failed:
-        raise CohortError(f"feature extraction failed for {failed[0].slide_id}: {failed[0].message}"
+        raise CohortError(f"feature extraction failed for {failed[0][0]}: {failed[0][1]}"
                           + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""))
-    return {r.slide_id: r.bag_path for r in results if r.slide_id in wanted}
+    return bags
 
 
 def check_tissue(bags: dict[str, Path], mpp: float, patch: int) -> None:
@@ -251,18 +201,6 @@ def check_tissue(bags: dict[str, Path], mpp: float, patch: int) -> None:
     if empty:
         raise CohortError(f"no tissue found on {len(empty)} slide(s): {', '.join(empty)} (no {patch} px patch at "
                           f"{mpp:g} µm/px is half tissue); drop them from the cohort or check the scans")
-
-
-def _extract_project_subset(project: Any, wanted: set[str], out_dir: Path, encoder: str, patch: int, mpp: float,
-                            device: str, progress: Callable[[Any], None], weights: str | None) -> list[Any]:
-    from ..features import extract_cohort
-
-    if set(project.slide_ids) <= wanted:
-        return extract_cohort(project, out_dir, encoder, patch_size=patch, mpp=mpp, device=device,
-                              progress=progress, weights=weights)
-    # a subset: go slide by slide through a mapping (per-slide µm/px overrides are then not applied)
-    return extract_cohort({sid: project.slide_path(sid) for sid in project.slide_ids if sid in wanted}, out_dir,
-                          encoder, patch_size=patch, mpp=mpp, device=device, progress=progress, weights=weights)
 
 
 __all__ = ["Cohort", "CohortError", "SlideItem", "assign_splits", "check_tissue", "class_names", "ensure_features",

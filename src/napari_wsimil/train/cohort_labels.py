@@ -44,7 +44,7 @@ def _csv_source(slide: SlideItem, class_ids: Mapping[str, int], stack: list[Any]
     if slide.pixel_labels is not None:
         mask = MaskImage(slide.pixel_labels)
         stack.append(mask)
-        with open_slide(slide.path) as sl:
+        with open_slide(slide.path, mpp=slide.mpp) as sl:
             dims, mpp = sl.dimensions, sl.mpp
         ds = choose_downsample(mask, dims, mpp, compute_geometry(dims, mpp, 4.0), slide.pixel_labels_downsample)
         src.lookup, src.downsample = mask.points, ds
@@ -86,9 +86,12 @@ class DrawingSources:
             src.lookup, src.downsample = points
         return src
 
-    def slide_mpp(self, slide_id: str) -> float | None:
-        """The project's µm/px for the slide (its override, if any); None for CSV cohorts."""
-        return None if self.project is None else self.project.slide_mpp(slide_id)
+    def slide_mpp(self, slide: SlideItem) -> float | None:
+        """The slide's µm/px override: its ``mpp`` (a CSV's column, a project's setting), else the project's
+        record; None when the file's own pixel size is to be used."""
+        if slide.mpp is not None or self.project is None:
+            return slide.mpp
+        return self.project.slide_mpp(slide.slide_id)
 
     def close(self, masks: bool = True) -> None:
         """Close the project; ``masks=False`` keeps the CSV masks open for lookups that outlive this object."""
