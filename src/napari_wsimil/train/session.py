@@ -254,13 +254,14 @@ class InteractiveSession:
     # ---------------------------------------------------------------------------------------- maps
     def _bag(self, name: str, slide_id: str) -> Path:
         info = json.loads((self.run_dir(name) / "run.json").read_text())
-        from .cohort import ensure_features, load_cohort
+        from .cohort import ensure_features, features_dir_for, load_cohort
 
         cohort = load_cohort(self.root)
         items = [s for s in cohort.slides if s.slide_id == slide_id]
         if not items:
             raise WsimilError(f"slide {slide_id} is not in the project")
-        bags = ensure_features(items, self.root / "features" / info["encoder"], info["encoder"], int(info["patch"]),
+        feat_dir = features_dir_for(cohort, self.run_dir(name), info["encoder"])  # the folder training used
+        bags = ensure_features(items, feat_dir, info["encoder"], int(info["patch"]),
                                float(info["mpp"]), weights=info.get("weights"), project=self.root)
         return bags[slide_id]
 
