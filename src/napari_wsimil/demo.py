@@ -160,7 +160,7 @@ def _wait_for(widget, app, timeout_s: float = 120.0) -> None:
     import time
 
     t = time.monotonic()
-    while widget._workers and time.monotonic() - t < timeout_s:
+    while widget.busy and time.monotonic() - t < timeout_s:
         app.processEvents()
         time.sleep(0.02)
     for _ in range(10):

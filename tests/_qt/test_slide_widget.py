@@ -22,7 +22,7 @@ def viewer_and_widget(make_napari_viewer):
 
 
 def _wait(qtbot, widget, timeout=60_000):
-    qtbot.waitUntil(lambda: not widget._workers, timeout=timeout)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=timeout)
 
 
 def test_tissue_and_patch_grid_layers_align_with_slide(viewer_and_widget, qtbot):

@@ -61,6 +61,17 @@ def _wait_idle(qtbot, tw, timeout: int = TRAIN_TIMEOUT) -> None:
     qtbot.waitUntil(lambda: not tw.busy, timeout=timeout)
 
 
+def _notifications(monkeypatch) -> list[tuple[str, str]]:
+    """(level, message) of every notification the widgets show (napari's show_error/warning/info)."""
+    from napari.utils import notifications
+
+    messages: list[tuple[str, str]] = []
+    for level in ("error", "warning", "info"):
+        monkeypatch.setattr(notifications, f"show_{level}",
+                            lambda message, level=level: messages.append((level, message)))
+    return messages
+
+
 def test_train_watch_correct_retrain_suggest_export(make_napari_viewer, qtbot, tmp_path, cohort):
     import tifffile
 
@@ -128,10 +139,18 @@ def test_train_watch_correct_retrain_suggest_export(make_napari_viewer, qtbot, t
         "clam-sb-1", "clam-sb-1-corrected"]
     assert tw.current_run() == "clam-sb-1-corrected"
 
-    # choosing a run shows its map (computed in the background)
+    # choosing a run shows its map (computed in the background) and its saved loss history
     tw.runs_list.setCurrentRow(0)
     _wait_idle(qtbot, tw)
     assert layer.metadata["wsimil"]["run"] == "clam-sb-1" and "clam-sb-1" in tw.run_info.text()
+    assert tw.loss_plot.values() == plotted  # the epochs it trained, as the live plot showed them
+    assert tw.loss_plot.values() == tw.api.loss_history("clam-sb-1")
+    tw.runs_list.setCurrentRow(1)
+    _wait_idle(qtbot, tw)
+    assert [e for e, _ in tw.loss_plot.values()["train"]] == [1, 2, 3]  # the corrected run's own epochs
+    assert tw.loss_plot.values() != plotted
+    tw.runs_list.setCurrentRow(0)
+    _wait_idle(qtbot, tw)
 
     # suggestions: points inside the slide, listed in the widget
     tw.n_suggest.setValue(4)
@@ -145,8 +164,9 @@ def test_train_watch_correct_retrain_suggest_export(make_napari_viewer, qtbot, t
     tw.suggestion_list.setCurrentRow(0)
     assert tuple(viewer.camera.center[-2:]) == pytest.approx(tuple(points.data[0]))
 
-    # exports into PROJECT/exports
+    # exports into PROJECT/exports, written by a worker
     tw.export_masks_btn.click()
+    _wait_idle(qtbot, tw)
     ome, png = tw.exported
     assert ome.parent == Path(project.root) / "exports"
     mask = tifffile.imread(ome)
@@ -154,6 +174,7 @@ def test_train_watch_correct_retrain_suggest_export(make_napari_viewer, qtbot, t
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     tw.export_heatmap_btn.click()
+    _wait_idle(qtbot, tw)
     [heat_path] = tw.exported
     from napari_wsimil.layers import heatmap_description
 
@@ -163,6 +184,7 @@ def test_train_watch_correct_retrain_suggest_export(make_napari_viewer, qtbot, t
 
     tw.threshold.setValue(0.5)
     tw.export_geojson_btn.click()
+    _wait_idle(qtbot, tw)
     [geo_path] = tw.exported
     doc = json.loads(geo_path.read_text())
     assert doc["type"] == "FeatureCollection"
@@ -179,6 +201,104 @@ def test_train_watch_correct_retrain_suggest_export(make_napari_viewer, qtbot, t
     pw.close_project()
 
 
+def _fake_map(tw) -> object:
+    """An attention layer over the current slide without training: a bright square in a dark map."""
+    from napari_wsimil.train.live import MapEvent
+
+    s = tw.session
+    w, h = s.slide.dimensions
+    ds = 16.0
+    heat = np.zeros((int(np.ceil(h / ds)), int(np.ceil(w / ds))), np.float32)
+    heat[20:60, 20:60] = 0.9
+    return tw.show_map(MapEvent(s.slide_id, 1, heat, ds, s.slide.mpp, np.array([0.2, 0.8])), "fake")
+
+
+def test_exports_are_written_by_a_worker_while_the_window_stays_responsive(make_napari_viewer, qtbot,
+                                                                           tmp_path, cohort, monkeypatch):
+    import threading
+
+    from qtpy.QtCore import QTimer
+
+    from napari_wsimil.infer import heatmap
+    from napari_wsimil.layers import heatmap_description
+
+    viewer, pw, tw = _open(make_napari_viewer, _project(tmp_path / "proj", cohort))
+    project, sid = tw.session.project, tw.session.slide_id
+    out = Path(project.root) / "exports"
+    layer = _fake_map(tw)
+    assert tw.export_heatmap_btn.isEnabled() and tw.export_geojson_btn.isEnabled()
+
+    threads: list[threading.Thread] = []
+    release = threading.Event()
+    real_mask = project.export_mask
+
+    def slow_mask(*args, **kwargs):
+        threads.append(threading.current_thread())
+        release.wait(20)  # held until the test, on the main thread, lets it go
+        return real_mask(*args, **kwargs)
+
+    monkeypatch.setattr(project, "export_mask", slow_mask)
+    tw.export_masks_btn.click()
+    assert tw.busy and not out.joinpath(f"{sid}.png").exists()
+    ticks: list[int] = []
+    for i in range(3):  # the event loop keeps running while the export waits in its worker
+        QTimer.singleShot(20 * i, lambda i=i: ticks.append(i))
+    qtbot.waitUntil(lambda: len(ticks) == 3, timeout=5_000)
+    assert tw.busy and "masks" in tw.status.text()
+    release.set()
+    qtbot.waitUntil(lambda: out.joinpath(f"{sid}.png").is_file() and not tw.busy, timeout=20_000)
+    assert [p.name for p in tw.exported] == [f"{sid}.ome.tif", f"{sid}.png"]
+    assert len(threads) == 2 and all(t is not threading.main_thread() for t in threads)
+
+    def recording(real):
+        def wrapper(*args, **kwargs):
+            threads.append(threading.current_thread())
+            return real(*args, **kwargs)
+        return wrapper
+
+    for name in ("write_heatmap", "threshold_polygons"):
+        monkeypatch.setattr(heatmap, name, recording(getattr(heatmap, name)))
+    threads.clear()
+    tw.export_heatmap_btn.click()
+    _wait_idle(qtbot, tw)
+    [heat_path] = tw.exported
+    desc = heatmap_description(heat_path)
+    assert desc["slide_id"] == sid and desc["run"] == "fake" and desc["downsample"] == pytest.approx(16.0)
+    tw.threshold.setValue(0.5)
+    tw.export_geojson_btn.click()
+    _wait_idle(qtbot, tw)
+    [geo_path] = tw.exported
+    assert len(json.loads(geo_path.read_text())["features"]) == 1  # the bright square
+    assert len(threads) == 2 and all(t is not threading.main_thread() for t in threads)
+    assert layer.metadata["wsimil"]["run"] == "fake"
+    pw.close_project()
+
+
+def test_dock_renders_its_panels(make_napari_viewer, qtbot, tmp_path, cohort):
+    """A screenshot of the window under Xvfb: the Training dock shows its panels (not a blank area)."""
+    viewer, pw, tw = _open(make_napari_viewer, _project(tmp_path / "proj", cohort))
+    _fake_map(tw)
+    panels = (tw.form, tw.run_control, tw.runs_panel, tw.corrections, tw.exports, tw.loss_plot)
+    qtbot.waitUntil(lambda: all(p.isVisible() for p in panels), timeout=5_000)
+    assert all(p.width() > 50 and p.height() > 10 for p in panels)
+    qtbot.wait(300)
+    win = viewer.window._qt_window
+    shot = np.asarray(viewer.screenshot(canvas_only=False, flash=False))[..., :3].astype(int)
+    ratio = shot.shape[1] / win.width()
+    visible = tw.visibleRegion().boundingRect()
+    assert visible.height() > 150 and visible.width() > 150
+    top_left = tw.mapTo(win, visible.topLeft())
+    x0, y0 = int(top_left.x() * ratio), int(top_left.y() * ratio)
+    region = shot[y0:y0 + int(visible.height() * ratio), x0:x0 + int(visible.width() * ratio)]
+    assert region.size
+    colours, counts = np.unique(region.reshape(-1, 3), axis=0, return_counts=True)
+    assert len(colours) > 30, "the dock is blank"
+    assert counts.max() / counts.sum() < 0.95, "the dock is one flat colour"
+    text = (np.abs(region - colours[counts.argmax()]).sum(-1) > 150)  # text and controls on the background
+    assert text.mean() > 0.005
+    pw.close_project()
+
+
 def test_pause_and_cancel_do_not_freeze(make_napari_viewer, qtbot, tmp_path, cohort):
     _, pw, tw = _open(make_napari_viewer, _project(tmp_path / "proj", cohort))
     _small(tw, 500)
@@ -191,13 +311,13 @@ def test_pause_and_cancel_do_not_freeze(make_napari_viewer, qtbot, tmp_path, coh
     qtbot.waitUntil(lambda: "paused" in tw.status.text(), timeout=10_000)
     epochs = len(tw.loss_plot.values()["train"])
     # the child process itself is stopped, not only the delivery of its events: no checkpoint appears
-    run_dir = tw.api.run_dir(tw._run_name)
+    run_dir = tw.api.run_dir(tw.run_control.run_name)
     qtbot.wait(300)
     ckpts = sorted(run_dir.glob("ckpt-*.safetensors"))
     qtbot.wait(1500)  # the window stays responsive and training does not advance
     assert len(tw.loss_plot.values()["train"]) == epochs
     assert sorted(run_dir.glob("ckpt-*.safetensors")) == ckpts
-    state = open(f"/proc/{tw._handle.pid}/stat").read().split()[2] if Path("/proc").is_dir() else "T"
+    state = open(f"/proc/{tw.run_control.handle.pid}/stat").read().split()[2] if Path("/proc").is_dir() else "T"
     assert state == "T"  # SIGSTOP'ed
     tw.pause_btn.click()
     assert tw.pause_btn.text() == "Pause"
@@ -212,8 +332,6 @@ def test_pause_and_cancel_do_not_freeze(make_napari_viewer, qtbot, tmp_path, coh
 
 
 def test_training_error_is_a_notification(make_napari_viewer, qtbot, tmp_path, cohort, monkeypatch, caplog):
-    from napari_wsimil._qt import training_widget
-
     one = tmp_path / "one.csv"
     with open(cohort, newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r["label"] == "1"]
@@ -223,12 +341,10 @@ def test_training_error_is_a_notification(make_napari_viewer, qtbot, tmp_path, c
         for r in rows[:2]:
             w.writerow({"slide_id": r["slide_id"], "path": str(cohort.parent / r["path"]),
                         "label": r["label"]})
-    messages = []
-    monkeypatch.setattr(training_widget, "notify",
-                        lambda message, level="error": messages.append((level, message)))
+    messages = _notifications(monkeypatch)
     _, pw, tw = _open(make_napari_viewer, _project(tmp_path / "proj", one))
     _small(tw, 2)
-    with caplog.at_level(logging.ERROR, logger=training_widget.__name__):
+    with caplog.at_level(logging.ERROR, logger="napari_wsimil._qt"):
         tw.start_btn.click()
         _wait_idle(qtbot, tw)
     [(level, message)] = messages
@@ -346,11 +462,7 @@ def lab_plugin(tmp_path, monkeypatch):
 
 def test_encoder_row_lists_plugins_remembers_and_refuses_bad_weights(make_napari_viewer, tmp_path, cohort,
                                                                       lab_plugin, monkeypatch):
-    from napari_wsimil._qt import training_widget
-
-    messages = []
-    monkeypatch.setattr(training_widget, "notify",
-                        lambda message, level="error": messages.append((level, message)))
+    messages = _notifications(monkeypatch)
     project = _project(tmp_path / "proj", cohort)
     _, pw, tw = _open(make_napari_viewer, project)
     picker = tw.encoder_picker

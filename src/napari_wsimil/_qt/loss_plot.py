@@ -46,6 +46,16 @@ class LossPlot(QWidget):
             points.clear()
         self.update()
 
+    def set_values(self, values: dict[str, list[tuple[int, float]]]) -> None:
+        """Replace what is plotted with ``{series: [(epoch, loss), ...]}`` (a saved run's history)."""
+        for points in self._data.values():
+            points.clear()
+        for series, points in values.items():
+            for epoch, value in points:
+                if series in self._data and math.isfinite(float(value)):
+                    self._data[series][int(epoch)] = float(value)
+        self.update()
+
     def values(self) -> dict[str, list[tuple[int, float]]]:
         """What is plotted: ``{series: [(epoch, loss), ...]}`` sorted by epoch (tests read this)."""
         return {k: sorted(v.items()) for k, v in self._data.items()}

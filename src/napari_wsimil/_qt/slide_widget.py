@@ -1,7 +1,7 @@
 """Dock widget: the active slide's facts, its pixel size, tissue detection and the patch grid.
 
-Only wiring: every computation is a library call run in a napari worker thread; layers are added
-from the worker's ``returned`` signal, which napari delivers on the main thread.
+Only wiring: every computation is a library call run by the widget's task runner (:mod:`.tasks`) in a
+napari worker thread; layers are added from its ``done`` callback, on the main thread.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import WsimilError
 from ..layers import mask_layer_data, patch_grid_layer_data, slide_layer_data
+from .tasks import TaskRunner
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -51,7 +52,6 @@ class SlideWidget(QWidget):
     def __init__(self, napari_viewer: napari.Viewer):
         super().__init__()
         self.viewer = napari_viewer
-        self._workers: list[Any] = []
 
         self.info = QLabel("Open a slide (File > Open, drag and drop, or the button below).")
         self.info.setWordWrap(True)
@@ -89,6 +89,7 @@ class SlideWidget(QWidget):
 
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        self.tasks = TaskRunner(self, status=self.status)
 
         layout = QVBoxLayout(self)
         layout.addWidget(open_btn)
@@ -104,6 +105,11 @@ class SlideWidget(QWidget):
         self._refresh()
 
     # --- state -----------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """Detecting tissue or making a grid in the background (tests and the demo wait for this)."""
+        return self.tasks.busy
+
     def current(self) -> tuple[Any, Slide] | tuple[None, None]:
         """The active slide layer, or the topmost slide layer when another layer is selected."""
         active = self.viewer.layers.selection.active
@@ -167,18 +173,6 @@ class SlideWidget(QWidget):
         self.viewer.reset_view()
         self._refresh()
 
-    def _run(self, func: Any, on_done: Any, label: str) -> Any:
-        from napari.qt.threading import create_worker
-
-        worker = create_worker(func, _progress={"desc": label})
-        worker.returned.connect(on_done)
-        worker.errored.connect(lambda exc: self._notify(str(exc) if isinstance(exc, WsimilError) else f"{label} failed: {exc}"))
-        worker.finished.connect(lambda: self._workers.remove(worker) if worker in self._workers else None)
-        self._workers.append(worker)
-        self.status.setText(f"{label}…")
-        worker.start()
-        return worker
-
     def detect_tissue(self) -> Any:
         layer, slide = self.current()
         if slide is None:
@@ -193,7 +187,7 @@ class SlideWidget(QWidget):
             self.status.setText(f"Tissue: {100 * tissue.mask.mean():.1f} % of the slide.")
             self.viewer.layers.selection.active = layer
 
-        return self._run(lambda: tissue_mask(slide), done, "Detecting tissue")
+        return self.tasks.run("Detecting tissue", lambda: tissue_mask(slide), done)
 
     def make_patch_grid(self) -> Any:
         layer, slide = self.current()
@@ -218,4 +212,4 @@ class SlideWidget(QWidget):
             self.status.setText(f"{len(grid):,} patches of {size} px at {mpp:g} µm/px.")
             self.viewer.layers.selection.active = layer
 
-        return self._run(compute, done, "Making patch grid")
+        return self.tasks.run("Making patch grid", compute, done)

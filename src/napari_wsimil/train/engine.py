@@ -9,7 +9,9 @@ resumed run bit-identical to an uninterrupted one without having to serialise RN
 
 Checkpoints never use pickle: tensors go to ``ckpt-EEEE.safetensors`` (model ``model.*``, optimiser
 ``optim.*``), everything else to ``last.json``. The JSON is written last and atomically, so it is the commit
-point: a kill at any moment leaves the previous JSON pointing at a complete previous tensor file.
+point: a kill at any moment leaves the previous JSON pointing at a complete previous tensor file. It also
+holds the run's ``history``: one ``{"epoch", "losses", "val_losses"}`` row per completed epoch (mean training
+losses, validation losses when validated), so a resumed run's history is exactly its completed epochs.
 """
 
 from __future__ import annotations
@@ -232,8 +234,13 @@ def _train(method: Method, out_dir: str | Path | None, resume: bool) -> Generato
                             message=f"already finished: {state['stopped']}")
         return model
     for epoch in range(start, cfg.epochs + 1):
-        yield from _run_epoch(method, model, optimizer, device, epoch, cfg, t0, start)
+        losses: dict[str, float] = {}
+        for ev in _run_epoch(method, model, optimizer, device, epoch, cfg, t0, start):
+            if ev.kind == "epoch":
+                losses = dict(ev.losses)
+            yield ev
         model_val = method.evaluate(model, device)
+        row: dict[str, Any] = {"epoch": epoch, "losses": losses}
         eta = _eta(t0, epoch - start + 1, cfg.epochs - epoch)
         if model_val is not None:
             vl, vm = model_val
@@ -241,7 +248,9 @@ def _train(method: Method, out_dir: str | Path | None, resume: bool) -> Generato
                                 elapsed=time.perf_counter() - t0, eta=eta)
             _update_early_stopping(state, _selection_loss(vl), epoch, cfg, out, model)
             state["val_metrics"] = {k: float(v) for k, v in vm.items()}  # what the runs list shows
+            row["val_losses"] = {k: float(v) for k, v in vl.items()}
         state["epoch"] = epoch
+        state.setdefault("history", []).append(row)  # committed with the checkpoint: a resume keeps it
         if out is not None:
             path = save_checkpoint(out, model, optimizer, state)
             yield ProgressEvent("checkpoint", epoch, total_epochs=cfg.epochs,

@@ -1,10 +1,13 @@
 """Training that shows its work: engine events plus, after each checkpoint, the watched slides' maps.
 
-The training widget iterates :func:`train_with_maps` in a napari worker (pause and cancel happen at the
-yields) and, on the main thread, puts each :class:`MapEvent`'s array into a layer over the slide. The
-maps come from the checkpoint just written, loaded like ``wsimil predict`` would, so what the user sees
-is exactly what a prediction with that checkpoint gives — and the training loop never shares its model
-with another thread.
+The training widget runs :func:`train_with_maps` in a child process (:mod:`.subprocess_run`); a napari
+worker relays its events and, on the main thread, each :class:`MapEvent`'s array goes into a layer over
+the slide. Pause stops that child process with SIGSTOP (Resume continues it with SIGCONT) and Cancel
+terminates it, so neither waits for a yield; checkpoints are written atomically, so a cancelled run
+resumes from its last complete epoch. A caller iterating in its own process (a notebook,
+``InteractiveSession.train``) can stop at the yields, one per optimiser step. The maps come from the
+checkpoint just written, loaded like ``wsimil predict`` would, so what the user sees is exactly what a
+prediction with that checkpoint gives — and the training loop never shares its model with another thread.
 """
 
 from __future__ import annotations
@@ -92,7 +95,8 @@ def train_with_maps(prepared: Any, watch: Sequence[str] = (), *, every: int = 1,
     from .engine import train
 
     if step_events and not prepared.method.config.step_events:
-        prepared.method.config.step_events = 1  # a yield per step: pause and cancel take effect quickly
+        prepared.method.config.step_events = 1  # a yield per step: progress per step, and in-process callers
+        # can stop between steps (the widget's child process is paused by signal, not at a yield)
     if prepared.info.get("kind") == "segmentation":
         from ..seg.live import seg_maps
 

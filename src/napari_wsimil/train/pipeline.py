@@ -3,7 +3,8 @@
 :func:`prepare_mil_run` checks the request (before hours are spent), splits the slides, extracts the
 feature bags that are missing, derives MS-CLAM's tile labels from the drawings, builds the method and
 writes ``RUN/run.json``. The caller then iterates ``engine.train(prepared.method, spec.out,
-resume=spec.resume)``: ``wsimil train`` prints the events, the training widget runs them in a worker.
+resume=spec.resume)``: ``wsimil train`` prints the events; the training widget runs it in a child process
+(:mod:`.subprocess_run`) whose events a napari worker relays.
 """
 
 from __future__ import annotations

@@ -39,6 +39,37 @@ class RunSummary:
     val_metrics: dict[str, float] | None = None  # of the last validated epoch (accuracy, auc ...)
 
 
+def train_loss(losses: dict[str, float]) -> float | None:
+    """The training loss a plot shows for an epoch's (or a step's) losses: the backpropagated total."""
+    return losses.get("total")
+
+
+def val_loss(losses: dict[str, float]) -> float | None:
+    """The validation loss a plot shows: the bag (slide) loss where the method reports one, else the total."""
+    return losses.get("bag", losses.get("total"))
+
+
+def loss_history(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """``{"train": [(epoch, loss), ...], "val": [...]}`` of a run folder's completed epochs, read from the
+    ``history`` the engine commits with each checkpoint (``last.json``); empty lists for a run without one
+    (written before the history was kept) or with an unreadable checkpoint. Non-finite losses are left out."""
+    try:
+        rows = json.loads((Path(run_dir) / "last.json").read_text()).get("history") or []
+    except (OSError, ValueError, AttributeError):
+        rows = []
+    out: dict[str, list[tuple[int, float]]] = {"train": [], "val": []}
+    for row in rows:
+        try:
+            epoch = int(row["epoch"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        for series, pick, key in (("train", train_loss, "losses"), ("val", val_loss, "val_losses")):
+            value = pick(row.get(key) or {})
+            if value is not None and math.isfinite(float(value)):
+                out[series].append((epoch, float(value)))
+    return out
+
+
 def method_names() -> list[str]:
     """Every registered training method (the registry is the one source; widgets list this)."""
     from .registry import methods
@@ -170,6 +201,26 @@ class InteractiveSession:
             raise WsimilError(f"run name {name!r}: use letters, digits, '.', '_' and '-' (no spaces or slashes)")
         return self.runs_dir / name
 
+    def run_info(self, name: str) -> dict[str, Any]:
+        """What ``RUN/run.json`` records (method, encoder, weights, µm/px, patch, classes, slides)."""
+        path = self.run_dir(name) / "run.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise WsimilError(f"run {name}: {path} cannot be read ({exc})") from exc
+
+    def loss_history(self, name: str) -> dict[str, list[tuple[int, float]]]:
+        """The run's losses per completed epoch (see :func:`loss_history`)."""
+        return loss_history(self.run_dir(name))
+
+    def next_run_name(self, prefix: str) -> str:
+        """``<prefix>-<n>`` with the smallest n whose folder does not exist under ``PROJECT/runs``."""
+        taken = {p.name for p in self.runs_dir.iterdir()} if self.runs_dir.is_dir() else set()
+        n = 1
+        while f"{prefix}-{n}" in taken:
+            n += 1
+        return f"{prefix}-{n}"
+
     def spec(self, method: str, name: str, *, epochs: int = 50, device: str = "auto", encoder: str = "handcrafted",
              mpp: float = 0.5, patch: int = 256, seed: int = 0, config: dict[str, Any] | None = None,
              resume: bool = False, weights: str | Path | None = None) -> MILRunSpec:
@@ -246,7 +297,8 @@ class InteractiveSession:
     def train_process(self, spec: MILRunSpec, watch: Sequence[str] = (),
                       report: Callable[[str], None] | None = None) -> Any:
         """Like :meth:`train`, in a child process (what the GUI uses: C code holding the GIL there cannot
-        freeze the window); the returned iterator also has ``pause``, ``resume`` and ``close``."""
+        freeze the window); the returned iterator also has ``pause`` and ``resume`` (SIGSTOP and SIGCONT
+        to the child: the computation itself stops) and ``close`` (terminates it)."""
         from .subprocess_run import SubprocessTraining
 
         return SubprocessTraining(spec, list(watch), report)
@@ -368,5 +420,5 @@ class InteractiveSession:
         return suggest_regions(self.scores(name, slide_id), k)
 
 
-__all__ = ["InteractiveSession", "RunSummary", "encoder_problem", "encoder_requires_weights",
-           "method_geometry", "method_kind", "method_names", "method_options"]
+__all__ = ["InteractiveSession", "RunSummary", "encoder_problem", "encoder_requires_weights", "loss_history",
+           "method_geometry", "method_kind", "method_names", "method_options", "train_loss", "val_loss"]
