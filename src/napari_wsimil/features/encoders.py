@@ -318,6 +318,11 @@ def _register_builtins() -> None:
         "(features.ssl.project_ssl_encoder makes its weights file)", takes_weights=True))
     _REGISTRY.setdefault("handcrafted", EncoderSpec(
         "handcrafted", _handcrafted_builder, "stain histograms (HED, HSV) + gradient and LBP texture, 76-d"))
+    from .handcrafted_v2 import DIM, build_handcrafted_v2
+
+    _REGISTRY.setdefault("handcrafted-v2", EncoderSpec(
+        "handcrafted-v2", build_handcrafted_v2, f"stain, nuclear size/shape/density (haematoxylin) and multi-scale "
+        f"texture (LBP, GLCM), {DIM}-d; option mpp: the patches' µm/px (default 0.5)"))
 
 
 __all__ = [
