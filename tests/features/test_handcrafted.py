@@ -91,7 +91,8 @@ def test_v2_stains_and_glcm_match_skimage() -> None:
     q = (x[..., 0] >> 4).astype(np.uint8)
     ours = glcm_props(q, 3, 16)
     for i in range(2):
-        m = graycomatrix(q[i], [3], [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4], levels=16, symmetric=True, normed=True)
+        angles = [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4]
+        m = graycomatrix(q[i], [3], angles, levels=16, symmetric=True, normed=True)
         ref = [graycoprops(m, p).mean() for p in ("contrast", "homogeneity", "energy", "correlation")]
         np.testing.assert_allclose(ours[i], ref, rtol=1e-4, atol=1e-6)
 
@@ -109,15 +110,17 @@ def test_v2_nuclear_size_and_density_from_known_discs(mpp: float) -> None:
         truth = np.pi * r_um ** 2
         np.testing.assert_allclose(f[:, col["area_mean"]], truth, rtol=0.15)
         assert f[:, col["area_cv"]].max() < 0.15  # equal discs: little spread
-        assert f[:, col["ecc_mean"]].max() < 0.55  # round (a 3 px digital disc reads ~0.45; a 2:1 ellipse 0.87)
+        assert f[:, col["ecc_mean"]].max() < 0.55  # round (a 3 px digital disc: 0.45; a 2:1 ellipse: 0.87)
         field_um2 = (size * mpp) ** 2
-        np.testing.assert_allclose(f[:, col["nuc_density"]], np.array([n_few, n_many]) / field_um2 * 1e4, rtol=0.1)
+        truth_density = np.array([n_few, n_many]) / field_um2 * 1e4
+        np.testing.assert_allclose(f[:, col["nuc_density"]], truth_density, rtol=0.1)
         assert f[1, col["nuc_density"]] > 2 * f[0, col["nuc_density"]]
     # the blob detector puts small nuclei in its first band and large ones in its last, one blob each
     ims = [_discs(12, r, mpp, size, seed=3) for r in (2.0, 7.0)]
     f = handcrafted_v2_features(np.stack([im for im, _ in ims]), mpp=mpp)
     assert f[0, col["blob_share1"]] > 0.8 and f[1, col["blob_share4"]] > 0.8
-    np.testing.assert_allclose(f[:, col["blob_density"]], [n / (size * mpp) ** 2 * 1e4 for _, n in ims], rtol=0.1)
+    truth_density = [n / (size * mpp) ** 2 * 1e4 for _, n in ims]
+    np.testing.assert_allclose(f[:, col["blob_density"]], truth_density, rtol=0.1)
 
 
 def _loo_logistic(f: np.ndarray, y: np.ndarray, lam: float = 0.1) -> float:
@@ -138,8 +141,9 @@ def _loo_logistic(f: np.ndarray, y: np.ndarray, lam: float = 0.1) -> float:
 
 
 def test_v2_tells_tumour_from_lymphocytes_on_crc() -> None:
-    """CRC-VAL-HE-7K (0.5 µm/px): tumour epithelium against lymphocytes, 10 tiles each. Measured: leave-one-out
-    balanced accuracy 1.0 with all features and with the nuclear ones alone; the thresholds leave margin."""
+    """CRC-VAL-HE-7K (0.5 µm/px): tumour epithelium against lymphocytes, 10 tiles each. Measured:
+    leave-one-out balanced accuracy 1.0 with all features and with the nuclear ones alone; the
+    thresholds leave margin."""
     from PIL import Image
 
     from napari_wsimil.features.handcrafted_v2 import FEATURE_NAMES, handcrafted_v2_features
@@ -155,10 +159,23 @@ def test_v2_tells_tumour_from_lymphocytes_on_crc() -> None:
     f = handcrafted_v2_features(x, mpp=0.5)
     assert _loo_logistic(f, y) >= 0.9
     nuclear = [i for i, n in enumerate(FEATURE_NAMES)
-               if n.startswith(("nuc_", "area", "logarea", "small", "large", "ecc", "fill", "circ", "blob", "clump"))]
+               if n.startswith(("nuc_", "area", "logarea", "small", "large", "ecc", "fill", "circ", "blob",
+                                "clump"))]
     assert _loo_logistic(f[:, nuclear], y) >= 0.85
     # and for a reason a pathologist would give: carcinoma nuclei are elongated, lymphocyte nuclei round
     # and convex (measured AUCs 0.97 and 0.93)
     ecc, fill = (f[:, FEATURE_NAMES.index(n)] for n in ("ecc_mean", "fill_mean"))
     assert (ecc[y == 1][:, None] > ecc[y == 0][None]).mean() >= 0.85
     assert (fill[y == 0][:, None] > fill[y == 1][None]).mean() >= 0.8
+
+
+def test_v2_by_name_is_told_the_extraction_resolution(tmp_path) -> None:
+    from napari_wsimil.features import extract_features
+    from napari_wsimil.slide.synthetic import synthesize_slide
+
+    slide = tmp_path / "s.tif"
+    synthesize_slide(slide, 512, seed=1, malignant=True)
+    bag = extract_features(slide, "handcrafted-v2", patch_size=64, mpp=2.0, num_workers=1)
+    assert bag.attrs["encoder_version"].endswith("+mpp2")  # built for 2 µm/px, not its 0.5 default
+    v1 = extract_features(slide, "handcrafted", patch_size=64, mpp=2.0, num_workers=1)  # takes no mpp
+    assert v1.attrs["encoder_version"] == "1"

@@ -39,7 +39,8 @@ def test_project_cache_and_registry(tmp_path) -> None:
     again = project_ssl_encoder(p, **settings, progress=_must_not_train)  # same data and settings: loaded
     assert again.version == enc.version
     other = project_ssl_encoder(p, **{**settings, "epochs": 2})  # other settings: another encoder beside it
-    assert other.version != enc.version and len(list((p.features_dir / "ssl").glob("ssl-ae-*.safetensors"))) == 2
+    assert other.version != enc.version
+    assert len(list((p.features_dir / "ssl").glob("ssl-ae-*.safetensors"))) == 2
     by_name = build_encoder("ssl-ae", weights=path, device="cpu")
     x = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     np.testing.assert_allclose(by_name.encode(x), enc.encode(x), rtol=1e-5, atol=1e-6)
@@ -163,7 +164,8 @@ def test_simclr_killed_run_leaves_no_weights_and_resumes(tmp_path, one_torch_thr
     enc = simclr_encoder(patches, tmp_path, s, device="cpu", progress=lambda e, n, _l: resumed.append(e))
     assert resumed == [2, 3]  # epoch 1 came from the checkpoint
     whole, _ = train_simclr(patches, s, device="cpu")
-    assert all(torch.equal(u, v) for u, v in zip(whole.state_dict().values(), enc.module.state_dict().values()))
+    pairs = zip(whole.state_dict().values(), enc.module.state_dict().values())
+    assert all(torch.equal(u, v) for u, v in pairs)
     assert not list(tmp_path.glob("*.ckpt.safetensors"))  # removed once the weights are written
 
 
@@ -180,6 +182,39 @@ def test_project_simclr_encoder(tmp_path) -> None:
     (path,) = (p.features_dir / "ssl").glob("ssl-simclr-*.safetensors")
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["mpp"] == 2.0 and meta["slides"] == ["s"] and meta["version"] == enc.version
-    res = extract_cohort(p, None, build_encoder("ssl-simclr", weights=path, device="cpu"), patch_size=64, mpp=2.0)
+    by_name = build_encoder("ssl-simclr", weights=path, device="cpu")
+    res = extract_cohort(p, None, by_name, patch_size=64, mpp=2.0)
     assert res[0].status == "done" and res[0].bag_path.parent.name == "ssl-simclr"
     p.close()
+
+
+def test_features_command_trains_the_projects_own_encoder(tmp_path, capsys) -> None:
+    """``wsimil features PROJECT --encoder ssl-simclr`` without --weights trains once, then reuses it
+    (the name alone would otherwise give an untrained network)."""
+    import argparse
+
+    from napari_wsimil.features import read_bag
+    from napari_wsimil.features.cli import register
+    from napari_wsimil.project import Project
+
+    def run(argv: list[str]) -> int:
+        parser = argparse.ArgumentParser(prog="wsimil")
+        register(parser.add_subparsers(dest="command"))
+        args = parser.parse_args(argv)
+        return args.func(args)
+
+    slide = tmp_path / "s.tif"
+    synthesize_slide(slide, 1024, seed=2, malignant=True)
+    with Project.create(tmp_path / "proj") as p:
+        p.add_slide(slide, slide_id="s", label="malignant")
+    argv = ["features", str(tmp_path / "proj"), "--encoder", "ssl-simclr", "--mpp", "2", "--patch", "64",
+            "--ssl-epochs", "1", "--ssl-patches", "48", "--device", "cpu"]
+    assert run(argv) == 0
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err
+    bag = read_bag(tmp_path / "proj" / "features" / "ssl-simclr" / "s.npz")
+    assert bag.attrs["encoder"] == "ssl-simclr" and "random" not in bag.attrs["encoder_version"]
+    assert run(argv) == 0  # the encoder is loaded, and the bag is current
+    err = capsys.readouterr().err
+    assert "epoch" not in err and "up to date" in err
+    assert run(["features", str(slide), "--encoder", "ssl-simclr", "--out", str(tmp_path / "b")]) == 2

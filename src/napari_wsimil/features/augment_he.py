@@ -111,7 +111,7 @@ class HEAugment:
         b, _, h, w = x.shape
         lo, hi = self.scale
         u = torch.rand(b, 3, generator=g)
-        m = torch.exp(math.log(lo) + u[:, 0] * (math.log(hi) - math.log(lo))) if hi > lo else torch.full((b,), lo)
+        m = torch.exp(math.log(lo) + u[:, 0] * (math.log(hi) - math.log(lo)))  # log-uniform in [lo, hi]
         side = torch.clamp(self.size * m, max=float(min(h, w)))  # source square, px
         # centre in normalised coordinates, keeping the square inside the patch
         cx = (u[:, 1] * 2 - 1) * (1 - side / w)

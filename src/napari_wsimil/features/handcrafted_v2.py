@@ -65,7 +65,8 @@ WORKING_MPP = 0.5
 # density → H, E, D, exactly as rgb2hed uses it.
 _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED).astype(np.float32)
-_OD_LUT = (np.log(np.maximum(np.arange(256) / 255.0, 1e-6)) / np.log(1e-6)).astype(np.float32)  # optical density
+# optical density of each 8-bit value, as rgb2hed computes it
+_OD_LUT = (np.log(np.maximum(np.arange(256) / 255.0, 1e-6)) / np.log(1e-6)).astype(np.float32)
 
 # Nuclear segmentation settings, in µm / µm² (converted to pixels with the encoder's mpp).
 _H_RANGE = (0.0, 0.25)          # histogram range of haematoxylin for Otsu
@@ -77,7 +78,8 @@ _H_FLOOR = 0.035                # a threshold never below this: no "nuclei" in f
 _SMOOTH_UM = 0.0                # Gaussian sigma before thresholding (none: it merges packed lymphocytes)
 _MIN_AREA_UM2, _MAX_AREA_UM2 = 6.0, 400.0
 _SMALL_UM2, _LARGE_UM2 = 30.0, 80.0
-_BLOB_SIGMAS_UM = tuple(1.0 * 1.6 ** k for k in range(5))  # DoG bands best for nuclear radii ~1.8, 2.9, 4.6, 7.3 µm
+# DoG bands, best for nuclear radii of about 1.8, 2.9, 4.6 and 7.3 µm
+_BLOB_SIGMAS_UM = tuple(1.0 * 1.6 ** k for k in range(5))
 _BLOB_MIN = 0.004                # smallest DoG peak (H density) that counts as a blob
 _LBP_RADII_UM = (1.0, 3.0)
 _GLCM_DIST_UM = (1.0, 4.0)
@@ -88,7 +90,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "h_mean", "h_std", "h_p10", "h_p50", "h_p90", "e_mean", "e_std", "e_p10", "e_p50", "e_p90", "d_mean",
     "he_corr", "white_frac", "tissue_frac", "grey_mean",
     "nuc_threshold", "nuc_area_frac", "nuc_density", "clump_frac", "h_std_in_nuclei",
-    "area_mean", "area_std", "area_cv", "logarea_p25", "logarea_p50", "logarea_p75", "small_frac", "large_frac",
+    "area_mean", "area_std", "area_cv", "logarea_p25", "logarea_p50", "logarea_p75",
+    "small_frac", "large_frac",
     "ecc_mean", "ecc_std", "fill_mean", "fill_std", "circ_mean", "circ_std",
     "h_in_nuclei", "h_out_nuclei", "e_out_nuclei", "h_contrast",
     "blob_density", "blob_strength", *(f"blob_share{i}" for i in range(1, len(_BLOB_SIGMAS_UM))),
@@ -186,7 +189,8 @@ def glcm_props(q: np.ndarray, distance: int, levels: int) -> np.ndarray:
         x0, x1 = max(0, -dx), w - max(0, dx)
         a = q[:, y0:y1, x0:x1]
         c = q[:, y0 + dy:y1 + dy, x0 + dx:x1 + dx]
-        counts = np.bincount((a * L + c + base).ravel(), minlength=b * L * L).reshape(b, L, L).astype(np.float64)
+        counts = np.bincount((a * L + c + base).ravel(), minlength=b * L * L)
+        counts = counts.reshape(b, L, L).astype(np.float64)
         counts = counts + counts.transpose(0, 2, 1)
         p = counts / np.maximum(counts.sum((1, 2), keepdims=True), 1)
         contrast = (p * (i - j) ** 2).sum((1, 2))
@@ -229,9 +233,9 @@ def _rowsum(a: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
     b = a.shape[0]
     a2 = a.reshape(b, -1)
     if w is None:
-        return a2.astype(np.float32).sum(1, dtype=np.float64) if a2.dtype == bool else a2.sum(1, dtype=np.float64)
-    return np.einsum("ij,ij->i", a2.astype(np.float32, copy=False), w.reshape(b, -1).astype(np.float32, copy=False),
-                     dtype=np.float64)
+        return a2.astype(np.float32, copy=False).sum(1, dtype=np.float64)
+    w2 = w.reshape(b, -1).astype(np.float32, copy=False)
+    return np.einsum("ij,ij->i", a2.astype(np.float32, copy=False), w2, dtype=np.float64)
 
 
 def _nuclei(h: np.ndarray, tissue_px: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]:
@@ -495,11 +499,13 @@ def handcrafted_v2_features(patches: np.ndarray, mpp: float = WORKING_MPP, strid
     step = _px(1.0, mpp)
     gf = grey8.astype(np.float32) * np.float32(1 / 255.0)
     c = gf[:, :-step:stride, :-step:stride]
-    grad = np.hypot(gf[:, step::stride, :-step:stride] - c, gf[:, :-step:stride, step::stride] - c).reshape(b, -1)
+    grad = np.hypot(gf[:, step::stride, :-step:stride] - c, gf[:, :-step:stride, step::stride] - c)
+    grad = grad.reshape(b, -1)
     grad_idx = _GRAD_LUT[np.minimum((grad * 1000).astype(np.int64), len(_GRAD_LUT) - 1)]  # bins of 1/1000
     gradient = [grad.mean(1)[:, None], grad.std(1)[:, None], _count(grad_idx, 8, b)]
     blobs = _blobs(hk.reshape(b, *side), tissue_k.sum(1).astype(np.float64), mpp * k)
-    out = np.concatenate([stain, nuc, blobs, *lbp, *glcm, colour, *hists, *gradient], axis=1).astype(np.float32)
+    out = np.concatenate([stain, nuc, blobs, *lbp, *glcm, colour, *hists, *gradient], axis=1)
+    out = out.astype(np.float32)
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
 
 
@@ -529,13 +535,15 @@ class HandcraftedV2Encoder(Encoder):
         return handcrafted_v2_features(patches, self.mpp, self.stride)
 
 
-def build_handcrafted_v2(weights: object = None, device: str = "auto", **options: object) -> Encoder:
-    """The registered builder (takes no weights file)."""
+def build_handcrafted_v2(weights: object = None, device: str = "auto", mpp: float = WORKING_MPP,
+                         stride: int = 2) -> Encoder:
+    """The registered builder (takes no weights file). Feature extraction by name passes ``mpp``, the
+    µm/px it reads the patches at, because this builder has that parameter."""
     from .encoders import EncoderError
 
     if weights is not None:
         raise EncoderError("the handcrafted-v2 encoder takes no weights file")
-    return HandcraftedV2Encoder(**options)  # type: ignore[arg-type]
+    return HandcraftedV2Encoder(mpp=mpp, stride=stride)
 
 
 __all__ = ["DIM", "FEATURE_NAMES", "HandcraftedV2Encoder", "VERSION", "WORKING_MPP", "build_handcrafted_v2",

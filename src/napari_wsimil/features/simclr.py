@@ -226,7 +226,8 @@ def train_simclr(
                        **{f"head.{k}": v for k, v in head.state_dict().items()},
                        **{f"opt.{k}": v for k, v in optimizer_tensors(opt).items()},
                        "generator": gen.get_state()}
-            save_checkpoint(checkpoint, tensors, {"epochs_done": epoch + 1, "losses": losses, "n": len(patches)})
+            info = {"epochs_done": epoch + 1, "losses": losses, "n": len(patches)}
+            save_checkpoint(checkpoint, tensors, info)
         if progress is not None:
             progress(epoch + 1, s.epochs, losses[-1])
     trunk.to("cpu", memory_format=torch.contiguous_format)
@@ -257,13 +258,16 @@ def simclr_encoder(
 
 def project_simclr_encoder(project: Any, patch_size: int = 96, mpp: float = 1.0, n_patches: int = 8000,
                            settings: SimCLRSettings | None = None, device: str = "auto", seed: int = 0,
-                           retrain: bool = False, progress: Progress | None = None) -> TorchEncoder:
+                           retrain: bool = False, progress: Progress | None = None,
+                           epochs: int | None = None) -> TorchEncoder:
     """The project's SimCLR encoder for ``n_patches`` tissue patches of ``patch_size`` px at ``mpp``
-    µm/px drawn from its slides (with ``seed``), cached in ``<project>/features/ssl``. Extract
-    features at the same µm/px as it was trained at."""
+    µm/px drawn from its slides (with ``seed``), cached in ``<project>/features/ssl``; ``epochs``
+    overrides the settings'. Extract features at the same µm/px as it was trained at."""
     from .ssl import sample_patches
 
     s = settings or SimCLRSettings()
+    if epochs is not None:
+        s = replace(s, epochs=int(epochs))
     if patch_size < s.augment.size:
         s = replace(s, augment=replace(s.augment, size=int(patch_size)))
     slides = [project.open_slide(sid) for sid in project.slide_ids]

@@ -156,7 +156,8 @@ def save_ssl_encoder(encoder: TorchEncoder, path: str | os.PathLike[str], **meta
     """Write the trunk (safetensors, atomically) and its JSON; return it reloaded with its final version."""
     from .ssl_cache import CacheEntry, save_trunk
 
-    return save_trunk(encoder.module, CacheEntry(Path(path)), lambda p: build_ssl_encoder(p, device=encoder.device),
+    return save_trunk(encoder.module, CacheEntry(Path(path)),
+                      lambda p: build_ssl_encoder(p, device=encoder.device),
                       {"name": NAME, "width": encoder.dim // 4, **meta})
 
 
