@@ -58,8 +58,8 @@ def hed_to_rgb_t(hed: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class HEAugment:
-    """One random view per input patch. Strengths of 0 switch a step off; the defaults are those the
-    SimCLR encoder was tuned with on PCam (see :mod:`.simclr`).
+    """One random view per input patch. Strengths of 0 switch a step off; the defaults are what
+    :mod:`.simclr` trains with (on PCam, a third of or twice the stain jitter probed the same).
 
     * ``size``: output side in px; the source square is ``size * m`` px with the magnification jitter
       ``m`` log-uniform in ``scale`` (clamped to the patch), at a uniform random position;

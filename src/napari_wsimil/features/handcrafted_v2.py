@@ -39,13 +39,14 @@ patches or nuclei):
   magnitude over 1 µm: mean, std, 8-bin histogram (10);
 * colour: HSV saturation and value mean/std, circular hue mean, grey entropy (6).
 
-Measured (linear probe, ``benchmarks/bench_ssl_probe.py``): PCam valid patch AUC 0.88 (v1: 0.87);
-CRC-VAL-HE-7K tumour against lymphocytes 1.0 (leave-one-out). Carcinoma and lymphocytes differ in
+Measured (linear probe, ``benchmarks/bench_ssl_probe.py``): PCam valid patch AUC 0.883 (v1: 0.870);
+CRC-VAL-HE-7K tumour against lymphocytes 1.0 (5-fold and leave-one-out). Carcinoma and lymphocytes differ in
 eccentricity and ellipse fill; the segmented area alone does not separate them (crowded carcinoma
 nuclei merge into clumps or break up), the blob profile does better.
 
-Speed (one core of a shared 2-core machine, numpy 2.4, scipy 1.17, batches of 64): ~3 ms per 256²
-patch at 0.5 µm/px, ~1 ms per 96² patch at 0.97 µm/px (nuclei segmented at full resolution there).
+Speed (2-core machine otherwise idle, numpy 2.4, scipy 1.17, batches of 64, best of 5): 4.6 ms per
+256² patch at 0.5 µm/px, 1.7 ms per 96² patch at 0.97 µm/px (nuclei segmented at full resolution
+there); the scale-space Gaussians are ~20 % of it. Twice that while other jobs share the cores.
 The version string changes with the definition (``VERSION``) and records ``mpp`` where it is not 0.5.
 """
 
