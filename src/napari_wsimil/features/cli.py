@@ -23,10 +23,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("source", nargs="+", metavar="COHORT_OR_PROJECT",
                    help="a project folder, or one or more slide files")
     p.add_argument("--encoder", default="handcrafted", metavar="NAME",
-                   help="handcrafted (no weights), resnet18, resnet50, resnet50-trunc (CLAM's), ssl-ae, "
-                        "timm:ARCH (e.g. timm:vit_large_patch16_224, UNI's), timm (a folder's config.json "
-                        "names the architecture), or a plugin's encoder; `wsimil encoders` lists them all. "
-                        "Default handcrafted")
+                   help="handcrafted or handcrafted-v2 (no weights), resnet18, resnet50, resnet50-trunc "
+                        "(CLAM's), ssl-ae or ssl-simclr (self-supervised: without --weights, trained on "
+                        "the project's own slides at --mpp the first time, then loaded from "
+                        "PROJECT/features/ssl), timm:ARCH (e.g. timm:vit_large_patch16_224, UNI's), timm (a "
+                        "folder's config.json names the architecture), or a plugin's encoder; `wsimil encoders` "
+                        "lists them all. Default handcrafted")
     p.add_argument("--weights", default=None, metavar="FILE",
                    help="weights for the encoder: .safetensors or a torch state dict (.pth/.pt/.bin, read "
                         "without unpickling code); for timm encoders also a folder with config.json and "
@@ -41,6 +43,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="where bags go (default: PROJECT/features/ENCODER; required for slide files)")
     p.add_argument("--overwrite", action="store_true", help="recompute every bag, even current ones")
+    p.add_argument("--ssl-patches", type=int, default=None, metavar="N",
+                   help="ssl-ae / ssl-simclr without --weights: tissue patches to train on (default 2000 for "
+                        "ssl-ae, 8000 for ssl-simclr)")
+    p.add_argument("--ssl-epochs", type=int, default=None, metavar="E",
+                   help="ssl-ae / ssl-simclr without --weights: training epochs (default 10 and 8)")
     p.set_defaults(func=_cmd_features)
     from .eval_cli import register as register_eval
 
@@ -68,7 +75,12 @@ def _cmd_features(args: argparse.Namespace) -> int:
         elif ev.stage == "failed":
             print(f"\r{head}: FAILED: {ev.message}", file=sys.stderr)
 
-    results = extract_cohort(source, args.out, args.encoder, patch_size=args.patch, mpp=args.mpp,
+    encoder: Any = args.encoder
+    if args.weights is None and args.encoder in _SELF_SUPERVISED:
+        encoder = _project_ssl_encoder(args, source)
+        if encoder is None:
+            return 2
+    results = extract_cohort(source, args.out, encoder, patch_size=args.patch, mpp=args.mpp,
                              batch_size=args.batch, device=args.device, progress=report, weights=args.weights,
                              overwrite=args.overwrite, min_tissue=args.min_tissue)
     failed = [r for r in results if r.status == "failed"]
@@ -76,6 +88,44 @@ def _cmd_features(args: argparse.Namespace) -> int:
     skipped = len(results) - done - len(failed)
     print(f"{done} computed, {skipped} up to date, {len(failed)} failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+#: self-supervised encoders a project trains for itself: name → (module, function)
+_SELF_SUPERVISED = {"ssl-ae": ("ssl", "project_ssl_encoder"),
+                    "ssl-simclr": ("simclr", "project_simclr_encoder")}
+
+
+def _project_ssl_encoder(args: argparse.Namespace, source: Any) -> Any:
+    """The project's own self-supervised encoder at ``--mpp`` (trained the first time, cached after:
+    :mod:`.ssl_cache`), or None after saying why there is none. Without this, the name alone would
+    build an untrained random network."""
+    import time
+    from importlib import import_module
+
+    from ..project.project import PROJECT_FILE, Project
+
+    if not isinstance(source, str) or not (Path(source) / PROJECT_FILE).is_file():
+        print(f"wsimil features: error: --encoder {args.encoder} without --weights trains on a project's "
+              "slides; give a project folder, or --weights FILE", file=sys.stderr)
+        return None
+    module, func = _SELF_SUPERVISED[args.encoder]
+    train = getattr(import_module(f".{module}", __package__), func)
+    start = time.perf_counter()
+
+    def say(epoch: int, epochs: int, loss: float) -> None:
+        print(f"\r{args.encoder}: training on the project's patches, epoch {epoch}/{epochs}, loss {loss:.4f} "
+              f"({time.perf_counter() - start:.0f} s)", end="\n" if epoch == epochs else "", file=sys.stderr,
+              flush=True)
+
+    project = Project.open(source, readonly=True)  # reads slides; the encoder goes to features/ssl
+    try:
+        options = {k: v for k, v in (("n_patches", args.ssl_patches), ("epochs", args.ssl_epochs))
+                   if v is not None}
+        enc = train(project, mpp=args.mpp, device=args.device, progress=say, **options)
+    finally:
+        project.close()
+    print(f"{args.encoder}: version {enc.version}", file=sys.stderr)
+    return enc
 
 
 __all__ = ["register"]

@@ -395,6 +395,15 @@ def _register_builtins() -> None:
         "(features.ssl.project_ssl_encoder makes its weights file)", takes_weights=True))
     _REGISTRY.setdefault("handcrafted", EncoderSpec(
         "handcrafted", _handcrafted_builder, "stain histograms (HED, HSV) + gradient and LBP texture, 76-d"))
+    from .handcrafted_v2 import DIM, build_handcrafted_v2
+    from .simclr import build_simclr_encoder
+
+    _REGISTRY.setdefault("handcrafted-v2", EncoderSpec(
+        "handcrafted-v2", build_handcrafted_v2, f"stain, nuclear size/shape/density (haematoxylin) and "
+        f"multi-scale texture (LBP, GLCM), {DIM}-d; option mpp: the patches' µm/px (default 0.5)"))
+    _REGISTRY.setdefault("ssl-simclr", EncoderSpec(
+        "ssl-simclr", build_simclr_encoder, "small ResNet trained contrastively (SimCLR) on the cohort's own "
+        "patches, 256-d (features.simclr.project_simclr_encoder makes its weights file)", takes_weights=True))
 
 
 # --- timm architectures and entry-point plugins ---------------------------------------------------

@@ -43,10 +43,24 @@ def safe_dirname(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
-def _as_encoder(encoder: Encoder | str, device: str, weights: str | Path | None) -> Encoder:
+def _as_encoder(encoder: Encoder | str, device: str, weights: str | Path | None, mpp: float | None = None
+                ) -> Encoder:
     if isinstance(encoder, Encoder):
         return encoder.to(device)
-    return build_encoder(encoder, weights=weights, device=device)
+    return build_encoder(encoder, weights=weights, device=device, **_scale_options(encoder, mpp))
+
+
+def _scale_options(name: str, mpp: float | None) -> dict[str, Any]:
+    """``{"mpp": mpp}`` for an encoder whose builder takes it (one that measures in µm, such as
+    handcrafted-v2): built by name, it is told the µm/px the patches are read at."""
+    import inspect
+
+    from .encoders import available_encoders
+
+    spec = available_encoders().get(name)
+    if mpp is None or spec is None:
+        return {}
+    return {"mpp": float(mpp)} if "mpp" in inspect.signature(spec.builder).parameters else {}
 
 
 def extract_features(
@@ -77,7 +91,7 @@ def extract_features(
         opened = slide
     else:
         opened = open_slide(slide)
-    enc = _as_encoder(encoder, device, weights)
+    enc = _as_encoder(encoder, device, weights, grid.mpp if grid is not None else mpp)
     if grid is None:
         grid = patch_grid(opened, patch_size, mpp, min_tissue=min_tissue)
     total = len(grid)
@@ -185,7 +199,7 @@ def extract_cohort(
     everything. ``options`` go to :func:`extract_features` (``min_tissue``, ``num_workers``...).
     """
     slides, features_dir = _slides_of(slides_or_project)
-    enc = _as_encoder(encoder, device, weights)
+    enc = _as_encoder(encoder, device, weights, mpp)
     if out_dir is None:
         if features_dir is None:
             raise ValueError("out_dir is needed when the slides do not come from a project")

@@ -3,8 +3,9 @@
 Why: no pretrained weights can be downloaded here, and random-weight ResNets encode little. A small
 CNN that learned to reconstruct *this* cohort's patches (stain, scanner, tissue types) gives features
 that follow its real variation, in minutes on a CPU (Pinchaud et al. pre-train their network the same
-way). The trained weights are cached per project (``features/ssl/<name>.safetensors`` with a JSON
-beside it) and load as any encoder would: ``build_encoder("ssl-ae", weights=that_file)``. The
+way). The trained weights are cached per project, keyed by the sampled patches and the settings
+(``features/ssl/ssl-ae-<key>.safetensors`` with a JSON beside it; :mod:`.ssl_cache`, shared with
+``ssl-simclr``) and load as any encoder would: ``build_encoder("ssl-ae", weights=that_file)``. The
 version is the file's hash, so retraining makes every bag of the old encoder stale.
 """
 
@@ -153,35 +154,33 @@ def train_ssl_encoder(
 
 def save_ssl_encoder(encoder: TorchEncoder, path: str | os.PathLike[str], **meta: Any) -> TorchEncoder:
     """Write the trunk (safetensors, atomically) and its JSON; return it reloaded with its final version."""
-    from safetensors.torch import save
+    from .ssl_cache import CacheEntry, save_trunk
 
-    from ..project.atomic import write_bytes, write_text
-
-    path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in encoder.module.state_dict().items()}
-    width = encoder.dim // 4
-    write_text(path.with_suffix(".json"), json.dumps({"name": NAME, "width": width, **meta}, indent=1))
-    write_bytes(path, save(state))
-    loaded = build_ssl_encoder(path, device=encoder.device)
-    info = json.loads(path.with_suffix(".json").read_text())
-    info["version"] = loaded.version
-    write_text(path.with_suffix(".json"), json.dumps(info, indent=1))
-    return loaded
+    return save_trunk(encoder.module, CacheEntry(Path(path)),
+                      lambda p: build_ssl_encoder(p, device=encoder.device),
+                      {"name": NAME, "width": encoder.dim // 4, **meta})
 
 
 def project_ssl_encoder(project: Any, patch_size: int = 64, mpp: float = 1.0, n_patches: int = 2000,
                         epochs: int = 10, device: str = "auto", seed: int = 0, retrain: bool = False,
-                        progress: Callable[[int, int, float], None] | None = None) -> TorchEncoder:
-    """The project's cached self-supervised encoder, trained on its slides the first time (or on
-    ``retrain``). Its file is ``<project>/features/ssl/ssl-ae.safetensors``."""
-    path = Path(project.features_dir) / "ssl" / f"{NAME}.safetensors"
-    if path.is_file() and not retrain:
-        return build_ssl_encoder(path, device=device)
+                        progress: Callable[[int, int, float], None] | None = None, width: int = 32,
+                        batch_size: int = 64, lr: float = 1e-3) -> TorchEncoder:
+    """The project's self-supervised encoder for these settings, trained on its slides the first time
+    (or on ``retrain``) and loaded afterwards. It is cached in ``<project>/features/ssl`` keyed by the
+    sampled patches and the settings (:mod:`.ssl_cache`): other slides or settings train another."""
+    from .ssl_cache import cached_encoder
+
     slides = [project.open_slide(sid) for sid in project.slide_ids]
     patches = sample_patches(slides, n_patches, patch_size, mpp, seed=seed)
-    enc, losses = train_ssl_encoder(patches, epochs=epochs, device=device, seed=seed, progress=progress)
-    return save_ssl_encoder(enc, path, patch_size=patch_size, mpp=mpp, n_patches=len(patches), epochs=epochs,
-                            seed=seed, losses=[round(v, 6) for v in losses], slides=list(project.slide_ids))
+    settings = {"epochs": epochs, "batch_size": batch_size, "width": width, "lr": lr, "seed": seed}
+
+    def train(p: np.ndarray, _entry: Any) -> tuple[torch.nn.Module, list[float]]:
+        enc, losses = train_ssl_encoder(p, device=device, progress=progress, **settings)
+        return enc.module, losses
+
+    return cached_encoder(Path(project.features_dir) / "ssl", NAME, patches, settings, train,
+                          lambda path: build_ssl_encoder(path, device=device), retrain=retrain,
+                          meta={"patch_size": patch_size, "mpp": mpp, "slides": list(project.slide_ids)})
 
 
 __all__ = ["NAME", "CompactCNN", "build_ssl_encoder", "project_ssl_encoder", "sample_patches",
