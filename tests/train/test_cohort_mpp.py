@@ -222,3 +222,12 @@ def test_real_svs_without_pixel_size_takes_the_row_mpp(tmp_path: Path) -> None:
     bags = ensure_features(given.slides, tmp_path / "f", "handcrafted", 64, 4.0, device="cpu")
     attrs = read_bag_attrs(bags["tcga"])
     assert attrs["slide_mpp"] == 0.25 and attrs["mpp"] == 4.0 and attrs["slide_id"] == "tcga"
+
+
+def test_self_supervised_encoder_without_weights_is_refused_not_random(tmp_path) -> None:
+    """`wsimil train --encoder ssl-simclr` without weights would otherwise train on an untrained random net."""
+    from napari_wsimil.train.cohort import CohortError, ensure_features
+
+    with pytest.raises(CohortError, match="needs its trained weights"):
+        ensure_features([], tmp_path / "features", "ssl-simclr", 64, 1.0)
+    assert not (tmp_path / "features").exists()

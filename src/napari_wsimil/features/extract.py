@@ -47,10 +47,10 @@ def _as_encoder(encoder: Encoder | str, device: str, weights: str | Path | None,
                 ) -> Encoder:
     if isinstance(encoder, Encoder):
         return encoder.to(device)
-    return build_encoder(encoder, weights=weights, device=device, **_scale_options(encoder, mpp))
+    return build_encoder(encoder, weights=weights, device=device, **encoder_scale_options(encoder, mpp))
 
 
-def _scale_options(name: str, mpp: float | None) -> dict[str, Any]:
+def encoder_scale_options(name: str, mpp: float | None) -> dict[str, Any]:
     """``{"mpp": mpp}`` for an encoder whose builder takes it (one that measures in µm, such as
     handcrafted-v2): built by name, it is told the µm/px the patches are read at."""
     import inspect

@@ -148,8 +148,15 @@ def ensure_features(slides: Sequence[SlideItem], out_dir: Path, encoder: str, pa
     from ..features.bags import BAG_SUFFIX
     from ..slide import open_slide
 
+    from ..features.extract import encoder_scale_options
+
     say = report or (lambda _m: None)
-    enc = build_encoder(encoder, weights=weights, device=device)
+    if weights is None and encoder in ("ssl-ae", "ssl-simclr"):
+        # without weights the name alone would be an untrained random network, silently
+        raise CohortError(f"--encoder {encoder} needs its trained weights: train it on the project first "
+                          f"('wsimil features PROJECT --encoder {encoder} --mpp {mpp:g}', which caches it under "
+                          "PROJECT/features/ssl) and pass that file with --weights")
+    enc = build_encoder(encoder, weights=weights, device=device, **encoder_scale_options(encoder, mpp))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     proj: Any = None
