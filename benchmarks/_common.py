@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -75,6 +76,16 @@ def make_cohort(work: Path, n_slides: int, size: int, seed: int, contrast: float
                           mucinous_share=mucinous, aggregate_share=aggregates)
         print(f"(synthesised {n_slides} slides of {size}² in {time.perf_counter() - t:.0f} s)", flush=True)
     return csv_path
+
+
+def add_texture_options(ap: Any) -> None:
+    """The quality benchmarks' choice of cohort: real textures (PCam by default) or the procedural look."""
+    ap.add_argument("--textures", type=Path, default=PCAM,
+                    help="folder of labelled real tiles, one folder per class (default: PCam)")
+    ap.add_argument("--tile-mpp", type=float, default=None,
+                    help=f"µm/px of the textures' tiles (default {PCAM_MPP} for PCam)")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="the procedural generator instead of real textures (unit-test look)")
 
 
 def make_textured_cohort(work: Path, n_slides: int, size: int, seed: int, textures: Path,

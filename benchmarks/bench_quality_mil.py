@@ -35,7 +35,8 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PCAM, PCAM_MPP, make_cohort, make_textured_cohort, split_cohort, table, wsimil  # noqa: E402
+from _common import (PCAM, PCAM_MPP, add_texture_options, make_cohort, make_textured_cohort,  # noqa: E402
+                     split_cohort, table, wsimil)
 
 METHODS = ("clam-sb", "ms-clam", "abmil")
 
@@ -73,12 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     ap.add_argument("--mpp", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--annotated", type=float, default=0.10, help="share of malignant slides with pixel labels")
-    ap.add_argument("--textures", type=Path, default=PCAM,
-                    help="folder of labelled real tiles, one folder per class (default: PCam)")
-    ap.add_argument("--tile-mpp", type=float, default=None,
-                    help=f"µm/px of the textures' tiles (default {PCAM_MPP} for PCam)")
-    ap.add_argument("--synthetic", action="store_true",
-                    help="the procedural generator instead of real textures (unit-test look)")
+    add_texture_options(ap)
     ap.add_argument("--tumour-contrast", type=float, default=1.0,
                     help="--synthetic: tumour's contrast to normal tissue, 0-1 (1: the original, easy look)")
     ap.add_argument("--mucinous-share", type=float, default=0.0,

@@ -55,7 +55,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PCAM, PCAM_MPP, make_cohort, make_textured_cohort, split_cohort, table, wsimil  # noqa: E402
+from _common import (PCAM, PCAM_MPP, add_texture_options, make_cohort, make_textured_cohort,  # noqa: E402
+                     split_cohort, table, wsimil)
 
 METHODS = ("pinchaud", "hybrid", "confkd", "pinchaud+paint")
 # Slide labels only: no cross-entropy on the painted slides and no checkpoint choice by painted pixels.
@@ -174,12 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                     help="malignant validation slides with pixel labels (they choose the mixed methods' checkpoint)")
     ap.add_argument("--tumour-contrast", type=float, default=1.0,
                     help="synthetic tumour's contrast to normal tissue, 0-1 (1: the original, easy look)")
-    ap.add_argument("--textures", type=Path, default=PCAM,
-                    help="folder of labelled real tiles, one folder per class (default: PCam)")
-    ap.add_argument("--tile-mpp", type=float, default=None,
-                    help=f"µm/px of the textures' tiles (default {PCAM_MPP} for PCam)")
-    ap.add_argument("--synthetic", action="store_true",
-                    help="the procedural generator instead of real textures (unit-test look)")
+    add_texture_options(ap)
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=None,
                     help="also Pinchaud with β1 = 0 and with α = 0 (default: on, off with --quick)")
