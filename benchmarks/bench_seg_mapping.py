@@ -112,7 +112,7 @@ def bench_cut(slide, mpp: float, thresholds: list[float], work: Path, seed: int 
     1 − t of the map into many separate regions (blobs ~20 map px across)."""
     from scipy import ndimage as ndi
 
-    from napari_wsimil.project.pixel_labels import LabelStore
+    from napari_wsimil.io.raster_store import LabelStore
     from napari_wsimil.seg.maps import open_map
     from napari_wsimil.seg.masks import write_tumour_mask, write_tumour_outlines
     from napari_wsimil.seg.operating_point import threshold_level

@@ -14,6 +14,14 @@ class WsimilError(Exception):
     """Base class of every error this package raises on purpose."""
 
 
+class ProjectError(WsimilError):
+    """A project folder, its labels or a cohort file cannot be used as asked.
+
+    It always describes something the user can act on (a file that moved, a class that does not exist, a
+    project open elsewhere) and names the slide or file concerned. Defined here, at the bottom, because
+    the storage below the project package (:mod:`napari_wsimil.io`) raises it too."""
+
+
 class SlideError(WsimilError):
     """A slide file could not be opened or read."""
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from napari_wsimil.project import Project, ProjectError
-from napari_wsimil.project import atomic
-from napari_wsimil.project import pixel_labels as pl
+from napari_wsimil.io import atomic
+from napari_wsimil.io import raster_store as pl
 
 
 def _leftovers(root: Path) -> list[Path]:

@@ -77,7 +77,7 @@ def test_png_round_trips(project: Project, tmp_path: Path) -> None:
 
 
 def test_export_is_tile_wise(project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from napari_wsimil.project.pixel_labels import LabelStore
+    from napari_wsimil.io.raster_store import LabelStore
 
     lab = _paint(project, "slide_001")
     monkeypatch.setattr(LabelStore, "read", lambda self: pytest.fail("whole label array read"))

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from napari_wsimil.project import LabelGeometry, Project, ProjectError
-from napari_wsimil.project import pixel_labels as pl
+from napari_wsimil.io import raster_store as pl
 
 
 def _plain_slide(path: Path, shape: tuple[int, int], mpp: float | None) -> Path:

@@ -107,7 +107,7 @@ def _slides(cohort: Path, **kw):
 
 
 def test_tiled_map_has_no_seams_and_zero_outside_tissue(cohort: Path, tmp_path: Path) -> None:
-    from napari_wsimil.project.pixel_labels import LabelStore
+    from napari_wsimil.io.raster_store import LabelStore
     from napari_wsimil.seg.maps import compute_map
     from napari_wsimil.seg.nets import SegUNet, receptive_margin
 
@@ -515,7 +515,7 @@ def test_pixel_label_mask_of_the_wrong_shape_is_refused(cohort: Path, tmp_path: 
 
 def test_pseudo_labels_become_a_label_set_that_keeps_paint(cohort: Path, tmp_path: Path) -> None:
     from napari_wsimil.project import Project
-    from napari_wsimil.project.pixel_labels import LabelStore
+    from napari_wsimil.io.raster_store import LabelStore
     from napari_wsimil.seg.maps import open_map
     from napari_wsimil.seg.pseudo import write_pseudo_labels
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import WsimilError
-from ..project.atomic import atomic_write
+from ..io.atomic import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..slide import Slide

@@ -76,7 +76,7 @@ def _cmd_features_eval(args: argparse.Namespace) -> int:
     if args.json:
         from pathlib import Path
 
-        from ..project.atomic import write_text
+        from ..io.atomic import write_text
 
         write_text(Path(args.json), json.dumps(report.as_dict(), indent=1))
     return 0

@@ -12,7 +12,7 @@ Layout, in the cache folder (``<project>/features/ssl`` for a project)::
     <name>-<key>.json               settings, data digest, losses, the encoder version
     <name>-<key>.ckpt.safetensors   while training: the last finished epoch (resumes after a kill)
 
-Atomicity: files are only ever written whole (:mod:`..project.atomic`: temporary file, fsync,
+Atomicity: files are only ever written whole (:mod:`napari_wsimil.io.atomic`: temporary file, fsync,
 rename); the weights only at the end of training, after a first JSON (which the builder reads) and
 before the JSON that adds the version. A run killed or failing at any point leaves no weights file,
 at most a checkpoint that the next run with the same key resumes from. An entry is a cache hit only
@@ -86,7 +86,7 @@ def save_trunk(module: torch.nn.Module, entry: CacheEntry, build: Callable[[Path
     return the encoder reloaded from the file, so that what is returned is what later runs load."""
     from safetensors.torch import save
 
-    from ..project.atomic import write_bytes, write_text
+    from ..io.atomic import write_bytes, write_text
 
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     write_text(entry.meta, json.dumps(dict(meta), indent=1, default=str))  # the builder reads it (width)
@@ -130,7 +130,7 @@ def save_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], info: Mappi
     """One safetensors file (written atomically) holding the tensors and ``info`` as JSON metadata."""
     from safetensors.torch import save
 
-    from ..project.atomic import write_bytes
+    from ..io.atomic import write_bytes
 
     state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     write_bytes(path, save(state, metadata={"info": json.dumps(dict(info), default=str)}))

@@ -118,7 +118,7 @@ def write_heatmap(path: str | os.PathLike[str], heatmap: np.ndarray, slide_mpp: 
     img = np.round(np.clip(np.nan_to_num(np.asarray(heatmap, np.float64)), 0, 1) * 255).astype(np.uint8)
     meta = heatmap_meta(slide_mpp, downsample, extra)
     write_image_pyramid(path, img, mpp=meta["mpp"], description=json.dumps(meta))
-    from ..project.atomic import write_text
+    from ..io.atomic import write_text
 
     write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
     return path

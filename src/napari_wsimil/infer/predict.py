@@ -155,7 +155,7 @@ def overlap_attention(run: LoadedRun, slide_id: str, slide_path: str | os.PathLi
 
 
 def write_attention(pred: SlidePrediction, path: str | os.PathLike[str]) -> Path:
-    from ..project.atomic import atomic_write
+    from ..io.atomic import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +184,7 @@ def read_attention(path: str | os.PathLike[str]) -> SlidePrediction:
 
 def write_predictions(preds: list[SlidePrediction], n_classes: int, path: str | os.PathLike[str]) -> Path:
     """``slide_id, prob_0 … prob_{C-1}`` (columns by class index)."""
-    from ..project.atomic import write_text
+    from ..io.atomic import write_text
 
     lines = [",".join(["slide_id"] + [f"prob_{k}" for k in range(n_classes)])]
     for p in preds:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .atomic import write_text
+from ..io.atomic import write_text
 from .classes import ClassDef, UNLABELLED, hex_to_rgb, normalize_color
 from .errors import ProjectError, problems_error
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from .atomic import atomic_write
+from ..io.atomic import atomic_write
 from .errors import ProjectError, problems_error
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -212,7 +212,8 @@ def check_rows(rows: list[CohortRow], label_mpp: float, class_names: dict[int, s
     from .annotations import check_annotations, read_geojson
     from .classes import UNLABELLED
     from .mask_io import MaskImage, choose_downsample, resampled_bands
-    from .pixel_labels import CHUNK, compute_geometry, count_values
+    from ..io.raster_store import CHUNK
+    from .pixel_labels import compute_geometry, count_values
 
     missing: dict[str, str | None] = {}
     checked: dict[str, _Checked] = {}

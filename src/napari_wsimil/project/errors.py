@@ -7,11 +7,7 @@ as a message, so every message names the slide or file concerned and, where ther
 
 from __future__ import annotations
 
-from napari_wsimil.errors import WsimilError
-
-
-class ProjectError(WsimilError):
-    """A project folder, its labels or a cohort file cannot be used as asked."""
+from ..errors import ProjectError
 
 
 def problems_error(what: str, problems: list[str], limit: int = 30) -> ProjectError:

@@ -37,14 +37,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .annotations import Annotation, read_geojson, validate_annotations, write_geojson
-from .atomic import clean_temporaries, fsync_dir, write_text
+from ..io.atomic import clean_temporaries, fsync_dir, write_text
+from ..io.raster_store import LabelStore, dirty_chunks, label_shape
+from ..io.raster_store import exists as store_exists
 from .classes import (MAX_CLASS_ID, UNLABELLED, ClassDef, build_classes, check_name, check_table, next_color,
                       normalize_color)
 from .errors import ProjectError
 from .lock import LockOwner, ProjectLock
-from .pixel_labels import (LabelGeometry, LabelStore, as_label_array, class_counts, compute_geometry, count_values,
-                           dirty_chunks, label_shape, store_path)
-from .pixel_labels import exists as store_exists
+from .pixel_labels import LabelGeometry, as_label_array, class_counts, compute_geometry, count_values, store_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from napari_wsimil.slide import Slide
@@ -725,7 +725,7 @@ class Project:
             chunks = dirty_chunks(dirty, geometry.shape)
             if not chunks:
                 return 0
-            from .pixel_labels import CHUNK
+            from ..io.raster_store import CHUNK
 
             boxes = [(cy * CHUNK, (cy + 1) * CHUNK, cx * CHUNK, (cx + 1) * CHUNK) for cy, cx in chunks]
             self._check_class_ids(class_counts(arr, boxes), slide_id)
@@ -743,7 +743,7 @@ class Project:
         is written. Returns pixels per class name.
         """
         from .mask_io import MaskImage, choose_downsample, resampled_bands
-        from .pixel_labels import CHUNK
+        from ..io.raster_store import CHUNK
 
         self._check_writable()
         rec = self.record(slide_id)

@@ -115,7 +115,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_predict_seg(args: argparse.Namespace) -> int:
     from ..infer.predict import SlidePrediction, write_predictions
-    from ..project.atomic import write_text
+    from ..io.atomic import write_text
     from ..train.cohort import load_cohort
     from .data import open_seg_slides
     from .operating_point import describe, read_operating_point

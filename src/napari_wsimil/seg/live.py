@@ -20,7 +20,7 @@ from ..train.live import MapEvent
 def read_map(zarr_path: Path, slide_id: str, epoch: int, slide_mpp: float | None, max_side: int = 2048
              ) -> MapEvent | None:
     """A strided view of a map zarr as a :class:`MapEvent` (None while the map does not exist yet)."""
-    from ..project.pixel_labels import LabelStore, exists
+    from ..io.raster_store import LabelStore, exists
 
     if not exists(zarr_path):
         return None

@@ -104,8 +104,9 @@ def predict_tile(net: Any, slide: SegSlide, mpp: float, y0: int, x0: int, h: int
 
 
 def open_map(path: Path, slide: SegSlide, mpp: float, attrs: dict | None = None, create: bool = True) -> Any:
-    """The zarr map of ``slide`` at ``path`` (a :class:`~napari_wsimil.project.pixel_labels.LabelStore`)."""
-    from ..project.pixel_labels import LabelGeometry, LabelStore, exists
+    """The zarr map of ``slide`` at ``path`` (a :class:`~napari_wsimil.io.raster_store.LabelStore`)."""
+    from ..io.raster_store import LabelStore, exists
+    from ..project.pixel_labels import LabelGeometry
 
     if exists(path):
         store = LabelStore.open(path)

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from ..project.export import LabelSampler, write_ome_tiff
-from ..project.pixel_labels import LabelGeometry, LabelStore
+from ..io.mask_writers import LabelSampler, write_ome_tiff
+from ..io.raster_store import LabelStore
+from ..project.pixel_labels import LabelGeometry
 from .data import SegSlide
 from .operating_point import threshold_level
 

@@ -108,7 +108,7 @@ def calibrate_run(run_dir: str | os.PathLike[str], slides: Sequence[SegSlide], f
                   should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
     """Set the run's operating threshold on ``slides`` (benign) with its ``weights`` and write
     ``RUN/operating_point.json``; returns what it wrote (None when stopped, or without benign tissue)."""
-    from ..project.atomic import write_text
+    from ..io.atomic import write_text
     from .predict import _margin, load_seg_run
 
     run = load_seg_run(run_dir, device=device, weights=weights)

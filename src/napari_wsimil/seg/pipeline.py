@@ -21,7 +21,7 @@ DEFAULT_PATCH = 128
 
 
 def prepare_seg_run(spec: Any, report: Callable[[str], None] | None = None) -> Any:
-    from ..project.atomic import write_text
+    from ..io.atomic import write_text
     from ..train.pipeline import PreparedRun, _check, labelled_slides, split_and_check_resume
     from ..train.registry import make_config
     from .data import open_seg_slides

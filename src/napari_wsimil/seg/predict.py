@@ -113,8 +113,8 @@ def write_map_tiff(zarr_path: Path, path: Path, slide: SegSlide, mpp: float, ext
                    ) -> Path:
     """The zarr map as a pyramidal grey TIFF, tile by tile (never whole in memory)."""
     from ..infer.heatmap import heatmap_meta
-    from ..project.atomic import write_text
-    from ..project.pixel_labels import LabelStore
+    from ..io.atomic import write_text
+    from ..io.raster_store import LabelStore
     from ..slide.tiff_writer import TILE, write_pyramid
 
     store = LabelStore.open(zarr_path, readonly=True)

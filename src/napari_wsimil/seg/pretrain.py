@@ -94,7 +94,7 @@ def export_autoencoder(run_dir: Path, config: AutoencoderConfig) -> Path:
     """``RUN/autoencoder.safetensors``: the weights with the metadata segmentation runs check."""
     from safetensors.torch import load_file, save
 
-    from ..project.atomic import write_bytes
+    from ..io.atomic import write_bytes
 
     tensors = load_file(str(run_dir / "best.safetensors"))
     out = run_dir / "autoencoder.safetensors"

@@ -46,7 +46,7 @@ def write_pseudo_labels(project: Any, run_dir: Path, slide_id: str, tumour_id: i
                         high: float = 0.5, low: float = 0.2) -> tuple[Path, np.ndarray]:
     """Pseudo-labels of ``slide_id`` from ``run_dir``'s latest map, saved as the run's label set; the
     user's paint wins where there is some. Returns (path, labels)."""
-    from ..project.pixel_labels import LabelStore, exists
+    from ..io.raster_store import LabelStore, exists
     from ..slide.tissue import tissue_mask
 
     run_dir = Path(run_dir)
@@ -76,7 +76,7 @@ def map_patch_scores(zarr_path: Path, patch: int) -> Any:
     """Patch-sized blocks of a map as :class:`~napari_wsimil.infer.pseudo_labels.PatchScores` (block maximum),
     so "where to label next" works the same for segmentation runs as for MIL runs."""
     from ..infer.pseudo_labels import PatchScores
-    from ..project.pixel_labels import LabelStore
+    from ..io.raster_store import LabelStore
 
     store = LabelStore.open(zarr_path, readonly=True)
     d = float(store.attrs["downsample"])

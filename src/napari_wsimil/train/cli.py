@@ -218,7 +218,7 @@ def _epoch_text(line: dict[str, Any], total: int) -> str:
 def cmd_predict(args: argparse.Namespace) -> int:
     from ..errors import WsimilError
     from ..infer.predict import load_run, predict_bag, write_attention, write_predictions
-    from ..project.atomic import write_text
+    from ..io.atomic import write_text
     from ..seg.predict import is_segmentation_run
     from .cohort import ensure_features, features_dir_for, load_cohort
 
@@ -291,7 +291,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..errors import WsimilError
     from ..infer.metrics import slide_metrics
     from ..infer.predict import read_predictions
-    from ..project.atomic import write_text
+    from ..io.atomic import write_text
     from .cohort import class_names, label_indices, load_cohort
 
     pred_dir = Path(args.pred)

@@ -31,7 +31,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from ..errors import WsimilError
-from ..project.atomic import write_bytes, write_text
+from ..io.atomic import write_bytes, write_text
 from .events import ProgressEvent
 
 FORMAT_VERSION = 1

@@ -100,7 +100,7 @@ def split_and_check_resume(spec: MILRunSpec, usable: list[Any], classes: list[st
 
 def prepare_mil_run(spec: MILRunSpec, report: Callable[[str], None] | None = None) -> PreparedRun:
     """Validate, split, extract, label and build (see the module doc); errors are ``WsimilError``."""
-    from ..project.atomic import write_text
+    from ..io.atomic import write_text
     from .cohort import (
         check_tissue,
         ensure_features,

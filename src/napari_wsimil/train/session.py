@@ -342,7 +342,7 @@ class InteractiveSession:
 
     def _seg_map(self, name: str, slide_id: str) -> Path:
         """The run's map of ``slide_id`` (the mapping worker's, or made now with the best checkpoint)."""
-        from ..project.pixel_labels import exists
+        from ..io.raster_store import exists
         from ..seg.live import checkpoint_map
 
         path = self.run_dir(name) / "maps" / f"{slide_id}.zarr"
