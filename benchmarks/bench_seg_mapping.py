@@ -156,15 +156,16 @@ def make_cohort(work: Path, n: int, size: int, seed: int) -> Path:
 def train_run(cohort_csv: Path, out: Path, args: argparse.Namespace, dynamic: bool) -> dict:
     """One short Pinchaud run; seconds per epoch, the trainer's waits, maps made."""
     from napari_wsimil.train.engine import train
-    from napari_wsimil.train.pipeline import MILRunSpec, prepare_mil_run
+    from napari_wsimil.train.run import RunSpec
+    from napari_wsimil.workflow.live import prepare_run
 
-    spec = MILRunSpec(source=cohort_csv, method="pinchaud", out=out, epochs=args.epochs, mpp=args.train_mpp,
+    spec = RunSpec(source=cohort_csv, method="pinchaud", out=out, epochs=args.epochs, mpp=args.train_mpp,
                       patch=args.train_patch, seed=args.seed, device="cpu",
                       config={"width": args.train_width, "depth": args.train_depth, "batch_size": 16,
                               "patches_per_epoch": args.patches_per_epoch, "dynamic_sampling": dynamic,
                               "read_workers": 2, "map_tile": args.tile, "map_threads": args.map_threads,
                               "max_map_wait": args.max_map_wait})
-    method = prepare_mil_run(spec).method
+    method = prepare_run(spec).method
     waits, ages = [], []
     t = time.perf_counter()
     for ev in train(method, out):

@@ -35,7 +35,8 @@ def cohort(n_bags: int, n_patches: int, dim: int, seed: int = 0):
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from napari_wsimil.train import BagDataset, build, make_config, train
+    from napari_wsimil.mil import BagDataset, build
+    from napari_wsimil.train import make_config, train
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")

@@ -91,7 +91,7 @@ def _build_parser() -> argparse.ArgumentParser:
     register_project(sub)
     from napari_wsimil.features.cli import register as register_features
     register_features(sub)
-    from napari_wsimil.train.cli import register as register_train
+    from napari_wsimil.workflow.cli import register as register_train
     register_train(sub)
     from napari_wsimil.seg.cli import register as register_seg
     register_seg(sub)

@@ -66,8 +66,8 @@ def run_mil_headless(out: Path) -> dict:
     from .infer.heatmap import write_heatmap
     from .project import Project
     from .slide import open_slide
-    from .train.live import MapEvent
-    from .train.session import InteractiveSession
+    from .train.events import MapEvent
+    from .workflow.session import InteractiveSession
 
     proj_dir = mil_project(out)
     with Project.open(proj_dir) as project:

@@ -203,7 +203,7 @@ def test_train_watch_correct_retrain_suggest_export(make_napari_viewer, qtbot, t
 
 def _fake_map(tw) -> object:
     """An attention layer over the current slide without training: a bright square in a dark map."""
-    from napari_wsimil.train.live import MapEvent
+    from napari_wsimil.train.events import MapEvent
 
     s = tw.session
     w, h = s.slide.dimensions

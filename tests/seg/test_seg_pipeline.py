@@ -135,16 +135,17 @@ def test_mapper_crash_stops_training_with_its_error(cohort: Path, tmp_path: Path
     import napari_wsimil.seg.mapper as mapper_mod
     from napari_wsimil.seg.mapper import MapperError
     from napari_wsimil.train.engine import train
-    from napari_wsimil.train.pipeline import MILRunSpec, prepare_mil_run
+    from napari_wsimil.train.run import RunSpec
+    from napari_wsimil.workflow.live import prepare_run
 
     def broken(*a, **k):
         raise RuntimeError("disk full while writing the map")
 
     monkeypatch.setattr(mapper_mod, "compute_map", broken)
-    spec = MILRunSpec(source=cohort, method="pinchaud", out=tmp_path / "run", epochs=4, mpp=4.0, patch=32,
+    spec = RunSpec(source=cohort, method="pinchaud", out=tmp_path / "run", epochs=4, mpp=4.0, patch=32,
                       device="cpu", config=dict(width=8, depth=3, patches_per_epoch=16, batch_size=8, map_tile=128,
                                                 map_staleness=0, val_patches=2, read_workers=1, sync_maps=sync))
-    prepared = prepare_mil_run(spec)
+    prepared = prepare_run(spec)
     result: dict = {}
 
     def run() -> None:
@@ -171,7 +172,8 @@ def test_waiting_for_maps_stays_within_its_budget(cohort: Path, tmp_path: Path, 
 
     import napari_wsimil.seg.mapper as mapper_mod
     from napari_wsimil.train.engine import train
-    from napari_wsimil.train.pipeline import MILRunSpec, prepare_mil_run
+    from napari_wsimil.train.run import RunSpec
+    from napari_wsimil.workflow.live import prepare_run
 
     real = mapper_mod.compute_map
 
@@ -180,11 +182,11 @@ def test_waiting_for_maps_stays_within_its_budget(cohort: Path, tmp_path: Path, 
         return real(*a, **k)
 
     monkeypatch.setattr(mapper_mod, "compute_map", slow)
-    spec = MILRunSpec(source=cohort, method="pinchaud", out=tmp_path / "run", epochs=8, mpp=4.0, patch=32,
+    spec = RunSpec(source=cohort, method="pinchaud", out=tmp_path / "run", epochs=8, mpp=4.0, patch=32,
                       device="cpu", config=dict(width=8, depth=3, patches_per_epoch=16, batch_size=8, map_tile=128,
                                                 map_staleness=0, max_map_wait=budget, val_patches=2,
                                                 read_workers=1, min_epochs=8))
-    method = prepare_mil_run(spec).method
+    method = prepare_run(spec).method
     metrics = [ev.metrics for ev in train(method, spec.out) if ev.kind == "validation"]
     assert len(metrics) == 8 and all("map_wait_fraction" in m and "map_unmapped" in m for m in metrics)
     if budget < 1:
@@ -207,7 +209,8 @@ def test_sync_maps_makes_runs_reproducible_whatever_the_mapper_timing(cohort: Pa
 
     import napari_wsimil.seg.mapper as mapper_mod
     from napari_wsimil.train.engine import train
-    from napari_wsimil.train.pipeline import MILRunSpec, prepare_mil_run
+    from napari_wsimil.train.run import RunSpec
+    from napari_wsimil.workflow.live import prepare_run
 
     real = mapper_mod.compute_map
     delay = {"s": 0.0}
@@ -219,11 +222,11 @@ def test_sync_maps_makes_runs_reproducible_whatever_the_mapper_timing(cohort: Pa
     monkeypatch.setattr(mapper_mod, "compute_map", slowed)
     finals, waits = [], []
     for run, delay["s"] in (("a", 0.0), ("b", 0.3)):
-        spec = MILRunSpec(source=cohort, method="pinchaud", out=tmp_path / run, epochs=4, mpp=4.0, patch=32,
+        spec = RunSpec(source=cohort, method="pinchaud", out=tmp_path / run, epochs=4, mpp=4.0, patch=32,
                           device="cpu", config=dict(width=8, depth=3, patches_per_epoch=16, batch_size=8,
                                                     map_tile=128, sync_maps=True, val_patches=2, read_workers=1,
                                                     min_epochs=4))
-        method = prepare_mil_run(spec).method
+        method = prepare_run(spec).method
         metrics = [ev.metrics for ev in train(method, spec.out) if ev.kind == "validation"]
         assert len(metrics) == 4 and all(m["map_age"] == 0.0 for m in metrics)
         assert all(m["map_unmapped"] == 0.0 for m in metrics)  # every slide mapped before every epoch
@@ -387,13 +390,14 @@ def test_hybrid_and_confkd_need_paint(cohort: Path, tmp_path: Path, capsys) -> N
 
 def test_hybrid_rounds_use_pseudo_labels_and_keep_the_best_round(cohort: Path, tmp_path: Path) -> None:
     from napari_wsimil.train.engine import train
-    from napari_wsimil.train.pipeline import MILRunSpec, prepare_mil_run
+    from napari_wsimil.train.run import RunSpec
+    from napari_wsimil.workflow.live import prepare_run
 
     painted = _painted_cohort(cohort, tmp_path)
-    spec = MILRunSpec(source=painted, method="hybrid", out=tmp_path / "run", epochs=4, mpp=4.0, patch=32,
+    spec = RunSpec(source=painted, method="hybrid", out=tmp_path / "run", epochs=4, mpp=4.0, patch=32,
                       device="cpu", config=dict(width=8, depth=3, patches_per_epoch=32, batch_size=8, map_tile=128,
                                                 epochs_per_round=2, val_patches=4, read_workers=1))
-    prepared = prepare_mil_run(spec)
+    prepared = prepare_run(spec)
     method = prepared.method
     kinds: list[str] = []
     orig = method.plan
@@ -423,16 +427,17 @@ def _painted_val_cohort(cohort: Path, out: Path) -> Path:
 
 def test_painted_validation_slides_choose_the_checkpoint(cohort: Path, tmp_path: Path) -> None:
     from napari_wsimil.train.engine import train
-    from napari_wsimil.train.pipeline import MILRunSpec, prepare_mil_run
+    from napari_wsimil.train.run import RunSpec
+    from napari_wsimil.workflow.live import prepare_run
 
     source = _painted_val_cohort(cohort, tmp_path)
     best = {}
     for by in ("auto", "loss"):
-        spec = MILRunSpec(source=source, method="pinchaud", out=tmp_path / by, epochs=4, mpp=4.0, patch=32,
+        spec = RunSpec(source=source, method="pinchaud", out=tmp_path / by, epochs=4, mpp=4.0, patch=32,
                           device="cpu", config=dict(width=8, depth=3, patches_per_epoch=32, batch_size=8,
                                                     map_tile=128, val_patches=8, read_workers=1, w_pixel=0,
                                                     checkpoint_by=by, min_epochs=4))
-        method = prepare_mil_run(spec).method
+        method = prepare_run(spec).method
         vals = [e for e in train(method, spec.out) if e.kind == "validation"]
         dice = [e.metrics["val_pixel_dice"] for e in vals]
         total = [e.losses["total"] for e in vals]
@@ -717,16 +722,17 @@ def test_every_method_trains_with_context(cohort: Path, tmp_path: Path, method: 
     """Pseudo-labels (hybrid), the all-pixel entropy and KL (confkd) and the slide logits (pinchaud) take
     the patch inside its context ring; the ring's pixels never enter a loss."""
     from napari_wsimil.train.engine import train
-    from napari_wsimil.train.pipeline import MILRunSpec, prepare_mil_run
+    from napari_wsimil.train.run import RunSpec
+    from napari_wsimil.workflow.live import prepare_run
 
     painted = _painted_cohort(cohort, tmp_path)
     config = {"width": 8, "depth": 3, "patches_per_epoch": 16, "batch_size": 8, "map_tile": 128, "val_patches": 4,
               "read_workers": 1, "context": -1}
     if method == "hybrid":  # two rounds of one epoch; T = 0 keeps every pseudo-label
         config.update(epochs_per_round=1, threshold=0.0)
-    spec = MILRunSpec(source=painted, method=method, out=tmp_path / "run", epochs=2, mpp=4.0, patch=32,
+    spec = RunSpec(source=painted, method=method, out=tmp_path / "run", epochs=2, mpp=4.0, patch=32,
                       device="cpu", config=config)
-    prepared = prepare_mil_run(spec)
+    prepared = prepare_run(spec)
     m = prepared.method
     shapes, softs = set(), []
     orig = m.step

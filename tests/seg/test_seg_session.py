@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_wsimil.train.live import MapEvent
+from napari_wsimil.train.events import MapEvent
 
 CONFIG = dict(width=8, depth=3, patches_per_epoch=32, batch_size=8, map_tile=128, val_patches=4, read_workers=2)
 
@@ -16,7 +16,7 @@ def test_segmentation_in_the_interactive_session(tmp_path: Path) -> None:
     from napari_wsimil.project import Project
     from napari_wsimil.seg.pseudo import label_set_path
     from napari_wsimil.slide.synthetic import synthesize_cohort
-    from napari_wsimil.train.session import InteractiveSession, method_names, method_options
+    from napari_wsimil.workflow.session import InteractiveSession, method_names, method_options
 
     assert {"pinchaud", "hybrid", "confkd"} <= set(method_names())  # the widget lists them from the registry
     assert any(name == "beta1" for name, *_ in method_options("pinchaud"))
@@ -52,7 +52,7 @@ def test_hybrid_rounds_write_pseudo_label_sets_into_the_project(tmp_path: Path) 
     from napari_wsimil.project import Project
     from napari_wsimil.seg.pseudo import label_set_path
     from napari_wsimil.slide.synthetic import synthesize_cohort
-    from napari_wsimil.train.session import InteractiveSession
+    from napari_wsimil.workflow.session import InteractiveSession
 
     cohort = synthesize_cohort(tmp_path / "c", 4, seed=8, size=2048, workers=2)
     with Project.create_from_csv(tmp_path / "proj", cohort) as proj:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_wsimil.train import BagDataset, make_config
+from napari_wsimil.mil import BagDataset
+from napari_wsimil.train import make_config
 
 
 def make_bags(n_bags: int = 40, dim: int = 32, seed: int = 0, annotate: float = 0.0, shift: float = 3.0,

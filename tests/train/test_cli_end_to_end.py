@@ -13,7 +13,7 @@ import pytest
 
 from napari_wsimil.errors import WsimilError
 from napari_wsimil.infer import metrics as M
-from napari_wsimil.train.cli import register
+from napari_wsimil.workflow.cli import register
 from napari_wsimil.train.cohort import assign_splits, class_names, load_cohort
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from napari_wsimil.errors import WsimilError
-from napari_wsimil.train.cli import register
+from napari_wsimil.workflow.cli import register
 from napari_wsimil.train.cohort import CohortError, load_cohort
 
 
@@ -89,7 +89,7 @@ def test_csv_mpp_column_trains_predicts_and_evaluates(no_mpp: Path, tmp_path: Pa
     out = capsys.readouterr()
     assert "no heatmap" not in out.err
     assert len(list((pred / "heatmaps").glob("*.tif"))) == 4
-    from napari_wsimil.infer.predict import read_attention
+    from napari_wsimil.infer.predictions import read_attention
 
     assert read_attention(pred / "attention" / "slide_000.npz").slide_mpp == 0.5
     assert run_cli(["evaluate", str(pred), "--cohort", str(cohort)]) == 0

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from napari_wsimil.errors import WsimilError
 from napari_wsimil.models import ABMIL
-from napari_wsimil.train import BagDataset, build, load_model_weights, train
+from napari_wsimil.mil import BagDataset, build
+from napari_wsimil.train import load_model_weights, train
 from napari_wsimil.train.engine import pick_device
 
 from .conftest import make_bags, run_all, small_config

@@ -6,9 +6,10 @@ import torch
 from safetensors.torch import save_file
 
 from napari_wsimil.errors import WsimilError
-from napari_wsimil.train import BagDataset, attention_scores, build, get, methods, predict, train
+from napari_wsimil.mil import BagDataset, attention_scores, build, predict
+from napari_wsimil.train import get, methods, train
 from napari_wsimil.train.engine import binary_auc
-from napari_wsimil.train.mil import paired_sampler
+from napari_wsimil.mil.training import paired_sampler
 
 from .conftest import make_bags, run_all, small_config
 

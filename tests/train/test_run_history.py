@@ -8,8 +8,9 @@ from types import SimpleNamespace
 import pytest
 
 from napari_wsimil.errors import WsimilError
-from napari_wsimil.train import build, train
-from napari_wsimil.train.session import InteractiveSession, loss_history, train_loss, val_loss
+from napari_wsimil.mil import build
+from napari_wsimil.train import train
+from napari_wsimil.workflow.session import InteractiveSession, loss_history, train_loss, val_loss
 
 from .conftest import make_bags, run_all, small_config
 

@@ -48,8 +48,8 @@ def project(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_train_with_live_maps_then_correct_and_retrain(project) -> None:
-    from napari_wsimil.train.live import MapEvent
-    from napari_wsimil.train.session import InteractiveSession, method_names, method_options
+    from napari_wsimil.train.events import MapEvent
+    from napari_wsimil.workflow.session import InteractiveSession, method_names, method_options
 
     assert {"abmil", "clam-sb", "clam-mb", "ms-clam"} <= set(method_names())
     opts = {name: (default, doc) for name, default, _t, doc in method_options("clam-sb")}
@@ -111,7 +111,7 @@ def test_train_with_live_maps_then_correct_and_retrain(project) -> None:
 
 def test_bad_run_names_are_refused(project) -> None:
     from napari_wsimil.errors import WsimilError
-    from napari_wsimil.train.session import InteractiveSession
+    from napari_wsimil.workflow.session import InteractiveSession
 
     with pytest.raises(WsimilError, match="run name"):
         InteractiveSession(project).spec("clam-sb", "../escape")
@@ -123,9 +123,9 @@ def test_training_in_a_child_process_streams_events_and_errors(project, tmp_path
     import csv
 
     from napari_wsimil.errors import WsimilError
-    from napari_wsimil.train.live import MapEvent
-    from napari_wsimil.train.pipeline import MILRunSpec
-    from napari_wsimil.train.session import InteractiveSession
+    from napari_wsimil.train.events import MapEvent
+    from napari_wsimil.train.run import RunSpec
+    from napari_wsimil.workflow.session import InteractiveSession
 
     session = InteractiveSession(project)
     sid = project.slide_ids[0]
@@ -142,7 +142,7 @@ def test_training_in_a_child_process_streams_events_and_errors(project, tmp_path
         w.writerow(["slide_id", "path", "label"])
         w.writerow([sid, str(project.slide_path(sid)), "1"])
     with pytest.raises(WsimilError, match="only class"):
-        list(session.train_process(MILRunSpec(one, "abmil", tmp_path / "run", epochs=1, device="cpu")))
+        list(session.train_process(RunSpec(one, "abmil", tmp_path / "run", epochs=1, device="cpu")))
 
     handle = session.train_process(session.spec("abmil", "closed", epochs=500, device="cpu", mpp=1.0, patch=128))
     handle.close()
@@ -158,9 +158,9 @@ def test_encoder_choice_is_checked_and_recorded(project, tmp_path, monkeypatch) 
     from napari_wsimil.errors import WsimilError
     from napari_wsimil.features import encoders
     from napari_wsimil.features.encoders import Encoder, EncoderSpec
-    from napari_wsimil.train.session import InteractiveSession, encoder_problem, method_kind
+    from napari_wsimil.workflow.session import InteractiveSession, encoder_problem, method_uses_encoder
 
-    assert method_kind("clam-sb") == "mil" and method_kind("pinchaud") == "segmentation"
+    assert method_uses_encoder("clam-sb") and not method_uses_encoder("pinchaud")
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"not read by this test")
     hub = tmp_path / "hub"

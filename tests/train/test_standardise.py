@@ -11,12 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from napari_wsimil.infer.predict import load_run
+from napari_wsimil.mil.predict import load_run
 from napari_wsimil.models import CLAMSB
-from napari_wsimil.train import BagDataset, build, predict, train
+from napari_wsimil.mil import BagDataset, build, predict
+from napari_wsimil.train import train
 from napari_wsimil.train.cohort import SlideItem, assign_splits
 from napari_wsimil.train.engine import binary_auc
-from napari_wsimil.train.mil import FeatureMoments, balanced_sampler
+from napari_wsimil.mil.training import FeatureMoments, balanced_sampler
 
 from .conftest import make_bags, run_all, small_config
 

@@ -4,7 +4,7 @@ corrections", and the most uncertain places of the slide as points and a list.
 The pseudo-labels are computed in the background and shown as ``pseudo-labels <slide>`` at the project's
 label geometry. Retraining saves what the user changed on that layer as paint (on top of the strokes on
 the project's own labels layer), then trains: MS-CLAM on the corrected tile labels, or the segmentation
-run again (see :meth:`~napari_wsimil.train.session.InteractiveSession.retrain_spec`).
+run again (see :meth:`~napari_wsimil.workflow.session.InteractiveSession.retrain_spec`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ enabled only for an encoder that takes weights; a folder is offered for the timm
 Face hub folder holding ``config.json``) and for plugins (which decide what they read). The weights
 chosen for each encoder are remembered while the widget lives, so switching encoders back and forth
 keeps them. Checking the choice before a run starts is the library's
-(:func:`~napari_wsimil.train.session.encoder_problem`); this is only the view.
+(:func:`~napari_wsimil.workflow.session.encoder_problem`); this is only the view.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _timm_family(name: str) -> bool:
 
 
 def _requires_weights(name: str) -> bool:
-    from ..train.session import encoder_requires_weights
+    from ..workflow.session import encoder_requires_weights
 
     return encoder_requires_weights(name)
 

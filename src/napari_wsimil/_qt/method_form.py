@@ -2,7 +2,7 @@
 resolution, patch size and run name.
 
 The settings form is generated from the method's config dataclass
-(:func:`~napari_wsimil.train.session.method_options`): one plain Qt editor per field, chosen by its
+(:func:`~napari_wsimil.workflow.session.method_options`): one plain Qt editor per field, chosen by its
 declared type, with the field's documentation as its tooltip. Choosing another method rebuilds the form
 and sets the method's default resolution; segmentation methods train on pixels and hide the encoder row.
 """
@@ -98,11 +98,11 @@ class MethodForm(QWidget):
 
     def __init__(self, ctx: Any, parent: QWidget | None = None):
         super().__init__(parent)
-        from ..train.session import method_names
+        from ..workflow.session import method_names
 
         self.ctx = ctx
         self.options: dict[str, QWidget] = {}
-        self.kind = "mil"  # of the chosen method: "segmentation" methods train on pixels, without an encoder
+        self.uses_encoder = True  # whether the chosen method's family reads features from a patch encoder
         self._auto_name: str | None = None
         self.method = QComboBox()
         self.method.addItems(method_names())
@@ -151,7 +151,7 @@ class MethodForm(QWidget):
     # --- the settings form -----------------------------------------------------------------------
     def _on_method(self, name: str) -> None:
         """A new method, a new form: its own fields, defaults and help."""
-        from ..train.session import method_geometry, method_kind, method_options
+        from ..workflow.session import method_geometry, method_options, method_uses_encoder
 
         while self.settings_form.rowCount():
             self.settings_form.removeRow(0)
@@ -168,14 +168,14 @@ class MethodForm(QWidget):
             label.setToolTip(doc)
             self.settings_form.addRow(label, w)
         if name:
-            mpp, patch = method_geometry(name)  # segmentation: 1 µm/px, 128 px patches; MIL: 0.5, 256
+            mpp, patch = method_geometry(name)  # the family's: segmentation 1 µm/px, 128 px; MIL 0.5, 256
             self.mpp.setValue(mpp)
             self.patch.setValue(patch)
         try:
-            self.kind = method_kind(name) if name else "mil"
+            self.uses_encoder = method_uses_encoder(name) if name else True
         except Exception:  # noqa: BLE001 - reported above with its settings
-            self.kind = "mil"
-        self.encoder_picker.setVisible(self.kind != "segmentation")  # the choice is kept while hidden
+            self.uses_encoder = True
+        self.encoder_picker.setVisible(self.uses_encoder)  # the choice is kept while hidden
         self.default_name()
         self.method_changed.emit(name)
 
@@ -198,11 +198,11 @@ class MethodForm(QWidget):
 
     # --- the request -----------------------------------------------------------------------------
     def encoder_choice(self) -> dict[str, Any] | None:
-        """``encoder`` and ``weights`` of a MIL run ({} for a segmentation method), or None after telling the
-        user why that choice cannot start (nothing is created then)."""
-        if self.kind == "segmentation":
+        """``encoder`` and ``weights`` of a run whose family reads features ({} for one that does not, e.g.
+        segmentation), or None after telling the user why that choice cannot start (nothing is created then)."""
+        if not self.uses_encoder:
             return {}
-        from ..train.session import encoder_problem
+        from ..workflow.session import encoder_problem
 
         picker = self.encoder_picker
         encoder, weights = picker.encoder(), picker.weights()

@@ -1,10 +1,10 @@
 """Run control: Start, Pause, Cancel and Resume run, the epoch progress bar, the status line, the loss plot.
 
-Training runs in a child process (:meth:`~napari_wsimil.train.session.InteractiveSession.train_process`):
+Training runs in a child process (:meth:`~napari_wsimil.workflow.session.InteractiveSession.train_process`):
 feature extraction and checkpoint maps hold the GIL in C code for 100 ms and more, which would freeze
 the window in this process. A worker of the widget's task runner iterates that child's events; on the
 main thread each one becomes the progress bar, the status line and the loss plot, and each
-:class:`~napari_wsimil.train.live.MapEvent` is handed on (``map_ready``) to the runs panel's layer.
+:class:`~napari_wsimil.train.events.MapEvent` is handed on (``map_ready``) to the runs panel's layer.
 
 Pause stops the child process itself with SIGSTOP (and Resume continues it with SIGCONT), once the worker
 has reached its next yield: the computation stops, not only the delivery of its events. Cancel quits the
@@ -145,7 +145,7 @@ class RunControl(QWidget):
 
     # --- events, on the main thread --------------------------------------------------------------
     def _on_event(self, ev: Any) -> None:
-        from ..train.live import MapEvent
+        from ..train.events import MapEvent
 
         if isinstance(ev, MapEvent):
             self.map_ready.emit(ev, self.run_name)
@@ -153,7 +153,7 @@ class RunControl(QWidget):
             self._on_progress(ev)
 
     def _on_progress(self, ev: Any) -> None:
-        from ..train.session import train_loss, val_loss
+        from ..workflow.session import train_loss, val_loss
 
         last = self._last
         if ev.total_epochs:

@@ -122,7 +122,7 @@ class RunsPanel(QGroupBox):
                              lambda ev: self.show_map(ev, name) if ev.slide_id == ctx.slide_id() else None)
 
     def show_map(self, ev: Any, run: str | None = None) -> Any:
-        """Put a :class:`~napari_wsimil.train.live.MapEvent` of the current slide into its layer."""
+        """Put a :class:`~napari_wsimil.train.events.MapEvent` of the current slide into its layer."""
         s, viewer = self.ctx.session, self.ctx.viewer
         slide = s.slide
         if slide is None or ev.slide_id != s.slide_id:

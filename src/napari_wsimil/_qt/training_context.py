@@ -1,5 +1,5 @@
 """What the Training widget's panels share: the viewer, the project session, the open project's headless
-:class:`~napari_wsimil.train.session.InteractiveSession`, the one task runner, and the chosen run.
+:class:`~napari_wsimil.workflow.session.InteractiveSession`, the one task runner, and the chosen run.
 
 The layers the panels add (``attention <slide>``, ``pseudo-labels <slide>``, ``suggestions <slide>``)
 carry ``metadata["wsimil"]["training_widget"]`` and their slide id, so that switching slides hides them

@@ -1,6 +1,6 @@
 """Dock widget: train a MIL or segmentation model on the project, watch its map, correct, retrain, export.
 
-A thin view over :class:`~napari_wsimil.train.session.InteractiveSession`, composed of one-file panels that
+A thin view over :class:`~napari_wsimil.workflow.session.InteractiveSession`, composed of one-file panels that
 share a :class:`~.training_context.TrainingContext` and one :class:`~.tasks.TaskRunner`:
 
 - :class:`~.method_form.MethodForm`: the method, its encoder row and generated settings, the run's name;
@@ -135,7 +135,7 @@ class TrainingWidget(QWidget):
         self.ctx.api = None
         p = self.session.project
         if p is not None:
-            from ..train.session import InteractiveSession
+            from ..workflow.session import InteractiveSession
 
             self.ctx.api = InteractiveSession(p)
             self.encoder_picker.refresh()  # encoders registered since (the choice itself is kept)

@@ -1,14 +1,14 @@
-"""Inference with a trained run: slide probabilities, per-patch attention and slide-level metrics.
+"""What any trained run's output is measured and drawn with: slide metrics, localisation metrics,
+heatmaps, pseudo-labels, and the predictions files. Nothing here knows a method family; loading a run
+to predict with is the family's (``napari_wsimil.mil.predict`` for attention MIL).
 
-    from napari_wsimil.infer import load_run, predict_bag, slide_metrics
-    run = load_run("runs/abmil")
-    pred = predict_bag(run, "slide_001", "features/handcrafted/slide_001.npz")
+    from napari_wsimil.infer import read_predictions, slide_metrics
+    ids, probs = read_predictions("pred/predictions.csv")
 """
 
 from .metrics import accuracy, auc, balanced_accuracy, binary_auc, f1, slide_metrics
-from .predict import (LoadedRun, RunError, SlidePrediction, load_run, predict_bag, read_predictions,
-                      write_attention, write_predictions)
+from .predictions import (RunError, SlidePrediction, read_attention, read_predictions, write_attention,
+                          write_predictions)
 
-__all__ = ["LoadedRun", "RunError", "SlidePrediction", "accuracy", "auc", "balanced_accuracy", "binary_auc",
-           "f1", "load_run", "predict_bag", "read_predictions", "slide_metrics", "write_attention",
-           "write_predictions"]
+__all__ = ["RunError", "SlidePrediction", "accuracy", "auc", "balanced_accuracy", "binary_auc", "f1",
+           "read_attention", "read_predictions", "slide_metrics", "write_attention", "write_predictions"]

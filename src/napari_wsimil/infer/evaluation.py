@@ -60,7 +60,7 @@ def localisation_metrics(items: Iterable[TruthItem], attention_dir: str | os.Pat
     Class 0 is "no tumour" (as in MS-CLAM), so P(tumour slide) is 1 − P(class 0)."""
     from ..infer.heatmap import percentile_scores
     from ..infer.metrics import binary_auc
-    from ..infer.predict import read_attention
+    from .predictions import read_attention
     from ..project.mask_io import MaskImage
     from .localisation import (candidates_from_scores, classify_candidates, froc, lesions_from_mask,
                                patch_auc, patch_tumour_fraction)

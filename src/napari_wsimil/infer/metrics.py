@@ -15,6 +15,16 @@ import math
 import numpy as np
 
 
+def format_metric(value: float | None, spec: str = ".3f") -> str:
+    """A metric for a report line: "nan" where it could not be computed (None, or NaN such as the AUC of a
+    cohort with one class), so every family's report reads the same."""
+    import math
+
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "nan"
+    return format(value, spec)
+
+
 def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     """P(score of a random positive > score of a random negative), ties counted as one half.
 
@@ -89,4 +99,4 @@ def slide_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
             "f1": f1(pred, y, p.shape[1]), "n_slides": int(len(y))}
 
 
-__all__ = ["accuracy", "auc", "balanced_accuracy", "binary_auc", "f1", "slide_metrics"]
+__all__ = ["format_metric", "accuracy", "auc", "balanced_accuracy", "binary_auc", "f1", "slide_metrics"]

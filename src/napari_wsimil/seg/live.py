@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..train.live import MapEvent
+from ..train.events import MapEvent
 
 
 def read_map(zarr_path: Path, slide_id: str, epoch: int, slide_mpp: float | None, max_side: int = 2048

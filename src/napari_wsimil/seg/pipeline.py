@@ -1,10 +1,9 @@
-"""From "train pinchaud/hybrid/confkd on this cohort" to a method the engine can run.
+"""From "train pinchaud/hybrid/confkd on this cohort" to a method the engine can run: the segmentation
+family's ``prepare`` (:mod:`.family`).
 
-The same request object as the MIL methods (:class:`~napari_wsimil.train.pipeline.MILRunSpec`) and the same
-``RUN/run.json``, so ``wsimil train``, the training widget and :class:`~napari_wsimil.train.session.
-InteractiveSession` need no segmentation-specific path: :func:`~napari_wsimil.train.pipeline.prepare_mil_run`
-hands segmentation methods to :func:`prepare_seg_run`. ``spec.mpp`` is the working µm/px of the U-Net and
-``spec.patch`` its training patch side; maps are written to ``RUN/maps/<slide_id>.zarr``.
+The same request object as every family (:class:`~napari_wsimil.train.run.RunSpec`) and the same
+``RUN/run.json``. ``spec.mpp`` is the working µm/px of the U-Net and ``spec.patch`` its training patch
+side; maps are written to ``RUN/maps/<slide_id>.zarr``.
 """
 
 from __future__ import annotations
@@ -16,19 +15,15 @@ from typing import Any
 
 from ..errors import WsimilError
 
-DEFAULT_MPP = 1.0  # Pinchaud trains at 1 µm/px
-DEFAULT_PATCH = 128
-
-
 def prepare_seg_run(spec: Any, report: Callable[[str], None] | None = None) -> Any:
     from ..io.atomic import write_text
-    from ..train.pipeline import PreparedRun, _check, labelled_slides, split_and_check_resume
     from ..train.registry import make_config
+    from ..train.run import PreparedRun, check_spec, labelled_slides, split_and_check_resume
     from .data import open_seg_slides
     from .methods import make_method
 
     say = report or (lambda _m: None)
-    _check(spec)
+    check_spec(spec)
     run = Path(spec.out)
     cohort, usable, classes = labelled_slides(spec)
     if len(classes) != 2:
@@ -69,7 +64,7 @@ def prepare_seg_run(spec: Any, report: Callable[[str], None] | None = None) -> A
     if cohort.is_project and hasattr(method, "on_pseudo_labels"):
         method.on_pseudo_labels = _project_writer(cohort.source, run, say)
     painted = sorted(s.slide_id for s in train_slides if s.annotated)
-    info = {"format": 1, "kind": "segmentation", "cohort": str(Path(spec.source).resolve()), "method": spec.method,
+    info = {"format": 1, "family": "segmentation", "kind": "segmentation", "cohort": str(Path(spec.source).resolve()), "method": spec.method,
             "encoder": None, "weights": None, "mpp": spec.mpp, "patch": spec.patch, "classes": classes,
             "seed": spec.seed, "width": cfg.width, "depth": cfg.depth,
             "predict_with": getattr(cfg, "predict_with", None),
@@ -99,12 +94,12 @@ def _project_writer(root: Path, run: Path, say: Callable[[str], None]) -> Callab
 
     def write(slide_id: str) -> None:
         from ..project.project import Project
-        from ..train.session import InteractiveSession
+        from ..train.tile_labels import pseudo_label_class_ids
         from .pseudo import write_pseudo_labels
 
         with Project.open(root, readonly=True) as project:
             try:
-                tumour, normal = InteractiveSession(project).class_ids()
+                tumour, normal = pseudo_label_class_ids({c.id: c.name for c in project.classes})
             except WsimilError:
                 return  # the project has no tumour/normal classes to write them with
             path, _ = write_pseudo_labels(project, run, slide_id, tumour, normal)
@@ -113,4 +108,4 @@ def _project_writer(root: Path, run: Path, say: Callable[[str], None]) -> Callab
     return write
 
 
-__all__ = ["DEFAULT_MPP", "DEFAULT_PATCH", "prepare_seg_run"]
+__all__ = ["prepare_seg_run"]

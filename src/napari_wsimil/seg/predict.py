@@ -49,7 +49,8 @@ def is_segmentation_run(run_dir: str | os.PathLike[str]) -> bool:
 
 
 def load_seg_run(run_dir: str | os.PathLike[str], device: str = "auto", weights: str = "best") -> SegRun:
-    from ..infer.predict import load_checkpoint_weights, saved_config
+    from ..train.checkpoints import load_checkpoint_weights
+    from ..train.registry import saved_config
     from .methods import build_net
 
     run = Path(run_dir)

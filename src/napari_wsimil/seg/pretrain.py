@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..train.engine import StepOutput, TrainConfig, TrainingError, _doc
+from ..train.engine import StepOutput, TrainConfig, TrainingError, doc_field
 from .data import SegSlide
 from .loader import Patch, PatchBatches, read_patch
 from .maps import default_grid
@@ -31,14 +31,14 @@ KIND = "wsimil autoencoder"
 class AutoencoderConfig(TrainConfig):
     """Pre-training settings; width and depth must match the segmentation runs that will use it."""
 
-    epochs: int = _doc("Passes of `patches_per_epoch` patches.", default=20)
-    lr: float = _doc("Adam learning rate.", default=1e-3)
-    early_stopping: bool = _doc("Stop when the validation loss stalls (no validation here: off).", default=False)
-    width: int = _doc("Filters in the first level.", default=32)
-    depth: int = _doc("U-Net levels.", default=4)
-    batch_size: int = _doc("Patches per step.", default=16)
-    patches_per_epoch: int = _doc("Patches per epoch, spread evenly over the slides.", default=512)
-    read_workers: int = _doc("Threads reading patches.", default=4)
+    epochs: int = doc_field("Passes of `patches_per_epoch` patches.", default=20)
+    lr: float = doc_field("Adam learning rate.", default=1e-3)
+    early_stopping: bool = doc_field("Stop when the validation loss stalls (no validation here: off).", default=False)
+    width: int = doc_field("Filters in the first level.", default=32)
+    depth: int = doc_field("U-Net levels.", default=4)
+    batch_size: int = doc_field("Patches per step.", default=16)
+    patches_per_epoch: int = doc_field("Patches per epoch, spread evenly over the slides.", default=512)
+    read_workers: int = doc_field("Threads reading patches.", default=4)
 
 
 class AutoencoderMethod:

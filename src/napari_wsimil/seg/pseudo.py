@@ -4,7 +4,7 @@ A segmentation run's map becomes an editable label image at the project's label 
 p ≥ ``high``, normal where tissue has p ≤ ``low``, unlabelled in between. It is written to
 ``PROJECT/pseudo_labels/<run>/<slide_id>.zarr`` (the same zarr format as painted labels, so napari shows it
 as a Labels layer and export works on it), never over the user's paint. What the user changes on it is
-saved as paint (:meth:`~napari_wsimil.train.session.InteractiveSession.save_corrections`), and paint is a
+saved as paint (:meth:`~napari_wsimil.workflow.session.InteractiveSession.save_corrections`), and paint is a
 strong label for every method's next round: Hybrid's fine patches, ConfKD's teacher, Pinchaud's pixel CE.
 """
 

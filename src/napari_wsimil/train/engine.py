@@ -41,7 +41,7 @@ class TrainingError(WsimilError):
     """Training cannot start or cannot go on (bad cohort, NaN loss, unusable checkpoint)."""
 
 
-def _doc(text: str, **kw: Any) -> Any:
+def doc_field(text: str, **kw: Any) -> Any:
     """A dataclass field with its documentation attached (read by the GUI/CLI to explain options)."""
     return field(metadata={"doc": text}, **kw)
 
@@ -51,17 +51,17 @@ class TrainConfig:
     """Options every method shares. Defaults follow CLAM (Adam 2e-4, wd 1e-5, 200 epochs, patience 20
     after epoch 50)."""
 
-    epochs: int = _doc("Maximum number of passes over the training bags.", default=200)
-    lr: float = _doc("Adam learning rate.", default=2e-4)
-    weight_decay: float = _doc("Adam weight decay (L2).", default=1e-5)
-    seed: int = _doc("Seed for weights, dropout and sampling; same seed + same data = same model on CPU.",
+    epochs: int = doc_field("Maximum number of passes over the training bags.", default=200)
+    lr: float = doc_field("Adam learning rate.", default=2e-4)
+    weight_decay: float = doc_field("Adam weight decay (L2).", default=1e-5)
+    seed: int = doc_field("Seed for weights, dropout and sampling; same seed + same data = same model on CPU.",
                      default=0)
-    early_stopping: bool = _doc("Stop when the validation loss has not improved for `patience` epochs.",
+    early_stopping: bool = doc_field("Stop when the validation loss has not improved for `patience` epochs.",
                                 default=True)
-    patience: int = _doc("Epochs without validation improvement tolerated before stopping.", default=20)
-    min_epochs: int = _doc("Never stop early before this epoch (attention models improve late).", default=50)
-    device: str = _doc("'auto' (cuda, then mps, then cpu), or a torch device string.", default="auto")
-    step_events: int = _doc("Yield a 'step' event every this many steps (0: none).", default=0)
+    patience: int = doc_field("Epochs without validation improvement tolerated before stopping.", default=20)
+    min_epochs: int = doc_field("Never stop early before this epoch (attention models improve late).", default=50)
+    device: str = doc_field("'auto' (cuda, then mps, then cpu), or a torch device string.", default="auto")
+    step_events: int = doc_field("Yield a 'step' event every this many steps (0: none).", default=0)
 
     def doc(self, name: str) -> str:
         """The documentation of one option."""

@@ -1,9 +1,12 @@
-"""The one progress-event type every training method yields (the GUI and CLI only observe these)."""
+"""The events training yields: progress of the engine, and maps of watched slides (the GUI and CLI only
+observe these)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+
+import numpy as np
 
 EventKind = Literal["epoch", "step", "validation", "checkpoint", "done"]
 
@@ -28,3 +31,18 @@ class ProgressEvent:
     eta: float | None = None
     path: str | None = None
     message: str = ""
+
+
+@dataclass(frozen=True)
+class MapEvent:
+    """A map of one slide from the model after ``epoch``: ``heatmap`` float32 in [0, 1] covering the slide
+    at ``downsample`` level-0 px per pixel (the slide's µm/px × downsample in napari's world). ``kind`` is
+    the family's live layer: "map" for attention, "probability" for a pixel probability map."""
+
+    slide_id: str
+    epoch: int
+    heatmap: np.ndarray
+    downsample: float
+    slide_mpp: float | None
+    probs: np.ndarray
+    kind: str = "map"

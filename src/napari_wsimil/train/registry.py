@@ -1,143 +1,139 @@
-"""Methods by name: each has a config dataclass (defaults + a doc string per field) and a builder.
+"""Methods by name: each has a config dataclass (defaults + a doc string per field) and a family.
 
-The GUI and CLI list :func:`methods`, show each field's ``doc`` and call :func:`build` — nothing else
-needs to know which method is which.
+The GUI and CLI list :func:`methods`, show each field's ``doc`` and ask a method's :class:`~.family.
+MethodFamily` to prepare, train, predict and map it — nothing else needs to know which method is which.
+
+Where methods come from:
+- the built-in families, each a module with a ``METHODS`` list (:data:`BUILTIN_MODULES`), imported on
+  first use by name, like a plugin, so that this layer never imports the families above it;
+- installed packages, through the ``napari_wsimil.methods`` entry-point group (each entry point is a
+  list of :class:`MethodInfo` or a function returning one);
+- :func:`register`, at run time (a notebook, a test). These are handed to the training child process.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
-from torch import nn
+from .engine import TrainConfig, TrainingError
+from .family import MethodFamily
 
-from ..models import ABMIL, CLAMMB, CLAMSB
-from .engine import TrainConfig, TrainingError, _doc
-from .mil import (BagDataset, MILMethod, abmil_loss, balanced_sampler, clam_loss, ms_clam_loss, paired_sampler,
-                  shuffle_sampler)
-
-
-@dataclass
-class ABMILConfig(TrainConfig):
-    """ABMIL (Ilse 2018): gated attention pooling, bag cross-entropy only."""
-
-    n_classes: int | None = _doc("Number of slide classes; None: largest training label + 1.", default=None)
-    hidden: int = _doc("Width of the trunk Linear(D, hidden) after the encoder features.", default=512)
-    attn_hidden: int = _doc("Width of the gated attention's hidden layer.", default=256)
-    dropout: float = _doc("Dropout after the trunk and inside the attention.", default=0.25)
-    standardise: bool = _doc("Standardise each feature with the mean and std of the training bags' patches "
-                             "(stored in the model, applied at prediction). Off only to reproduce old runs: "
-                             "real encoders' features differ in scale by orders of magnitude.", default=True)
-    balanced: bool = _doc("Draw the training slides so that every class is seen equally often per epoch "
-                          "(CLAM's weighted sampling); off: each slide once, in random order. MS-CLAM's `paired` "
-                          "steps are balanced by construction.", default=True)
-
-
-@dataclass
-class CLAMConfig(ABMILConfig):
-    """CLAM (Lu 2021): attention MIL plus instance clustering on the most/least attended patches."""
-
-    k_sample: int = _doc("Patches taken from each end of the attention ranking for the instance loss "
-                         "(shrinks to N//2 on small bags).", default=8)
-    bag_weight: float = _doc("Weight of the bag loss; the instance loss gets 1 - bag_weight.", default=0.7)
-    instance_loss: str = _doc("'svm' (smooth top-1 SVM) or 'ce' for the instance classifiers.", default="svm")
-    subtyping: bool | None = _doc("Also push other classes' top patches to negative; None: on when more "
-                                  "than 2 classes.", default=None)
-
-
-@dataclass
-class MSCLAMConfig(CLAMConfig):
-    """MS-CLAM (Tourniaire 2023): CLAM-SB with one shared tile classifier, tile labels where known,
-    an attention loss and paired negative/positive sampling. Class 0 is 'normal'."""
-
-    c1: float = _doc("Weight of the bag loss; the instance loss gets 1 - c1.", default=0.6)
-    w_att: float = _doc("Weight of the attention (entropy) loss.", default=1.0)
-    oversample: float = _doc("Initial sampling weight of slides with tile labels.", default=90.0)
-    oversample_decay: float = _doc("Per-epoch decay of that weight (never below 1).", default=0.9)
-    paired: bool = _doc("Each step: one normal and one tumour slide.", default=True)
+BUILTIN_MODULES = ("napari_wsimil.mil.methods", "napari_wsimil.seg.family")
+ENTRY_POINT_GROUP = "napari_wsimil.methods"
 
 
 @dataclass(frozen=True)
 class MethodInfo:
-    """``kind`` "mil" methods train on feature bags (``builder``), "segmentation" ones on slide patches
-    (built by :func:`napari_wsimil.seg.pipeline.prepare_seg_run`)."""
+    """A trainable method: its name, its settings (``config_cls``), its family and, for families that
+    build methods from data with a function (the MIL family's bags), that ``builder``."""
 
     name: str
     config_cls: type[TrainConfig]
-    builder: Callable[[Any, BagDataset, BagDataset | None], MILMethod] | None
-    kind: str = "mil"
+    family: MethodFamily
+    builder: Callable[..., Any] | None = None
 
     @property
     def description(self) -> str:
         return (self.config_cls.__doc__ or "").strip()
 
-
-def _clam_model(cls: type[nn.Module], cfg: CLAMConfig, **extra: Any) -> Callable[[int, int], nn.Module]:
-    def make(in_dim: int, n_classes: int) -> nn.Module:
-        return cls(in_dim, n_classes, hidden=cfg.hidden, attn_hidden=cfg.attn_hidden, dropout=cfg.dropout,
-                   k_sample=cfg.k_sample, instance_loss=cfg.instance_loss, subtyping=cfg.subtyping, **extra)
-    return make
+    @property
+    def kind(self) -> str:
+        """The family's name ("mil", "segmentation" ...)."""
+        return self.family.name
 
 
-def _sampler(cfg: ABMILConfig) -> Any:
-    return balanced_sampler if cfg.balanced else shuffle_sampler
-
-
-def _abmil(cfg: ABMILConfig, tr: BagDataset, va: BagDataset | None) -> MILMethod:
-    return MILMethod("abmil", cfg, tr, va,
-                     lambda d, c: ABMIL(d, c, cfg.hidden, cfg.attn_hidden, cfg.dropout),
-                     abmil_loss, _sampler(cfg), cfg.n_classes, standardise=cfg.standardise)
-
-
-def _clam_sb(cfg: CLAMConfig, tr: BagDataset, va: BagDataset | None) -> MILMethod:
-    return MILMethod("clam-sb", cfg, tr, va, _clam_model(CLAMSB, cfg), clam_loss(cfg.bag_weight),
-                     _sampler(cfg), cfg.n_classes, standardise=cfg.standardise)
-
-
-def _clam_mb(cfg: CLAMConfig, tr: BagDataset, va: BagDataset | None) -> MILMethod:
-    return MILMethod("clam-mb", cfg, tr, va, _clam_model(CLAMMB, cfg), clam_loss(cfg.bag_weight),
-                     _sampler(cfg), cfg.n_classes, standardise=cfg.standardise)
-
-
-def _ms_clam(cfg: MSCLAMConfig, tr: BagDataset, va: BagDataset | None) -> MILMethod:
-    # MS-CLAM's paired sampler is class-balanced by construction (one normal + one tumour slide a step).
-    return MILMethod("ms-clam", cfg, tr, va, _clam_model(CLAMSB, cfg, instance_mode="ms-clam"),
-                     ms_clam_loss(cfg.c1, cfg.w_att), paired_sampler(cfg.oversample, cfg.oversample_decay,
-                                                                     cfg.paired), cfg.n_classes,
-                     standardise=cfg.standardise)
-
-
-def _segmentation() -> list[MethodInfo]:
-    from ..seg.configs import ConfKDConfig, HybridConfig, PinchaudConfig
-
-    return [MethodInfo("pinchaud", PinchaudConfig, None, "segmentation"),
-            MethodInfo("hybrid", HybridConfig, None, "segmentation"),
-            MethodInfo("confkd", ConfKDConfig, None, "segmentation")]
-
-
-_MIL = [MethodInfo("abmil", ABMILConfig, _abmil), MethodInfo("clam-sb", CLAMConfig, _clam_sb),
-        MethodInfo("clam-mb", CLAMConfig, _clam_mb), MethodInfo("ms-clam", MSCLAMConfig, _ms_clam)]
 _METHODS: dict[str, MethodInfo] = {}
+_ADDED: dict[str, MethodInfo] = {}
+_LOADED = [False]
 
 
-def _registry() -> dict[str, MethodInfo]:
-    """Filled on first use: the segmentation configs import the engine, which imports this module."""
-    if not _METHODS:
-        _METHODS.update({m.name: m for m in (*_MIL, *_segmentation())})
-    return _METHODS
+def _as_infos(obj: Any, where: str) -> list[MethodInfo]:
+    items = obj() if callable(obj) and not isinstance(obj, MethodInfo) else obj
+    items = [items] if isinstance(items, MethodInfo) else list(items)
+    bad = [i for i in items if not isinstance(i, MethodInfo)]
+    if bad:
+        raise TrainingError(f"{where} offers {bad[0]!r}, not a MethodInfo")
+    return items
+
+
+def _load() -> None:
+    """Fill the registry on first use (see the module doc); a broken plugin is skipped, not fatal."""
+    if _LOADED[0]:
+        return
+    _LOADED[0] = True
+    for module in BUILTIN_MODULES:
+        for info in _as_infos(importlib.import_module(module).METHODS, module):
+            _METHODS[info.name] = info
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            infos = _as_infos(ep.load(), f"entry point {ep.name} ({ep.value})")
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not hide the built-in methods
+            import warnings
+
+            warnings.warn(f"method plugin {ep.name} ({ep.value}) cannot be loaded: {exc}", stacklevel=2)
+            continue
+        for info in infos:
+            _METHODS.setdefault(info.name, info)
+    _METHODS.update(_ADDED)
+
+
+def register(*infos: MethodInfo, replace: bool = False) -> None:
+    """Add methods at run time; a name that exists is an error unless ``replace``."""
+    _load()
+    for info in infos:
+        if not isinstance(info, MethodInfo):
+            raise TrainingError(f"register() takes MethodInfo objects, got {info!r}")
+        if info.name in _METHODS and not replace:
+            raise TrainingError(f"a method named {info.name!r} is registered already")
+        _METHODS[info.name] = _ADDED[info.name] = info
+
+
+def unregister(name: str) -> None:
+    """Remove a method added with :func:`register` (built-in methods stay)."""
+    _load()
+    if _ADDED.pop(name, None) is not None:
+        _METHODS.pop(name, None)
+        for module in BUILTIN_MODULES:  # a replaced built-in comes back
+            for info in importlib.import_module(module).METHODS:
+                if info.name == name:
+                    _METHODS[name] = info
+
+
+def added() -> list[MethodInfo]:
+    """The methods registered at run time, which a child process must register again."""
+    return list(_ADDED.values())
 
 
 def methods() -> dict[str, MethodInfo]:
     """All registered methods by name."""
-    return dict(_registry())
+    _load()
+    return dict(_METHODS)
 
 
 def get(name: str) -> MethodInfo:
+    _load()
     try:
-        return _registry()[name]
+        return _METHODS[name]
     except KeyError:
-        raise TrainingError(f"unknown method {name!r}; choose one of {', '.join(_registry())}") from None
+        raise TrainingError(f"unknown method {name!r}; choose one of {', '.join(_METHODS)}") from None
+
+
+def family_of(name: str) -> MethodFamily:
+    """The family of method ``name``."""
+    return get(name).family
+
+
+def run_family(run_dir: str | Path) -> tuple[MethodFamily, dict[str, Any]]:
+    """(family, run.json) of a run folder: the family of the method the run records."""
+    from .run import read_run_info
+
+    info = read_run_info(run_dir)
+    return family_of(str(info["method"])), info
 
 
 def make_config(name: str, **overrides: Any) -> TrainConfig:
@@ -151,18 +147,12 @@ def make_config(name: str, **overrides: Any) -> TrainConfig:
     return cls(**overrides)
 
 
-def build(name: str, train_data: BagDataset, val_data: BagDataset | None = None,
-          config: TrainConfig | None = None) -> MILMethod:
-    """A ready-to-train method: pass it to :func:`napari_wsimil.train.train`.
+def saved_config(method: str, state: dict[str, Any]) -> TrainConfig:
+    """The method's config as a run's ``last.json`` saved it (options the method no longer has are dropped)."""
+    cls = get(method).config_cls
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in state.get("config", {}).items() if k in known})
 
-    The cohorts are validated here (one class only, empty bags, labels outside the classes, NaN features
-    raise :class:`TrainingError`), so a bad cohort fails before a training thread is started."""
-    info = get(name)
-    if info.builder is None:
-        raise TrainingError(f"{name} trains on slide patches, not feature bags: use napari_wsimil.seg.pipeline")
-    cfg = config if config is not None else info.config_cls()
-    if not isinstance(cfg, info.config_cls):
-        raise TrainingError(f"{name} needs a {info.config_cls.__name__}, got {type(cfg).__name__}")
-    method = info.builder(cfg, train_data, val_data)
-    method.check()
-    return method
+
+__all__ = ["BUILTIN_MODULES", "ENTRY_POINT_GROUP", "MethodInfo", "added", "family_of", "get", "make_config",
+           "methods", "register", "run_family", "saved_config", "unregister"]

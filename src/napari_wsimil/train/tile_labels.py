@@ -88,6 +88,19 @@ def default_class_map(class_names: Mapping[int, str], slide_classes: Sequence[st
     return out
 
 
+def pseudo_label_class_ids(class_names: Mapping[int, str]) -> tuple[int, int]:
+    """(tumour id, normal id) among a project's pixel classes, matched by name like tile labels are: the
+    classes pseudo-labels are painted with. Both the interactive session and a segmentation run writing
+    its E-step pseudo-labels ask this, so they always agree."""
+    mapping = default_class_map(class_names, ["normal", "tumour"])
+    tumour = [cid for cid, t in mapping.items() if t == 1]
+    normal = [cid for cid, t in mapping.items() if t == 0]
+    if not tumour or not normal:
+        raise TileLabelError("pseudo-labels need a tumour-like and a normal-like pixel class (e.g. 'tumour' and "
+                             f"'normal'); the project has {', '.join(class_names.values())}")
+    return tumour[0], normal[0]
+
+
 def parse_class_map(text: str, class_names: Mapping[int, str], slide_classes: Sequence[str]) -> dict[int, int]:
     """``"tumour=malignant,normal=0"`` → pixel class id → tile label; every problem in one error."""
     by_name = {n.strip().lower(): cid for cid, n in class_names.items()}
@@ -174,5 +187,5 @@ def slide_tile_labels(coords: np.ndarray, size_level0: float, source: TileLabelS
 
 
 __all__ = ["NEGATIVE_NAMES", "POSITIVE_NAMES", "TileLabelError", "TileLabelSource", "annotation_samples",
-           "default_class_map", "parse_class_map", "sample_offsets", "slide_tile_labels",
+           "default_class_map", "parse_class_map", "pseudo_label_class_ids", "sample_offsets", "slide_tile_labels",
            "tile_labels"]

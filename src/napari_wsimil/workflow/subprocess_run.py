@@ -23,8 +23,11 @@ from ..errors import WsimilError
 _POLL_S = 0.2
 
 
-def _child(spec: Any, watch: list[str], q: Any) -> None:
+def _child(spec: Any, watch: list[str], q: Any, added: list[Any] | None = None) -> None:
     """Runs in the child: prepare and train, sending ("report" | "event" | "error" | "end", payload).
+
+    ``added`` are the methods the parent registered at run time (a notebook's or a test's family): a
+    spawned child starts with the built-in registry only.
 
     The child yields the CPU to the window: a lower priority, and one core left free for the GUI's
     thread when there are few (on 2 cores torch would otherwise take both)."""
@@ -37,10 +40,12 @@ def _child(spec: Any, watch: list[str], q: Any) -> None:
     except Exception:  # noqa: BLE001 - a scheduling hint only
         pass
     try:
-        from .live import train_with_maps
-        from .pipeline import prepare_mil_run
+        from ..train.registry import register
+        from .live import prepare_run, train_with_maps
 
-        prepared = prepare_mil_run(spec, report=lambda text: q.put(("report", text)))
+        if added:
+            register(*added, replace=True)
+        prepared = prepare_run(spec, report=lambda text: q.put(("report", text)))
         for ev in train_with_maps(prepared, watch):
             q.put(("event", ev))
         q.put(("end", None))
@@ -56,10 +61,12 @@ class SubprocessTraining:
     """Iterator over a child process's training events; ``report`` receives its progress lines."""
 
     def __init__(self, spec: Any, watch: list[str] | tuple[str, ...] = (), report: Any = None):
+        from ..train.registry import added
+
         ctx = mp.get_context("spawn")  # fork would copy Qt and torch thread state
         self._q = ctx.Queue()
         self._report = report
-        self._proc = ctx.Process(target=_child, args=(spec, list(watch), self._q), daemon=True,
+        self._proc = ctx.Process(target=_child, args=(spec, list(watch), self._q, added()), daemon=True,
                                  name="wsimil-training")
         self._proc.start()
         self._done = False

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import ms_clam_attention_loss
-from .engine import StepOutput, TrainConfig, TrainingError, classification_metrics
+from ..train.engine import StepOutput, TrainConfig, TrainingError, classification_metrics
 
 
 @dataclass

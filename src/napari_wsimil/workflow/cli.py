@@ -1,8 +1,10 @@
-"""``wsimil train``, ``wsimil predict`` and ``wsimil evaluate`` for the attention-MIL methods.
+"""``wsimil train``, ``wsimil predict``, ``wsimil evaluate`` and ``wsimil methods``, for every method family.
 
-Registered by the main command line with :func:`register`; torch and friends are imported inside the
-commands so that ``wsimil --help`` stays instant. Problems with the user's input raise ``WsimilError``
-(printed by ``wsimil`` as one line, exit status 2).
+The commands never test which family a method belongs to: they ask the registry for the method's (or the
+run's) :class:`~napari_wsimil.train.family.MethodFamily` and call it. Registered by the main command line
+with :func:`register`; torch and friends are imported inside the commands (the registry loads the
+families on first use) so that ``wsimil --help`` stays instant. Problems with the user's input raise
+``WsimilError`` (printed by ``wsimil`` as one line, exit status 2).
 """
 
 from __future__ import annotations
@@ -15,13 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-MIL_METHODS = ("abmil", "clam-sb", "clam-mb", "ms-clam")
-SEG_METHODS = ("pinchaud", "hybrid", "confkd")
-METHODS = MIL_METHODS + SEG_METHODS
-
-
 def register(subparsers: Any) -> None:
-    """Add ``train``, ``predict`` and ``evaluate`` to ``subparsers`` (an argparse sub-parser action)."""
+    """Add ``train``, ``predict``, ``evaluate`` and ``methods`` to ``subparsers`` (an argparse sub-parser action)."""
     p = subparsers.add_parser(
         "train", help="train an attention-MIL slide classifier or a pixel segmentation model",
         description="Attention MIL (abmil, clam-sb, clam-mb, ms-clam): extract the feature bags that are missing, "
@@ -32,16 +29,19 @@ def register(subparsers: Any) -> None:
     p.add_argument("source", metavar="COHORT_OR_PROJECT",
                    help="a cohort CSV (slide_id,path,label and optionally split, mpp: µm/px for files that "
                         "lack it, ...; see the README) or a project folder")
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", required=True, metavar="NAME",
+                   help="a registered method ('wsimil methods' lists them): abmil, clam-sb, clam-mb, ms-clam "
+                        "(attention MIL), pinchaud, hybrid, confkd (segmentation), or one a plugin adds")
     p.add_argument("--out", required=True, metavar="RUN", help="run folder to write")
     p.add_argument("--epochs", type=int, default=None, metavar="N",
-                   help="maximum epochs (default: the method's, 200 for MIL, 40 for segmentation)")
+                   help="maximum epochs (default: the method's, e.g. 200 for MIL, 40 for segmentation)")
     p.add_argument("--encoder", default="handcrafted", metavar="NAME", help="feature encoder (default handcrafted)")
     p.add_argument("--weights", default=None, metavar="FILE", help="weights for the encoder")
     p.add_argument("--mpp", type=float, default=None, metavar="M",
-                   help="µm per pixel of the patches (default 0.5 for MIL, 1.0 for segmentation)")
+                   help="µm per pixel of the patches (default: the method family's, 0.5 for MIL, 1.0 for "
+                        "segmentation)")
     p.add_argument("--patch", type=int, default=None, metavar="PX",
-                   help="patch size in pixels (default 256 for MIL, 128 for segmentation)")
+                   help="patch size in pixels (default: the method family's, 256 for MIL, 128 for segmentation)")
     p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", dest="options",
                    help="a method setting, e.g. --set beta1=0 --set alpha=0 (see the method's settings in the "
                         "GUI or napari_wsimil.train.registry); repeatable")
@@ -112,13 +112,22 @@ def register(subparsers: Any) -> None:
                    help="skip the attention AUC and FROC against the cohort's gt_mask columns")
     p.set_defaults(func=cmd_evaluate)
 
+    p = subparsers.add_parser("methods", help="list the training methods, their families and settings",
+                              description="Every registered method (built in, or added by an installed "
+                                          "plugin through the napari_wsimil.methods entry points) with its "
+                                          "family, default µm/px and patch size, and its settings.")
+    p.add_argument("--settings", action="store_true", help="also list each method's settings and defaults")
+    p.set_defaults(func=cmd_methods)
+
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
 def _fmt(v: float | None, spec: str = ".3f") -> str:
-    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+    from ..infer.metrics import format_metric
+
+    return format_metric(v, spec)
 
 
 def _eta(seconds: float | None) -> str:
@@ -133,7 +142,7 @@ def parse_options(items: list[str], method: str) -> dict[str, Any]:
     from dataclasses import fields
 
     from ..errors import WsimilError
-    from .registry import get
+    from ..train.registry import get
 
     types = {f.name: f.type for f in fields(get(method).config_cls)}
     out: dict[str, Any] = {}
@@ -163,27 +172,26 @@ def parse_options(items: list[str], method: str) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .engine import train
-    from .pipeline import MILRunSpec, prepare_mil_run
-    from .registry import make_config
+    from ..train.registry import family_of, make_config
+    from ..train.run import RunSpec
 
-    seg = args.method in SEG_METHODS
+    family = family_of(args.method)
     epochs = args.epochs if args.epochs is not None else make_config(args.method).epochs
-    mpp = args.mpp if args.mpp is not None else (1.0 if seg else 0.5)
-    patch = args.patch if args.patch is not None else (128 if seg else 256)
-    spec = MILRunSpec(source=Path(args.source), method=args.method, out=Path(args.out), epochs=epochs,
-                      encoder=args.encoder, weights=args.weights, mpp=mpp, patch=patch, seed=args.seed,
-                      lr=args.lr, classes=[c.strip() for c in args.classes.split(",") if c.strip()]
-                      if args.classes else None, val_fraction=args.val_fraction, device=args.device,
-                      resume=args.resume, tile_classes=args.tile_classes,
-                      tile_min_fraction=args.tile_min_fraction, exhaustive_labels=args.exhaustive_labels,
-                      config=parse_options(args.options, args.method))
-    prepared = prepare_mil_run(spec, report=_say)
-    method, run = prepared.method, spec.out
+    spec = RunSpec(source=Path(args.source), method=args.method, out=Path(args.out), epochs=epochs,
+                   encoder=args.encoder, weights=args.weights,
+                   mpp=args.mpp if args.mpp is not None else family.default_mpp,
+                   patch=args.patch if args.patch is not None else family.default_patch, seed=args.seed,
+                   lr=args.lr, classes=[c.strip() for c in args.classes.split(",") if c.strip()]
+                   if args.classes else None, val_fraction=args.val_fraction, device=args.device,
+                   resume=args.resume, tile_classes=args.tile_classes,
+                   tile_min_fraction=args.tile_min_fraction, exhaustive_labels=args.exhaustive_labels,
+                   config=parse_options(args.options, args.method))
+    prepared = family.prepare(spec, report=_say)
+    run = spec.out
 
     epoch_line: dict[str, Any] = {}
     t0 = time.perf_counter()
-    for ev in train(method, run, resume=spec.resume):
+    for ev in family.train(prepared):
         if ev.kind == "epoch":
             epoch_line = {"epoch": ev.epoch, "losses": ev.losses, "metrics": ev.metrics, "eta": ev.eta}
         elif ev.kind == "validation":
@@ -216,63 +224,30 @@ def _epoch_text(line: dict[str, Any], total: int) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ..errors import WsimilError
-    from ..infer.predict import load_run, predict_bag, write_attention, write_predictions
-    from ..io.atomic import write_text
-    from ..seg.predict import is_segmentation_run
-    from .cohort import ensure_features, features_dir_for, load_cohort
+    from ..train.family import PredictRequest
+    from ..train.registry import run_family
 
-    if is_segmentation_run(args.run):
-        from ..seg.cli import cmd_predict_seg
+    family, _info = run_family(args.run)
+    options = {k: getattr(args, k) for k in ("heatmaps", "heatmap_overlap", "slide_score", "top_k", "masks")
+               if hasattr(args, k)}
+    family.predict(PredictRequest(Path(args.run), Path(args.cohort), Path(args.out), args.weights, args.device,
+                                  options), report=_say)
+    return 0
 
-        return cmd_predict_seg(args)
-    if getattr(args, "masks", False):
-        raise WsimilError("--masks cuts the probability maps of segmentation runs; for attention runs use "
-                          "the heatmaps (PRED/heatmaps) or the Training widget's outline export")
-    if not 0 <= args.heatmap_overlap < 1:
-        raise WsimilError(f"--heatmap-overlap must be in [0, 1), got {args.heatmap_overlap}")
-    run = load_run(args.run, device=args.device, weights=args.weights)
-    for key in ("encoder", "mpp", "patch"):
-        if key not in run.info:
-            raise WsimilError(f"{Path(args.run) / 'run.json'} is missing or lacks {key!r}: was RUN written by "
-                              "'wsimil train'?")
-    cohort = load_cohort(args.cohort)
-    encoder, mpp, patch = run.info["encoder"], float(run.info["mpp"]), int(run.info["patch"])
-    feat_dir = features_dir_for(cohort, args.run, encoder)
-    _say(f"features: {len(cohort.slides)} slides, encoder {encoder}, {patch} px at {mpp:g} µm/px -> {feat_dir}")
-    bags = ensure_features(cohort.slides, feat_dir, encoder, patch, mpp, report=_say, device=args.device,
-                           weights=run.info.get("weights"),
-                           project=cohort.source if cohort.is_project else None)
-    out = Path(args.out)
-    (out / "attention").mkdir(parents=True, exist_ok=True)
-    preds = []
-    for i, s in enumerate(cohort.slides, 1):
-        pred = predict_bag(run, s.slide_id, bags[s.slide_id])
-        write_attention(pred, out / "attention" / f"{s.slide_id}.npz")
-        if getattr(args, "heatmaps", True):
-            from ..features.bags import read_bag_attrs
-            from ..infer.heatmap import write_slide_heatmap
 
-            try:
-                attrs = read_bag_attrs(bags[s.slide_id])
-                coords, scores = pred.coords, pred.attention
-                if args.heatmap_overlap > 0:
-                    from ..infer.predict import overlap_attention
+def cmd_methods(args: argparse.Namespace) -> int:
+    from dataclasses import MISSING, fields
 
-                    coords, scores = overlap_attention(run, s.slide_id, attrs["slide_path"], args.heatmap_overlap,
-                                                       attrs.get("slide_mpp"), k=int(pred.probs.argmax()))
-                write_slide_heatmap(out / "heatmaps", s.slide_id, coords, scores, attrs,
-                                    overlap=args.heatmap_overlap)
-            except (WsimilError, OSError, KeyError, ValueError) as exc:
-                print(f"{s.slide_id}: no heatmap ({exc})", file=sys.stderr)
-        preds.append(pred)
-        probs = " ".join(f"{c} {p:.3f}" for c, p in zip(run.classes, pred.probs))
-        _say(f"[{i}/{len(cohort.slides)}] {s.slide_id}: {probs} ({len(pred.coords)} patches)")
-    write_predictions(preds, run.n_classes, out / "predictions.csv")
-    write_text(out / "prediction.json", json.dumps(
-        {"run": str(Path(args.run).resolve()), "cohort": str(Path(args.cohort).resolve()),
-         "method": run.method, "classes": run.classes, "weights": args.weights}, indent=1))
-    _say(f"predictions: {out / 'predictions.csv'}")
+    from ..train.registry import methods
+
+    for name, info in methods().items():
+        fam = info.family
+        _say(f"{name:12s} {fam.name:14s} {fam.default_mpp:g} µm/px, {fam.default_patch} px"
+             f"{', encoder' if fam.uses_encoder else ''}  {info.description.splitlines()[0] if info.description else ''}")
+        if args.settings:
+            for f in fields(info.config_cls):
+                default = f.default if f.default is not MISSING else None
+                _say(f"    {f.name} = {default!r}  {f.metadata.get('doc', '')}")
     return 0
 
 
@@ -287,12 +262,24 @@ def _no_nan(v: Any) -> Any:
     return v
 
 
+def _prediction_family(meta: dict[str, Any]) -> Any:
+    """The family of the run a prediction folder came from (by the method prediction.json records), or
+    None for a prediction without one (nothing then measures its maps)."""
+    from ..train.engine import TrainingError
+    from ..train.registry import family_of
+
+    try:
+        return family_of(str(meta["method"])) if meta.get("method") else None
+    except TrainingError:
+        return None
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..errors import WsimilError
     from ..infer.metrics import slide_metrics
-    from ..infer.predict import read_predictions
+    from ..infer.predictions import read_predictions
     from ..io.atomic import write_text
-    from .cohort import class_names, label_indices, load_cohort
+    from ..train.cohort import class_names, label_indices, load_cohort
 
     pred_dir = Path(args.pred)
     ids, probs = read_predictions(pred_dir / "predictions.csv")
@@ -320,37 +307,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.split is not None:
         metrics["split"] = args.split
     with_truth = [labelled[ids[i]] for i in rows if labelled[ids[i]].gt_mask is not None]
-    seg_pred = (pred_dir / "maps").is_dir()
-    if getattr(args, "localisation", True) and with_truth and seg_pred:
+    family = _prediction_family(meta)
+    measured = None
+    if getattr(args, "localisation", True) and with_truth and family is not None:
         from ..infer.evaluation import TruthItem
-        from ..seg.evaluation import segmentation_metrics
 
-        threshold = args.threshold if getattr(args, "threshold", None) is not None else meta.get("threshold", 0.5)
-        if not 0.0 < threshold <= 1.0:
-            raise WsimilError(f"--threshold is a probability in (0, 1], got {threshold}")
-        metrics["segmentation"] = segmentation_metrics(
-            [TruthItem(s.slide_id, s.gt_mask, s.gt_downsample) for s in with_truth], pred_dir / "maps",
-            threshold=float(threshold))
-    elif getattr(args, "localisation", True) and with_truth:
-        from ..infer.evaluation import TruthItem, localisation_metrics
-
-        loc = localisation_metrics([TruthItem(s.slide_id, s.gt_mask, s.gt_downsample) for s in with_truth],
-                                   pred_dir / "attention")
-        metrics["localisation"] = loc
+        measured = family.evaluate(pred_dir, [TruthItem(s.slide_id, s.gt_mask, s.gt_downsample) for s in with_truth],
+                                   meta, threshold=getattr(args, "threshold", None))
+        if measured is not None:
+            metrics[measured[0]] = measured[1]
     clean = _no_nan(metrics)
     write_text(pred_dir / "metrics.json", json.dumps(clean, indent=1))
     _say(f"{metrics['n_slides']} slides: AUC {_fmt(metrics['auc'])}  accuracy {_fmt(metrics['accuracy'])}  "
          f"balanced accuracy {_fmt(metrics['balanced_accuracy'])}  F1 {_fmt(metrics['f1'])}")
-    loc = metrics.get("localisation")
-    if loc:
-        _say(f"localisation on {loc['n_slides_with_truth']} slides with ground truth "
-             f"({loc['n_slides_with_tumour_patches']} with tumour patches, {loc['n_lesions']} lesions): "
-             f"attention AUC {_fmt(loc['attention_auc'])} (pooled {_fmt(loc['attention_auc_pooled'])})  "
-             f"FROC {_fmt(loc['froc'])}")
-    if metrics.get("segmentation"):
-        from ..seg.cli import report_segmentation
-
-        report_segmentation(metrics["segmentation"], _say)
+    if measured is not None and family is not None:
+        family.report(measured[0], measured[1], _say)
     missing = len(ids) - len(rows)
     if missing:
         why = "no label in the cohort" if args.split is None else f"no label or are not in the {args.split} split"
@@ -359,4 +330,4 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["cmd_evaluate", "cmd_predict", "cmd_train", "register"]
+__all__ = ["cmd_evaluate", "cmd_methods", "cmd_predict", "cmd_train", "parse_options", "register"]

@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import WsimilError
-from .pipeline import MILRunSpec, PreparedRun, prepare_mil_run
+from ..train.family import MethodFamily
+from ..train.registry import family_of, get, run_family
+from ..train.run import PreparedRun, RunSpec
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -72,7 +74,7 @@ def loss_history(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 def method_names() -> list[str]:
     """Every registered training method (the registry is the one source; widgets list this)."""
-    from .registry import methods
+    from ..train.registry import methods
 
     return list(methods())
 
@@ -80,8 +82,6 @@ def method_names() -> list[str]:
 def method_options(name: str) -> list[tuple[str, Any, type | str, str]]:
     """(field, default, type, doc) of a method's settings, shared options first; what a form shows."""
     from dataclasses import MISSING, fields
-
-    from .registry import get
 
     out = []
     for f in fields(get(name).config_cls):
@@ -93,22 +93,20 @@ def method_options(name: str) -> list[tuple[str, Any, type | str, str]]:
 
 
 def method_geometry(name: str) -> tuple[float, int]:
-    """Default (µm/px, patch px) of a method: MIL encodes 256 px at 0.5 µm/px, segmentation trains a U-Net
-    on 128 px at 1 µm/px (Pinchaud's resolution)."""
-    from .registry import get
-
-    if get(name).kind == "segmentation":
-        from ..seg.pipeline import DEFAULT_MPP, DEFAULT_PATCH
-
-        return DEFAULT_MPP, DEFAULT_PATCH
-    return 0.5, 256
+    """Default (µm/px, patch px) of a method, its family's: MIL encodes 256 px at 0.5 µm/px, segmentation
+    trains a U-Net on 128 px at 1 µm/px (Pinchaud's resolution)."""
+    fam = family_of(name)
+    return fam.default_mpp, fam.default_patch
 
 
-def method_kind(name: str) -> str:
-    """"mil" (trains on feature bags: it has an encoder) or "segmentation" (trains on slide pixels)."""
-    from .registry import get
+def method_family(name: str) -> MethodFamily:
+    """The family of a method: what the widget asks whether it has an encoder, which layer it shows."""
+    return family_of(name)
 
-    return get(name).kind
+
+def method_uses_encoder(name: str) -> bool:
+    """Whether a method's runs read features from a patch encoder (the widget then shows the picker)."""
+    return family_of(name).uses_encoder
 
 
 def _timm_family(encoder: str) -> bool:
@@ -223,11 +221,11 @@ class InteractiveSession:
 
     def spec(self, method: str, name: str, *, epochs: int = 50, device: str = "auto", encoder: str = "handcrafted",
              mpp: float = 0.5, patch: int = 256, seed: int = 0, config: dict[str, Any] | None = None,
-             resume: bool = False, weights: str | Path | None = None) -> MILRunSpec:
+             resume: bool = False, weights: str | Path | None = None) -> RunSpec:
         """The request the Start button makes (``config``: the method's form values).
 
         ``encoder`` names the patch encoder of a MIL method (``available_encoders()`` lists them; a
-        segmentation method has none) and ``weights`` its weights file or hub folder, kept as an absolute
+        method of a family without one ignores it) and ``weights`` its weights file or hub folder, kept as an absolute
         path (run.json records it, and a resumed run reads it again); a new run is refused when that path
         does not exist."""
         cfg = dict(config or {})
@@ -239,11 +237,11 @@ class InteractiveSession:
             if not resume and not path.exists():
                 raise WsimilError(f"weights for encoder {encoder}: {path} does not exist")
             weights = str(path)
-        return MILRunSpec(source=self.root, method=method, out=self.run_dir(name), epochs=int(epochs),
+        return RunSpec(source=self.root, method=method, out=self.run_dir(name), epochs=int(epochs),
                           encoder=encoder, weights=weights, mpp=float(mpp), patch=int(patch), seed=int(seed),
                           lr=lr, device=device, resume=resume, config=cfg)
 
-    def resume_spec(self, name: str, extra_epochs: int = 0, device: str = "auto") -> MILRunSpec:
+    def resume_spec(self, name: str, extra_epochs: int = 0, device: str = "auto") -> RunSpec:
         """Continue run ``name`` from its last checkpoint with its own settings (plus ``extra_epochs``)."""
         d = self.run_dir(name)
         try:
@@ -251,8 +249,6 @@ class InteractiveSession:
             state = json.loads((d / "last.json").read_text())
         except (OSError, ValueError) as exc:
             raise WsimilError(f"run {name} cannot be resumed: {exc}") from exc
-        from .registry import get
-
         known = {f for f in get(info["method"]).config_cls.__dataclass_fields__}
         cfg = {k: v for k, v in state.get("config", {}).items()
                if k in known and k not in ("n_classes", "device", "epochs", "seed", "step_events")}
@@ -261,32 +257,19 @@ class InteractiveSession:
                          mpp=info["mpp"], patch=info["patch"], seed=info.get("seed", 0), config=cfg, resume=True,
                          weights=info.get("weights"))
 
-    def retrain_spec(self, name: str, extra_epochs: int = 20, device: str = "auto") -> MILRunSpec:
-        """"Retrain with corrections": the painted corrections are tile labels, which MS-CLAM learns from,
-        and pixel labels, which the segmentation methods learn from. An MS-CLAM or segmentation run continues
-        (``extra_epochs`` more, re-reading the paint); another MIL method's run starts ``<name>-corrected``,
-        an MS-CLAM run with the same features and settings that apply."""
-        info = json.loads((self.run_dir(name) / "run.json").read_text())
-        if info["method"] == "ms-clam" or info.get("kind") == "segmentation":  # both learn from paint directly
-            return self.resume_spec(name, extra_epochs, device)
-        new = f"{name}-corrected"
-        if (self.run_dir(new) / "last.json").exists():
-            return self.resume_spec(new, extra_epochs, device)
-        from .registry import get
+    def retrain_spec(self, name: str, extra_epochs: int = 20, device: str = "auto") -> RunSpec:
+        """"Retrain with corrections": the run's family says how painted corrections feed the next round
+        (a segmentation or MS-CLAM run continues, re-reading the paint; another MIL run is followed by an
+        MS-CLAM run ``<name>-corrected``)."""
+        family, info = run_family(self.run_dir(name))
+        return family.retrain(self, name, info, extra_epochs, device)
 
-        # the settings MS-CLAM shares with the first run (width, dropout, lr, k_sample...) carry over
-        state = json.loads((self.run_dir(name) / "last.json").read_text())
-        known = set(get("ms-clam").config_cls.__dataclass_fields__)
-        cfg = {k: v for k, v in state.get("config", {}).items()
-               if k in known and k not in ("n_classes", "device", "epochs", "seed", "step_events")}
-        return self.spec("ms-clam", new, epochs=extra_epochs, device=device, encoder=info["encoder"],
-                         mpp=info["mpp"], patch=info["patch"], seed=info.get("seed", 0), config=cfg,
-                         weights=info.get("weights"))
+    def prepare(self, spec: RunSpec, report: Callable[[str], None] | None = None) -> PreparedRun:
+        from .live import prepare_run
 
-    def prepare(self, spec: MILRunSpec, report: Callable[[str], None] | None = None) -> PreparedRun:
-        return prepare_mil_run(spec, report)
+        return prepare_run(spec, report)
 
-    def train(self, spec: MILRunSpec, watch: Sequence[str] = (), report: Callable[[str], None] | None = None
+    def train(self, spec: RunSpec, watch: Sequence[str] = (), report: Callable[[str], None] | None = None
               ) -> Generator[Any, None, Any]:
         """Prepare (features, tile labels) then train, yielding engine events and maps of ``watch``."""
         from .live import train_with_maps
@@ -294,7 +277,7 @@ class InteractiveSession:
         prepared = self.prepare(spec, report)
         return (yield from train_with_maps(prepared, watch))
 
-    def train_process(self, spec: MILRunSpec, watch: Sequence[str] = (),
+    def train_process(self, spec: RunSpec, watch: Sequence[str] = (),
                       report: Callable[[str], None] | None = None) -> Any:
         """Like :meth:`train`, in a child process (what the GUI uses: C code holding the GIL there cannot
         freeze the window); the returned iterator also has ``pause`` and ``resume`` (SIGSTOP and SIGCONT
@@ -304,101 +287,37 @@ class InteractiveSession:
         return SubprocessTraining(spec, list(watch), report)
 
     # ---------------------------------------------------------------------------------------- maps
-    def _bag(self, name: str, slide_id: str) -> Path:
-        info = json.loads((self.run_dir(name) / "run.json").read_text())
-        from .cohort import ensure_features, features_dir_for, load_cohort
-
-        cohort = load_cohort(self.root)
-        items = [s for s in cohort.slides if s.slide_id == slide_id]
-        if not items:
-            raise WsimilError(f"slide {slide_id} is not in the project")
-        feat_dir = features_dir_for(cohort, self.run_dir(name), info["encoder"])  # the folder training used
-        bags = ensure_features(items, feat_dir, info["encoder"], int(info["patch"]),
-                               float(info["mpp"]), weights=info.get("weights"), project=self.root)
-        return bags[slide_id]
+    def family(self, name: str) -> MethodFamily:
+        """The family of run ``name`` (from the method its run.json records)."""
+        return run_family(self.run_dir(name))[0]
 
     def slide_map(self, name: str, slide_id: str, weights: str = "best") -> Any:
-        """The attention map (a :class:`~.live.MapEvent`) of one slide from run ``name``."""
-        from .live import slide_map, watch_bag
-
-        watched = watch_bag(slide_id, self._bag(name, slide_id))
-        state = json.loads((self.run_dir(name) / "last.json").read_text())
-        return slide_map(self.run_dir(name), watched, int(state.get("epoch", 0)), weights=weights)
-
-    def is_segmentation(self, name: str) -> bool:
-        from ..seg.predict import is_segmentation_run
-
-        return is_segmentation_run(self.run_dir(name))
+        """The live layer's map (a :class:`~napari_wsimil.train.events.MapEvent`) of one slide from run
+        ``name``: attention for a MIL run, tumour probability for a segmentation run."""
+        return self.family(name).slide_map(self.run_dir(name), slide_id, self.root, weights=weights)
 
     def operating_threshold(self, name: str) -> float | None:
-        """A segmentation run's threshold from maps to tumour masks (:mod:`napari_wsimil.seg.operating_point`),
-        or None (attention runs, and runs without one)."""
-        if not self.is_segmentation(name):
-            return None
-        from ..seg.operating_point import read_operating_point
-
-        point = read_operating_point(self.run_dir(name))
-        return float(point["threshold"]) if point else None
-
-    def _seg_map(self, name: str, slide_id: str) -> Path:
-        """The run's map of ``slide_id`` (the mapping worker's, or made now with the best checkpoint)."""
-        from ..io.raster_store import exists
-        from ..seg.live import checkpoint_map
-
-        path = self.run_dir(name) / "maps" / f"{slide_id}.zarr"
-        if not exists(path) and checkpoint_map(self.run_dir(name), slide_id, 0) is None:
-            raise WsimilError(f"slide {slide_id} is not in the project")
-        return path
+        """The run's threshold from maps to tumour masks, or None (attention runs, and runs without one)."""
+        return self.family(name).operating_threshold(self.run_dir(name))
 
     def scores(self, name: str, slide_id: str) -> Any:
-        """Per-patch tumour probabilities of one slide (:class:`~napari_wsimil.infer.pseudo_labels.PatchScores`);
-        for a segmentation run, the maximum probability of each patch-sized block of its map."""
-        if self.is_segmentation(name):
-            from ..seg.pseudo import map_patch_scores
-
-            return map_patch_scores(self._seg_map(name, slide_id), int(json.loads(
-                (self.run_dir(name) / "run.json").read_text())["patch"]))
-        from ..features import read_bag
-        from ..features.bags import patch_size_level0
-        from ..infer.predict import load_run
-        from ..infer.pseudo_labels import PatchScores, patch_tumour_probability
-
-        bag = read_bag(self._bag(name, slide_id))
-        run = load_run(self.run_dir(name), device="cpu")
-        p, probs, source = patch_tumour_probability(run.model, bag.features, run.device)
-        return PatchScores(bag.coords, patch_size_level0(bag.attrs), p, probs, source)
+        """Per-patch tumour probabilities of one slide (:class:`~napari_wsimil.infer.pseudo_labels.PatchScores`)."""
+        return self.family(name).patch_scores(self.run_dir(name), slide_id, self.root)
 
     # ---------------------------------------------------------------------------- pseudo-labels
     def class_ids(self) -> tuple[int, int]:
         """(tumour id, normal id) among the project's pixel classes, matched by name like tile labels are."""
-        from .tile_labels import default_class_map
+        from ..train.tile_labels import pseudo_label_class_ids
 
-        table = {c.id: c.name for c in self.project.classes}
-        mapping = default_class_map(table, ["normal", "tumour"])
-        tumour = [cid for cid, t in mapping.items() if t == 1]
-        normal = [cid for cid, t in mapping.items() if t == 0]
-        if not tumour or not normal:
-            raise WsimilError("pseudo-labels need a tumour-like and a normal-like pixel class (e.g. 'tumour' and "
-                              f"'normal'); the project has {', '.join(table.values())}")
-        return tumour[0], normal[0]
+        return pseudo_label_class_ids({c.id: c.name for c in self.project.classes})
 
     def pseudo_labels(self, name: str, slide_id: str, high: float = 0.7, low: float = 0.3) -> np.ndarray:
         """Pseudo-labels at the project's label resolution; pixels the user already painted keep their paint
-        (a correction is never overwritten by the model it corrected). A segmentation run's are pixel-level,
-        from its probability map, and also saved as ``PROJECT/pseudo_labels/<run>/<slide>.zarr``."""
-        from ..infer.pseudo_labels import pseudo_label_image
-
+        (a correction is never overwritten by the model it corrected). How they are made is the run's
+        family's (a segmentation run's are pixel-level and saved as ``PROJECT/pseudo_labels/<run>/``)."""
         tumour, normal = self.class_ids()
-        if self.is_segmentation(name):  # pixel-level, saved as the run's own label set
-            from ..seg.pseudo import write_pseudo_labels
-
-            self._seg_map(name, slide_id)
-            return write_pseudo_labels(self.project, self.run_dir(name), slide_id, tumour, normal, high, low)[1]
-        geometry = self.project.label_geometry(slide_id)
-        pseudo = pseudo_label_image(self.scores(name, slide_id), geometry.shape, geometry.downsample, tumour,
-                                    normal, high, low)
-        painted = self.project.pixel_labels(slide_id)
-        return np.where(painted > 0, painted, pseudo).astype(np.uint8)
+        return self.family(name).pseudo_labels(self.run_dir(name), self.project, slide_id, tumour, normal, high,
+                                               low)
 
     def save_corrections(self, slide_id: str, pseudo: np.ndarray, edited: np.ndarray) -> int:
         """Save the pixels the user changed on the pseudo-label layer as paint; returns their count."""
@@ -421,4 +340,5 @@ class InteractiveSession:
 
 
 __all__ = ["InteractiveSession", "RunSummary", "encoder_problem", "encoder_requires_weights", "loss_history",
-           "method_geometry", "method_kind", "method_names", "method_options", "train_loss", "val_loss"]
+           "method_family", "method_geometry", "method_names", "method_options", "method_uses_encoder",
+           "train_loss", "val_loss"]
