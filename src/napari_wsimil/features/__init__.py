@@ -12,9 +12,9 @@ from importlib import import_module
 from typing import Any
 
 _LAZY = {
-    "Encoder": "encoders", "TorchEncoder": "encoders", "EncoderError": "encoders",
+    "Encoder": "encoder_base", "TorchEncoder": "encoder_base", "EncoderError": "encoder_base",
     "build_encoder": "encoders",
-    "register_encoder": "encoders", "available_encoders": "encoders", "load_weights": "encoders",
+    "register_encoder": "encoders", "available_encoders": "encoders", "load_weights": "weights",
     "refresh_encoders": "encoders", "evaluate_encoder": "evaluate",
     "HandcraftedEncoder": "handcrafted", "handcrafted_features": "handcrafted",
     "Bag": "bags", "BagError": "bags", "read_bag": "bags", "is_stale": "bags", "stale_reasons": "bags",

@@ -31,10 +31,10 @@ def _hed_matrices(device: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(HED from OD, OD from HED) as float32 tensors: rows of the second are the stain vectors."""
     import torch
 
-    from .handcrafted_v2 import _RGB_FROM_HED, HED_FROM_RGB
+    from .handcrafted_v2 import HED_FROM_RGB, RGB_FROM_HED
 
     return (torch.as_tensor(HED_FROM_RGB, dtype=torch.float32, device=device),
-            torch.as_tensor(_RGB_FROM_HED, dtype=torch.float32, device=device))
+            torch.as_tensor(RGB_FROM_HED, dtype=torch.float32, device=device))
 
 
 def rgb_to_hed_t(x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from ..io.atomic import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..slide import Slide
-    from .encoders import Encoder
+    from .encoder_base import Encoder
 
 #: Format of the file itself; bump when its layout changes (bags of another format are stale).
 BAG_FORMAT = 1

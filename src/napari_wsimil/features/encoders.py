@@ -1,287 +1,26 @@
-"""Patch encoders: a registry of named builders, and the ``Encoder`` interface extraction relies on.
+"""Patch encoders: the registry of named builders, and the one place that builds an encoder by name.
 
 Every encoder has a ``name`` and a ``version``; both are written into each feature bag so that a bag
 made with other weights, or by an older feature definition, is recognised as stale and recomputed
 instead of silently mixed with new ones. Weights come from a local file the user names (nothing can
 be downloaded); the file's content hash is part of the version.
+
+Layering: the ``Encoder`` interface and spec types live in :mod:`.encoder_base`, the weights helpers
+in :mod:`.weights`; the concrete encoders build on those, and this module sits on top, importing the
+concrete ones (on first use) to register them. It re-exports the base names, so
+``napari_wsimil.features.encoders.Encoder`` (what a plugin subclasses) and ``load_weights`` stay here.
 """
 
 from __future__ import annotations
 
-import hashlib
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
-
-from ..errors import WsimilError
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
-#: ImageNet channel statistics, which every ImageNet-pretrained trunk expects its input scaled by.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class EncoderError(WsimilError):
-    """An encoder cannot be built: unknown name, missing or mismatched weights file."""
-
-
-class Encoder(ABC):
-    """Maps a batch of RGB patches ``(B, P, P, 3) uint8`` to features ``(B, dim) float32``.
-
-    Subclasses set ``name``, ``version`` and ``dim`` and implement :meth:`encode`. ``to`` moves the
-    encoder to a device where that means anything (torch encoders); the others ignore it.
-    """
-
-    name: str = "encoder"
-    version: str = "0"
-    dim: int = 0
-    device: str = "cpu"
-
-    @abstractmethod
-    def encode(self, patches: np.ndarray) -> np.ndarray:
-        """Features of a batch of patches, one row per patch."""
-
-    def __call__(self, patches: np.ndarray) -> np.ndarray:
-        return self.encode(patches)
-
-    def to(self, device: str) -> Encoder:
-        self.device = resolve_device(device)
-        return self
-
-    @property
-    def identity(self) -> dict[str, Any]:
-        """What a bag records about the encoder that made it."""
-        return {"encoder": self.name, "encoder_version": self.version, "dim": int(self.dim)}
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name} v{self.version} dim={self.dim} on {self.device}>"
-
-
-def resolve_device(device: str | None) -> str:
-    """``"auto"`` picks CUDA, then Apple MPS, then the CPU; anything else is passed through to torch."""
-    if device in (None, "auto"):
-        try:
-            import torch
-        except ImportError:
-            return "cpu"
-        if torch.cuda.is_available():
-            return "cuda"
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return "mps"
-        return "cpu"
-    return str(device)
-
-
-class TorchEncoder(Encoder):
-    """A torch module over normalised patches, run in inference mode.
-
-    ``mean``/``std`` are the channel statistics (0-1 scale) the network was trained with: ImageNet's
-    by default, but a foundation model's ``config.json`` may name others, and a network fed the
-    wrong statistics encodes shifted colours. ``input_size`` resizes patches first (CLAM feeds 224 px;
-    a ViT needs the size its position embedding was trained for) with ``interpolation`` ("bilinear"
-    or "bicubic", antialiased); None keeps the patch size, which a global-pooled CNN accepts as is.
-    On CUDA the forward pass runs in float16 autocast when ``half`` is set: the features are pooled
-    averages, which half precision keeps to ~1e-3.
-    """
-
-    def __init__(self, module: torch.nn.Module, name: str, version: str, dim: int, *,
-                 input_size: int | None = None, device: str = "cpu", half: bool = False,
-                 mean: tuple[float, float, float] = IMAGENET_MEAN,
-                 std: tuple[float, float, float] = IMAGENET_STD, interpolation: str = "bilinear"):
-        import torch
-
-        if interpolation not in ("bilinear", "bicubic"):
-            raise EncoderError(f"interpolation must be bilinear or bicubic, got {interpolation!r}")
-        self.module = module.eval()
-        self.name, self.version, self.dim = name, version, int(dim)
-        self.input_size = input_size
-        self.half = half
-        self.interpolation = interpolation
-        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-        self._mean = torch.tensor(self.mean).view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(self.std).view(1, 3, 1, 1) * 255.0
-        self.to(device)
-
-    def to(self, device: str) -> TorchEncoder:
-        self.device = resolve_device(device)
-        self.module.to(self.device)
-        self._mean = self._mean.to(self.device)
-        self._std = self._std.to(self.device)
-        return self
-
-    def preprocess(self, patches: np.ndarray) -> torch.Tensor:
-        """uint8 (B, P, P, 3) → normalised float (B, 3, S, S) on the encoder's device."""
-        import torch
-        import torch.nn.functional as F
-
-        x = torch.from_numpy(np.ascontiguousarray(patches))
-        if self.device.startswith("cuda"):
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        else:
-            x = x.to(self.device)
-        x = x.permute(0, 3, 1, 2).float()
-        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode=self.interpolation,
-                              antialias=True, align_corners=False)
-        return (x - self._mean) / self._std
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The module on a preprocessed batch (what the benchmark times as "forward alone")."""
-        import torch
-
-        with torch.inference_mode():
-            if self.half and self.device.startswith("cuda"):
-                with torch.autocast("cuda", dtype=torch.float16):
-                    return self.module(x).float()
-            return self.module(x)
-
-    def encode(self, patches: np.ndarray) -> np.ndarray:
-        if len(patches) == 0:
-            return np.zeros((0, self.dim), np.float32)
-        return self.forward(self.preprocess(patches)).float().cpu().numpy()
-
-
-# --- weights --------------------------------------------------------------------------------------
-
-def file_digest(path: str | Path, length: int = 12) -> str:
-    """Short SHA-256 of a file: different weights give a different encoder version."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:length]
-
-
-def read_state_dict(path: str | Path) -> dict[str, Any]:
-    """Tensors of a ``.safetensors`` file or of a ``torch.save``'d state dict (loaded with
-    ``weights_only=True``, so a file cannot run code). Checkpoints that wrap the weights in
-    ``{"state_dict": ...}`` or ``{"model": ...}`` and DataParallel's ``module.`` prefix are unwrapped."""
-    import torch
-
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise EncoderError(f"{path} is a folder: name the weights file in it (a folder with timm's "
-                           "config.json is read by the timm encoders: --encoder timm --weights FOLDER)")
-    if not path.is_file():
-        raise EncoderError(f"weights file {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any decoding failure means "not a weights file"
-        raise EncoderError(f"{path.name} ({path}) is not a readable weights file "
-                           f"(.safetensors, or a torch state dict saved with torch.save): {exc}") from exc
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
-            state = state[key]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise EncoderError(f"{path.name} ({path}) does not hold a state dict (a mapping of names to tensors)")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return dict(state)
-
-
-def load_weights(module: torch.nn.Module, path: str | Path, ignorable: tuple[str, ...] = (), *,
-                 state: Mapping[str, Any] | None = None, assign: bool = False) -> None:
-    """Load ``path`` into ``module`` with strict key and shape checking and a one-line readable error.
-
-    Keys starting with one of ``ignorable`` may be present in the file and absent from the module
-    (a full ResNet-50 file loaded into the truncated trunk, a classifier head). ``state`` is the
-    file's content when the caller has read it already (``path`` then only names it in messages).
-    ``assign`` hands the file's tensors to the module instead of copying them, for a module built on
-    the ``meta`` device (no memory or time spent on a random initialisation the file overwrites);
-    they are cast to the module's dtypes first.
-    """
-    path = Path(path).expanduser()
-    state = dict(read_state_dict(path) if state is None else state)
-    state = {k: v for k, v in state.items() if not (ignorable and k.startswith(ignorable))}
-    own = module.state_dict()
-    for k in set(own) - set(state):
-        if k.endswith("num_batches_tracked"):  # files from torch < 0.4.1 lack this counter (not a weight)
-            state[k] = own[k] if own[k].device.type != "meta" else _zeros_cpu(own[k])
-    order = {k: i for i, k in enumerate(own)}
-    for i, k in enumerate(state):
-        order.setdefault(k, len(own) + i)
-
-    def telling_first(keys: set[str]) -> list[str]:
-        """Shallow keys first (``pos_embed``, ``fc.weight``, ``conv1.weight`` name the width or the
-        architecture at a glance), then the module's own order."""
-        return sorted(keys, key=lambda k: (k.count("."), order[k]))
-
-    missing = telling_first(set(own) - set(state))
-    unexpected = telling_first(set(state) - set(own))
-    wrong = telling_first({k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape)})
-    if missing or unexpected or wrong:
-        def listing(keys: list[str]) -> str:
-            return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
-
-        parts = []
-        if wrong:
-            parts.append(f"{len(wrong)} of another shape (file vs model): " + listing(
-                [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]))
-        if missing:
-            parts.append(f"{len(missing)} missing: {listing(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected: {listing(unexpected)}")
-        text = (f"{path.name} ({path}) does not fit {type(module).__name__}: " + "; ".join(parts)
-                + ". Is it weights for another architecture?")
-        raise EncoderError(" ".join(text.split()))  # one line, whatever the key names hold
-    if assign:
-        state = {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
-        module.load_state_dict(state, strict=True, assign=True)
-    else:
-        module.load_state_dict(state, strict=True)
-
-
-def _zeros_cpu(t: torch.Tensor) -> torch.Tensor:
-    """A zero tensor of ``t``'s shape and dtype on the CPU (``t`` may live on the meta device)."""
-    import torch
-
-    return torch.zeros(t.shape, dtype=t.dtype)
-
-
-def seeded_init(factory: Callable[[], Any], seed: int = 0) -> Any:
-    """Build a module with a fixed seed, leaving the global RNG as it was.
-
-    Random-weight encoders must be the *same* network in every process: a cohort run that stops and
-    resumes would otherwise mix features of two different random nets under one version string.
-    """
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return factory()
-
+from .encoder_base import IMAGENET_MEAN, IMAGENET_STD, Builder, Encoder, EncoderError, EncoderSpec, TorchEncoder, \
+    resolve_device
+from .weights import file_digest, load_weights, read_state_dict, seeded_init
 
 # --- registry -------------------------------------------------------------------------------------
-
-Builder = Callable[..., Encoder]
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """A registered encoder: how to build it and what it says about itself before being built.
-
-    ``source`` says where it comes from: "builtin", or the distribution (package) whose
-    ``napari_wsimil.encoders`` entry point registered it.
-    """
-
-    name: str
-    builder: Builder
-    description: str
-    takes_weights: bool = False
-    source: str = "builtin"
-
 
 _REGISTRY: dict[str, EncoderSpec] = {}
 
@@ -455,5 +194,5 @@ def _register_plugins() -> None:
 __all__ = [
     "Encoder", "TorchEncoder", "EncoderError", "EncoderSpec", "IMAGENET_MEAN", "IMAGENET_STD",
     "available_encoders", "build_encoder", "register_encoder", "load_weights", "read_state_dict",
-    "resolve_device", "file_digest", "seeded_init", "refresh_encoders", "TIMM_PREFIX",
+    "resolve_device", "file_digest", "seeded_init", "refresh_encoders", "TIMM_PREFIX", "Builder",
 ]

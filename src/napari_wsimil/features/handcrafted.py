@@ -19,22 +19,28 @@ from __future__ import annotations
 import numpy as np
 from skimage.color import rgb2hed
 
-from .encoders import Encoder
+from .encoder_base import Encoder
 
 # Fixed histogram ranges (not per batch) so that features compare across batches and slides.
 _H_RANGE = (0.0, 0.15)
 _E_RANGE = (0.0, 0.10)
-_GRAD_EDGES = np.array([0.0, 0.01, 0.02, 0.04, 0.06, 0.09, 0.13, 0.2, np.inf], np.float32)
+#: Edges of the 8 gradient-magnitude bins (grey levels, 0-1, per pixel). Public because
+#: :mod:`.handcrafted_v2` bins its gradients the same way (its ``_GRAD_LUT`` is built from these).
+GRAD_EDGES = np.array([0.0, 0.01, 0.02, 0.04, 0.06, 0.09, 0.13, 0.2, np.inf], np.float32)
 
 
 def _hist(values: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
     """Per-image normalised histograms of ``values`` (B, n) over [lo, hi], outliers in the end bins."""
     b = values.shape[0]
     idx = np.clip(((values - lo) / (hi - lo) * bins).astype(np.int64), 0, bins - 1)
-    return _count(idx, bins, b)
+    return bin_fractions(idx, bins, b)
 
 
-def _count(idx: np.ndarray, bins: int, b: int) -> np.ndarray:
+def bin_fractions(idx: np.ndarray, bins: int, b: int) -> np.ndarray:
+    """Per-image histograms of bin indices: ``idx`` (B, n) of ints in [0, bins) → (B, bins) float32
+    fractions of each image's n values (``b`` is B). One ``bincount`` for the whole batch.
+
+    Public because :mod:`.handcrafted_v2` builds its histograms with it (the same binning as v1)."""
     flat = (idx + np.arange(b)[:, None] * bins).ravel()
     counts = np.bincount(flat, minlength=b * bins).reshape(b, bins).astype(np.float32)
     return counts / max(idx.shape[1], 1)
@@ -52,12 +58,14 @@ def _riu2_table() -> np.ndarray:
 _RIU2 = _riu2_table()
 
 
-def _lbp_hist(grey: np.ndarray, r: int, stride: int = 1) -> np.ndarray:
+def lbp_hist(grey: np.ndarray, r: int, stride: int = 1) -> np.ndarray:
     """Rotation-invariant uniform LBP histograms, 10 bins, for a batch (B, H, W) of uint8.
 
     The 8 neighbours lie on the square ring at distance ``r`` (no interpolation, unlike skimage's
     circle: same information, a fraction of the time). Codes are taken at every ``stride``-th pixel;
     the neighbours stay at full resolution, so the texture scale does not change.
+
+    Public because :mod:`.handcrafted_v2` takes its LBP texture features with it (at µm radii).
     """
     end = grey.shape[1] - r, grey.shape[2] - r
     c = grey[:, r:end[0]:stride, r:end[1]:stride]
@@ -66,7 +74,7 @@ def _lbp_hist(grey: np.ndarray, r: int, stride: int = 1) -> np.ndarray:
     for i, (dy, dx) in enumerate(offsets):
         nb = grey[:, r + dy:end[0] + dy:stride, r + dx:end[1] + dx:stride]
         code |= (nb >= c).view(np.uint8) << np.uint8(i)
-    return _count(_RIU2[code].reshape(len(grey), -1), 10, len(grey))
+    return bin_fractions(_RIU2[code].reshape(len(grey), -1), 10, len(grey))
 
 
 def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -104,7 +112,7 @@ def handcrafted_features(patches: np.ndarray, stride: int = 2) -> np.ndarray:
     gy = grey[:, 1::stride, :-1:stride] - c
     gx = grey[:, :-1:stride, 1::stride] - c
     grad = np.sqrt(gx * gx + gy * gy).reshape(b, -1)
-    grad_idx = np.clip(np.searchsorted(_GRAD_EDGES, grad, side="right") - 1, 0, 7)
+    grad_idx = np.clip(np.searchsorted(GRAD_EDGES, grad, side="right") - 1, 0, 7)
     g_flat = grey[:, ::stride, ::stride].reshape(b, -1)
     g_hist = _hist(g_flat, 0.0, 1.0, 16)
     entropy = -(g_hist * np.log(g_hist + 1e-12)).sum(1, keepdims=True)
@@ -120,8 +128,8 @@ def handcrafted_features(patches: np.ndarray, stride: int = 2) -> np.ndarray:
         *mean_std(sat), *mean_std(val),
         np.arctan2(np.sin(hue).mean(1), np.cos(hue).mean(1))[:, None] / np.pi,
         _hist(sat, 0.0, 1.0, 8),
-        *mean_std(g_flat), *mean_std(grad), _count(grad_idx, 8, b),
-        _lbp_hist(grey8, 1, stride), _lbp_hist(grey8, 2, stride),
+        *mean_std(g_flat), *mean_std(grad), bin_fractions(grad_idx, 8, b),
+        lbp_hist(grey8, 1, stride), lbp_hist(grey8, 2, stride),
         ((val > 0.9) & (sat < 0.1)).mean(1, keepdims=True),  # near-white share
         (g_flat < 0.3).mean(1, keepdims=True),
         np.log((hh.mean(1, keepdims=True) + 1e-3) / (ee.mean(1, keepdims=True) + 1e-3)),
@@ -150,4 +158,4 @@ class HandcraftedEncoder(Encoder):
         return handcrafted_features(patches, self.stride)
 
 
-__all__ = ["HandcraftedEncoder", "handcrafted_features"]
+__all__ = ["GRAD_EDGES", "HandcraftedEncoder", "bin_fractions", "handcrafted_features", "lbp_hist"]

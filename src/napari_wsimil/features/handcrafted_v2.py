@@ -56,16 +56,19 @@ import math
 
 import numpy as np
 
-from .encoders import Encoder
+from .encoder_base import Encoder, EncoderError
+from .handcrafted import GRAD_EDGES, bin_fractions, lbp_hist
 
 VERSION = "2.0"
 #: µm/px the thresholds were tuned at; another ``mpp`` rescales every length (see the module docstring).
 WORKING_MPP = 0.5
 
-# skimage's fixed stain matrix (Ruifrok & Johnston; skimage.color.rgb_from_hed), inverted: optical
-# density → H, E, D, exactly as rgb2hed uses it.
-_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED).astype(np.float32)
+#: skimage's fixed stain matrix (Ruifrok & Johnston; skimage.color.rgb_from_hed): rows are the H, E
+#: and D stain vectors in optical density. Public because :mod:`.augment_he` maps stain densities back
+#: to RGB with it (the exact inverse of :func:`rgb_to_hed`).
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+#: Its inverse: optical density → H, E, D, exactly as rgb2hed uses it.
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED).astype(np.float32)
 # optical density of each 8-bit value, as rgb2hed computes it
 _OD_LUT = (np.log(np.maximum(np.arange(256) / 255.0, 1e-6)) / np.log(1e-6)).astype(np.float32)
 
@@ -408,10 +411,8 @@ def _white(rgb: np.ndarray) -> np.ndarray:
 
 def _grad_lut() -> np.ndarray:
     """Gradient magnitude in thousandths → v1's 8 gradient bins (a table instead of a search)."""
-    from .handcrafted import _GRAD_EDGES
-
     v = (np.arange(1001) + 0.5) / 1000
-    return np.clip(np.searchsorted(_GRAD_EDGES, v, side="right") - 1, 0, 7)
+    return np.clip(np.searchsorted(GRAD_EDGES, v, side="right") - 1, 0, 7)
 
 
 _GRAD_LUT = _grad_lut()
@@ -422,8 +423,6 @@ def handcrafted_v2_features(patches: np.ndarray, mpp: float = WORKING_MPP, strid
     """(B, P, P, 3) uint8 at ``mpp`` µm/px → (B, 70) float32 (see the module docstring and
     ``FEATURE_NAMES``). ``stride`` subsamples where colour statistics and texture codes are taken (they
     are averages); segmentation and texture neighbours stay at full resolution, so scale is kept."""
-    from .handcrafted import _count, _lbp_hist
-
     patches = np.asarray(patches)
     if patches.ndim != 4 or patches.shape[-1] != 3:
         raise ValueError(f"expected (B, P, P, 3) RGB patches, got shape {patches.shape}")
@@ -485,17 +484,17 @@ def handcrafted_v2_features(patches: np.ndarray, mpp: float = WORKING_MPP, strid
     grey8 += _GREY_LUT[patches[..., 1], 1]
     grey8 += _GREY_LUT[patches[..., 2], 2]
     grey8 = (grey8 + 0.5).astype(np.uint8)
-    lbp = [_lbp_hist(grey8, _px(r, mpp), stride) for r in _LBP_RADII_UM]
+    lbp = [lbp_hist(grey8, _px(r, mpp), stride) for r in _LBP_RADII_UM]
     q = grey8[sub] >> 4  # 16 levels
     # the co-occurrence distance is measured on the subsampled grid: divide by the stride
     glcm = [glcm_props(q, max(1, _px(dist, mpp) // stride), _GLCM_LEVELS) for dist in _GLCM_DIST_UM]
     hue = _hue(ps.reshape(b, n_sub, 3))
-    g_hist = _count(np.minimum(grey8[sub].reshape(b, -1) >> 4, 15), 16, b)
+    g_hist = bin_fractions(np.minimum(grey8[sub].reshape(b, -1) >> 4, 15), 16, b)
     entropy = -(g_hist * np.log(g_hist + 1e-12)).sum(1)
     colour = np.column_stack([sat.mean(1), sat.std(1), val.mean(1), val.std(1),
                               np.arctan2(np.sin(hue).mean(1), np.cos(hue).mean(1)) / np.pi, entropy])
-    hists = [_count(np.clip((hs * (8 / _HIST_H)).astype(np.int64), 0, 7), 8, b),
-             _count(np.clip((es * (8 / _HIST_E)).astype(np.int64), 0, 7), 8, b)]
+    hists = [bin_fractions(np.clip((hs * (8 / _HIST_H)).astype(np.int64), 0, 7), 8, b),
+             bin_fractions(np.clip((es * (8 / _HIST_E)).astype(np.int64), 0, 7), 8, b)]
     # grey-level gradient over a 1 µm step, taken on the colour grid
     step = _px(1.0, mpp)
     gf = grey8.astype(np.float32) * np.float32(1 / 255.0)
@@ -503,7 +502,7 @@ def handcrafted_v2_features(patches: np.ndarray, mpp: float = WORKING_MPP, strid
     grad = np.hypot(gf[:, step::stride, :-step:stride] - c, gf[:, :-step:stride, step::stride] - c)
     grad = grad.reshape(b, -1)
     grad_idx = _GRAD_LUT[np.minimum((grad * 1000).astype(np.int64), len(_GRAD_LUT) - 1)]  # bins of 1/1000
-    gradient = [grad.mean(1)[:, None], grad.std(1)[:, None], _count(grad_idx, 8, b)]
+    gradient = [grad.mean(1)[:, None], grad.std(1)[:, None], bin_fractions(grad_idx, 8, b)]
     blobs = _blobs(hk.reshape(b, *side), tissue_k.sum(1).astype(np.float64), mpp * k)
     out = np.concatenate([stain, nuc, blobs, *lbp, *glcm, colour, *hists, *gradient], axis=1)
     out = out.astype(np.float32)
@@ -540,12 +539,10 @@ def build_handcrafted_v2(weights: object = None, device: str = "auto", mpp: floa
                          stride: int = 2) -> Encoder:
     """The registered builder (takes no weights file). Feature extraction by name passes ``mpp``, the
     µm/px it reads the patches at, because this builder has that parameter."""
-    from .encoders import EncoderError
-
     if weights is not None:
         raise EncoderError("the handcrafted-v2 encoder takes no weights file")
     return HandcraftedV2Encoder(mpp=mpp, stride=stride)
 
 
-__all__ = ["DIM", "FEATURE_NAMES", "HandcraftedV2Encoder", "VERSION", "WORKING_MPP", "build_handcrafted_v2",
-           "glcm_props", "handcrafted_v2_features", "rgb_to_hed"]
+__all__ = ["DIM", "FEATURE_NAMES", "HED_FROM_RGB", "HandcraftedV2Encoder", "RGB_FROM_HED", "VERSION", "WORKING_MPP",
+           "build_handcrafted_v2", "glcm_props", "handcrafted_v2_features", "rgb_to_hed"]

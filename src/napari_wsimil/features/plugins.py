@@ -7,7 +7,7 @@ should not have to fork the plugin to use it. A package declares, in its ``pypro
     my-encoder = "my_package.encoders:build"
 
 where the value is a builder ``build(weights=None, device="auto", **options) -> Encoder`` or an
-:class:`~napari_wsimil.features.encoders.Encoder` subclass. The encoder then appears in
+:class:`~napari_wsimil.features.encoders.Encoder` subclass (defined in :mod:`.encoder_base`). The encoder then appears in
 ``available_encoders()``, ``wsimil encoders`` and every ``--encoder`` option. A plugin that fails
 to import is skipped with a warning naming it; asking for it by name repeats why.
 """
@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .encoders import Builder, Encoder, EncoderError, EncoderSpec
+from .encoder_base import Builder, Encoder, EncoderError, EncoderSpec
 
 GROUP = "napari_wsimil.encoders"
 

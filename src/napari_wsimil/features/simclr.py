@@ -39,10 +39,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .augment_he import HEAugment, to_float_batch
-from .encoders import IMAGENET_MEAN, IMAGENET_STD, EncoderError, TorchEncoder, file_digest, load_weights, \
-    resolve_device, seeded_init
+from .encoder_base import IMAGENET_MEAN, IMAGENET_STD, EncoderError, TorchEncoder, resolve_device
 from .ssl_cache import CacheEntry, Progress, cached_encoder, load_checkpoint, optimizer_tensors, \
     restore_optimizer, save_checkpoint
+from .weights import file_digest, load_weights, seeded_init
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .encoders import EncoderError, TorchEncoder, file_digest, load_weights, seeded_init
+from .encoder_base import EncoderError, TorchEncoder
+from .weights import file_digest, load_weights, seeded_init
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

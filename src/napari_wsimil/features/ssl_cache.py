@@ -33,7 +33,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .encoders import TorchEncoder
+    from .encoder_base import TorchEncoder
 
 #: ``progress(epoch, epochs, loss)``, called after each epoch: the convention every SSL trainer follows.
 Progress = Callable[[int, int, float], None]

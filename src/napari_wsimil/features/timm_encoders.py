@@ -23,10 +23,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .encoders import (
-    IMAGENET_MEAN, IMAGENET_STD, Builder, EncoderError, TorchEncoder, file_digest, load_weights,
-    read_state_dict, seeded_init,
-)
+from .encoder_base import IMAGENET_MEAN, IMAGENET_STD, Builder, EncoderError, TorchEncoder
+from .weights import file_digest, load_weights, read_state_dict, seeded_init
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
