@@ -9,7 +9,6 @@ translate of (d − 1)/2 · m so pixel centres coincide with the slide's.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .slide import Slide
+from .slide.heatmap_file import HEATMAP_KIND, heatmap_description, is_heatmap_file  # noqa: F401 (re-exported)
 
 LayerData = tuple[Any, dict[str, Any], str]
 
@@ -98,38 +98,7 @@ def patch_grid_layer_data(slide: Slide, coords: np.ndarray, size_level0: float, 
 
 
 # --- attention heatmaps ---------------------------------------------------------------------------
-
-#: The ``kind`` that ``infer.heatmap.write_heatmap`` puts in the TIFF description; it is what tells a
-#: heatmap (one grey channel of scores) from a slide, since both are pyramidal TIFFs.
-HEATMAP_KIND = "wsimil attention heatmap"
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-
-
-def heatmap_description(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The heatmap's JSON description, or None when ``path`` is not a wsimil heatmap TIFF.
-
-    Reads the magic bytes and the first page only, so the reader can ask this of every file it is
-    offered (slides included) before deciding how to open it. Never raises: unreadable means "no".
-    """
-    try:
-        with open(path, "rb") as fh:
-            if fh.read(4) not in _TIFF_MAGIC:
-                return None
-        import tifffile
-
-        with tifffile.TiffFile(path) as tf:
-            text = tf.pages.first.description
-        if HEATMAP_KIND not in text:  # cheap test before parsing a (possibly large) vendor text
-            return None
-        meta = json.loads(text)
-    except Exception:  # a damaged or foreign file is simply not a heatmap
-        return None
-    return meta if isinstance(meta, dict) and meta.get("kind") == HEATMAP_KIND else None
-
-
-def is_heatmap_file(path: str | os.PathLike[str]) -> bool:
-    """True for a TIFF written by ``write_heatmap`` (judged from its first page's description)."""
-    return heatmap_description(path) is not None
+# Which files are heatmaps (HEATMAP_KIND, heatmap_description, is_heatmap_file): slide.heatmap_file.
 
 
 def _positive(value: Any) -> float | None:

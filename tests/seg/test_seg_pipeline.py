@@ -121,9 +121,9 @@ def test_tiled_map_has_no_seams_and_zero_outside_tissue(cohort: Path, tmp_path: 
     assert ma.shape == slide.map_shape(4.0) == (256, 256)
     assert np.abs(ma.astype(int) - mb.astype(int)).max() <= 1  # uint8 rounding only: tiles line up
     assert np.allclose(a.weights, b.weights, rtol=1e-3, atol=1e-3)
-    from napari_wsimil.seg.maps import _tissue_tile
+    from napari_wsimil.seg.maps import tissue_tile
 
-    tissue = _tissue_tile(slide, 4.0, 0, 0, 256, 256)
+    tissue = tissue_tile(slide, 4.0, 0, 0, 256, 256)
     assert ma[~tissue].max() == 0 and ma[tissue].max() > 0
     slide.close()
 
@@ -662,7 +662,7 @@ def test_operating_threshold_counts_every_benign_tissue_pixel_once(cohort: Path)
     counts for nothing."""
     import math
 
-    from napari_wsimil.seg.maps import _tissue_tile
+    from napari_wsimil.seg.maps import tissue_tile
     from napari_wsimil.seg.operating_point import benign_histogram, level_threshold, threshold_for_fpr
 
     slides = _slides(cohort)
@@ -673,7 +673,7 @@ def test_operating_threshold_counts_every_benign_tissue_pixel_once(cohort: Path)
         return torch.cat([z, z + math.log(4.0)], 1)
 
     hist = benign_histogram(net, benign, 4.0, margin=0, patch=32, tile=128)
-    n_tissue = sum(int(_tissue_tile(s, 4.0, 0, 0, *s.map_shape(4.0)).sum()) for s in benign)
+    n_tissue = sum(int(tissue_tile(s, 4.0, 0, 0, *s.map_shape(4.0)).sum()) for s in benign)
     assert hist.counts[204] == hist.total and 0.98 * n_tissue <= hist.total <= n_tissue
     assert threshold_for_fpr(hist, 0.001) == (level_threshold(205), 0.0)
     for s in slides:

@@ -39,7 +39,12 @@ class TruthItem:
     gt_downsample: float | None
 
 
-def _mask_downsample(mask: Any, item: TruthItem, slide_path: str | None) -> float:
+def mask_downsample(mask: Any, item: TruthItem, slide_path: str | None) -> float:
+    """Level-0 px per pixel of ``item``'s ground-truth ``mask``: the cohort's ``gt_downsample``, else the
+    mask's own, else the slide's width and height over the mask's (needs ``slide_path``).
+
+    Public because both evaluations read ground truth this way: the attention one here and the
+    segmentation maps' one (:mod:`napari_wsimil.seg.evaluation`)."""
     if item.gt_downsample:
         return float(item.gt_downsample)
     if getattr(mask, "downsample", None):
@@ -75,7 +80,7 @@ def localisation_metrics(items: Iterable[TruthItem], attention_dir: str | os.Pat
             raise WsimilError(f"{item.slide_id}: the attention file predates patch geometry; run 'wsimil predict' "
                               "again")
         with MaskImage(item.gt_mask) as mask:
-            ds = _mask_downsample(mask, item, pred.slide_path)
+            ds = mask_downsample(mask, item, pred.slide_path)
             frac = patch_tumour_fraction(pred.coords, pred.size_level0, mask.points, ds)
             full = mask.points(np.arange(mask.shape[0]), np.arange(mask.shape[1]))
         lesions = lesions_from_mask(full > 0, ds, pred.slide_mpp)
@@ -112,4 +117,4 @@ def localisation_metrics(items: Iterable[TruthItem], attention_dir: str | os.Pat
     }
 
 
-__all__ = ["TruthItem", "localisation_metrics"]
+__all__ = ["TruthItem", "localisation_metrics", "mask_downsample"]

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ..slide.heatmap_file import HEATMAP_KIND
+
 COLORMAP = "inferno"
 
 
@@ -102,7 +104,7 @@ def heatmap_meta(slide_mpp: float | None, downsample: float, extra: dict[str, An
     """The TIFF description (and JSON sidecar) that makes napari-wsimil's reader overlay a score map on its
     slide: attention heatmaps and segmentation probability maps alike."""
     mpp = None if slide_mpp is None else float(slide_mpp) * float(downsample)
-    return {"kind": "wsimil attention heatmap", "downsample": float(downsample), "mpp": mpp,
+    return {"kind": HEATMAP_KIND, "downsample": float(downsample), "mpp": mpp,
             "slide_mpp": None if slide_mpp is None else float(slide_mpp), "colormap": COLORMAP,
             "value": "uint8 = score * 255", **(extra or {})}
 

@@ -138,9 +138,9 @@ class SegSlide:
 def _painted_points(lookup: Callable[..., np.ndarray] | np.ndarray, downsample: float, ids: set[int],
                     max_points: int, rng: np.random.Generator) -> np.ndarray:
     """Level-0 centres of painted label pixels with a class in ``ids``, read in 512-row bands."""
-    from ..slide.mask_sampling import _lookup_shape
+    from ..slide.mask_sampling import lookup_shape
 
-    shape = lookup.shape if isinstance(lookup, np.ndarray) else _lookup_shape(lookup)
+    shape = lookup.shape if isinstance(lookup, np.ndarray) else lookup_shape(lookup)
     if shape is None:
         return np.zeros((0, 2))
     h, w = shape

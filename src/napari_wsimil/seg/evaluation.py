@@ -30,8 +30,8 @@ from ..infer.evaluation import TruthItem
 def map_on_grid(map_path: Path, shape: tuple[int, int], downsample: float) -> tuple[np.ndarray, float | None]:
     """The map (float in [0, 1]) sampled at the centres of a grid of ``shape`` at ``downsample`` level-0 px
     per pixel, and the slide's µm/px recorded in the map."""
-    from ..layers import heatmap_description
     from ..project.mask_io import MaskImage
+    from ..slide.heatmap_file import heatmap_description
 
     meta = heatmap_description(map_path)
     if meta is None:
@@ -70,7 +70,7 @@ def froc_candidates(prob: np.ndarray, downsample: float, radius_level0: float, m
 def segmentation_metrics(items: Iterable[TruthItem], maps_dir: str | os.PathLike[str], threshold: float = 0.5,
                          nms_um: float = 100.0) -> dict[str, Any]:
     """The metrics above over ``items`` (slides with a ``gt_mask``) from ``maps_dir/<slide_id>.tif``."""
-    from ..infer.evaluation import _mask_downsample
+    from ..infer.evaluation import mask_downsample
     from ..infer.localisation import classify_candidates, froc, lesions_from_mask
     from ..project.mask_io import MaskImage
 
@@ -85,7 +85,7 @@ def segmentation_metrics(items: Iterable[TruthItem], maps_dir: str | os.PathLike
         if not path.is_file():
             raise WsimilError(f"no probability map for {item.slide_id} in {maps_dir}: run 'wsimil predict' on it")
         with MaskImage(item.gt_mask) as mask:
-            ds = _mask_downsample(mask, item, None)
+            ds = mask_downsample(mask, item, None)
             truth = mask.points(np.arange(mask.shape[0]), np.arange(mask.shape[1])) > 0
         prob, slide_mpp = map_on_grid(path, truth.shape, ds)
         pred = prob >= threshold

@@ -64,7 +64,10 @@ def default_grid(slide: SegSlide, mpp: float, block: int, q_default: float = 0.5
     return SamplingGrid(t * q_default ** alpha, t * q_default, t, block, mpp, epoch=0, version=0)
 
 
-def _tissue_tile(slide: SegSlide, mpp: float, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+def tissue_tile(slide: SegSlide, mpp: float, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+    """The tissue mask (bool, (h, w)) under the map tile at (``y0``, ``x0``): each map pixel takes the
+    low-resolution mask pixel under its centre. Public because maps are not alone in keeping tissue pixels
+    only: :func:`~.operating_point.benign_histogram` counts the benign tissue of each tile with it too."""
     d = slide.downsample(mpp)
     m = slide.tissue.mask
     rows = np.clip(((np.arange(y0, y0 + h) + 0.5) * d / slide.tissue.downsample).astype(np.int64), 0, m.shape[0] - 1)
@@ -166,7 +169,7 @@ def compute_map(net: Any, slide: SegSlide, mpp: float, *, tile: int = 512, margi
         if should_stop is not None and should_stop():
             return None
         p = predict_tile(net, slide, mpp, y0, x0, th, tw, margin, device, multiple=_grid(net))
-        t = _tissue_tile(slide, mpp, y0, x0, th, tw)
+        t = tissue_tile(slide, mpp, y0, x0, th, tw)
         p = np.where(t, p, 0.0).astype(np.float32)
         if store is not None:
             store.array[y0:y0 + th, x0:x0 + tw] = np.round(p * 255).astype(np.uint8)
@@ -218,4 +221,5 @@ __all__ = [
     "predict_tile",
     "timed_map",
     "tissue_blocks",
+    "tissue_tile",
 ]

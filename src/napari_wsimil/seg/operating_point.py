@@ -79,13 +79,13 @@ def benign_histogram(net: Any, slides: Sequence[SegSlide], mpp: float, *, margin
                      should_stop: Callable[[], bool] | None = None) -> LevelHistogram | None:
     """The map levels of ``slides``' tissue pixels (computed tile by tile, as the maps are; none kept), or
     None when ``should_stop()`` turned true."""
-    from .maps import _tissue_tile, compute_map
+    from .maps import compute_map, tissue_tile
 
     hist = LevelHistogram()
     tile = max(patch, tile // patch * patch)
     for slide in slides:
         def on_tile(y0: int, x0: int, p: np.ndarray, s: SegSlide = slide) -> None:
-            hist.add(p[_tissue_tile(s, mpp, y0, x0, *p.shape)])
+            hist.add(p[tissue_tile(s, mpp, y0, x0, *p.shape)])
 
         done = compute_map(net, slide, mpp, tile=tile, margin=margin, device=device, block=patch, alpha=1.0,
                            on_tile=on_tile, should_stop=should_stop)
@@ -109,11 +109,12 @@ def calibrate_run(run_dir: str | os.PathLike[str], slides: Sequence[SegSlide], f
     """Set the run's operating threshold on ``slides`` (benign) with its ``weights`` and write
     ``RUN/operating_point.json``; returns what it wrote (None when stopped, or without benign tissue)."""
     from ..io.atomic import write_text
-    from .predict import _margin, load_seg_run
+    from .nets import receptive_margin
+    from .predict import load_seg_run
 
     run = load_seg_run(run_dir, device=device, weights=weights)
     benign = [s for s in slides if s.label == 0]
-    hist = benign_histogram(run.net, benign, run.mpp, margin=_margin(run.net), patch=run.patch,
+    hist = benign_histogram(run.net, benign, run.mpp, margin=receptive_margin(run.net), patch=run.patch,
                             device=run.device, should_stop=should_stop) if benign else None
     if hist is None or not hist.total:
         return None

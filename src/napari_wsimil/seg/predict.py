@@ -51,7 +51,7 @@ def is_segmentation_run(run_dir: str | os.PathLike[str]) -> bool:
 def load_seg_run(run_dir: str | os.PathLike[str], device: str = "auto", weights: str = "best") -> SegRun:
     from ..train.checkpoints import load_checkpoint_weights
     from ..train.registry import saved_config
-    from .methods import build_net
+    from .nets import BranchNet, build_net
 
     run = Path(run_dir)
     try:
@@ -64,16 +64,8 @@ def load_seg_run(run_dir: str | os.PathLike[str], device: str = "auto", weights:
     net = build_net(cfg, dual=name == "confkd")
     dev = load_checkpoint_weights(run, net, weights, device)
     if name == "confkd":
-        from .nets import BranchNet
-
         net = BranchNet(net, getattr(cfg, "predict_with", "student")).eval()
     return SegRun(net, name, info, state.get("config", {}), dev)
-
-
-def _margin(net: Any) -> int:
-    from .nets import receptive_margin
-
-    return int(receptive_margin(net))
 
 
 @dataclass
@@ -89,6 +81,8 @@ def map_slide(run: SegRun, slide: SegSlide, out_dir: Path, *, tile: int = 512, t
               tiff: bool = True, extra: dict[str, Any] | None = None) -> SlideMap:
     """Map one slide; scores from the map (max pixel; top-K mean of per-patch maxima). ``extra`` goes into
     the TIFF's description (e.g. the run's operating threshold)."""
+    from .nets import receptive_margin
+
     zpath = out_dir / "maps" / f"{slide.slide_id}.zarr"
     block_max: dict[tuple[int, int], float] = {}
     patch = run.patch
@@ -100,8 +94,8 @@ def map_slide(run: SegRun, slide: SegSlide, out_dir: Path, *, tile: int = 512, t
                 block_max[((y0 + by) // patch, (x0 + bx) // patch)] = float(p[by:by + patch, bx:bx + patch].max())
 
     tile = max(patch, tile // patch * patch)
-    compute_map(run.net, slide, run.mpp, tile=tile, margin=_margin(run.net), device=run.device, out=zpath,
-                block=patch, alpha=1.0, on_tile=on_tile)
+    compute_map(run.net, slide, run.mpp, tile=tile, margin=receptive_margin(run.net), device=run.device,
+                out=zpath, block=patch, alpha=1.0, on_tile=on_tile)
     vals = np.sort(np.asarray(list(block_max.values()) or [0.0]))[::-1]
     tpath = None
     if tiff:

@@ -17,9 +17,12 @@ import numpy as np
 Lookup = Union[np.ndarray, Callable[[np.ndarray, np.ndarray], np.ndarray]]
 
 
-def _lookup_shape(lookup: Lookup) -> tuple[int, int] | None:
+def lookup_shape(lookup: Lookup) -> tuple[int, int] | None:
     """The mask's (rows, cols) when it can be found: an array, or a bound method of an object with .shape
-    (``MaskImage.points``), or a callable with .shape."""
+    (``MaskImage.points``), or a callable with .shape.
+
+    Public because a :data:`Lookup` is read elsewhere too: :mod:`napari_wsimil.seg.data` scans painted
+    label masks given the same way, band by band, and needs their size first."""
     for obj in (lookup, getattr(lookup, "__self__", None)):
         shape = getattr(obj, "shape", None)
         if shape is not None and len(shape) >= 2:
@@ -53,7 +56,7 @@ def patch_samples(coords: np.ndarray, size_level0: float, lookup: Lookup, downsa
         read = lookup
     if n == 0:
         return np.zeros((0, samples * samples), np.uint8)
-    mshape = shape if shape is not None else _lookup_shape(lookup)
+    mshape = shape if shape is not None else lookup_shape(lookup)
     hi_r, hi_c = (mshape[0] - 1, mshape[1] - 1) if mshape is not None else (None, None)
 
     offsets = (np.arange(samples) + 0.5) * (float(size_level0) / samples)
@@ -78,4 +81,4 @@ def patch_samples(coords: np.ndarray, size_level0: float, lookup: Lookup, downsa
     return out
 
 
-__all__ = ["Lookup", "patch_samples"]
+__all__ = ["Lookup", "lookup_shape", "patch_samples"]

@@ -1,25 +1,13 @@
-"""Pinchaud, Hybrid Supervision and ConfKD as methods of the one training engine.
+"""What the three segmentation methods share: the net, the patches, validation, the operating threshold.
 
-The engine (:mod:`napari_wsimil.train.engine`) owns seeding, the optimiser, checkpoints, resume, early
-stopping and events; a method here supplies the network, each epoch's batches and each step's losses:
-
-* **Pinchaud**: patches inherit their slide's label; per patch, slide logits (mean benign logit, mean of
-  the top-η % malignant logits) go through the generalised KL. A :class:`~.mapper.MappingWorker` recomputes
-  maps with the weights of the last epoch while the trainer trains; each epoch's patches are drawn from the
-  latest maps (:mod:`.sampling`). Painted pixels, where a slide has them, add cross-entropy (``w_pixel``).
-* **Hybrid**: every ``epochs_per_round`` epochs an E-step maps the training slides with the current model;
-  the M-step trains on a batch mix of painted pixels, pseudo-labelled malignant patches (clip(Q·V, 0, 1),
-  patches whose max Q < T skipped) and hard negatives from benign slides, with soft-label BCE. At the end of
-  each round the stage-2 loss (BCE of the top-K patch mean against slide labels) is the validation loss, so
-  ``best.safetensors`` is the round with the lowest stage-2 loss.
-* **ConfKD**: labelled patches (painted pixels, and benign slides, all of whose pixels are benign) train the
-  teacher decoder; weakly labelled malignant patches train the student through entropy and
-  KL(teacher ‖ student). Maps come from the student by default.
+:class:`SegMethod` is a method of the training engine (:mod:`napari_wsimil.train.engine`) with everything
+but the method itself: the patch plan, how patches are read (with context), their tensors and augmentation,
+the fixed validation patches and their slide-level and pixel metrics, and the operating threshold set when
+training ends. :mod:`.pinchaud`, :mod:`.hybrid` and :mod:`.confkd` add each method's patch mix and losses.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,27 +17,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..train.engine import StepOutput, TrainingError, binary_auc
-from .configs import ConfKDConfig, HybridConfig, PinchaudConfig, SegConfig
-from .data import SegSlide
-from .loader import Batch, Patch, PatchBatches, read_patch
-from .maps import compute_map, default_grid
-from .sampling import GridBoard, PatchRequest, SlideScheduler, draw_centres, plan_epoch
-
-
-def build_net(cfg: SegConfig, dual: bool = False) -> nn.Module:
-    from .nets import DualDecoderNet, SegUNet
-
-    net = (DualDecoderNet if dual else SegUNet)(in_channels=3, n_classes=2, width=cfg.width, depth=cfg.depth)
-    # channels-last: depthwise convolutions run about twice as fast on CPU in this layout
-    return net.to(memory_format=torch.channels_last)
+from ...train.engine import TrainingError, binary_auc
+from ..configs import SegConfig
+from ..data import SegSlide
+from ..loader import Batch, Patch, PatchBatches, read_patch
+from ..maps import default_grid
+from ..nets import build_net, receptive_margin
+from ..sampling import GridBoard, PatchRequest, SlideScheduler, draw_centres, plan_epoch
 
 
 def load_init_weights(net: nn.Module, path: str | Path) -> list[str]:
     """Auto-encoder weights (shared layers copied) or a segmentation checkpoint (loaded whole)."""
     from safetensors.torch import load_file
 
-    from .nets import autoencoder_pretrain_net, transfer_encoder
+    from ..nets import autoencoder_pretrain_net, transfer_encoder
 
     path = Path(path)
     if not path.is_file():
@@ -182,7 +163,7 @@ class SegMethod:
             return c
         if self._context is None:
             g = 2 ** (self.config.depth - 1)  # patch + 2 context stays a multiple of the U-Net's grid
-            m = _margin(self.model if self.model is not None else build_net(self.config, self.dual))
+            m = receptive_margin(self.model if self.model is not None else build_net(self.config, self.dual))
             self._context = -(-m // g) * g
         return self._context
 
@@ -236,7 +217,7 @@ class SegMethod:
     def _input(self, model: nn.Module, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
         t = _to_tensors(batch, device)
         if self.config.augment and model.training:
-            from .augment import augment
+            from ..augment import augment
 
             gen = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, (1,))))
             keys = [k for k in ("labels", "tissue", "soft") if k in t]
@@ -367,12 +348,12 @@ class SegMethod:
         return self._with_pixel_dice(({"total": float(np.mean(losses))}, metrics), model, device)
 
     def val_loss(self, logits: torch.Tensor, label: int, tissue: torch.Tensor) -> torch.Tensor:
-        from .losses import pinchaud_loss
+        from ..losses import pinchaud_loss
 
         cfg = self.config
         beta = (getattr(cfg, "beta0", 0.0), getattr(cfg, "beta1", 1.0))
         eta = getattr(cfg, "eta", 50.0)
-        return pinchaud_loss(_poolable(logits, cfg), label, eta, beta, mask=tissue)
+        return pinchaud_loss(poolable_logits(logits, cfg), label, eta, beta, mask=tissue)
 
     def wait_fraction(self) -> float:
         if self.mapper is None:
@@ -387,8 +368,8 @@ class SegMethod:
 
         A threshold that cannot be set does not undo a finished training: the run keeps its weights, says why,
         and has no operating point (maps are then cut at 0.5) until ``wsimil calibrate`` sets one."""
-        from ..errors import WsimilError
-        from .operating_point import FILENAME, calibrate_run, choose_benign_slides, describe
+        from ...errors import WsimilError
+        from ..operating_point import FILENAME, calibrate_run, choose_benign_slides, describe
 
         stale = Path(out_dir) / FILENAME  # set with older weights, or another rate: never left to mislead
         stale.unlink(missing_ok=True)
@@ -411,10 +392,12 @@ class SegMethod:
             s.close()
 
 
-def _poolable(logits: torch.Tensor, cfg: SegConfig) -> torch.Tensor:
-    """What Pinchaud's slide logits pool: the raw pixel logits (the paper) or their log-softmax."""
-    return F.log_softmax(logits, dim=1) if getattr(cfg, "normalise_logits", False) else logits
+def poolable_logits(logits: torch.Tensor, cfg: SegConfig) -> torch.Tensor:
+    """What Pinchaud's slide logits pool: the raw pixel logits (the paper) or their log-softmax.
 
+    Public because two modules pool them: Pinchaud's training step (:mod:`.pinchaud`) and the validation
+    loss every method reports (:meth:`SegMethod.val_loss`, here)."""
+    return F.log_softmax(logits, dim=1) if getattr(cfg, "normalise_logits", False) else logits
 
 def _nonempty(tissue: torch.Tensor, context: int = 0) -> torch.Tensor:
     """A patch without tissue pixels (rotated off the tissue, or at its edge) pools over all its pixels
@@ -428,289 +411,9 @@ def _nonempty(tissue: torch.Tensor, context: int = 0) -> torch.Tensor:
 
 
 def _stack(pats: Sequence[Patch]) -> Batch:
-    from .loader import stack
+    from ..loader import stack
 
     return stack(pats)
 
 
-class PinchaudMethod(SegMethod):
-    name = "pinchaud"
-    map_age = float("nan")  # see _note_map_age
-    map_unmapped = 1.0
-
-    def batches(self, epoch: int, rng: np.random.Generator) -> PatchBatches:
-        import time
-
-        cfg: PinchaudConfig = self.config  # type: ignore[assignment]
-        if cfg.dynamic_sampling and self.model is not None:
-            if self.mapper is None:
-                from .mapper import MappingWorker
-
-                device = next(self.model.parameters()).device
-                # with sync_maps the trainer waits while the worker maps: the worker may have every core
-                threads = cfg.map_threads or ((os.cpu_count() or 1) if cfg.sync_maps else 0)
-                self.mapper = MappingWorker(self.model, self.train_slides, self.board, mpp=self.mpp,
-                                            maps_dir=self.maps_dir, device=device, tile=self.map_tile,
-                                            margin=_margin(self.model), revisit_epochs=cfg.revisit_epochs,
-                                            seed=cfg.seed, threads=threads).start()
-                self._t0 = time.perf_counter()
-            self.mapper.update_weights(self.model.state_dict(), epoch - 1)
-            if cfg.sync_maps:
-                self.mapper.wait_all(epoch - 1)
-            elif epoch > 1 + cfg.map_staleness:
-                # Wait for fresh maps only within the waiting budget: when mapping is much slower than training
-                # (big slides on a CPU), the trainer goes on with older maps rather than stall (Pinchaud's
-                # mapper and trainer never wait for each other; the budget allows a little freshness).
-                budget = cfg.max_map_wait * (time.perf_counter() - self._t0) - self.mapper.wait_seconds
-                self.mapper.check()
-                if budget > 0:
-                    self.mapper.wait_for(epoch - 1, cfg.map_staleness, timeout=budget)
-        return super().batches(epoch, rng)
-
-    def plan(self, epoch: int, rng: np.random.Generator) -> list[Callable[[], Patch]]:
-        reqs = plan_epoch(self.train_slides, self.board, self.scheduler, self.config.patches_per_epoch, self.patch,
-                          self.mpp, epoch, rng)
-        self._note_map_age(epoch, reqs)
-        return [self._job(r, "weak", benign_fill=False) for r in reqs]
-
-    def _note_map_age(self, epoch: int, reqs: Sequence[PatchRequest]) -> None:
-        """How old (in epochs of training) the maps this epoch's patches were drawn from are: what not
-        waiting for the mapper costs. Patches from slides not yet mapped count apart (``map_unmapped``)."""
-        grids = [self.board.get(r.slide) for r in reqs]
-        ages = [epoch - 1 - g.epoch for g in grids if g.version > 0]
-        self.map_age = float(np.mean(ages)) if ages else float("nan")
-        self.map_unmapped = 1.0 - len(ages) / max(1, len(grids))
-
-    def step(self, model: nn.Module, batch: Batch, device: torch.device) -> StepOutput:
-        from .losses import slide_logits, slide_loss
-
-        cfg: PinchaudConfig = self.config  # type: ignore[assignment]
-        t = self._input(model, batch, device)
-        logits = model(t["x"])
-        sl = slide_logits(_poolable(logits, cfg), cfg.eta, mask=t["tissue"])
-        weak = slide_loss(sl, t["slide"], (cfg.beta0, cfg.beta1))
-        with torch.no_grad():
-            q = torch.softmax(sl.detach().float(), -1)
-        preds = [(q[i], int(t["slide"][i])) for i in range(len(q))]
-        losses = {"weak": weak}
-        total = weak
-        if cfg.w_pixel > 0 and (t["labels"] >= 0).any():
-            ce = self.pixel_ce(logits, t["labels"])
-            losses["pixel"] = ce
-            total = total + cfg.w_pixel * ce
-        losses["total"] = total
-        return StepOutput(losses, preds)
-
-
-def _margin(net: nn.Module) -> int:
-    from .nets import receptive_margin
-
-    return int(receptive_margin(net))
-
-
-class HybridMethod(SegMethod):
-    name = "hybrid"
-    needs_paint = True
-
-    def __init__(self, *a: Any, **kw: Any):
-        super().__init__(*a, **kw)
-        self._pseudo: dict[int, Any] = {}  # slide index -> zarr map of the last E-step
-        self._round = 0
-        #: called with a slide id after each E-step (a project run writes the pseudo-label set there)
-        self.on_pseudo_labels: Callable[[str], None] | None = None
-
-    def _round_of(self, epoch: int) -> int:
-        return (epoch - 1) // max(1, self.config.epochs_per_round) + 1  # type: ignore[attr-defined]
-
-    def _stage_slides(self) -> list[SegSlide]:
-        """Stage 2 scores the validation slides, or the training slides when there are none (as Li et al.)."""
-        return self.val_slides or self.train_slides
-
-    def e_step(self, epoch: int) -> None:
-        """Map every training slide with the current model; the maps are this round's pseudo-labels and
-        sampling weights."""
-        from .maps import open_map
-
-        assert self.model is not None
-        device = next(self.model.parameters()).device
-        was = self.model.training
-        self.model.eval()
-        root = self.maps_dir or Path(".")
-        for i, s in enumerate(self.train_slides):
-            out = root / f"{s.slide_id}.zarr" if self.maps_dir is not None else None
-            grid = compute_map(self.model, s, self.mpp, tile=self.map_tile, margin=_margin(self.model),
-                               device=device, out=out, block=self.block, alpha=self.config.alpha, epoch=epoch - 1)
-            if grid is not None:
-                self.board.publish(i, grid)
-            if out is not None:
-                self._pseudo[i] = open_map(out, s, self.mpp, create=False)
-                if self.on_pseudo_labels is not None and s.label == 1:
-                    self.on_pseudo_labels(s.slide_id)
-        self.model.train(was)
-
-    def _soft(self, req: PatchRequest) -> np.ndarray | None:
-        store = self._pseudo.get(req.slide)
-        if store is None:
-            return None
-        s = self.train_slides[req.slide]
-        d = s.downsample(self.mpp)
-        x, y = int(round(req.x0 / d)), int(round(req.y0 / d))
-        h, w = store.shape
-        out = np.zeros((self.patch, self.patch), np.float32)
-        ys, xs = max(0, y), max(0, x)
-        ye, xe = min(h, y + self.patch), min(w, x + self.patch)
-        if ye > ys and xe > xs:
-            out[ys - y:ye - y, xs - x:xe - x] = store.read_block(ys, ye, xs, xe) / 255.0
-        from .losses import hybrid_pseudo_labels
-
-        cfg: HybridConfig = self.config  # type: ignore[assignment]
-        pseudo, keep = hybrid_pseudo_labels(torch.from_numpy(out)[None], cfg.threshold, cfg.scale)
-        if not bool(keep[0]):
-            return np.full(out.shape, np.nan, np.float32)
-        return pseudo[0].numpy().astype(np.float32)
-
-    def plan(self, epoch: int, rng: np.random.Generator) -> list[Callable[[], Patch]]:
-        cfg: HybridConfig = self.config  # type: ignore[assignment]
-        self._epoch = epoch
-        r = self._round_of(epoch)
-        if r != self._round:
-            if r > 1 and self.model is not None:
-                self.e_step(epoch)
-            self._round = r
-        n = cfg.patches_per_epoch
-        malignant = [i for i, s in enumerate(self.train_slides) if s.label == 1]
-        benign = [i for i, s in enumerate(self.train_slides) if s.label == 0]
-        painted = [i for i, s in enumerate(self.train_slides) if s.annotated]
-        shares = {"negative": cfg.mix_negative if benign else 0.0,
-                  "pseudo": cfg.mix_pseudo if (self._pseudo and malignant) else 0.0,
-                  "fine": cfg.mix_fine if painted else 0.0}
-        tot = sum(shares.values()) or 1.0
-        counts = {k: int(round(n * v / tot)) for k, v in shares.items()}
-        jobs: list[Callable[[], Patch]] = []
-        q = self.board.q_sums()
-        if counts["negative"]:
-            w = np.asarray([max(q[i], 1e-12) for i in benign])
-            for i in rng.choice(benign, counts["negative"], p=w / w.sum()):
-                jobs.append(self._job(self._centre(int(i), rng), "negative", benign_fill=True))
-        if counts["pseudo"]:
-            for i in rng.choice(malignant, counts["pseudo"]):
-                jobs.append(self._job(self._centre(int(i), rng), "pseudo", benign_fill=True, soft=self._soft))
-        if counts["fine"]:
-            for i in rng.choice(painted, counts["fine"]):
-                jobs.append(self._job(self._painted_centre(int(i), rng), "fine", benign_fill=True))
-        order = rng.permutation(len(jobs))
-        return [jobs[j] for j in order]
-
-    def step(self, model: nn.Module, batch: Batch, device: torch.device) -> StepOutput:
-        from .losses import soft_bce
-
-        t = self._input(model, batch, device)
-        logits = model(t["x"])
-        target = torch.full(t["labels"].shape, float("nan"), device=device)
-        lab = t["labels"]
-        target = torch.where(lab >= 0, lab.float(), target)
-        if "soft" in t:
-            soft = t["soft"]
-            use = torch.isfinite(soft) & (lab < 0) & t["tissue"]
-            target = torch.where(use, soft, target)
-        valid = torch.isfinite(target)
-        # BCE on the malignant-vs-benign logit difference (softmax over two classes = sigmoid of it)
-        diff = logits[:, 1] - logits[:, 0]
-        loss = soft_bce(diff, torch.nan_to_num(target), valid)
-        return StepOutput({"bce": loss, "total": loss})
-
-    def evaluate(self, model: nn.Module, device: torch.device) -> tuple[dict[str, float], dict[str, float]] | None:
-        """Stage 2 at the end of each round: top-K patch mean as slide score, BCE against slide labels."""
-        cfg: HybridConfig = self.config  # type: ignore[assignment]
-        epoch = getattr(self, "_epoch", 0)
-        if epoch % max(1, cfg.epochs_per_round) and epoch != cfg.epochs:
-            return None
-        from .losses import top_k_slide_score
-
-        slides_val = self._val_logits(model, device)
-        if not slides_val:
-            return None
-        scores, labels = [], []
-        for label, logits, tissue in slides_val:
-            p = torch.softmax(logits, 1)[:, 1]
-            p = torch.where(tissue, p, torch.zeros_like(p))
-            patch_p = p.flatten(1).amax(1)
-            scores.append(top_k_slide_score(patch_p, cfg.top_k))
-            labels.append(label)
-        s = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in scores]).clamp(1e-6, 1 - 1e-6)
-        y = torch.tensor(labels, dtype=torch.float32)
-        stage2 = float(F.binary_cross_entropy(s, y))
-        return self._with_pixel_dice(({"total": stage2, "stage2": stage2},
-                                      {"slide_auc": binary_auc(s, y == 1), "round": float(self._round)}),
-                                     model, device)
-
-
-class ConfKDMethod(SegMethod):
-    name = "confkd"
-    dual = True
-    needs_paint = True
-
-    def plan(self, epoch: int, rng: np.random.Generator) -> list[Callable[[], Patch]]:
-        n = self.config.patches_per_epoch
-        painted = [i for i, s in enumerate(self.train_slides) if s.annotated]
-        benign = [i for i, s in enumerate(self.train_slides) if s.label == 0]
-        weak = [i for i, s in enumerate(self.train_slides) if s.label == 1 and not s.annotated] or \
-               [i for i, s in enumerate(self.train_slides) if s.label == 1]
-        jobs: list[Callable[[], Patch]] = []
-        n_fine, n_neg = n // 4, n // 4
-        for i in rng.choice(painted, n_fine):
-            jobs.append(self._job(self._painted_centre(int(i), rng), "fine", benign_fill=True))
-        if benign:
-            for i in rng.choice(benign, n_neg):
-                jobs.append(self._job(self._centre(int(i), rng), "negative", benign_fill=True))
-        for i in rng.choice(weak, n - len(jobs)):
-            jobs.append(self._job(self._centre(int(i), rng), "weak", benign_fill=False))
-        order = rng.permutation(len(jobs))
-        return [jobs[j] for j in order]
-
-    def forward_eval(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        teacher, student = model(x)
-        return student if self.config.predict_with == "student" else teacher  # type: ignore[attr-defined]
-
-    def step(self, model: nn.Module, batch: Batch, device: torch.device) -> StepOutput:
-        from .losses import confkd_loss
-
-        cfg: ConfKDConfig = self.config  # type: ignore[assignment]
-        t = self._input(model, batch, device)
-        teacher, student = model(t["x"])
-        labels = t["labels"]
-        c = self.context
-        if c:  # the entropy and KL terms cover every pixel: keep those of the patch, not of its context
-            teacher, student, labels = (a[..., c:a.shape[-2] - c, c:a.shape[-1] - c] for a in (teacher, student, labels))
-        labelled = torch.tensor([k != "weak" for k in batch.kinds], device=device)
-        weak = ~labelled
-        parts = confkd_loss(teacher, student, labels, labelled, weak, w_ce=cfg.w_ce, w_ent=cfg.w_ent,
-                            w_kl=cfg.w_kl)
-        return StepOutput(dict(parts))
-
-
-METHOD_CLASSES: dict[str, tuple[type[SegMethod], type[SegConfig]]] = {
-    "pinchaud": (PinchaudMethod, PinchaudConfig),
-    "hybrid": (HybridMethod, HybridConfig),
-    "confkd": (ConfKDMethod, ConfKDConfig),
-}
-
-
-def make_method(name: str, config: SegConfig, train_slides: Sequence[SegSlide], val_slides: Sequence[SegSlide],
-                **kw: Any) -> SegMethod:
-    cls, cfg_cls = METHOD_CLASSES[name]
-    if not isinstance(config, cfg_cls):
-        raise TrainingError(f"{name} needs a {cfg_cls.__name__}, got {type(config).__name__}")
-    return cls(config, train_slides, val_slides, **kw)
-
-
-__all__ = [
-    "METHOD_CLASSES",
-    "ConfKDMethod",
-    "HybridMethod",
-    "PinchaudMethod",
-    "SegMethod",
-    "build_net",
-    "load_init_weights",
-    "make_method",
-]
+__all__ = ["SegMethod", "load_init_weights", "poolable_logits"]
