@@ -411,6 +411,55 @@ def test_segmentation_method_in_the_widget(make_napari_viewer, qtbot, tmp_path, 
     assert state["epoch"] > 1 and state["method"]["name"] == "pinchaud"  # the same run went on
 
 
+def test_a_family_registered_at_run_time_in_the_widget(make_napari_viewer, qtbot, tmp_path, cohort):
+    """A method of a family the widget has never heard of (tests/mean_pool_family.py, registered here):
+    listed, its own form and resolution, no encoder row (its family has none), trained in the child
+    process with its live layer, and "retrain with corrections" going the family's way."""
+    import mean_pool_family as mp
+
+    from napari_wsimil.train.registry import register, unregister
+
+    register(mp.METHOD)
+    try:
+        viewer, pw, tw = _open(make_napari_viewer, _project(tmp_path / "proj", cohort))
+        s = tw.session
+        sid = s.slide_id
+        names = [tw.method.itemText(i) for i in range(tw.method.count())]
+        assert mp.NAME in names and "clam-sb" in names
+        tw.method.setCurrentText(mp.NAME)
+        assert set(tw.options) >= {"temperature", "lr"} and "k_sample" not in tw.options
+        assert tw.mpp.value() == pytest.approx(2.0) and tw.patch.value() == 64  # the family's defaults
+        assert tw.encoder_picker.isHidden()
+        tw.epochs.setValue(2)
+        tw.device.setCurrentText("cpu")
+        tw.set_option("temperature", 2.0)
+        run = tw.run_name.text()
+        tw.start_btn.click()
+        _wait_idle(qtbot, tw)
+        assert "done after epoch 2" in tw.status.text()
+        layer = viewer.layers[f"attention {sid}"]
+        assert layer.data.ndim == 2 and layer.metadata["wsimil"]["run"] == run
+        state = json.loads((tw.api.run_dir(run) / "last.json").read_text())
+        assert state["config"]["temperature"] == 2.0 and state["method"]["name"] == mp.NAME
+
+        tw.pseudo_btn.click()
+        _wait_idle(qtbot, tw)
+        pseudo = viewer.layers[f"pseudo-labels {sid}"]
+        assert pseudo.data.shape == tuple(s.geometry.shape)
+        _, normal = tw.api.class_ids()
+        before = np.array(pseudo.data, copy=True)
+        pseudo.data[:16, :16] = normal
+        pseudo.refresh()
+        tw.retrain_btn.click()
+        _wait_idle(qtbot, tw)
+        changed = before[:16, :16] != normal
+        assert (s.project.pixel_labels(sid)[:16, :16][changed] == normal).all()
+        state = json.loads((tw.api.run_dir(run) / "last.json").read_text())
+        assert state["epoch"] > 2  # the family's default: the same run goes on
+    finally:
+        unregister(mp.NAME)
+
+
 # --- the encoder row -----------------------------------------------------------------------------
 LAB_MODULE = '''
 """A lab's own encoder, installed as a package that registers it through an entry point."""
