@@ -1,9 +1,10 @@
 """Project folders: a cohort of slides with slide-level labels, pixel labels and annotations.
 
 Compute only (no Qt, no napari): the dock widgets and the ``wsimil project`` command are thin
-layers over :class:`Project`. See ``project.py`` for the folder layout, ``pixel_labels.py`` for how
-labels are stored and saved stroke by stroke, ``annotations.py`` for the QuPath GeoJSON format and
-``cohort_csv.py`` for the CSV columns.
+layers over :class:`Project`. See ``project.py`` for how the modules are layered, ``folder.py`` for
+the folder layout, ``schema.py`` for project.json, ``pixel_labels.py`` and ``label_access.py`` for
+how labels are stored and saved stroke by stroke, ``annotations.py`` for the QuPath GeoJSON format
+and ``cohort_csv.py`` for the CSV columns.
 
 Names load on first use (numpy and friends stay out of ``wsimil --help``).
 """
@@ -19,13 +20,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from .export import export_mask, export_project
     from .lock import LockOwner
     from .pixel_labels import LabelGeometry
-    from .project import SCHEMA_VERSION, SPLITS, Project, SlideRecord
+    from .project import Project
+    from .schema import SCHEMA_VERSION, SPLITS, SlideRecord
 
 _LAZY = {
     "Annotation": "annotations", "UNCLASSIFIED": "annotations", "read_geojson": "annotations",
     "write_geojson": "annotations", "ClassDef": "classes", "UNLABELLED": "classes", "ProjectError": "errors",
     "export_mask": "export", "export_project": "export", "LockOwner": "lock", "LabelGeometry": "pixel_labels",
-    "Project": "project", "SlideRecord": "project", "SCHEMA_VERSION": "project", "SPLITS": "project",
+    "Project": "project", "SlideRecord": "schema", "SCHEMA_VERSION": "schema", "SPLITS": "schema",
 }
 
 __all__ = sorted(_LAZY)

@@ -92,6 +92,17 @@ def next_color(used: Iterable[str]) -> str:
     return PALETTE[len(used_set) % len(PALETTE)]
 
 
+def new_class(table: Sequence[ClassDef], name: str, color: str | None = None) -> ClassDef:
+    """The class ``name`` as added to ``table``: the next id, and ``color`` or else an unused palette colour."""
+    check_name(name)
+    if any(c.name == name for c in table):
+        raise ProjectError(f"class {name!r} already exists")
+    new_id = max(c.id for c in table) + 1
+    if new_id > MAX_CLASS_ID:
+        raise ProjectError(f"a project holds at most {MAX_CLASS_ID} classes (labels are 8-bit)")
+    return ClassDef(new_id, name, normalize_color(color) if color else next_color(c.color for c in table))
+
+
 def build_classes(spec: Iterable[object] | None) -> list[ClassDef]:
     """The class table for a new project from names, ``(name, colour)`` pairs or ClassDefs.
 

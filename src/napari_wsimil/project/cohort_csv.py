@@ -34,16 +34,22 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 
 from ..io.atomic import atomic_write
+from .classes import build_classes
 from .errors import ProjectError, problems_error
+from .export import export_mask
+from .schema import (PROJECT_FILE, SlideRecord, check_mpp, check_slide_classes, check_slide_id, id_from_path,
+                     normalize_split)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .annotations import Annotation
-    from .project import Project
+    from .folder import ProjectFolder
+
+_P = TypeVar("_P", bound="ProjectFolder")
 
 KNOWN = ("slide_id", "path", "label", "split", "mpp", "pixel_labels", "pixel_labels_downsample", "annotations",
          "gt_mask", "gt_downsample")
@@ -132,8 +138,6 @@ def parse_rows(csv_path: Path, slide_classes: Sequence[str] | None, problems: li
     labels met); else a label is one of them or its index, and is stored as the name. ``strict`` (project
     import) also wants the files to exist, the ids to be usable as file names and each file listed once;
     training opens the files when it needs them, and a missing one is then an error naming the slide."""
-    from .project import check_slide_id, id_from_path, normalize_split
-
     header, table = _read_table(csv_path)
     base = csv_path.parent
     out = []
@@ -265,24 +269,21 @@ def check_rows(rows: list[CohortRow], label_mpp: float, class_names: dict[int, s
     return missing, checked
 
 
-def create_from_csv(project_cls: type[Project], dir: str | os.PathLike[str], csv_path: str | os.PathLike[str],
+def create_from_csv(project_cls: type[_P], dir: str | os.PathLike[str], csv_path: str | os.PathLike[str],
                     label_mpp: float = 4.0, name: str | None = None, classes: Any = None,
-                    slide_classes: Any = ("benign", "malignant"), add_missing_classes: bool = True) -> Project:
+                    slide_classes: Any = ("benign", "malignant"), add_missing_classes: bool = True) -> _P:
     """Check the whole CSV, then create the project and import everything it lists.
 
     Annotation classes the project lacks are added (with the file's colours) unless
     ``add_missing_classes`` is False, in which case they are reported as problems.
     """
-    from .classes import build_classes
-    from .project import PROJECT_FILE, SlideRecord, _check_slide_classes, check_mpp
-
     csv_path = Path(csv_path).expanduser().resolve()
     root = Path(dir).expanduser().resolve()
     if (root / PROJECT_FILE).exists():
         raise ProjectError(f"{root} already holds a project; open it with Project.open (or pick another folder)")
     label_mpp_v = check_mpp(label_mpp, "the label resolution")
     table = build_classes(classes)
-    sc = _check_slide_classes(slide_classes)
+    sc = check_slide_classes(slide_classes)
     problems: list[str] = []
     rows = parse_rows(csv_path, sc, problems)
     missing, checked = check_rows(rows, label_mpp_v, {c.id: c.name for c in table}, add_missing_classes, problems)
@@ -322,8 +323,6 @@ def _line_of(problem: str) -> int:
 
 def _discard(root: Path, existed: bool, before: set[str]) -> None:
     """Undo a half-made project: what this call created goes, what was there before stays."""
-    from .project import PROJECT_FILE
-
     if not existed:
         shutil.rmtree(root, ignore_errors=True)
         return
@@ -347,14 +346,12 @@ def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
-def export_csv(project: Project, path: str | os.PathLike[str], masks: bool = False) -> Path:
+def export_csv(project: ProjectFolder, path: str | os.PathLike[str], masks: bool = False) -> Path:
     """Write the project's cohort as CSV; paths relative to the CSV's folder where possible.
 
     With ``masks``, each slide's saved pixel labels are exported as ``<csv stem>_labels/<id>.ome.tif``
     at label resolution and listed in ``pixel_labels``/``pixel_labels_downsample``.
     """
-    from .export import export_mask
-
     path = Path(path).expanduser().resolve()
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)

@@ -31,13 +31,13 @@ from .errors import ProjectError
 from .pixel_labels import LabelGeometry, label_shape
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .project import Project
+    from .folder import ProjectFolder
 
 MaskFormat = Literal["ome-tiff", "png"]
 SUFFIX = {"ome-tiff": ".ome.tif", "png": ".png", "geojson": ".geojson"}
 
 
-def _output_downsample(project: Project, slide_id: str, geometry: LabelGeometry, mpp: float | None) -> float:
+def _output_downsample(project: ProjectFolder, slide_id: str, geometry: LabelGeometry, mpp: float | None) -> float:
     if mpp is None:
         return geometry.downsample
     try:
@@ -53,7 +53,7 @@ def _output_downsample(project: Project, slide_id: str, geometry: LabelGeometry,
     return mpp / slide_mpp
 
 
-def export_mask(project: Project, slide_id: str, out_path: str | os.PathLike[str],
+def export_mask(project: ProjectFolder, slide_id: str, out_path: str | os.PathLike[str],
                 format: MaskFormat = "ome-tiff", mpp: float | None = None) -> Path:
     """Write a slide's pixel labels as a mask image (class ids) at label resolution or at ``mpp`` µm/px."""
     if format not in ("ome-tiff", "png"):
@@ -78,7 +78,7 @@ def export_mask(project: Project, slide_id: str, out_path: str | os.PathLike[str
     return out_path
 
 
-def export_project(project: Project, out_dir: str | os.PathLike[str],
+def export_project(project: ProjectFolder, out_dir: str | os.PathLike[str],
                    format: Literal["geojson", "ome-tiff", "png"] = "geojson", mpp: float | None = None) -> list[Path]:
     """Export every slide's annotations (``geojson``) or pixel labels (``ome-tiff``/``png``) into ``out_dir``.
 

@@ -12,7 +12,7 @@ if the slide's µm/px override changes later.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..io.raster_store import label_shape
+from .classes import MAX_CLASS_ID, ClassDef
 from .errors import ProjectError
 
 NO_MPP_DOWNSAMPLE = 8.0
@@ -104,3 +105,23 @@ def as_label_array(array: Any, shape: tuple[int, int], slide_id: str) -> np.ndar
 
 def store_path(root: Path, slide_id: str) -> Path:
     return root / "labels" / f"{slide_id}.zarr"
+
+
+def check_class_ids(counts: np.ndarray, slide_id: str, classes: Sequence[ClassDef]) -> None:
+    """Refuse labels holding values that are not ids of ``classes`` (``counts``: pixels per value 0-255)."""
+    known = {c.id for c in classes}
+    bad = [int(v) for v in np.flatnonzero(counts) if int(v) not in known]
+    if bad:
+        raise ProjectError(f"labels of '{slide_id}' contain values that are not class ids: "
+                           + ", ".join(f"{v} ({counts[v]:,} px)" for v in bad)
+                           + f"; classes: {', '.join(f'{c.id} {c.name}' for c in classes)}")
+
+
+def value_lut(values: Mapping[int, int] | None) -> np.ndarray:
+    """A 256-entry lookup table mapping mask values to class ids: identity except where ``values`` says."""
+    lut = np.arange(256, dtype=np.uint8)
+    for k, v in (values or {}).items():
+        if not (0 <= int(k) <= 255 and 0 <= int(v) <= MAX_CLASS_ID):
+            raise ProjectError(f"value mapping {k} -> {v}: both must be 0-255")
+        lut[int(k)] = int(v)
+    return lut
