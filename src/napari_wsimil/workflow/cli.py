@@ -242,8 +242,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
     for name, info in methods().items():
         fam = info.family
+        what = " ".join(info.description.split()).split(": ")[0]  # the method and its paper
         _say(f"{name:12s} {fam.name:14s} {fam.default_mpp:g} µm/px, {fam.default_patch} px"
-             f"{', encoder' if fam.uses_encoder else ''}  {info.description.splitlines()[0] if info.description else ''}")
+             f"{', an encoder' if fam.uses_encoder else ''}  {what}")
         if args.settings:
             for f in fields(info.config_cls):
                 default = f.default if f.default is not MISSING else None
