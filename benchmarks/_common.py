@@ -30,11 +30,11 @@ def real_slides(*names: str) -> list[Path]:
 
 def synthetic_slide(size: int, workdir: Path | None = None, seed: int = 3) -> Path:
     """A malignant synthetic slide of size² px, cached across benchmark runs in the temp folder."""
-    from napari_wsimil.slide.synthetic import _SAMPLE_VERSION, synthesize_slide
+    from napari_wsimil.slide.synthetic import SAMPLE_VERSION, synthesize_slide
 
     workdir = workdir or Path(tempfile.gettempdir()) / "wsimil-bench"
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / f"synthetic_v{_SAMPLE_VERSION}_{size}_{seed}.tiff"  # a new renderer makes new files
+    path = workdir / f"synthetic_v{SAMPLE_VERSION}_{size}_{seed}.tiff"  # a new renderer makes new files
     if not path.exists():
         t = time.perf_counter()
         synthesize_slide(path, size, seed=seed, malignant=True, mpp=0.5)
@@ -64,11 +64,11 @@ def make_cohort(work: Path, n_slides: int, size: int, seed: int, contrast: float
 
     The folder name carries the contrast when it is not 1, the mucinous and lymphoid-aggregate shares when
     they are not 0 (so caches made before these options stay valid)."""
-    from napari_wsimil.slide.synthetic import _SAMPLE_VERSION, synthesize_cohort
+    from napari_wsimil.slide.synthetic import SAMPLE_VERSION, synthesize_cohort
 
     tag = ("" if contrast == 1.0 else f"_c{contrast:g}") + ("" if mucinous == 0.0 else f"_m{mucinous:g}")
     tag += "" if aggregates == 0.0 else f"_a{aggregates:g}"
-    folder = work / f"cohort_v{_SAMPLE_VERSION}_{n_slides}x{size}_s{seed}{tag}"
+    folder = work / f"cohort_v{SAMPLE_VERSION}_{n_slides}x{size}_s{seed}{tag}"
     csv_path = folder / "cohort.csv"
     if not csv_path.is_file():
         t = time.perf_counter()
@@ -93,14 +93,13 @@ def make_textured_cohort(work: Path, n_slides: int, size: int, seed: int, textur
     """A cohort whose regions are filled with real labelled tissue (``wsimil synth --textures``), made once
     per (n, size, seed, textures) and reused. Its CSV already holds the split: training and validation slides
     are drawn from the textures' training tiles, test slides from held-out tiles."""
-    from napari_wsimil.slide.synthetic import _SAMPLE_VERSION
-    from napari_wsimil.slide.textures import TEXTURES_VERSION
+    from napari_wsimil.slide.synthetic import SAMPLE_VERSION, TEXTURES_VERSION
 
     textures = Path(textures)
     if not textures.is_dir():
         raise SystemExit(f"no textures at {textures}: ../shared/data must be beside the checkout "
                          "(or pass --textures DIR)")
-    folder = work / f"textured_v{_SAMPLE_VERSION}.{TEXTURES_VERSION}_{textures.name}_{n_slides}x{size}_s{seed}"
+    folder = work / f"textured_v{SAMPLE_VERSION}.{TEXTURES_VERSION}_{textures.name}_{n_slides}x{size}_s{seed}"
     csv_path = folder / "cohort.csv"
     if not csv_path.is_file():
         t = time.perf_counter()

@@ -142,9 +142,9 @@ def bench_cut(slide, mpp: float, thresholds: list[float], work: Path, seed: int 
 
 
 def make_cohort(work: Path, n: int, size: int, seed: int) -> Path:
-    from napari_wsimil.slide.synthetic import _SAMPLE_VERSION, synthesize_cohort
+    from napari_wsimil.slide.synthetic import SAMPLE_VERSION, synthesize_cohort
 
-    folder = work / f"cohort_v{_SAMPLE_VERSION}_{n}x{size}_s{seed}"
+    folder = work / f"cohort_v{SAMPLE_VERSION}_{n}x{size}_s{seed}"
     csv_path = folder / "cohort.csv"
     if not csv_path.is_file():
         t = time.perf_counter()

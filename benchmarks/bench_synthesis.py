@@ -70,7 +70,7 @@ def pcam_pools(mpp: float = 0.5):
     if not pcam.is_dir():
         print(f"({pcam} is absent: the textured look is left out)")
         return None
-    from napari_wsimil.slide.textures import TRAIN, open_textures
+    from napari_wsimil.slide.synthetic import TRAIN, open_textures
 
     return open_textures(pcam, splits=[TRAIN], tile_mpp=0.97, mpp=mpp).pools[TRAIN]
 
@@ -79,8 +79,7 @@ def render_looks(size: int = 8192, repeats: int = 3) -> dict[str, float]:
     """Median seconds to render every tile of a ``size``² malignant slide, per look."""
     import numpy as np
 
-    from napari_wsimil.slide.synthetic import TILE, SlideModel
-    from napari_wsimil.slide.textures import TexturedSlide
+    from napari_wsimil.slide.synthetic import TILE, SlideModel, TexturedSlide
 
     pools = pcam_pools()
     n = size // TILE

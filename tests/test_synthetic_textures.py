@@ -18,9 +18,16 @@ import tifffile
 from conftest import SHARED_DATA
 from napari_wsimil.cli import main
 from napari_wsimil.errors import WsimilError
-from napari_wsimil.slide import textures as tx
-from napari_wsimil.slide.synthetic import SlideModel, synthesize_cohort
-from napari_wsimil.slide.textures import HELD_OUT, TRAIN, TexturedSlide, open_textures, scan_textures
+from napari_wsimil.slide.synthetic import (
+    HELD_OUT,
+    TRAIN,
+    SlideModel,
+    TexturedSlide,
+    cohort_splits,
+    open_textures,
+    scan_textures,
+    synthesize_cohort,
+)
 from napari_wsimil.slide.tiff_writer import write_pyramid
 
 # one H&E-like hue (optical density direction of RGB 150, 100, 170) at four densities
@@ -204,14 +211,14 @@ def test_flat_class_folders_split_by_a_hash_of_the_file_names(tmp_path):
                                              ("test", {"test"})])
 def test_cohort_splits_are_stratified_and_seeded(split, expected):
     labels = [0] * 10 + [1] * 10
-    splits = tx.cohort_splits(labels, seed=1, split=split)
+    splits = cohort_splits(labels, seed=1, split=split)
     assert set(splits) == expected
-    assert splits == tx.cohort_splits(labels, seed=1, split=split)
+    assert splits == cohort_splits(labels, seed=1, split=split)
     for label in (0, 1):
         mine = [s for s, lab in zip(splits, labels) if lab == label]
         if split == "all":
             assert (mine.count("train"), mine.count("val"), mine.count("test")) == (5, 2, 3)
-    assert tx.cohort_splits(labels, seed=2, split="all") != tx.cohort_splits(labels, seed=1, split="all")
+    assert cohort_splits(labels, seed=2, split="all") != cohort_splits(labels, seed=1, split="all")
 
 
 def test_tile_mpp_from_resolution_tags(tmp_path):
