@@ -102,7 +102,6 @@ SAMPLE_SIZE = 8192
 SAMPLE_SEED = 20240607
 #: Bumped when the renderer changes, so that cached samples are regenerated (benchmarks key caches by it).
 SAMPLE_VERSION = 2
-_SAMPLE_VERSION = SAMPLE_VERSION  # the name it had before it was public, for scripts that still import it
 
 
 def sample_slide_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
