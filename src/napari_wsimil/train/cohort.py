@@ -134,29 +134,34 @@ def features_dir_for(cohort: Cohort, run_dir: str | os.PathLike[str], encoder: s
     return Path(run_dir).resolve().parent / "features" / safe_dirname(encoder)
 
 
-def ensure_features(slides: Sequence[SlideItem], out_dir: Path, encoder: str, patch: int, mpp: float,
-                    report: Callable[[str], None] | None = None, device: str = "auto",
-                    weights: str | None = None, project: Path | None = None) -> dict[str, Path]:
-    """Extract the bags of ``slides`` that are missing or stale; returns slide id → bag path.
-
-    Each slide is opened with its own µm/px (``SlideItem.mpp``: the CSV's ``mpp`` column, or the pixel
-    size set in the project), so a slide whose file does not record it can be used when the cohort does.
-    With ``project`` the slides open through it (a missing file then says how to relink it). A slide
-    whose extraction fails is an error naming it (training on a silently smaller cohort would mislead)."""
-    from ..errors import MissingMppError
-    from ..features import build_encoder, extract_features, stale_reasons
-    from ..features.bags import BAG_SUFFIX
-    from ..slide import open_slide
-
+def cohort_encoder(encoder: str, weights: str | None, device: str, mpp: float) -> Any:
+    """The encoder ``encoder`` built once for a cohort (told ``mpp`` when it measures in µm); a self-supervised
+    one without its weights is refused (the name alone would be an untrained random network, silently)."""
+    from ..features import build_encoder
     from ..features.extract import encoder_scale_options
 
-    say = report or (lambda _m: None)
     if weights is None and encoder in ("ssl-ae", "ssl-simclr"):
-        # without weights the name alone would be an untrained random network, silently
         raise CohortError(f"--encoder {encoder} needs its trained weights: train it on the project first "
                           f"('wsimil features PROJECT --encoder {encoder} --mpp {mpp:g}', which caches it under "
                           "PROJECT/features/ssl) and pass that file with --weights")
-    enc = build_encoder(encoder, weights=weights, device=device, **encoder_scale_options(encoder, mpp))
+    return build_encoder(encoder, weights=weights, device=device, **encoder_scale_options(encoder, mpp))
+
+
+def extract_missing(slides: Sequence[SlideItem], out_dir: Path, suffix: str,
+                    is_current: Callable[[Path, SlideItem], bool], extract: Callable[[Any, SlideItem], Any],
+                    report: Callable[[str], None] | None = None, project: Path | None = None, *,
+                    head: str = "features", task: str = "feature extraction",
+                    describe: Callable[[Any], str] | None = None) -> dict[str, Path]:
+    """The loop every kind of per-slide bag shares; returns slide id → ``out_dir/<slide id><suffix>``.
+
+    A slide whose bag ``is_current(path, slide)`` is skipped; any other is opened (through ``project`` when
+    given, else with its own µm/px) and ``extract(slide, item)`` gives an object with ``attrs`` and ``save``,
+    saved atomically with its slide id (an interrupted run leaves complete bags only). Every failing slide is
+    reported, then one error names the first ("``task`` failed for ...")."""
+    from ..errors import MissingMppError
+    from ..slide import open_slide
+
+    say = report or (lambda _m: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     proj: Any = None
@@ -169,15 +174,15 @@ def ensure_features(slides: Sequence[SlideItem], out_dir: Path, encoder: str, pa
     try:
         count = len(slides)
         for index, s in enumerate(slides):
-            head = f"features [{index + 1}/{count}] {s.slide_id}"
-            bag_path = out / f"{s.slide_id}{BAG_SUFFIX}"
+            where = f"{head} [{index + 1}/{count}] {s.slide_id}"
+            bag_path = out / f"{s.slide_id}{suffix}"
             bags[s.slide_id] = bag_path
-            if bag_path.exists() and not stale_reasons(bag_path, enc, s.path, patch, mpp, s.mpp):
-                say(f"{head}: up to date")
+            if bag_path.exists() and is_current(bag_path, s):
+                say(f"{where}: up to date")
                 continue
             try:
                 with (proj.open_slide(s.slide_id) if proj is not None else open_slide(s.path, mpp=s.mpp)) as slide:
-                    bag = extract_features(slide, enc, patch, mpp, device=enc.device)
+                    bag = extract(slide, s)
                 bag.attrs["slide_id"] = s.slide_id
                 bag.save(bag_path)
             except (WsimilError, OSError) as exc:
@@ -185,17 +190,35 @@ def ensure_features(slides: Sequence[SlideItem], out_dir: Path, encoder: str, pa
                 if isinstance(exc, MissingMppError):
                     msg += (" In a cohort CSV give it in an mpp column (µm/px at full resolution); in a project, "
                             "set the slide's pixel size.")
-                say(f"{head}: FAILED: {msg}")
+                say(f"{where}: FAILED: {msg}")
                 failed.append((s.slide_id, msg))
                 continue
-            say(f"{head}: {len(bag)} patches")
+            say(f"{where}: {describe(bag) if describe is not None else f'{len(bag)} patches'}")
     finally:
         if proj is not None:
             proj.close()
     if failed:
-        raise CohortError(f"feature extraction failed for {failed[0][0]}: {failed[0][1]}"
+        raise CohortError(f"{task} failed for {failed[0][0]}: {failed[0][1]}"
                           + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""))
     return bags
+
+
+def ensure_features(slides: Sequence[SlideItem], out_dir: Path, encoder: str, patch: int, mpp: float,
+                    report: Callable[[str], None] | None = None, device: str = "auto",
+                    weights: str | None = None, project: Path | None = None) -> dict[str, Path]:
+    """Extract the bags of ``slides`` that are missing or stale; returns slide id → bag path.
+
+    Each slide is opened with its own µm/px (``SlideItem.mpp``: the CSV's ``mpp`` column, or the pixel
+    size set in the project), so a slide whose file does not record it can be used when the cohort does.
+    With ``project`` the slides open through it (a missing file then says how to relink it). A slide
+    whose extraction fails is an error naming it (training on a silently smaller cohort would mislead)."""
+    from ..features import extract_features, stale_reasons
+    from ..features.bags import BAG_SUFFIX
+
+    enc = cohort_encoder(encoder, weights, device, mpp)
+    return extract_missing(
+        slides, out_dir, BAG_SUFFIX, lambda path, s: not stale_reasons(path, enc, s.path, patch, mpp, s.mpp),
+        lambda slide, _s: extract_features(slide, enc, patch, mpp, device=enc.device), report, project)
 
 
 def check_tissue(bags: dict[str, Path], mpp: float, patch: int) -> None:
@@ -210,5 +233,5 @@ def check_tissue(bags: dict[str, Path], mpp: float, patch: int) -> None:
                           f"{mpp:g} µm/px is half tissue); drop them from the cohort or check the scans")
 
 
-__all__ = ["Cohort", "CohortError", "SlideItem", "assign_splits", "check_tissue", "class_names", "ensure_features",
-           "features_dir_for", "label_indices", "load_cohort"]
+__all__ = ["Cohort", "CohortError", "SlideItem", "assign_splits", "check_tissue", "class_names", "cohort_encoder",
+           "ensure_features", "extract_missing", "features_dir_for", "label_indices", "load_cohort"]
