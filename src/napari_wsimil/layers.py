@@ -196,3 +196,34 @@ def attention_layer_data(
     if slide.mpp is not None:
         kwargs["units"] = ("µm", "µm")
     return (np.asarray(heatmap, dtype=np.float32), kwargs, "image")
+
+
+#: colours of the zoom path by level (low magnification first)
+ZOOM_LEVEL_COLOURS = ("#00e5ff", "#ffcc00", "#ff3df5", "#7cff4f")
+
+
+def zoom_path_layer_data(slide: Slide, regions: np.ndarray, name: str) -> LayerData:
+    """ZoomMIL's zoom path as rectangles in world units: the patches chosen at each level outlined in that
+    level's colour, and the patches read at the next level filled with the same colour, as opaque as their
+    attention (``regions``: :attr:`~napari_wsimil.train.events.MapEvent.regions`)."""
+    m = world_mpp(slide)
+    reg = np.asarray(regions, float).reshape(-1, 7)
+    x0, y0, x1, y1 = (reg[:, i] - 0.5 for i in range(4))
+    rects = np.stack([np.stack([y0 * m, x0 * m], 1), np.stack([y0 * m, x1 * m], 1),
+                      np.stack([y1 * m, x1 * m], 1), np.stack([y1 * m, x0 * m], 1)], axis=1)
+    edge, face = [], []
+    for level, value, role in zip(reg[:, 4].astype(int), reg[:, 5], reg[:, 6].astype(int)):
+        hex_ = ZOOM_LEVEL_COLOURS[level % len(ZOOM_LEVEL_COLOURS)]
+        rgb = [int(hex_[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+        edge.append([*rgb, 1.0 if role == 0 else 0.0])
+        face.append([*rgb, 0.0 if role == 0 else 0.15 + 0.6 * float(np.clip(value, 0, 1))])
+    side = float(np.min(x1 - x0)) * m if len(reg) else 1.0
+    kwargs = {
+        "name": name,
+        "shape_type": "rectangle",
+        "edge_color": np.asarray(edge).reshape(-1, 4),
+        "face_color": np.asarray(face).reshape(-1, 4),
+        "edge_width": max(side * 0.08, 1e-3),
+        "metadata": {"wsimil": {"kind": "zoom_path", "path": str(slide.path), "n_regions": int(len(reg))}},
+    }
+    return (list(rects), kwargs, "shapes")

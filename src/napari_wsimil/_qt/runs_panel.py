@@ -22,7 +22,7 @@ from qtpy.QtWidgets import (
     QSlider,
 )
 
-from ..layers import attention_layer_data
+from ..layers import attention_layer_data, zoom_path_layer_data
 from .tasks import report_failure
 
 
@@ -147,8 +147,24 @@ class RunsPanel(QGroupBox):
             layer.contrast_limits = kw["contrast_limits"]
             if not layer.visible:  # setting it rebuilds the layer's overlays (the colour bar): 0.5 s
                 layer.visible = True
+        self._show_regions(ev)
         self.map_shown.emit()
         return layer
+
+    def _show_regions(self, ev: Any) -> None:
+        """The boxes a map comes with (ZoomMIL's zoom path) in a ``zoom path <slide>`` shapes layer; a map
+        without them hides a layer left from another run."""
+        layer = self.ctx.layer("zoom path", ev.slide_id)
+        regions = getattr(ev, "regions", None)
+        if regions is None or not len(regions):
+            if layer is not None:
+                layer.visible = False
+            return
+        data, kw, _ = zoom_path_layer_data(self.ctx.session.slide, regions, f"zoom path {ev.slide_id}")
+        kw["metadata"]["wsimil"].update(training_widget=True, slide_id=ev.slide_id, epoch=ev.epoch)
+        if layer is not None:
+            self.ctx.viewer.layers.remove(layer)
+        self.ctx.viewer.add_shapes(data, **kw)
 
     def _apply_look(self, *_: Any) -> None:
         layer = self.ctx.layer("attention")

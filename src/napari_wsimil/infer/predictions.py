@@ -28,6 +28,8 @@ class SlidePrediction:
     size_level0: float | None = None  # patch side in level-0 px (None: unknown, e.g. an old bag)
     slide_mpp: float | None = None
     slide_path: str | None = None
+    patches_encoded: int | None = None  # patches the prediction read and encoded (None: not counted)
+    seconds: float | None = None  # wall time of the slide's prediction
 
 
 def write_attention(pred: SlidePrediction, path: str | os.PathLike[str]) -> Path:
@@ -59,12 +61,17 @@ def read_attention(path: str | os.PathLike[str]) -> SlidePrediction:
 
 
 def write_predictions(preds: list[SlidePrediction], n_classes: int, path: str | os.PathLike[str]) -> Path:
-    """``slide_id, prob_0 … prob_{C-1}`` (columns by class index)."""
+    """``slide_id, prob_0 … prob_{C-1}`` (columns by class index), then ``patches_encoded`` and ``seconds``
+    (what the prediction of each slide read and how long it took; empty where not counted)."""
     from ..io.atomic import write_text
 
-    lines = [",".join(["slide_id"] + [f"prob_{k}" for k in range(n_classes)])]
+    def cell(v: float | None, fmt: str) -> str:
+        return "" if v is None else format(v, fmt)
+
+    lines = [",".join(["slide_id"] + [f"prob_{k}" for k in range(n_classes)] + ["patches_encoded", "seconds"])]
     for p in preds:
-        lines.append(",".join([p.slide_id] + [repr(float(v)) for v in p.probs]))
+        lines.append(",".join([p.slide_id] + [repr(float(v)) for v in p.probs]
+                              + [cell(p.patches_encoded, "d"), cell(p.seconds, ".3f")]))
     write_text(Path(path), "\n".join(lines) + "\n")
     return Path(path)
 

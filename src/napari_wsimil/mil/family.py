@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -175,7 +176,11 @@ class MILFamily(MethodFamily):
         (out / "attention").mkdir(parents=True, exist_ok=True)
         preds = []
         for i, s in enumerate(cohort.slides, 1):
+            t0 = time.perf_counter()
             pred = predict_bag(run, s.slide_id, bags[s.slide_id])
+            # the bag's patches are what a prediction on a new slide encodes (extraction itself ran above,
+            # or earlier: bags are cached), so `seconds` is the model's time on the bag
+            pred.patches_encoded, pred.seconds = len(pred.coords), time.perf_counter() - t0
             write_attention(pred, out / "attention" / f"{s.slide_id}.npz")
             if opts.get("heatmaps", True):
                 self._heatmap(run, s.slide_id, bags[s.slide_id], pred, out, overlap)

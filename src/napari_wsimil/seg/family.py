@@ -14,6 +14,7 @@ How each step goes (:class:`~napari_wsimil.train.family.MethodFamily`):
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ class SegmentationFamily(MethodFamily):
             "best weights ('wsimil calibrate' sets one)")
         preds = []
         for i, item in enumerate(cohort.slides, 1):
+            t0 = time.perf_counter()
             slide, = open_seg_slides(cohort, [item], classes, with_labels=False)
             try:
                 m = map_slide(run, slide, out, top_k=top_k, extra={"threshold": threshold})
@@ -94,7 +96,8 @@ class SegmentationFamily(MethodFamily):
                 masks = f"; {n} tumour region{'s' if n != 1 else ''} at p ≥ {threshold:.3f}"
             remove_zarr(m.zarr_path)  # the TIFF is the artefact; the zarr was the scratch space
             score = m.score_max if slide_score == "max" else m.score_topk
-            preds.append(SlidePrediction(item.slide_id, [1.0 - score, score], None, None, None))
+            preds.append(SlidePrediction(item.slide_id, [1.0 - score, score], None, None, None,
+                                         seconds=time.perf_counter() - t0))
             say(f"[{i}/{len(cohort.slides)}] {item.slide_id}: p(malignant) {score:.3f} "
                 f"(max pixel {m.score_max:.3f}, top-{top_k} {m.score_topk:.3f}){masks}")
         write_predictions(preds, 2, out / "predictions.csv")

@@ -46,3 +46,7 @@ class MapEvent:
     slide_mpp: float | None
     probs: np.ndarray
     kind: str = "map"
+    #: optional boxes drawn over the map, (M, 7) float: level-0 x0, y0, x1, y1, level, value, role
+    #: (role 0: a patch chosen to zoom into, edge only; 1: a patch read at that level, ``value`` its
+    #: attention). ZoomMIL's zoom path; None for families without one.
+    regions: np.ndarray | None = None

@@ -23,7 +23,7 @@ from typing import Any
 from .engine import TrainConfig, TrainingError
 from .family import MethodFamily
 
-BUILTIN_MODULES = ("napari_wsimil.mil.methods", "napari_wsimil.seg.family")
+BUILTIN_MODULES = ("napari_wsimil.mil.methods", "napari_wsimil.seg.family", "napari_wsimil.zoommil.methods")
 ENTRY_POINT_GROUP = "napari_wsimil.methods"
 
 

@@ -1,0 +1,35 @@
+"""ZoomMIL's settings: one documented field per option (the Training widget's form and ``--set``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..train.engine import TrainConfig, doc_field
+
+
+@dataclass
+class ZoomMILConfig(TrainConfig):
+    """ZoomMIL (Thandiackal 2022): attention MIL over several magnifications that learns where to zoom in."""
+
+    n_classes: int | None = doc_field("Number of slide classes; None: largest training label + 1.", default=None)
+    levels: str = doc_field("µm/px of each magnification, low to high, comma-separated (each a whole number of "
+                            "times the next, e.g. 8,4,1 ≈ 1.25×, 2.5×, 10×). Empty: from the run's µm/px "
+                            "(the lowest level), then 2× and 8× finer.", default="")
+    k: int = doc_field("Patches chosen at each of the lower levels to zoom into (their children are read at "
+                       "the next level).", default=12)
+    num_samples: int = doc_field("Noise draws of the differentiable top-K while training.", default=100)
+    sigma: float = doc_field("Noise scale of the differentiable top-K (on the softmax of the zoom scores).",
+                             default=0.002)
+    hidden: int = doc_field("Width of each level's Linear(D, hidden).", default=512)
+    attn_hidden: int = doc_field("Width of the gated attention's hidden layer.", default=256)
+    dropout: float = doc_field("Dropout after each level's trunk and inside the attention.", default=0.25)
+    standardise: bool = doc_field("Standardise features with the training bags' mean and std (stored in the "
+                                  "model, applied at prediction).", default=True)
+    balanced: bool = doc_field("Draw the training slides so that every class is seen equally often per "
+                               "epoch (the reference's class-weighted sampler).", default=True)
+    lr: float = doc_field("Adam learning rate.", default=1e-4)
+    weight_decay: float = doc_field("Adam weight decay.", default=0.0)
+    epochs: int = doc_field("Maximum number of passes over the training slides.", default=100)
+
+
+__all__ = ["ZoomMILConfig"]

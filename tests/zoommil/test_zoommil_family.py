@@ -1,0 +1,116 @@
+"""ZoomMIL end to end on small synthetic slides: trained from the CLI with its own levels and K, predicted
+reading only what it zooms into (fewer patches encoded than the finest level holds), heatmaps per level,
+the zoom path in the live map, and bad input refused with a message."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+SMALL = ["--patch", "32", "--set", "levels=4,2,1", "--set", "k=3", "--set", "hidden=32", "--set", "attn_hidden=16",
+         "--set", "num_samples=20", "--set", "sigma=0.05", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def cohort_csv(tmp_path_factory: pytest.TempPathFactory):
+    from napari_wsimil.slide.synthetic import synthesize_cohort
+
+    return synthesize_cohort(tmp_path_factory.mktemp("zoom"), 6, seed=5, size=2048)
+
+
+@pytest.fixture(scope="module")
+def trained(cohort_csv, tmp_path_factory):
+    from napari_wsimil.cli import main
+
+    run = tmp_path_factory.mktemp("zoomrun") / "run"
+    assert main(["train", str(cohort_csv), "--method", "zoommil", "--out", str(run), "--epochs", "2", *SMALL]) == 0
+    return run
+
+
+def test_zoommil_trains_from_the_cli_with_its_levels(trained) -> None:
+    from napari_wsimil.zoommil.bags import read_zoom_bag
+
+    info = json.loads((trained / "run.json").read_text())
+    state = json.loads((trained / "last.json").read_text())
+    assert info["family"] == "zoommil" and info["levels"] == [4.0, 2.0, 1.0] and info["ratios"] == [2, 2]
+    assert state["epoch"] == 2 and state["config"]["k"] == 3 and state["method"]["ratios"] == [2, 2]
+    bags = sorted((p for p in (trained / "features").rglob("*.zoom.npz")), key=str) if (trained / "features").exists() \
+        else []
+    if not bags:  # a CSV cohort keeps its features beside the CSV
+        bags = sorted(__import__("pathlib").Path(info["features_dir"]).glob("*.zoom.npz"))
+    bag = read_zoom_bag(bags[0])
+    assert [len(c) for c in bag.coords][1:] == [len(bag) * 4, len(bag) * 16]
+
+
+def test_prediction_reads_only_what_it_zooms_into(trained, cohort_csv, tmp_path) -> None:
+    from napari_wsimil.cli import main
+    from napari_wsimil.infer.predictions import read_predictions
+
+    pred = tmp_path / "pred"
+    assert main(["predict", str(trained), "--cohort", str(cohort_csv), "--out", str(pred), "--device", "cpu"]) == 0
+    ids, probs = read_predictions(pred / "predictions.csv")
+    assert len(ids) == 6 and np.allclose(probs.sum(1), 1)
+    with open(pred / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        sid = row["slide_id"]
+        encoded = int(row["patches_encoded"])
+        n0 = len(np.load(pred / "attention" / f"{sid}.npz")["coords"])
+        # the lowest grid, then K parents × 4 children at each of two steps (fewer when a level has < K)
+        assert n0 < encoded <= n0 + 3 * 4 + 3 * 4
+        assert encoded < n0 * 16  # far fewer than the finest level holds
+        assert float(row["seconds"]) > 0
+        assert (pred / "heatmaps" / f"{sid}.tif").is_file()
+        assert (pred / "heatmaps" / f"{sid}.level1.tif").is_file() and (pred / "heatmaps" / f"{sid}.level2.tif").is_file()
+    assert main(["evaluate", str(pred), "--cohort", str(cohort_csv)]) == 0
+    assert "auc" in json.loads((pred / "metrics.json").read_text())
+
+
+def test_prediction_from_the_slide_equals_the_bag_path(trained, cohort_csv) -> None:
+    """Reading the chosen children from the slide gives the same probabilities as the training bags."""
+    from napari_wsimil.train.cohort import load_cohort
+    from napari_wsimil.zoommil.predict import load_zoom_run, predict_slide
+    from napari_wsimil.zoommil.zoom_path import bag_path_of
+
+    info = json.loads((trained / "run.json").read_text())
+    run = load_zoom_run(trained, device="cpu")
+    item = [s for s in load_cohort(cohort_csv).slides if s.slide_id == info["train_slides"][0]][0]
+    pred, path = predict_slide(run, run.encoder(), item)
+    bag = next(__import__("pathlib").Path(info["features_dir"]).glob(f"{item.slide_id}.zoom.npz"))
+    from_bag, probs = bag_path_of(trained, item.slide_id, bag)
+    assert np.allclose(pred.probs, probs, atol=1e-4)
+    for a, b in zip(path.coords, from_bag.coords):
+        assert np.array_equal(a, b)
+
+
+def test_live_map_carries_the_zoom_path(trained, cohort_csv) -> None:
+    from napari_wsimil.train.registry import family_of
+
+    info = json.loads((trained / "run.json").read_text())
+    sid = info["train_slides"][0]
+    ev = family_of("zoommil").slide_map(trained, sid, cohort_csv)
+    assert ev.heatmap.ndim == 2 and ev.regions is not None
+    levels, roles = ev.regions[:, 4].astype(int), ev.regions[:, 6].astype(int)
+    assert set(levels[roles == 0]) == {0, 1} and set(levels[roles == 1]) == {1, 2}
+    assert ((ev.regions[:, 2] > ev.regions[:, 0]) & (ev.regions[:, 3] > ev.regions[:, 1])).all()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--set", "k=0"], "K, the patches ZoomMIL zooms into"),
+    (["--set", "levels=2,4,1"], "low to high magnification"),
+    (["--set", "levels=64,32,16"], "too small"),
+])
+def test_bad_zoom_settings_are_one_clear_error(cohort_csv, tmp_path, capsys, extra, message) -> None:
+    from napari_wsimil.cli import main
+
+    args = ["train", str(cohort_csv), "--method", "zoommil", "--out", str(tmp_path / "run"), "--epochs", "1",
+            *SMALL, *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "last.json").exists()
