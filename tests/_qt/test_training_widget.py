@@ -460,6 +460,35 @@ def test_a_family_registered_at_run_time_in_the_widget(make_napari_viewer, qtbot
         unregister(mp.NAME)
 
 
+def test_zoommil_in_the_widget_shows_its_zoom_path(make_napari_viewer, qtbot, tmp_path, cohort):
+    """ZoomMIL from the widget: its settings (levels, K), a live attention map of the lowest level, and the
+    zoom path as rectangles coloured by level over the slide."""
+    viewer, pw, tw = _open(make_napari_viewer, _project(tmp_path / "proj", cohort))
+    s = tw.session
+    sid = s.slide_id
+    tw.method.setCurrentText("zoommil")
+    assert {"levels", "k", "num_samples", "sigma"} <= set(tw.options)
+    assert tw.mpp.value() == pytest.approx(8.0) and not tw.encoder_picker.isHidden()
+    tw.epochs.setValue(1)
+    tw.device.setCurrentText("cpu")
+    tw.patch.setValue(32)
+    for name, value in (("levels", "4,2,1"), ("k", 3), ("hidden", 32), ("attn_hidden", 16),
+                        ("num_samples", 20)):
+        tw.set_option(name, value)
+    tw.start_btn.click()
+    _wait_idle(qtbot, tw)
+    assert "done after epoch 1" in tw.status.text()
+    heat = viewer.layers[f"attention {sid}"]
+    assert heat.data.ndim == 2
+    zoom = viewer.layers[f"zoom path {sid}"]
+    assert zoom.nshapes > 3 and zoom.metadata["wsimil"]["kind"] == "zoom_path"
+    edges = {tuple(np.round(c[:3], 3)) for c, a in zip(zoom.edge_color, zoom.edge_color[:, 3]) if a > 0}
+    assert len(edges) == 2  # the patches chosen at the two lower levels, one colour per level
+    (y0, x0), (y1, x1) = s.image_layer.extent.world[:, -2:]
+    pts = np.concatenate([np.asarray(d) for d in zoom.data])
+    assert (pts[:, 0] >= y0 - 1).all() and (pts[:, 0] <= y1 + 1).all() and (pts[:, 1] <= x1 + 1).all()
+
+
 # --- the encoder row -----------------------------------------------------------------------------
 LAB_MODULE = '''
 """A lab's own encoder, installed as a package that registers it through an entry point."""

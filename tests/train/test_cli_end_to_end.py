@@ -63,7 +63,8 @@ def test_train_predict_evaluate(cohort: Path, tmp_path: Path, capsys: pytest.Cap
     with open(cohort, newline="") as fh:
         ids = [r["slide_id"] for r in csv.DictReader(fh)]
     assert [r["slide_id"] for r in rows] == ids
-    assert list(rows[0]) == ["slide_id", "prob_0", "prob_1"]
+    assert list(rows[0]) == ["slide_id", "prob_0", "prob_1", "patches_encoded", "seconds"]
+    assert all(int(r["patches_encoded"]) > 0 and float(r["seconds"]) > 0 for r in rows)
     for r in rows:
         assert float(r["prob_0"]) + float(r["prob_1"]) == pytest.approx(1.0, abs=1e-6)
         with np.load(pred / "attention" / f"{r['slide_id']}.npz") as z:

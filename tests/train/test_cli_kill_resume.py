@@ -173,7 +173,7 @@ def test_kill_9_then_resume_loses_at_most_one_epoch(cohort: Path, tmp_path: Path
     assert wsimil_main(["predict", str(run), "--cohort", str(cohort), "--out", str(pred), "--device", "cpu",
                         "--no-heatmaps"]) == 0
     rows = (pred / "predictions.csv").read_text().splitlines()
-    assert rows[0] == "slide_id,prob_0,prob_1" and len(rows) == 1 + 8
+    assert rows[0] == "slide_id,prob_0,prob_1,patches_encoded,seconds" and len(rows) == 1 + 8
     for row in rows[1:]:
-        p0, p1 = map(float, row.split(",")[1:])
+        p0, p1 = map(float, row.split(",")[1:3])
         assert p0 + p1 == pytest.approx(1.0, abs=1e-6)
