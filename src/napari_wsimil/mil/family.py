@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import WsimilError
 from ..train.engine import TrainConfig, TrainingError
-from ..train.family import MapMaker, MethodFamily, PredictRequest, Report, RunSpecs, TruthItem
+from ..train.family import MapMaker, MethodFamily, PredictRequest, Report, RunSpecs
 from ..train.run import PreparedRun, RunSpec, check_spec, labelled_slides, split_and_check_resume
 from .training import BagDataset, MILMethod
 
@@ -211,23 +211,6 @@ class MILFamily(MethodFamily):
             write_slide_heatmap(out / "heatmaps", slide_id, coords, scores, attrs, overlap=overlap)
         except (WsimilError, OSError, KeyError, ValueError) as exc:
             print(f"{slide_id}: no heatmap ({exc})", file=sys.stderr)
-
-    def evaluate(self, pred_dir: Path, truth: list[TruthItem], meta: dict[str, Any],
-                 threshold: float | None = None) -> tuple[str, dict[str, Any]] | None:
-        from ..infer.evaluation import localisation_metrics
-
-        if not truth:
-            return None
-        return "localisation", localisation_metrics(truth, Path(pred_dir) / "attention")
-
-    def report(self, name: str, metrics: dict[str, Any], say: Report) -> None:
-        from ..infer.metrics import format_metric as f
-
-        loc = metrics
-        say(f"localisation on {loc['n_slides_with_truth']} slides with ground truth "
-            f"({loc['n_slides_with_tumour_patches']} with tumour patches, {loc['n_lesions']} lesions): "
-            f"attention AUC {f(loc['attention_auc'])} (pooled {f(loc['attention_auc_pooled'])})  "
-            f"FROC {f(loc['froc'])}")
 
     # ------------------------------------------------------------------------ the interactive loop
     def slide_map(self, run_dir: Path, slide_id: str, source: Path, weights: str = "best") -> Any:

@@ -89,11 +89,24 @@ class MethodFamily:
 
     def evaluate(self, pred_dir: Path, truth: list[TruthItem], meta: dict[str, Any],
                  threshold: float | None = None) -> tuple[str, dict[str, Any]] | None:
-        """(name, metrics) of the family's maps against ground truth, or None when it has none."""
-        return None
+        """(name, metrics) of the family's maps against ground truth, or None when it has none. Default:
+        the patch attention a prediction wrote to ``PRED/attention`` (attention families), scored as the
+        patch-level attention AUC and the CAMELYON16 FROC."""
+        from ..infer.evaluation import localisation_metrics
+
+        if not truth or not (Path(pred_dir) / "attention").is_dir():
+            return None
+        return "localisation", localisation_metrics(truth, Path(pred_dir) / "attention")
 
     def report(self, name: str, metrics: dict[str, Any], say: Report) -> None:
-        """Print what :meth:`evaluate` measured."""
+        """Print what :meth:`evaluate` measured (default: the attention's localisation)."""
+        from ..infer.metrics import format_metric as f
+
+        loc = metrics
+        say(f"localisation on {loc['n_slides_with_truth']} slides with ground truth "
+            f"({loc['n_slides_with_tumour_patches']} with tumour patches, {loc['n_lesions']} lesions): "
+            f"attention AUC {f(loc['attention_auc'])} (pooled {f(loc['attention_auc_pooled'])})  "
+            f"FROC {f(loc['froc'])}")
 
     # ------------------------------------------------------------------------ the interactive loop
     def slide_map(self, run_dir: Path, slide_id: str, source: Path, weights: str = "best") -> MapEvent:

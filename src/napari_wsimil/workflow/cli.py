@@ -31,7 +31,8 @@ def register(subparsers: Any) -> None:
                         "lack it, ...; see the README) or a project folder")
     p.add_argument("--method", required=True, metavar="NAME",
                    help="a registered method ('wsimil methods' lists them): abmil, clam-sb, clam-mb, ms-clam "
-                        "(attention MIL), pinchaud, hybrid, confkd (segmentation), or one a plugin adds")
+                        "(attention MIL), pinchaud, hybrid, confkd (segmentation), zoommil (multi-magnification "
+                        "MIL; --mpp is its lowest level, --set levels=8,4,1 all of them), or one a plugin adds")
     p.add_argument("--out", required=True, metavar="RUN", help="run folder to write")
     p.add_argument("--epochs", type=int, default=None, metavar="N",
                    help="maximum epochs (default: the method's, e.g. 200 for MIL, 40 for segmentation)")
@@ -69,10 +70,13 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "predict", help="slide probabilities and patch attention from a trained run",
-        description="Write PRED/predictions.csv (slide_id, prob_0 ... by class index) and "
-                    "PRED/attention/<slide_id>.npz (coords, attention) and PRED/heatmaps/<slide_id>.tif (attention "
-                    "percentiles at the slide's geometry, µm/px = slide µm/px x downsample) for every slide of the cohort, "
-                    "extracting missing feature bags with the run's encoder, µm/px and patch size.")
+        description="Write PRED/predictions.csv (slide_id, prob_0 ... by class index, then patches_encoded and "
+                    "seconds per slide) for every slide of the cohort, and the run family's maps: for attention "
+                    "methods PRED/attention/<slide_id>.npz (coords, attention) and PRED/heatmaps/<slide_id>.tif "
+                    "(attention percentiles at the slide's geometry, µm/px = slide µm/px x downsample; ZoomMIL adds "
+                    "<slide_id>.level1.tif ... for the patches it zoomed into), extracting missing feature bags "
+                    "with the run's encoder, µm/px and patch size (ZoomMIL reads only what it zooms into); for "
+                    "segmentation runs PRED/maps/<slide_id>.tif.")
     p.add_argument("run", metavar="RUN", help="a run folder written by 'wsimil train'")
     p.add_argument("--cohort", required=True, metavar="CSV", help="a cohort CSV or a project folder")
     p.add_argument("--out", required=True, metavar="PRED", help="folder to write")

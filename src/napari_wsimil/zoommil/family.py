@@ -23,7 +23,7 @@ from typing import Any
 
 
 from ..errors import WsimilError
-from ..train.family import MapMaker, MethodFamily, PredictRequest, Report, TruthItem
+from ..train.family import MapMaker, MethodFamily, PredictRequest, Report
 from ..train.run import PreparedRun, RunSpec, check_spec, labelled_slides, split_and_check_resume
 
 DEFAULT_LOW_MPP = 8.0  # ≈1.25×, the paper's lowest magnification on BRIGHT
@@ -182,20 +182,6 @@ class ZoomMILFamily(MethodFamily):
         write_text(out / "prediction.json", json.dumps(meta, indent=1))
         say(f"predictions: {out / 'predictions.csv'}")
         return meta
-
-    def evaluate(self, pred_dir: Path, truth: list[TruthItem], meta: dict[str, Any],
-                 threshold: float | None = None) -> tuple[str, dict[str, Any]] | None:
-        from ..infer.evaluation import localisation_metrics
-
-        if not truth:
-            return None
-        return "localisation", localisation_metrics(truth, Path(pred_dir) / "attention")
-
-    def report(self, name: str, metrics: dict[str, Any], say: Report) -> None:
-        from ..infer.metrics import format_metric as f
-
-        say(f"localisation (lowest level's attention) on {metrics['n_slides_with_truth']} slides with ground "
-            f"truth: attention AUC {f(metrics['attention_auc'])}  FROC {f(metrics['froc'])}")
 
     # ------------------------------------------------------------------------ the interactive loop
     def _bag(self, run_dir: Path, slide_id: str, source: Path) -> Path:
