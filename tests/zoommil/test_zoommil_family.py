@@ -114,3 +114,18 @@ def test_bad_zoom_settings_are_one_clear_error(cohort_csv, tmp_path, capsys, ext
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "run" / "last.json").exists()
+
+
+def test_zoommil_resumes_like_every_method(cohort_csv, tmp_path) -> None:
+    """The same checkpoints and resume as the other families: a run continued with --resume goes on from its
+    last epoch; changed levels are refused (the bags would not match the model)."""
+    from napari_wsimil.cli import main
+
+    run = tmp_path / "run"
+    base = ["train", str(cohort_csv), "--method", "zoommil", "--out", str(run), *SMALL]
+    assert main([*base, "--epochs", "1"]) == 0
+    assert main([*base, "--epochs", "2", "--resume"]) == 0
+    state = json.loads((run / "last.json").read_text())
+    assert state["epoch"] == 2 and [h["epoch"] for h in state["history"]] == [1, 2]
+    other = [a if a != "levels=4,2,1" else "levels=8,4,1" for a in base]
+    assert main([*other, "--epochs", "3", "--resume"]) == 2

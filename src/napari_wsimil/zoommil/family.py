@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,9 @@ class ZoomMILFamily(MethodFamily):
         cfg = make_config(spec.method, **overrides)
         mpps = parse_levels(cfg.levels, spec.mpp)
         ratios = _check(mpps, spec.patch, cfg.k)
+        if mpps[0] != spec.mpp:  # the levels say where the lowest level is: the run's µm/px follows them
+            say(f"levels {','.join(f'{m:g}' for m in mpps)}: the lowest level is {mpps[0]:g} µm/px")
+            spec = replace(spec, mpp=mpps[0])
         cohort, usable, classes = labelled_slides(spec)
         present = sorted({s.label for s in usable})
         if len(present) < 2 or len(classes) < 2:
