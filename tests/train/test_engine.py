@@ -172,3 +172,47 @@ def test_trains_on_cuda(tmp_path):
         assert events[-1].kind == "done" and next(model.parameters()).is_cuda
         fresh = build(name, data, None, small_config(name)).make_model(32, 2)
         load_model_weights(tmp_path / name, fresh)  # CPU model from a GPU checkpoint
+
+
+def test_learning_rate_is_reduced_on_a_plateau_and_resumes_reduced(tmp_path) -> None:
+    """lr_plateau_factor: a validation loss that never improves reduces the rate after patience + 1 epochs
+    (torch's ReduceLROnPlateau), and a resumed run continues with the reduced rate and the same counter."""
+    import json
+
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from napari_wsimil.train.engine import StepOutput, TrainConfig, train
+
+    class Flat:
+        name = "flat"
+
+        def __init__(self, epochs: int):
+            self.config = TrainConfig(epochs=epochs, lr=1.0, early_stopping=False, lr_plateau_factor=0.5,
+                                      lr_plateau_patience=2, device="cpu")
+
+        def check(self) -> None:
+            pass
+
+        def build_model(self) -> nn.Module:
+            return nn.Linear(1, 1)
+
+        def describe(self) -> dict:
+            return {"name": self.name}
+
+        def batches(self, epoch: int, rng: np.random.Generator) -> list:
+            return [0]
+
+        def step(self, model: nn.Module, batch: object, device: torch.device) -> StepOutput:
+            return StepOutput({"total": model(torch.ones(1, 1)).sum() * 0.0})
+
+        def evaluate(self, model: nn.Module, device: torch.device) -> tuple[dict, dict]:
+            return {"bag": 1.0}, {}  # never better than the first epoch
+
+    list(train(Flat(4), tmp_path))
+    state = json.loads((tmp_path / "last.json").read_text())
+    assert state["lr"] == 0.5 and state["lr_plateau"]["bad_epochs"] == 0  # epochs 2, 3, 4 bad: reduced at 4
+    list(train(Flat(7), tmp_path, resume=True))
+    state = json.loads((tmp_path / "last.json").read_text())
+    assert state["epoch"] == 7 and state["lr"] == 0.25

@@ -60,6 +60,11 @@ class TrainConfig:
                                 default=True)
     patience: int = doc_field("Epochs without validation improvement tolerated before stopping.", default=20)
     min_epochs: int = doc_field("Never stop early before this epoch (attention models improve late).", default=50)
+    lr_plateau_factor: float = doc_field("Multiply the learning rate by this when the validation loss has not "
+                                         "improved for `lr_plateau_patience` epochs (ReduceLROnPlateau); 1: "
+                                         "never.", default=1.0)
+    lr_plateau_patience: int = doc_field("Epochs without validation improvement before the learning rate is "
+                                         "reduced.", default=5)
     device: str = doc_field("'auto' (cuda, then mps, then cpu), or a torch device string.", default="auto")
     step_events: int = doc_field("Yield a 'step' event every this many steps (0: none).", default=0)
 
@@ -247,6 +252,7 @@ def _train(method: Method, out_dir: str | Path | None, resume: bool) -> Generato
             yield ProgressEvent("validation", epoch, total_epochs=cfg.epochs, losses=vl, metrics=vm,
                                 elapsed=time.perf_counter() - t0, eta=eta)
             _update_early_stopping(state, _selection_loss(vl), epoch, cfg, out, model)
+            _update_lr_on_plateau(state, _selection_loss(vl), cfg, optimizer)
             state["val_metrics"] = {k: float(v) for k, v in vm.items()}  # what the runs list shows
             row["val_losses"] = {k: float(v) for k, v in vl.items()}
         state["epoch"] = epoch
@@ -341,6 +347,25 @@ def _update_early_stopping(state: dict[str, Any], val_loss: float, epoch: int, c
     if cfg.early_stopping and epoch >= cfg.min_epochs and state["epochs_since_best"] >= cfg.patience:
         state["stopped"] = (f"early stopping at epoch {epoch} "
                             f"(best validation loss at epoch {state['best_epoch']})")
+
+
+def _update_lr_on_plateau(state: dict[str, Any], val_loss: float, cfg: TrainConfig,
+                          optimizer: torch.optim.Optimizer) -> None:
+    """torch's ReduceLROnPlateau (mode min, relative threshold 1e-4, no cooldown), its state kept in
+    ``state`` (last.json) so that a resumed run reduces at the same epochs; the reduced rate itself is in
+    the optimiser's saved state."""
+    if cfg.lr_plateau_factor >= 1.0:
+        return
+    plateau = state.setdefault("lr_plateau", {"best": None, "bad_epochs": 0})
+    if plateau["best"] is None or val_loss < plateau["best"] * (1 - 1e-4):
+        plateau.update(best=val_loss, bad_epochs=0)
+        return
+    plateau["bad_epochs"] += 1
+    if plateau["bad_epochs"] > cfg.lr_plateau_patience:
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * cfg.lr_plateau_factor
+        plateau["bad_epochs"] = 0
+        state["lr"] = float(optimizer.param_groups[0]["lr"])
 
 
 def _resume(out: Path, method: Method, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -30,6 +30,9 @@ class ZoomMILConfig(TrainConfig):
     lr: float = doc_field("Adam learning rate.", default=1e-4)
     weight_decay: float = doc_field("Adam weight decay.", default=0.0)
     epochs: int = doc_field("Maximum number of passes over the training slides.", default=100)
+    lr_plateau_factor: float = doc_field("Multiply the learning rate by this when the validation loss has not "
+                                         "improved for `lr_plateau_patience` epochs (the reference's "
+                                         "ReduceLROnPlateau); 1: never.", default=0.8)
 
 
 __all__ = ["ZoomMILConfig"]
