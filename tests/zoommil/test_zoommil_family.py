@@ -129,3 +129,25 @@ def test_zoommil_resumes_like_every_method(cohort_csv, tmp_path) -> None:
     assert state["epoch"] == 2 and [h["epoch"] for h in state["history"]] == [1, 2]
     other = [a if a != "levels=4,2,1" else "levels=8,4,1" for a in base]
     assert main([*other, "--epochs", "3", "--resume"]) == 2
+
+
+def test_zoommil_in_the_interactive_session(cohort_csv, tmp_path) -> None:
+    """Live maps with the zoom path while training in a project, suggestions and pseudo-labels from the lowest
+    level's attention, and "retrain with corrections" continuing the run (ZoomMIL learns from slide labels)."""
+    from napari_wsimil.project import Project
+    from napari_wsimil.train.events import MapEvent
+    from napari_wsimil.workflow.session import InteractiveSession
+
+    config = {"levels": "4,2,1", "k": 3, "hidden": 32, "attn_hidden": 16, "num_samples": 20}
+    with Project.create_from_csv(tmp_path / "proj", cohort_csv) as project:
+        session = InteractiveSession(project)
+        sid = project.slide_ids[0]
+        spec = session.spec("zoommil", "zoom", epochs=1, device="cpu", mpp=4.0, patch=32, config=config)
+        maps = [e for e in session.train(spec, watch=[sid]) if isinstance(e, MapEvent)]
+        assert maps and all(m.regions is not None and len(m.regions) for m in maps)
+        assert len(session.suggestions("zoom", sid, k=2)) >= 1
+        pseudo = session.pseudo_labels("zoom", sid)
+        assert pseudo.shape == tuple(project.label_geometry(sid).shape)
+        again = session.retrain_spec("zoom", extra_epochs=1, device="cpu")
+        assert again.resume and again.method == "zoommil" and again.epochs == 2
+        assert [e.epoch for e in session.train(again) if getattr(e, "kind", "") == "done"] == [2]
