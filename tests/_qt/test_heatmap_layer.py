@@ -69,7 +69,7 @@ def _screen_box(viewer, shot: np.ndarray, patches: tuple[slice, slice],
     x0, x1 = (cols.start * PATCH - 0.5) * MPP, (cols.stop * PATCH - 0.5) * MPP
     cy, cx = viewer.scene.camera.center[-2:]
     zoom = viewer.scene.camera.zoom
-    canvas_h, canvas_w = viewer._canvas_size
+    canvas_h, canvas_w = viewer.canvas.size
     ry, rx = shot.shape[0] / canvas_h, shot.shape[1] / canvas_w
 
     def span(a: float, b: float, centre: float, size: int, ratio: float) -> slice:
