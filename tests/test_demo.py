@@ -26,7 +26,7 @@ def test_headless_demo_writes_its_outputs(tmp_path):
 
 @pytest.mark.gui
 def test_sample_data_opens_in_viewer(make_napari_viewer, qtbot):
-    viewer = make_napari_viewer(show=True, block_plugin_discovery=False)
+    viewer = make_napari_viewer(show=True)
     layers = viewer.open_sample("napari-wsimil", "synthetic_slide")
     assert len(layers) == 1 and layers[0].multiscale
     assert layers[0].metadata["wsimil"]["mpp"] == pytest.approx(0.5)

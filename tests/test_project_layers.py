@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -142,6 +143,48 @@ def test_paint_bbox():
     atoms = [((np.array([5, 7]), np.array([10, 3])), None, 1), ((np.array([2]), np.array([8])), None, 1)]
     assert paint_bbox(atoms) == (2, 8, 3, 11)
     assert paint_bbox([]) is None
+
+
+class _MaskedAtom(NamedTuple):  # the fields of napari >= 0.8's Labels history atoms (paint, fill, polygon)
+    slice_key: tuple
+    mask: np.ndarray | None
+    old_values: np.ndarray
+    new_value: int
+
+
+def test_paint_bbox_masked_atoms():
+    mask = np.zeros((6, 8), bool)
+    mask[2, 3] = mask[4, 6] = True
+    masked = _MaskedAtom((slice(10, 16), slice(20, 28)), mask, np.zeros(2, np.uint8), 1)
+    assert paint_bbox([masked]) == (12, 15, 23, 27)  # the changed pixels, not the whole box
+    whole = _MaskedAtom((slice(0, 1), slice(5, 9), slice(1, 4)), None, np.zeros((1, 4, 3)), 2)
+    assert paint_bbox([whole]) == (5, 9, 1, 4)  # no mask: every pixel of the box; leading axes ignored
+    assert paint_bbox([_MaskedAtom((slice(0, 4), slice(0, 4)), np.zeros((4, 4), bool), np.zeros(0), 1)]) is None
+    # a plain 4-tuple of the same shape, and both kinds in one history item
+    assert paint_bbox([tuple(masked), ((np.array([30]), np.array([1])), None, 1)]) == (12, 31, 1, 27)
+
+
+def test_paint_bbox_of_real_napari_paint_events():
+    labels_cls = pytest.importorskip("napari.layers").Labels
+    layer = labels_cls(np.zeros((64, 64), np.uint8))
+    items = []
+    layer.events.paint.connect(lambda e: items.append(e.value))
+    layer.brush_size = 5
+    layer.paint((20, 30), 1)
+    layer.paint_polygon([[40, 5], [40, 15], [50, 15], [50, 5]], 2)
+    layer.fill((0, 0), 3)
+    assert len(items) == 3
+    before = np.zeros((64, 64), np.uint8)
+    after = np.asarray(layer.data)
+    changed = np.zeros((64, 64), bool)
+    for item in items:
+        box = paint_bbox(item)
+        assert box is not None
+        y0, y1, x0, x1 = box
+        changed[y0:y1, x0:x1] = True
+    assert changed[after != before].all()  # every changed pixel lies in a reported box
+    y0, y1, x0, x1 = paint_bbox(items[0])
+    assert (y0, x0) >= (17, 27) and (y1, x1) <= (24, 34)  # a 5 px brush at (20, 30)
 
 
 def test_project_slide_layers_line_up(tmp_path):

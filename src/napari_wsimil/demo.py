@@ -148,7 +148,7 @@ def _screenshot_sample(path: Path, dest: Path) -> Path:
 
     viewer, widget = build_viewer(path, show=True, project_dir=dest.parent / "project")
     _wait_for(widget, QApplication.instance())
-    viewer.window._qt_window.resize(1400, 900)
+    viewer.window.resize(1400, 900)
     for _ in range(20):
         QApplication.processEvents()
     viewer.screenshot(str(dest), canvas_only=False, flash=False)
@@ -237,7 +237,7 @@ def _screenshot_training(out: Path, dest: Path, timeout_s: float = 180.0) -> Pat
 
     viewer, tw = build_mil_viewer(out, show=True, train=False)
     app = QApplication.instance()
-    viewer.window._qt_window.resize(1500, 950)
+    viewer.window.resize(1500, 950)
     t = time.monotonic()
     while (tw.busy or not any(layer.name.startswith("attention ") for layer in viewer.layers)) \
             and time.monotonic() - t < timeout_s:

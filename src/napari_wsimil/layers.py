@@ -38,6 +38,12 @@ def overlay_transform_for(slide_world_mpp: float, downsample: float) -> dict[str
     return {"scale": (m * downsample, m * downsample), "translate": (offset, offset)}
 
 
+def world_units(slide: Slide) -> dict[str, tuple[str, str]]:
+    """``units`` for a layer over the slide: µm when its pixel size is known (the scale bar's unit is the
+    layers' own: napari shows µm only when every layer has them), none otherwise (world px)."""
+    return {"units": ("µm", "µm")} if slide.mpp is not None else {}
+
+
 def slide_layer_data(slide: Slide, name: str | None = None) -> LayerData:
     m = world_mpp(slide)
     meta = {
@@ -71,6 +77,7 @@ def mask_layer_data(
         "colormap": {None: "transparent", 1: color},
         "metadata": {"wsimil": {"kind": "mask", "path": str(slide.path), "downsample": float(downsample)}},
         **overlay_transform(slide, downsample),
+        **world_units(slide),
     }
     return (np.asarray(mask).astype(np.uint8), kwargs, "labels")
 
@@ -93,6 +100,7 @@ def patch_grid_layer_data(slide: Slide, coords: np.ndarray, size_level0: float, 
         "face_color": "transparent",
         "edge_width": max(s * 0.03, 1e-3),
         "metadata": {"wsimil": {"kind": "patch_grid", "path": str(slide.path)}},
+        **world_units(slide),
     }
     return (list(rects), kwargs, "shapes")
 
@@ -225,5 +233,6 @@ def zoom_path_layer_data(slide: Slide, regions: np.ndarray, name: str) -> LayerD
         "face_color": np.asarray(face).reshape(-1, 4),
         "edge_width": max(side * 0.08, 1e-3),
         "metadata": {"wsimil": {"kind": "zoom_path", "path": str(slide.path), "n_regions": int(len(reg))}},
+        **world_units(slide),
     }
     return (list(rects), kwargs, "shapes")

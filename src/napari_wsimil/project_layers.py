@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .layers import LayerData, overlay_transform, slide_layer_data, world_mpp
+from .layers import LayerData, overlay_transform, slide_layer_data, world_mpp, world_units
 from .slide import Slide
 
 DEFAULT_EDGE = "#c0c0c0"
@@ -62,20 +62,58 @@ def labels_layer_data(
             "wsimil": {"kind": "pixel_labels", "path": str(slide.path), "downsample": float(downsample)},
         },
         **overlay_transform(slide, downsample),
+        **world_units(slide),
     }
     return (data, kwargs, "labels")
 
 
+def _atom_points(atom: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """(rows, cols) of the pixels one napari Labels history atom changed, in the last two axes.
+
+    Two shapes of atom: napari >= 0.8's masked atoms ``(slice_key, mask, old_values, new_value)`` (a
+    named tuple with those fields: the box of the edit as slices, and which of its pixels changed, or
+    ``None`` when all did), and the ``(indices, old_values, new_values)`` tuples of ``data_setitem``
+    (and of napari < 0.8), whose indices are a numpy multi-index.
+    """
+    slice_key = getattr(atom, "slice_key", None)
+    if slice_key is None and len(atom) == 4 and isinstance(atom[0], tuple) \
+            and all(isinstance(k, slice) for k in atom[0]):
+        slice_key = atom[0]
+    if slice_key is not None:
+        mask = atom.mask if hasattr(atom, "mask") else atom[1]
+        if len(slice_key) < 2:
+            return None
+        ys, xs = slice_key[-2], slice_key[-1]
+        y0, x0 = int(ys.start or 0), int(xs.start or 0)
+        if mask is None:  # every pixel of the box changed
+            if ys.stop is None or xs.stop is None or ys.stop <= y0 or xs.stop <= x0:
+                return None
+            return (np.array([y0, int(ys.stop) - 1]), np.array([x0, int(xs.stop) - 1]))
+        nz = np.nonzero(np.asarray(mask))
+        if len(nz) < 2 or nz[-1].size == 0:
+            return None
+        return (nz[-2] + y0, nz[-1] + x0)
+    idx = atom[0]
+    if len(idx) < 2 or np.size(idx[-2]) == 0:
+        return None
+    return (np.asarray(idx[-2]).ravel(), np.asarray(idx[-1]).ravel())
+
+
 def paint_bbox(atoms: Iterable[Any]) -> tuple[int, int, int, int] | None:
-    """(y0, y1, x0, x1) bounding box of napari Labels history atoms (indices, before, after)."""
+    """(y0, y1, x0, x1) bounding box of the pixels napari Labels history atoms changed (None: none).
+
+    ``atoms`` is one history item, the ``value`` of a ``Labels.events.paint`` event: masked atoms
+    (napari >= 0.8) and ``(indices, before, after)`` tuples are both understood (see
+    :func:`_atom_points`).
+    """
     ys: list[np.ndarray] = []
     xs: list[np.ndarray] = []
     for atom in atoms:
-        idx = atom[0]
-        if len(idx) < 2 or np.size(idx[-2]) == 0:
+        points = _atom_points(atom)
+        if points is None:
             continue
-        ys.append(np.asarray(idx[-2]).ravel())
-        xs.append(np.asarray(idx[-1]).ravel())
+        ys.append(points[0])
+        xs.append(points[1])
     if not ys:
         return None
     y, x = np.concatenate(ys), np.concatenate(xs)
@@ -142,6 +180,7 @@ def annotations_layer_data(
         "edge_width": default_edge_width(slide) if edge_width is None else edge_width,
         "features": {"class": np.array(names, dtype=object), "id": np.array(ids, dtype=object)},
         "metadata": {"wsimil": {"kind": "annotations", "path": str(slide.path)}},
+        **world_units(slide),
     }
     return (data, kwargs, "shapes")
 

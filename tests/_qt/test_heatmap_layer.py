@@ -24,7 +24,7 @@ COLD = (slice(3, 6), slice(0, 3))  # patch rows, columns sampled as the cold reg
 
 @pytest.fixture
 def viewer(make_napari_viewer):
-    v = make_napari_viewer(show=True, block_plugin_discovery=False)
+    v = make_napari_viewer(show=True)
     v.window._qt_window.resize(900, 700)
     return v
 
@@ -67,9 +67,9 @@ def _screen_box(viewer, shot: np.ndarray, patches: tuple[slice, slice],
     rows, cols = patches
     y0, y1 = (rows.start * PATCH - 0.5) * MPP, (rows.stop * PATCH - 0.5) * MPP
     x0, x1 = (cols.start * PATCH - 0.5) * MPP, (cols.stop * PATCH - 0.5) * MPP
-    cy, cx = viewer.camera.center[-2:]
-    zoom = viewer.camera.zoom
-    canvas_h, canvas_w = viewer._canvas_size
+    cy, cx = viewer.scene.camera.center[-2:]
+    zoom = viewer.scene.camera.zoom
+    canvas_h, canvas_w = viewer.canvas.size
     ry, rx = shot.shape[0] / canvas_h, shot.shape[1] / canvas_w
 
     def span(a: float, b: float, centre: float, size: int, ratio: float) -> slice:

@@ -22,7 +22,7 @@ def _open_viewer(make_napari_viewer):
     from napari_wsimil._qt.labelling_widget import LabellingWidget
     from napari_wsimil._qt.project_widget import ProjectWidget
 
-    viewer = make_napari_viewer(show=True, block_plugin_discovery=False)
+    viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1000, 800)
     _, pw = viewer.window.add_plugin_dock_widget("napari-wsimil", "Labelling project")
     _, lw = viewer.window.add_plugin_dock_widget("napari-wsimil", "Classes and labelling tools")
@@ -54,8 +54,8 @@ def _tissue_label_pixel(slide, geometry):
 
 def _canvas_xy(viewer, shot, world_yx):
     """Screenshot pixel (row, col) of a world point, from the 2-D camera."""
-    cy, cx = viewer.camera.center[-2:]
-    zoom = viewer.camera.zoom
+    cy, cx = viewer.scene.camera.center[-2:]
+    zoom = viewer.scene.camera.zoom
     return shot.shape[0] / 2 + (world_yx[0] - cy) * zoom, shot.shape[1] / 2 + (world_yx[1] - cx) * zoom
 
 
@@ -167,6 +167,53 @@ def test_eraser_undo_and_shape_edits_save(make_napari_viewer, qtbot, tmp_path):
     shapes.remove_selected()
     _wait_saved(qtbot, s)
     assert s.project.annotations(rec.slide_id) == []
+    pw.close_project()
+
+
+def test_autosave_writes_the_boxes_of_napari_paint_events(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """napari >= 0.8 paints with masked history atoms: each stroke is saved by the box it painted, and
+    undo/redo (no paint event) are found and saved too."""
+    viewer, pw, lw = _open_viewer(make_napari_viewer)
+    s = pw.session
+    pw.create_project(tmp_path / "proj")
+    [rec] = pw.add_slides([real_slide(CMU)])
+    labels = s.labels_layer
+    assert type(labels).__module__.startswith("napari.layers")  # the real layer, not a plugin proxy
+    saves = []
+    save = s.project.save_pixel_labels
+    monkeypatch.setattr(s.project, "save_pixel_labels",
+                        lambda sid, data, dirty=None: (saves.append(dirty), save(sid, data, dirty=dirty))[1])
+    events = []
+    labels.events.paint.connect(lambda e: events.append(e.value))
+
+    labels.brush_size = 4
+    labels.paint((60, 80), 1)
+    assert events and hasattr(events[-1][0], "slice_key")  # napari's masked atom
+    _wait_saved(qtbot, s)
+    [dirty] = saves
+    assert dirty is not None and len(dirty) == 1
+    y0, y1, x0, x1 = dirty[0]
+    assert y0 <= 60 < y1 and x0 <= 80 < x1 and (y1 - y0) <= 6 and (x1 - x0) <= 6
+    np.testing.assert_array_equal(s.project.pixel_labels(rec.slide_id), labels.data)
+
+    labels.paint_polygon([[10, 10], [10, 30], [25, 30], [25, 10]], 2)
+    _wait_saved(qtbot, s)
+    assert saves[-1] is not None and saves[-1][0][0] >= 9 and saves[-1][0][1] <= 27
+    np.testing.assert_array_equal(s.project.pixel_labels(rec.slide_id), labels.data)
+
+    labels.undo()  # napari's own undo (as Ctrl+Z does): no paint event, found by the refresh
+    assert (labels.data == 2).sum() == 0
+    _wait_saved(qtbot, s)
+    assert saves[-1] is not None
+    np.testing.assert_array_equal(s.project.pixel_labels(rec.slide_id), labels.data)
+    labels.redo()
+    _wait_saved(qtbot, s)
+    assert (s.project.pixel_labels(rec.slide_id) == 2).sum() > 0
+    np.testing.assert_array_equal(s.project.pixel_labels(rec.slide_id), labels.data)
+    n = len(saves)
+    labels.refresh()  # a refresh that changes nothing saves nothing
+    qtbot.wait(700)
+    assert len(saves) == n
     pw.close_project()
 
 

@@ -15,7 +15,7 @@ napari = pytest.importorskip("napari")
 def viewer_and_widget(make_napari_viewer):
     from napari_wsimil._qt.slide_widget import SlideWidget
 
-    viewer = make_napari_viewer(show=True, block_plugin_discovery=False)
+    viewer = make_napari_viewer(show=True)
     widget = SlideWidget(viewer)
     viewer.window.add_dock_widget(widget)
     return viewer, widget

@@ -35,7 +35,7 @@ def _open(make_napari_viewer, project: Path):
     """A viewer with the Project and Training widgets (from the manifest), the project open on slide one."""
     from napari_wsimil._qt.training_widget import TrainingWidget
 
-    viewer = make_napari_viewer(show=True, block_plugin_discovery=False)
+    viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1200, 900)
     _, pw = viewer.window.add_plugin_dock_widget("napari-wsimil", "Labelling project")
     _, tw = viewer.window.add_plugin_dock_widget("napari-wsimil", "Training and attention maps")
@@ -162,7 +162,7 @@ def test_train_watch_correct_retrain_suggest_export(make_napari_viewer, qtbot, t
     assert ((points.data[:, 0] >= y0) & (points.data[:, 0] <= y1)).all()
     assert ((points.data[:, 1] >= x0) & (points.data[:, 1] <= x1)).all()
     tw.suggestion_list.setCurrentRow(0)
-    assert tuple(viewer.camera.center[-2:]) == pytest.approx(tuple(points.data[0]))
+    assert tuple(viewer.scene.camera.center[-2:]) == pytest.approx(tuple(points.data[0]))
 
     # exports into PROJECT/exports, written by a worker
     tw.export_masks_btn.click()

@@ -13,7 +13,7 @@ napari = pytest.importorskip("napari")
 
 @pytest.fixture
 def viewer(make_napari_viewer):
-    v = make_napari_viewer(show=True, block_plugin_discovery=False)
+    v = make_napari_viewer(show=True)
     v.window._qt_window.resize(900, 700)
     return v
 

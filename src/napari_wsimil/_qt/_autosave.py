@@ -3,8 +3,10 @@
 A paint stroke (napari's ``Labels.events.paint``, which carries the changed indices) or a shape
 change restarts a single-shot timer; when it fires, only the label chunks under the painted
 bounding boxes are written (``Project.save_pixel_labels(..., dirty=boxes)``) and the shapes are
-converted to annotations and saved. napari's undo/redo emits no paint event, so the history
-deques are watched too. A failed save stays pending (retried on the next edit, on slide switch and
+converted to annotations and saved. napari's undo/redo emits no paint event, only a refresh
+(``Labels.events.set_data``): a copy of the labels as last saved is kept, and on each refresh
+the pixels that differ from it, outside the boxes already pending, are marked dirty (public API
+only; napari's history deques are private). A failed save stays pending (retried on the next edit, on slide switch and
 on close) and is reported as a napari notification, never dropped silently.
 """
 
@@ -28,9 +30,19 @@ def notify(message: str, level: str = "error") -> None:
     getattr(notifications, f"show_{level}")(message)
 
 
-def _history_signature(layer: Any) -> tuple:
-    undo, redo = getattr(layer, "_undo_history", ()), getattr(layer, "_redo_history", ())
-    return (len(undo), len(redo), id(undo[-1]) if undo else 0, id(redo[-1]) if redo else 0)
+def _covers(outer: tuple[int, int, int, int], inner: tuple[int, int, int, int]) -> bool:
+    return outer[0] <= inner[0] and inner[1] <= outer[1] and outer[2] <= inner[2] and inner[3] <= outer[3]
+
+
+def changed_bbox(a: np.ndarray, b: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1) box of the pixels where two same-shape label arrays differ (None: nowhere)."""
+    diff = a != b
+    if diff.ndim > 2:
+        diff = diff.reshape(-1, *diff.shape[-2:]).any(axis=0)
+    rows, cols = np.flatnonzero(diff.any(axis=1)), np.flatnonzero(diff.any(axis=0))
+    if rows.size == 0:
+        return None
+    return (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
 
 
 class Autosave(QObject):
@@ -48,7 +60,7 @@ class Autosave(QObject):
         self._all_dirty = False
         self._shapes_dirty = False
         self._quiet = False
-        self._history: tuple = (0, 0, 0, 0)
+        self._shadow: np.ndarray | None = None  # the labels as last saved (or loaded)
         self._labels_timer = self._timer(self.save_labels)
         self._shapes_timer = self._timer(self.save_shapes)
 
@@ -72,7 +84,7 @@ class Autosave(QObject):
         self.project, self.slide_id, self.slide = project, slide_id, slide
         self.labels, self.shapes, self.originals = labels, shapes, list(originals)
         self._dirty, self._all_dirty, self._shapes_dirty = [], False, False
-        self._history = _history_signature(labels)
+        self._shadow = np.array(labels.data, copy=True)
         labels.events.paint.connect(self._on_paint)
         labels.events.data.connect(self._on_labels_data)
         labels.events.set_data.connect(self._check_history)
@@ -82,6 +94,7 @@ class Autosave(QObject):
     def detach(self) -> None:
         """Forget the layers (after :meth:`flush`); events from them are ignored from now on."""
         self.labels = self.shapes = self.project = self.slide = None
+        self._shadow = None
         self._labels_timer.stop()
         self._shapes_timer.stop()
 
@@ -92,7 +105,8 @@ class Autosave(QObject):
         box = paint_bbox(event.value)
         if box is not None:
             self._dirty.append(box)
-        self._history = _history_signature(self.labels)
+        else:  # an atom this version does not describe: find the change by comparison
+            self._check_history()
         self._labels_timer.start()
 
     def _on_labels_data(self, event: Any = None) -> None:
@@ -102,18 +116,23 @@ class Autosave(QObject):
         self._labels_timer.start()
 
     def _check_history(self, _: Any = None) -> None:
+        """After a refresh (napari's undo and redo end with one): mark the pixels that changed unseen."""
         layer = self.labels
-        if layer is None:
+        if layer is None or self._shadow is None or self._all_dirty:
             return
-        sig = _history_signature(layer)
-        if sig == self._history:
+        data = np.asarray(layer.data)
+        if data.shape != self._shadow.shape:
+            self._on_labels_data()
             return
-        self._history = sig
-        items = [q[-1] for q in (layer._undo_history, layer._redo_history) if q]
-        box = paint_bbox([atom for item in items for atom in item])
-        if box is not None:
+        box = changed_bbox(data, self._shadow)
+        if box is not None and not any(_covers(d, box) for d in self._dirty):
             self._dirty.append(box)
             self._labels_timer.start()
+
+    def adopt(self) -> None:
+        """The labels layer's pixels are what is on disk (written there by someone else): nothing to save."""
+        if self.labels is not None:
+            self._shadow = np.array(self.labels.data, copy=True)
 
     def undo(self) -> None:
         if self.labels is not None and self.writable:
@@ -125,11 +144,17 @@ class Autosave(QObject):
         if not (self._dirty or self._all_dirty) or self.labels is None or not self.writable:
             return True
         boxes = None if self._all_dirty else list(self._dirty)
+        data = np.asarray(self.labels.data)
         try:
-            self.project.save_pixel_labels(self.slide_id, np.asarray(self.labels.data), dirty=boxes)
+            self.project.save_pixel_labels(self.slide_id, data, dirty=boxes)
         except Exception as exc:  # noqa: BLE001 - never lose a save error silently
             self._failed("labels", exc)
             return False
+        if boxes is None or self._shadow is None or self._shadow.shape != data.shape:
+            self._shadow = np.array(data, copy=True)
+        else:
+            for y0, y1, x0, x1 in boxes:
+                self._shadow[..., y0:y1, x0:x1] = data[..., y0:y1, x0:x1]
         self._dirty, self._all_dirty = [], False
         self._saved()
         return True

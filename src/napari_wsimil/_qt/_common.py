@@ -22,14 +22,36 @@ from ._autosave import Autosave, notify
 _SESSIONS: dict[int, tuple[Any, ProjectSession]] = {}
 
 
+def _menu_bar(viewer: Any) -> Any:
+    return getattr(getattr(viewer, "window", None), "main_menu", None)
+
+
+def real_viewer(viewer: Any) -> Any:
+    """The napari viewer behind the one napari hands a dock widget (a public-only proxy, new per widget).
+
+    Public API only: ``napari.current_viewer()`` is the viewer whose window is active, which is the one
+    adding the widget; it is taken when its window's menu bar (``Window.main_menu``, a Qt object that the
+    proxy hands out as is) is the proxy's. Otherwise the viewer given is kept.
+    """
+    try:
+        import napari
+    except ImportError:  # pragma: no cover - the widgets need napari
+        return viewer
+    current = napari.current_viewer()
+    if current is None or current is viewer:
+        return viewer
+    bar = _menu_bar(viewer)
+    return current if bar is not None and _menu_bar(current) is bar else viewer
+
+
 def session_for(viewer: Any, widget: QObject | None = None) -> ProjectSession:
     """One session per viewer, shared by every widget docked in it (``widget`` registers one).
 
     napari hands plugin widgets a public-only proxy of the viewer, a new one per widget: the session
-    works on the viewer behind it, so that both widgets share it and the layers it adds are plain
-    layers (autosave reads napari's undo history).
+    works on the viewer behind it (:func:`real_viewer`), so that both widgets share it and the layers
+    it adds are plain layers (events name them as their source).
     """
-    viewer = getattr(viewer, "__wrapped__", viewer)
+    viewer = real_viewer(viewer)
     for key in [k for k, (ref, _) in _SESSIONS.items() if ref() is None]:
         del _SESSIONS[key]
     entry = _SESSIONS.get(id(viewer))

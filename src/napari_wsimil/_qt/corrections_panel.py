@@ -141,6 +141,7 @@ class CorrectionsPanel(QGroupBox):
         painted = s.project.pixel_labels(sid)
         if isinstance(layer.data, np.ndarray) and layer.data.shape == painted.shape:
             layer.data[...] = painted  # in place: what is on disk already, so no autosave
+            s.autosave.adopt()
             layer.refresh()
 
     # --- suggestions -----------------------------------------------------------------------------
@@ -194,7 +195,7 @@ class CorrectionsPanel(QGroupBox):
     def _go_to_suggestion(self, row: int) -> None:
         item = self.suggestion_list.item(row)
         if item is not None:
-            self.ctx.viewer.camera.center = item.data(Qt.ItemDataRole.UserRole)
+            self.ctx.viewer.scene.camera.center = item.data(Qt.ItemDataRole.UserRole)
 
 
 __all__ = ["CorrectionsPanel"]

@@ -134,8 +134,9 @@ class SlideWidget(QWidget):
         )
         if slide.mpp:
             self.mpp_box.setValue(slide.mpp)
-            self.viewer.scale_bar.unit = "um"
-        self.viewer.scale_bar.visible = True
+            if {str(u) for u in layer.units} != {"micrometer"}:  # the scale bar's unit is the layers' units
+                layer.units = ("µm", "µm")
+        self.viewer.canvas.overlays.scale_bar.visible = True
 
     def _notify(self, message: str) -> None:
         from napari.utils.notifications import show_error
@@ -169,6 +170,7 @@ class SlideWidget(QWidget):
             return
         slide.mpp = self.mpp_box.value()
         layer.scale = (slide.mpp, slide.mpp)
+        layer.units = ("µm", "µm")
         layer.metadata["wsimil"]["mpp"] = slide.mpp
         self.viewer.reset_view()
         self._refresh()

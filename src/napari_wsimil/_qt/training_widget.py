@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from qtpy.QtWidgets import QGroupBox, QVBoxLayout, QWidget
 
 from ._autosave import notify
-from ._common import session_for
+from ._common import real_viewer, session_for
 from .corrections_panel import CorrectionsPanel
 from .exports_panel import ExportsPanel
 from .method_form import MethodForm
@@ -40,7 +40,7 @@ class TrainingWidget(QWidget):
 
     def __init__(self, napari_viewer: napari.Viewer):
         super().__init__()
-        self.viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)  # real layers, as the session adds
+        self.viewer = real_viewer(napari_viewer)  # real layers, as the session adds
         self.session = session_for(napari_viewer, self)
         ctx = self.ctx = TrainingContext(self.viewer, self.session)
         self.form = MethodForm(ctx)
