@@ -98,11 +98,54 @@ def test_export_project(project: Project, tmp_path: Path) -> None:
     paths = export_project(project, tmp_path / "gj", format="geojson")
     assert [p.name for p in paths] == ["slide_000.geojson", "slide_001.geojson", "slide_002.geojson"]
     assert read_geojson(paths[2]) == anns and read_geojson(paths[0]) == []
-    paths = export_project(project, tmp_path / "ome", format="ome-tiff")
+    paths = export_project(project, tmp_path / "ome", format="ome-tiff", pixels_only=True)
     assert [p.name for p in paths] == [f"slide_00{i}.ome.tif" for i in range(3)]
     assert (tmp_path / "ome" / "classes.csv").read_text().splitlines()[1] == "0,unlabelled,#000000"
     project.import_mask("slide_000", paths[2])
-    assert np.array_equal(project.pixel_labels("slide_000"), lab)
+    assert np.array_equal(project.pixel_labels("slide_000"), lab)  # painted pixels alone: an exact round trip
+    import tifffile
+
+    drawn = tifffile.imread(export_project(project, tmp_path / "all", format="ome-tiff")[2])
+    assert np.array_equal(drawn[lab > 0], lab[lab > 0])  # the paint wins; the box and triangle fill the rest
+    assert (drawn[lab == 0] > 0).any() and not (drawn[20:, 20:][lab[20:, 20:] == 0] > 0).any()
     assert len(export_project(project, tmp_path / "png", format="png", mpp=8.0)) == 3
     with pytest.raises(ProjectError, match="format"):
         export_project(project, tmp_path / "x", format="jpeg")  # type: ignore[arg-type]
+
+
+def test_masks_fill_drawn_shapes_under_the_paint(project: Project, tmp_path: Path) -> None:
+    """A slide labelled only with QuPath polygons and boxes exports them filled (as QuPath's labelled-image
+    export does); painted pixels win where both are; holes stay open; --pixels-only keeps the paint alone."""
+    import tifffile
+    from shapely.geometry import Polygon, box
+
+    from napari_wsimil.cli import main
+
+    sid = "slide_002"
+    d = project.label_geometry(sid).downsample
+    tumour, normal = project.class_by_name("tumour").id, project.class_by_name("normal").id
+    ring = Polygon([(0, 0), (80 * d, 0), (80 * d, 80 * d), (0, 80 * d)],
+                   holes=[[(30 * d, 30 * d), (50 * d, 30 * d), (50 * d, 50 * d), (30 * d, 50 * d)]])
+    project.save_annotations(sid, [Annotation(ring, "tumour"), Annotation(box(100 * d, 0, 140 * d, 20 * d),
+                                                                            "normal", kind="box")])
+    lab = np.zeros(project.label_geometry(sid).shape, np.uint8)
+    lab[0:10, 0:10] = normal  # paint over the polygon's corner
+    project.save_pixel_labels(sid, lab)
+
+    mask = tifffile.imread(export_mask(project, sid, tmp_path / "m.ome.tif"))
+    assert (mask[0:10, 0:10] == normal).all()  # the paint wins
+    assert (mask[12:28, 12:78] == tumour).all() and (mask[32:48, 32:48] == 0).all()  # filled, hole open
+    assert (mask[2:18, 102:138] == normal).all() and (mask[85:, :] == 0).all()
+    assert abs(int((mask == tumour).sum()) - (80 * 80 - 20 * 20 - 100)) <= 2 * 80  # area, up to the edge pixels
+    alone = tifffile.imread(export_mask(project, sid, tmp_path / "p.ome.tif", pixels_only=True))
+    assert np.array_equal(alone, lab)
+
+    project.close()
+    out = tmp_path / "cli"
+    assert main(["project", "export", str(project.root), "--format", "png", "--out", str(out)]) == 0
+    assert main(["project", "export", str(project.root), "--format", "png", "--out", str(out / "px"),
+                 "--pixels-only"]) == 0
+    from PIL import Image
+
+    assert (np.asarray(Image.open(out / f"{sid}.png"))[12:28, 12:78] == tumour).all()
+    assert np.array_equal(np.asarray(Image.open(out / "px" / f"{sid}.png")), lab)

@@ -34,7 +34,8 @@ class ExportsPanel(QWidget):
         self._threshold = threshold  # the runs panel's
         self.exported: list[Path] = []
         self.export_masks_btn = QPushButton("Export masks")
-        self.export_masks_btn.setToolTip("The slide's pixel labels as OME-TIFF and PNG into PROJECT/exports.")
+        self.export_masks_btn.setToolTip("The slide's mask (drawn shapes filled, painted pixels over them) as "
+                                         "OME-TIFF and PNG into PROJECT/exports.")
         self.export_masks_btn.clicked.connect(self.export_masks)
         self.export_heatmap_btn = QPushButton("Export heatmap")
         self.export_heatmap_btn.clicked.connect(self.export_heatmap)

@@ -48,13 +48,17 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_export_csv)
 
     x = sub.add_parser("export", help="export every slide's annotations or pixel labels",
-                       description="Export annotations as QuPath GeoJSON, or pixel labels as masks of class ids "
-                                   "(pyramidal OME-TIFF or PNG, legend in classes.csv), one file per slide.")
+                       description="Export annotations as QuPath GeoJSON, or masks of class ids (pyramidal OME-TIFF "
+                                   "or PNG, legend in classes.csv): drawn polygons and boxes filled, painted "
+                                   "pixels over them; one file per slide.")
     x.add_argument("dir", metavar="DIR", help="project folder")
     x.add_argument("--format", required=True, choices=("geojson", "ome-tiff", "png"))
     x.add_argument("--out", required=True, metavar="OUT", help="output folder")
     x.add_argument("--mpp", type=float, default=None, metavar="M",
                    help="mask resolution in µm/px (default: the label resolution)")
+    x.add_argument("--pixels-only", action="store_true",
+                   help="masks of painted pixels alone (default: drawn polygons and boxes filled too, painted pixels "
+                        "over them, as QuPath's labelled-image export)")
     x.set_defaults(func=_cmd_export)
 
     i = sub.add_parser("info", help="describe a project", description="Print a project's classes and slides.")
@@ -100,7 +104,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .project import Project
 
     with Project.open(args.dir, readonly=True) as p:
-        paths = export_project(p, args.out, format=args.format, mpp=args.mpp)
+        paths = export_project(p, args.out, format=args.format, mpp=args.mpp, pixels_only=args.pixels_only)
         print(f"wrote {len(paths)} {args.format} file{'s' if len(paths) != 1 else ''} into {args.out}")
     return 0
 

@@ -370,7 +370,7 @@ def export_csv(project: ProjectFolder, path: str | os.PathLike[str], masks: bool
             row["annotations"] = _rel(ann, folder)
         if masks and project.has_pixel_labels(rec.slide_id):
             target = folder / f"{path.stem}_labels" / f"{rec.slide_id}.ome.tif"
-            export_mask(project, rec.slide_id, target, format="ome-tiff")
+            export_mask(project, rec.slide_id, target, format="ome-tiff", pixels_only=True)  # shapes: GeoJSON
             row["pixel_labels"] = _rel(target, folder)
             row["pixel_labels_downsample"] = _num(project.label_geometry(rec.slide_id).downsample)
         if rec.gt_mask is not None:

@@ -11,8 +11,10 @@ Bio-Formats read as an OME pyramid; 512x512 tiles, zlib; PhysicalSizeX/Y in µm 
 pixel size is known. PNG is streamed row band by row band through zlib (no image library holds it),
 with its pixel size in the pHYs chunk and the downsample in a ``wsimil`` text chunk.
 
-At label resolution (``mpp=None``) the export is the label array itself, pixel for pixel, so that
-``import_mask`` of an exported mask gives back identical labels.
+A mask holds what QuPath's labelled-image export holds: the drawn polygons and boxes filled with their
+class, and the painted pixels over them (painted pixels win where both are). With ``pixels_only`` and at
+label resolution (``mpp=None``) the export is the label array itself, pixel for pixel, so that
+``import_mask`` of an exported mask gives back identical labels (the cohort CSV's round trip).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
+
+import numpy as np
 
 
 from ..io.atomic import atomic_write
@@ -53,15 +57,69 @@ def _output_downsample(project: ProjectFolder, slide_id: str, geometry: LabelGeo
     return mpp / slide_mpp
 
 
+class AnnotatedSampler:
+    """Row bands of a slide's mask as QuPath's labelled-image export draws it: the drawn polygons and boxes
+    filled with their class id (holes left open; later annotations over earlier ones), then the painted
+    pixels on top, which win where they overlap. Bands are rasterised one at a time from the annotations
+    that cross them, so memory stays that of a band."""
+
+    def __init__(self, pixels: LabelSampler, shapes: list[tuple[np.ndarray, list[np.ndarray], int]]):
+        self.pixels = pixels
+        self.geometry = pixels.geometry
+        self.shapes = shapes  # (exterior (M, 2) level-0 x, y; interiors; class id)
+        self.bounds = [(float(e[:, 1].min()), float(e[:, 1].max())) for e, _, _ in shapes]
+
+    def band(self, out_ds: float, y0: int, y1: int, width: int) -> np.ndarray:
+        from skimage.draw import polygon
+
+        painted = self.pixels.band(out_ds, y0, y1, width)
+        top, bottom = y0 * out_ds, y1 * out_ds
+        drawn = np.zeros_like(painted)
+        for (ext, holes, cid), (lo, hi) in zip(self.shapes, self.bounds):
+            if hi < top or lo > bottom:
+                continue
+            # pixel (i, j) covers [j·d, (j+1)·d): its centre is inside when the polygon scaled by 1/d, shifted
+            # by half a pixel, contains (j, i)
+            for ring, value in [(ext, cid)] + [(h, -1) for h in holes]:
+                rr, cc = polygon(ring[:, 1] / out_ds - 0.5 - y0, ring[:, 0] / out_ds - 0.5, shape=drawn.shape)
+                if value < 0:
+                    drawn[rr, cc] = 0
+                else:
+                    drawn[rr, cc] = value
+        return np.where(painted > 0, painted, drawn).astype(np.uint8)
+
+
+def _shapes(project: ProjectFolder, slide_id: str) -> list[tuple[np.ndarray, list[np.ndarray], int]]:
+    """Every drawn polygon of a slide with its class id (MultiPolygons split)."""
+    out = []
+    for ann in project.annotations(slide_id):
+        try:
+            cid = project.class_by_name(ann.class_name).id
+        except ProjectError:
+            continue  # a class that is not the project's (an unclassified import): not drawn
+        geoms = getattr(ann.geometry, "geoms", [ann.geometry])
+        for g in geoms:
+            if g.is_empty or g.geom_type != "Polygon":
+                continue
+            out.append((np.asarray(g.exterior.coords, float), [np.asarray(r.coords, float) for r in g.interiors],
+                        int(cid)))
+    return out
+
+
 def export_mask(project: ProjectFolder, slide_id: str, out_path: str | os.PathLike[str],
-                format: MaskFormat = "ome-tiff", mpp: float | None = None) -> Path:
-    """Write a slide's pixel labels as a mask image (class ids) at label resolution or at ``mpp`` µm/px."""
+                format: MaskFormat = "ome-tiff", mpp: float | None = None, pixels_only: bool = False) -> Path:
+    """Write a slide's labels as a mask image (class ids) at label resolution or at ``mpp`` µm/px: the drawn
+    polygons and boxes filled, and the painted pixels over them (``pixels_only``: painted pixels alone, what
+    the cohort CSV's round trip needs, since its annotations travel as GeoJSON)."""
     if format not in ("ome-tiff", "png"):
         raise ProjectError(f"mask format must be 'ome-tiff' or 'png', got {format!r}")
     rec = project.record(slide_id)
     geometry = project.label_geometry(slide_id)
     out_ds = _output_downsample(project, slide_id, geometry, mpp)
     sampler = LabelSampler(project._label_store(slide_id, create=False), geometry)
+    shapes = [] if pixels_only else _shapes(project, slide_id)
+    if shapes:
+        sampler = AnnotatedSampler(sampler, shapes)
     dims = rec.dimensions
     out_mpp = float(mpp) if mpp is not None else geometry.mpp  # as asked, not slide_mpp * out_ds (float noise)
     meta = {"wsimil": {
@@ -79,8 +137,10 @@ def export_mask(project: ProjectFolder, slide_id: str, out_path: str | os.PathLi
 
 
 def export_project(project: ProjectFolder, out_dir: str | os.PathLike[str],
-                   format: Literal["geojson", "ome-tiff", "png"] = "geojson", mpp: float | None = None) -> list[Path]:
-    """Export every slide's annotations (``geojson``) or pixel labels (``ome-tiff``/``png``) into ``out_dir``.
+                   format: Literal["geojson", "ome-tiff", "png"] = "geojson", mpp: float | None = None,
+                   pixels_only: bool = False) -> list[Path]:
+    """Export every slide's annotations (``geojson``) or masks (``ome-tiff``/``png``: drawn shapes and painted
+    pixels, or painted pixels alone with ``pixels_only``) into ``out_dir``.
 
     Files are ``<slide_id>.geojson`` / ``.ome.tif`` / ``.png``; slides without labels give an empty
     FeatureCollection or an all-zero mask, so the folder always matches the cohort one to one. Mask
@@ -100,7 +160,8 @@ def export_project(project: ProjectFolder, out_dir: str | os.PathLike[str],
         if format == "geojson":
             write_geojson(target, project.annotations(rec.slide_id), project.classes)
         else:
-            export_mask(project, rec.slide_id, target, format=format, mpp=mpp)  # type: ignore[arg-type]
+            export_mask(project, rec.slide_id, target, format=format, mpp=mpp,  # type: ignore[arg-type]
+                        pixels_only=pixels_only)
         written.append(target)
     if format != "geojson":
         with atomic_write(out / "classes.csv", "w", newline="") as fh:

@@ -47,6 +47,7 @@ class Project(ProjectFolder):
         return cohort_csv.export_csv(self, path, masks=masks)
 
     def export_mask(self, slide_id: str, out_path: str | os.PathLike[str], format: str = "ome-tiff",
-                    mpp: float | None = None) -> Path:
-        """Write the slide's pixel labels as a mask image (see export.py)."""
-        return export.export_mask(self, slide_id, out_path, format=format, mpp=mpp)  # type: ignore[arg-type]
+                    mpp: float | None = None, pixels_only: bool = False) -> Path:
+        """Write the slide's labels as a mask image: drawn shapes and painted pixels (see export.py)."""
+        return export.export_mask(self, slide_id, out_path, format=format, mpp=mpp,  # type: ignore[arg-type]
+                                  pixels_only=pixels_only)
