@@ -27,6 +27,16 @@ def test_manifest_validates_and_every_command_imports():
             assert item.command in ids
 
 
+def test_reader_patterns_are_the_one_list_of_slide_types():
+    """napari.yaml cannot import Python: its reader patterns must be slide/formats.py's, which the dialogs use."""
+    from napari_wsimil._qt.project_widget import SLIDE_FILTER
+    from napari_wsimil.slide.formats import SLIDE_SUFFIXES, dialog_filter, filename_patterns
+
+    [reader] = _manifest().contributions.readers
+    assert list(reader.filename_patterns) == filename_patterns()
+    assert SLIDE_FILTER == dialog_filter() and all(f"*{s}" in SLIDE_FILTER for s in SLIDE_SUFFIXES)
+
+
 def test_plugin_is_discoverable_by_entry_point():
     pm = npe2.PluginManager()
     pm.discover()

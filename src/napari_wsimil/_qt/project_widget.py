@@ -25,12 +25,13 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import WsimilError
+from ..slide.formats import dialog_filter
 from ._common import notify, session_for
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-SLIDE_FILTER = "Slides (*.svs *.ndpi *.tif *.tiff *.btf *.dcm *.mrxs *.scn *.bif *.vms *.vmu);;All files (*)"
+SLIDE_FILTER = dialog_filter()  # the one list of slide types (slide/formats.py, napari.yaml)
 READONLY_TEXT = (
     "Read-only: this project is open in another napari window or process. "
     "You can look, but changes are not saved. Close it there and reopen it here to edit."

@@ -146,7 +146,9 @@ class SlideWidget(QWidget):
 
     # --- actions -------------------------------------------------------------------------------
     def _choose_file(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open slide", "", "Slides (*.svs *.ndpi *.tif *.tiff *.dcm *.mrxs *.scn *.bif);;All files (*)")
+        from ..slide.formats import dialog_filter
+
+        path, _ = QFileDialog.getOpenFileName(self, "Open slide", "", dialog_filter())
         if path:
             self.open_path(path)
 
