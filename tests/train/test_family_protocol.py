@@ -112,3 +112,20 @@ def test_session_and_child_process_train_map_and_correct_a_new_family(registered
         child = list(session.train_process(again, watch=[sid]))
         assert [e.epoch for e in child if getattr(e, "kind", "") == "done"] == [3]
         assert any(isinstance(e, MapEvent) for e in child)
+
+
+def test_a_family_missing_part_of_the_protocol_cannot_be_made() -> None:
+    """The protocol's required steps are abstract: a family that forgets one fails when it is created (before
+    registration), not in the middle of a user's run."""
+    from napari_wsimil.train.family import MethodFamily
+
+    class Half(MethodFamily):
+        name = "half"
+
+        def prepare(self, spec, report=None):  # the other required steps are missing
+            raise AssertionError("never called")
+
+    with pytest.raises(TypeError, match="abstract"):
+        Half()
+    with pytest.raises(TypeError):
+        MethodFamily()

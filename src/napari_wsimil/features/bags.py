@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import WsimilError
 from ..io.atomic import atomic_write
+from ..io.npz import open_npz
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..slide import Slide
@@ -89,27 +90,14 @@ def patch_size_level0(attrs: dict[str, Any]) -> float:
 
 def read_bag_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Only the attrs (npz members load lazily: the features stay on disk)."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return json.loads(str(z["attrs"][()]))
-    except FileNotFoundError:
-        raise BagError(f"bag {path} does not exist") from None
-    except Exception as exc:  # noqa: BLE001 - zip, key or JSON errors all mean "not a bag"
-        raise BagError(f"{path.name} ({path}) is not a readable feature bag: {exc}") from exc
+    with open_npz(path, BagError, "bag", "feature bag") as (_z, attrs):
+        return attrs
 
 
 def read_bag(path: str | os.PathLike[str]) -> Bag:
     """A whole bag, checked to be consistent."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            attrs = json.loads(str(z["attrs"][()]))
-            return Bag(z["coords"], z["features"], attrs)
-    except FileNotFoundError:
-        raise BagError(f"bag {path} does not exist") from None
-    except Exception as exc:  # noqa: BLE001
-        raise BagError(f"{path.name} ({path}) is not a readable feature bag: {exc}") from exc
+    with open_npz(path, BagError, "bag", "feature bag") as (z, attrs):
+        return Bag(z["coords"], z["features"], attrs)
 
 
 def stale_reasons(bag: Bag | dict[str, Any] | str | os.PathLike[str], encoder: Encoder,

@@ -12,6 +12,7 @@ A new family subclasses :class:`MethodFamily` and registers its methods with
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,9 +51,10 @@ class RunSpecs(Protocol):
     def run_dir(self, name: str) -> Path: ...
 
 
-class MethodFamily:
-    """One family of training methods (see the module doc). Subclasses set the class attributes and
-    implement the methods that raise ``NotImplementedError``; the others have defaults that fit most."""
+class MethodFamily(ABC):
+    """One family of training methods (see the module doc). Subclasses set the class attributes and must
+    implement the abstract methods (a family missing one cannot be instantiated, so the omission shows at
+    registration, not mid-run); the others have defaults that fit most families."""
 
     name: str = ""
     #: what the live layer shows: "attention" (a patch score map) or "probability" (a pixel map)
@@ -64,11 +66,11 @@ class MethodFamily:
     default_patch: int = 256
 
     # ------------------------------------------------------------------------------------ training
+    @abstractmethod
     def prepare(self, spec: RunSpec, report: Report | None = None) -> PreparedRun:
         """Check the request, split the slides, make what training reads (bags, masks ...), build the
         method and write ``RUN/run.json`` (with ``family``); errors are :class:`~napari_wsimil.errors.
         WsimilError` naming what to fix."""
-        raise NotImplementedError
 
     def train(self, prepared: PreparedRun) -> Generator[ProgressEvent, None, Any]:
         """The engine's events; returns the trained model."""
@@ -76,16 +78,16 @@ class MethodFamily:
 
         return (yield from train(prepared.method, prepared.spec.out, resume=prepared.spec.resume))
 
+    @abstractmethod
     def live_maps(self, prepared: PreparedRun, watch: Sequence[str]) -> MapMaker:
         """``maps(epoch, final)``: the live layer's maps of the watched slides after a checkpoint
         (``final``: after training, from the weights a prediction will use)."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------------------------ prediction
+    @abstractmethod
     def predict(self, request: PredictRequest, report: Report | None = None) -> dict[str, Any]:
         """Write ``PRED/predictions.csv`` (slide_id, prob_0 ...), the family's maps and
         ``PRED/prediction.json``; returns what prediction.json holds."""
-        raise NotImplementedError
 
     def evaluate(self, pred_dir: Path, truth: list[TruthItem], meta: dict[str, Any],
                  threshold: float | None = None) -> tuple[str, dict[str, Any]] | None:
@@ -109,14 +111,14 @@ class MethodFamily:
             f"FROC {f(loc['froc'])}")
 
     # ------------------------------------------------------------------------ the interactive loop
+    @abstractmethod
     def slide_map(self, run_dir: Path, slide_id: str, source: Path, weights: str = "best") -> MapEvent:
         """The live layer's map of one slide of the cohort or project ``source`` from a finished run."""
-        raise NotImplementedError
 
+    @abstractmethod
     def patch_scores(self, run_dir: Path, slide_id: str, source: Path) -> Any:
         """Per-patch tumour probabilities of one slide
         (:class:`~napari_wsimil.infer.pseudo_labels.PatchScores`): what suggestions are drawn from."""
-        raise NotImplementedError
 
     def pseudo_labels(self, run_dir: Path, project: Any, slide_id: str, tumour: int, normal: int,
                       high: float = 0.7, low: float = 0.3) -> np.ndarray:

@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import MissingMppError, WsimilError
 from ..io.atomic import atomic_write
+from ..io.npz import open_npz
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..features.encoder_base import Encoder
@@ -169,32 +170,19 @@ class ZoomBag:
 
 def read_zoom_bag_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Only the attrs (the arrays stay on disk)."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return json.loads(str(z["attrs"][()]))
-    except FileNotFoundError:
-        raise ZoomBagError(f"zoom bag {path} does not exist") from None
-    except Exception as exc:  # zip, key or JSON errors all mean "not a zoom bag"
-        raise ZoomBagError(f"{path.name} ({path}) is not a readable zoom feature bag: {exc}") from exc
+    with open_npz(path, ZoomBagError, "zoom bag", "zoom feature bag") as (_z, attrs):
+        return attrs
 
 
 def read_zoom_bag(path: str | os.PathLike[str]) -> ZoomBag:
     """A whole zoom bag, checked to be consistent (levels, children per patch, feature sizes)."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            attrs = json.loads(str(z["attrs"][()]))
-            if attrs.get("format") != ZOOM_BAG_FORMAT:
-                raise ZoomBagError(f"format {attrs.get('format')!r}, this version reads {ZOOM_BAG_FORMAT}: "
-                                   "extract it again")
-            n = len(attrs["mpps"])
-            return ZoomBag(tuple(attrs["mpps"]), int(attrs["patch"]), [z[f"coords_{i}"] for i in range(n)],
-                           [z[f"features_{i}"] for i in range(n)], attrs)
-    except FileNotFoundError:
-        raise ZoomBagError(f"zoom bag {path} does not exist") from None
-    except Exception as exc:
-        raise ZoomBagError(f"{path.name} ({path}) is not a readable zoom feature bag: {exc}") from exc
+    with open_npz(path, ZoomBagError, "zoom bag", "zoom feature bag") as (z, attrs):
+        if attrs.get("format") != ZOOM_BAG_FORMAT:
+            raise ZoomBagError(f"format {attrs.get('format')!r}, this version reads {ZOOM_BAG_FORMAT}: "
+                               "extract it again")
+        n = len(attrs["mpps"])
+        return ZoomBag(tuple(attrs["mpps"]), int(attrs["patch"]), [z[f"coords_{i}"] for i in range(n)],
+                       [z[f"features_{i}"] for i in range(n)], attrs)
 
 
 # --- coordinates ----------------------------------------------------------------------------------
