@@ -132,6 +132,10 @@ def test_metrics_by_hand() -> None:
     assert m3["balanced_accuracy"] == pytest.approx((1 + 0.5 + 1) / 3)
     # F1 per class: 0 → 1; 1 → tp 1, fn 1 → 2/3; 2 → tp 1, fp 1 → 2/3
     assert m3["f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+    # weighted by the classes' shares of the labels: 1/4, 2/4, 1/4 (scikit-learn's average="weighted")
+    assert m3["weighted_f1"] == pytest.approx(1 / 4 * 1 + 2 / 4 * 2 / 3 + 1 / 4 * 2 / 3)
+    # two classes: (F1 of class 0 = 2·2/(2·2+1+0) = 0.8, share 1/2) + (F1 of class 1 = 2/3, share 1/2)
+    assert m["weighted_f1"] == pytest.approx(0.5 * 0.8 + 0.5 * 2 / 3)
     # one-vs-rest AUC: class 0 → 1; class 1 scores pos 0.7, 0.3 vs neg 0.1, 0.2 → 1;
     # class 2 pos 0.7 vs neg 0.1, 0.1, 0.6 → 1
     assert m3["auc"] == pytest.approx(1.0)

@@ -216,3 +216,52 @@ def test_learning_rate_is_reduced_on_a_plateau_and_resumes_reduced(tmp_path) -> 
     list(train(Flat(7), tmp_path, resume=True))
     state = json.loads((tmp_path / "last.json").read_text())
     assert state["epoch"] == 7 and state["lr"] == 0.25
+
+
+def test_checkpoint_follows_select_while_the_learning_rate_follows_the_loss(tmp_path) -> None:
+    """A method that selects by another figure (ZoomMIL's weighted F1, segmentation's Dice) gives "select";
+    the kept checkpoint follows it, but ReduceLROnPlateau steps on the validation loss, as the reference's
+    trainer does (scheduler.step(val_loss), saver on the metric)."""
+    import json
+
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from napari_wsimil.train.engine import StepOutput, TrainConfig, train
+
+    # epoch:            1    2    3    4    5
+    select_by_epoch = [0.5, 0.4, 0.3, 0.2, 0.1]   # better every epoch
+    loss_by_epoch = [1.0, 2.0, 3.0, 4.0, 5.0]      # worse every epoch
+
+    class Scripted:
+        name = "scripted"
+
+        def __init__(self) -> None:
+            self.config = TrainConfig(epochs=5, lr=1.0, early_stopping=False, lr_plateau_factor=0.5,
+                                      lr_plateau_patience=2, device="cpu")
+            self.epoch = 0
+
+        def check(self) -> None:
+            pass
+
+        def build_model(self) -> nn.Module:
+            return nn.Linear(1, 1)
+
+        def describe(self) -> dict:
+            return {"name": self.name}
+
+        def batches(self, epoch: int, rng: np.random.Generator) -> list:
+            return [0]
+
+        def step(self, model: nn.Module, batch: object, device: torch.device) -> StepOutput:
+            return StepOutput({"total": model(torch.ones(1, 1)).sum() * 0.0})
+
+        def evaluate(self, model: nn.Module, device: torch.device) -> tuple[dict, dict]:
+            self.epoch += 1
+            return {"bag": loss_by_epoch[self.epoch - 1], "select": select_by_epoch[self.epoch - 1]}, {}
+
+    list(train(Scripted(), tmp_path))
+    state = json.loads((tmp_path / "last.json").read_text())
+    assert state["best_epoch"] == 5  # by "select", although the loss was worst there
+    assert state["lr"] == 0.5  # the loss never improved after epoch 1: reduced once (epochs 2, 3, 4 bad)

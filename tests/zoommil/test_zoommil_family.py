@@ -151,3 +151,39 @@ def test_zoommil_in_the_interactive_session(cohort_csv, tmp_path) -> None:
         again = session.retrain_spec("zoom", extra_epochs=1, device="cpu")
         assert again.resume and again.method == "zoommil" and again.epochs == 2
         assert [e.epoch for e in session.train(again) if getattr(e, "kind", "") == "done"] == [2]
+
+
+def test_the_kept_checkpoint_is_chosen_by_weighted_f1_as_in_the_paper(trained) -> None:
+    """The reference keeps the model with the best validation weighted F1 (its ModelSaver) and steps the
+    learning rate on the validation loss: ``evaluate`` gives the engine "select" = 1 − weighted F1 (the loss
+    only breaking ties), the loss as "bag"; ``select_by=loss`` is CLAM's rule; anything else is refused."""
+    from pathlib import Path
+
+    from napari_wsimil.infer.metrics import weighted_f1
+    from napari_wsimil.train.engine import TrainingError
+    from napari_wsimil.zoommil.configs import ZoomMILConfig
+    from napari_wsimil.zoommil.method import ZoomMILMethod
+
+    info = json.loads((trained / "run.json").read_text())
+    bags = sorted(Path(info["features_dir"]).glob("*.zoom.npz")) if info.get("features_dir") else \
+        sorted((trained / "features").rglob("*.zoom.npz"))
+    labels = [i % 2 for i in range(len(bags))]
+    cfg = dict(levels="4,2,1", k=3, hidden=32, attn_hidden=16, num_samples=20, sigma=0.05)
+    method = ZoomMILMethod(ZoomMILConfig(**cfg), bags[:4], labels[:4], bags[4:] + bags[:2], labels[4:] + labels[:2])
+    method.check()
+    model = method.build_model()
+    losses, metrics = method.evaluate(model, "cpu")
+    val_labels = np.asarray(labels[4:] + labels[:2])
+    probs = []
+    for path in method.val_files:
+        probs.append(np.asarray(method._forward(model.eval(), path, "cpu").logits.detach()))
+    wf1 = weighted_f1(np.argmax(probs, 1), val_labels, 2)
+    assert metrics["weighted_f1"] == pytest.approx(wf1)
+    assert losses["select"] == pytest.approx(1 - wf1, abs=1e-4) and losses["select"] >= 1 - wf1
+    assert "bag" in losses
+
+    by_loss = ZoomMILMethod(ZoomMILConfig(**cfg, select_by="loss"), bags[:4], labels[:4], bags[4:], labels[4:])
+    by_loss.check()
+    assert "select" not in by_loss.evaluate(by_loss.build_model(), "cpu")[0]
+    with pytest.raises(TrainingError, match="select_by must be one of"):
+        ZoomMILMethod(ZoomMILConfig(**cfg, select_by="auc"), bags[:4], labels[:4]).check()

@@ -91,12 +91,23 @@ def f1(pred: np.ndarray, labels: np.ndarray, n_classes: int = 2) -> float:
     return float(np.mean([_f1(pred, y, k) for k in range(n_classes)]))
 
 
+def weighted_f1(pred: np.ndarray, labels: np.ndarray, n_classes: int = 2) -> float:
+    """F1 of every class weighted by its share of ``labels`` (scikit-learn's ``average="weighted"``): the
+    figure ZoomMIL and other subtyping papers report and select their checkpoints by."""
+    pred, y = np.asarray(pred).reshape(-1), np.asarray(labels).reshape(-1)
+    if len(y) == 0:
+        return math.nan
+    return float(sum((y == k).mean() * _f1(pred, y, k) for k in range(n_classes)))
+
+
 def slide_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """All four metrics (and the slide count) from probabilities and labels."""
+    """The slide metrics (and the slide count) from probabilities and labels."""
     p, y = _check(probs, labels)
     pred = p.argmax(1)
     return {"auc": auc(p, y), "accuracy": accuracy(pred, y), "balanced_accuracy": balanced_accuracy(pred, y),
-            "f1": f1(pred, y, p.shape[1]), "n_slides": int(len(y))}
+            "f1": f1(pred, y, p.shape[1]), "weighted_f1": weighted_f1(pred, y, p.shape[1]),
+            "n_slides": int(len(y))}
 
 
-__all__ = ["format_metric", "accuracy", "auc", "balanced_accuracy", "binary_auc", "f1", "slide_metrics"]
+__all__ = ["format_metric", "accuracy", "auc", "balanced_accuracy", "binary_auc", "f1", "slide_metrics",
+           "weighted_f1"]

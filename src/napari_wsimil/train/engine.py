@@ -252,7 +252,7 @@ def _train(method: Method, out_dir: str | Path | None, resume: bool) -> Generato
             yield ProgressEvent("validation", epoch, total_epochs=cfg.epochs, losses=vl, metrics=vm,
                                 elapsed=time.perf_counter() - t0, eta=eta)
             _update_early_stopping(state, _selection_loss(vl), epoch, cfg, out, model)
-            _update_lr_on_plateau(state, _selection_loss(vl), cfg, optimizer)
+            _update_lr_on_plateau(state, _plateau_loss(vl), cfg, optimizer)
             state["val_metrics"] = {k: float(v) for k, v in vm.items()}  # what the runs list shows
             row["val_losses"] = {k: float(v) for k, v in vl.items()}
         state["epoch"] = epoch
@@ -326,6 +326,15 @@ def _run_epoch(method: Method, model: nn.Module, optimizer: torch.optim.Optimize
 
 def _selection_loss(losses: dict[str, float]) -> float:
     for key in ("select", "bag", "total"):
+        if key in losses:
+            return float(losses[key])
+    return math.inf
+
+
+def _plateau_loss(losses: dict[str, float]) -> float:
+    """The learning rate follows the validation *loss* (as ZoomMIL's and torch's ReduceLROnPlateau do), even
+    where a method selects its checkpoint by another figure ("select": weighted F1, Dice)."""
+    for key in ("bag", "total", "select"):
         if key in losses:
             return float(losses[key])
     return math.inf

@@ -27,6 +27,10 @@ class ZoomMILConfig(TrainConfig):
                                   "model, applied at prediction).", default=True)
     balanced: bool = doc_field("Draw the training slides so that every class is seen equally often per "
                                "epoch (the reference's class-weighted sampler).", default=True)
+    select_by: str = doc_field("Which validation figure picks the kept checkpoint (and early stopping): "
+                               "'weighted_f1' (the paper's: F1 per class weighted by its share, ties broken "
+                               "by the lower validation loss) or 'loss' (CLAM's rule). The learning rate "
+                               "follows the validation loss either way.", default="weighted_f1")
     lr: float = doc_field("Adam learning rate.", default=1e-4)
     weight_decay: float = doc_field("Adam weight decay.", default=0.0)
     epochs: int = doc_field("Maximum number of passes over the training slides.", default=100)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..infer.metrics import weighted_f1
 from ..train.engine import StepOutput, TrainingError, classification_metrics
 from .bags import read_zoom_bag
 from .configs import ZoomMILConfig
@@ -39,6 +40,9 @@ def balanced_order(labels: Sequence[int], rng: np.random.Generator, balanced: bo
     return [[int(i)] for i in rng.choice(n, size=n, replace=True, p=weights / weights.sum())]
 
 
+SELECT_BY = ("weighted_f1", "loss")
+
+
 class ZoomMILMethod:
     """ZoomMIL on zoom bags (``train_files``/``val_files`` with slide labels)."""
 
@@ -59,6 +63,8 @@ class ZoomMILMethod:
         on the training bags (never on validation ones)."""
         if not self.train_files:
             raise TrainingError("ZoomMIL needs at least one training slide")
+        if self.config.select_by not in SELECT_BY:
+            raise TrainingError(f"select_by must be one of {', '.join(SELECT_BY)}, not {self.config.select_by!r}")
         if not self.n_classes:
             self.n_classes = max(2, max(self.train_labels) + 1)
         total, total_sq, count = None, None, 0
@@ -127,8 +133,15 @@ class ZoomMILMethod:
             probs.append(F.softmax(logits, 0))
             ce.append(float(F.cross_entropy(logits[None], torch.tensor([label], device=device))))
         model.train(was)
-        return {"bag": float(np.mean(ce))}, classification_metrics(torch.stack(probs),
-                                                                    torch.tensor(self.val_labels))
+        p = torch.stack(probs)
+        metrics = classification_metrics(p, torch.tensor(self.val_labels))
+        wf1 = weighted_f1(p.argmax(1).cpu().numpy(), np.asarray(self.val_labels), self.n_classes)
+        metrics["weighted_f1"] = wf1
+        losses = {"bag": float(np.mean(ce))}
+        if self.config.select_by == "weighted_f1":
+            # smaller is better for the engine; the loss (capped, scaled far below one F1 step) breaks ties
+            losses["select"] = (1.0 - wf1) + 1e-6 * min(losses["bag"], 100.0)
+        return losses, metrics
 
 
 __all__ = ["ZoomMILMethod", "bag_tensors", "balanced_order"]
