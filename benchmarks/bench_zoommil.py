@@ -67,7 +67,8 @@ def encoder_flops(encoder, patch: int) -> float | None:
     """FLOPs of one patch through a torch encoder; None for one that is not torch (handcrafted)."""
     import torch
 
-    net = getattr(encoder, "model", None) or getattr(encoder, "net", None)
+    net = next((m for m in (getattr(encoder, a, None) for a in ("module", "model", "net"))
+                if isinstance(m, torch.nn.Module)), None)
     if not isinstance(net, torch.nn.Module):
         return None
     try:

@@ -1,0 +1,23 @@
+"""The ZoomMIL benchmark counts a torch encoder's FLOPs per patch (the figure multiplied by the patches each
+method encodes): a TorchEncoder keeps its network in ``module``, which the count must find."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+
+def test_encoder_flops_are_counted_for_a_torch_encoder_and_not_for_handcrafted(one_torch_thread) -> None:
+    from bench_zoommil import encoder_flops
+
+    from napari_wsimil.features.encoders import build_encoder
+
+    flops = encoder_flops(build_encoder("resnet18", device="cpu"), 64)
+    # ResNet-18 is 1.82 GMACs at 224 px; convolutions scale with the area: at 64 px 2 × 1.82e9 × (64/224)²
+    assert flops == pytest.approx(2 * 1.82e9 * (64 / 224) ** 2, rel=0.1)
+    assert encoder_flops(build_encoder("handcrafted", device="cpu"), 64) is None
