@@ -174,72 +174,20 @@ def test_trains_on_cuda(tmp_path):
         load_model_weights(tmp_path / name, fresh)  # CPU model from a GPU checkpoint
 
 
-def test_learning_rate_is_reduced_on_a_plateau_and_resumes_reduced(tmp_path) -> None:
-    """lr_plateau_factor: a validation loss that never improves reduces the rate after patience + 1 epochs
-    (torch's ReduceLROnPlateau), and a resumed run continues with the reduced rate and the same counter."""
-    import json
-
+def _scripted(config_kwargs: dict, val_losses):
+    """A do-nothing method whose validation losses are scripted by ``val_losses(epoch)``: the engine's
+    bookkeeping (plateaus, the kept checkpoint) is then exactly predictable."""
     import numpy as np
     import torch
     from torch import nn
 
-    from napari_wsimil.train.engine import StepOutput, TrainConfig, train
-
-    class Flat:
-        name = "flat"
-
-        def __init__(self, epochs: int):
-            self.config = TrainConfig(epochs=epochs, lr=1.0, early_stopping=False, lr_plateau_factor=0.5,
-                                      lr_plateau_patience=2, device="cpu")
-
-        def check(self) -> None:
-            pass
-
-        def build_model(self) -> nn.Module:
-            return nn.Linear(1, 1)
-
-        def describe(self) -> dict:
-            return {"name": self.name}
-
-        def batches(self, epoch: int, rng: np.random.Generator) -> list:
-            return [0]
-
-        def step(self, model: nn.Module, batch: object, device: torch.device) -> StepOutput:
-            return StepOutput({"total": model(torch.ones(1, 1)).sum() * 0.0})
-
-        def evaluate(self, model: nn.Module, device: torch.device) -> tuple[dict, dict]:
-            return {"bag": 1.0}, {}  # never better than the first epoch
-
-    list(train(Flat(4), tmp_path))
-    state = json.loads((tmp_path / "last.json").read_text())
-    assert state["lr"] == 0.5 and state["lr_plateau"]["bad_epochs"] == 0  # epochs 2, 3, 4 bad: reduced at 4
-    list(train(Flat(7), tmp_path, resume=True))
-    state = json.loads((tmp_path / "last.json").read_text())
-    assert state["epoch"] == 7 and state["lr"] == 0.25
-
-
-def test_checkpoint_follows_select_while_the_learning_rate_follows_the_loss(tmp_path) -> None:
-    """A method that selects by another figure (ZoomMIL's weighted F1, segmentation's Dice) gives "select";
-    the kept checkpoint follows it, but ReduceLROnPlateau steps on the validation loss, as the reference's
-    trainer does (scheduler.step(val_loss), saver on the metric)."""
-    import json
-
-    import numpy as np
-    import torch
-    from torch import nn
-
-    from napari_wsimil.train.engine import StepOutput, TrainConfig, train
-
-    # epoch:            1    2    3    4    5
-    select_by_epoch = [0.5, 0.4, 0.3, 0.2, 0.1]   # better every epoch
-    loss_by_epoch = [1.0, 2.0, 3.0, 4.0, 5.0]      # worse every epoch
+    from napari_wsimil.train.engine import StepOutput, TrainConfig
 
     class Scripted:
         name = "scripted"
 
-        def __init__(self) -> None:
-            self.config = TrainConfig(epochs=5, lr=1.0, early_stopping=False, lr_plateau_factor=0.5,
-                                      lr_plateau_patience=2, device="cpu")
+        def __init__(self, **overrides) -> None:
+            self.config = TrainConfig(**{**config_kwargs, **overrides})
             self.epoch = 0
 
         def check(self) -> None:
@@ -259,9 +207,41 @@ def test_checkpoint_follows_select_while_the_learning_rate_follows_the_loss(tmp_
 
         def evaluate(self, model: nn.Module, device: torch.device) -> tuple[dict, dict]:
             self.epoch += 1
-            return {"bag": loss_by_epoch[self.epoch - 1], "select": select_by_epoch[self.epoch - 1]}, {}
+            return val_losses(self.epoch), {}
 
-    list(train(Scripted(), tmp_path))
+    return Scripted
+
+
+def test_learning_rate_is_reduced_on_a_plateau_and_resumes_reduced(tmp_path) -> None:
+    """lr_plateau_factor: a validation loss that never improves reduces the rate after patience + 1 epochs
+    (torch's ReduceLROnPlateau), and a resumed run continues with the reduced rate and the same counter."""
+    import json
+
+    from napari_wsimil.train.engine import train
+
+    flat = _scripted(dict(lr=1.0, early_stopping=False, lr_plateau_factor=0.5, lr_plateau_patience=2,
+                          device="cpu"), lambda epoch: {"bag": 1.0})  # never better than the first epoch
+    list(train(flat(epochs=4), tmp_path))
+    state = json.loads((tmp_path / "last.json").read_text())
+    assert state["lr"] == 0.5 and state["lr_plateau"]["bad_epochs"] == 0  # epochs 2, 3, 4 bad: reduced at 4
+    list(train(flat(epochs=7), tmp_path, resume=True))
+    state = json.loads((tmp_path / "last.json").read_text())
+    assert state["epoch"] == 7 and state["lr"] == 0.25
+
+
+def test_checkpoint_follows_select_while_the_learning_rate_follows_the_loss(tmp_path) -> None:
+    """A method that selects by another figure (ZoomMIL's weighted F1, segmentation's Dice) gives "select";
+    the kept checkpoint follows it, but ReduceLROnPlateau steps on the validation loss, as the reference's
+    trainer does (scheduler.step(val_loss), saver on the metric)."""
+    import json
+
+    from napari_wsimil.train.engine import train
+
+    # epoch 1..5: "select" better every epoch, the loss worse every epoch
+    scripted = _scripted(dict(epochs=5, lr=1.0, early_stopping=False, lr_plateau_factor=0.5,
+                              lr_plateau_patience=2, device="cpu"),
+                         lambda epoch: {"bag": float(epoch), "select": 0.6 - 0.1 * epoch})
+    list(train(scripted(), tmp_path))
     state = json.loads((tmp_path / "last.json").read_text())
     assert state["best_epoch"] == 5  # by "select", although the loss was worst there
     assert state["lr"] == 0.5  # the loss never improved after epoch 1: reduced once (epochs 2, 3, 4 bad)
