@@ -56,9 +56,16 @@ def load_bag_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
                      if k in z.files}
         else:
             d = torch.load(path, map_location="cpu", weights_only=True)
-        feats = d["features"].float()
+        raw = d["features"]
+        if not isinstance(raw, torch.Tensor) or raw.ndim != 2 or not (raw.is_floating_point() or raw.dtype in (
+                torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)):
+            raise ValueError(f"its features are {getattr(raw, 'dtype', type(raw).__name__)} "
+                             f"{tuple(getattr(raw, 'shape', ()))}, expected a numeric (N, D) array")
+        feats = raw.float()
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
         raise TrainingError(f"cannot read the feature bag {path.name} ({path}): {e}") from e
+    if not bool(torch.isfinite(feats).all()):  # a bag from elsewhere is checked before it reaches a model
+        raise TrainingError(f"the feature bag {path.name} ({path}) holds NaN or infinite values; extract it again")
     inst = d.get("instance_labels")
     return feats, None if inst is None else inst.long()
 

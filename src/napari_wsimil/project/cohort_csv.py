@@ -43,7 +43,7 @@ from .classes import build_classes
 from .errors import ProjectError, problems_error
 from .export import export_mask
 from .schema import (PROJECT_FILE, SlideRecord, check_mpp, check_slide_classes, check_slide_id, id_from_path,
-                     normalize_split)
+                     normalize_split, safe_file_name)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .annotations import Annotation
@@ -155,6 +155,10 @@ def parse_rows(csv_path: Path, slide_classes: Sequence[str] | None, problems: li
                 check_slide_id(slide_id)
             except ProjectError as exc:
                 problems.append(f"{where}: {exc}")
+        elif not safe_file_name(slide_id):  # bags and predictions are named after it: never a path
+            problems.append(f"{where}: slide id {slide_id!r} would name a file outside the output folder; "
+                            "use letters, digits, '.', '_' and '-'")
+        if strict:
             if not path.exists():
                 problems.append(f"{where}: slide file {raw_path} not found (looked for {path})")
         values: dict[str, Any] = {}

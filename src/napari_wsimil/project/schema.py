@@ -69,7 +69,7 @@ class SlideRecord:
     def from_json(cls, d: Mapping[str, Any]) -> SlideRecord:
         dims = d.get("dimensions")
         return cls(
-            slide_id=str(d["slide_id"]), path=Path(d["path"]), label=d.get("label"), split=d.get("split"),
+            slide_id=check_slide_id(d["slide_id"]), path=Path(d["path"]), label=d.get("label"), split=d.get("split"),
             mpp=_opt_float(d.get("mpp")), dimensions=(int(dims[0]), int(dims[1])) if dims else None,
             scan_mpp=_opt_float(d.get("scan_mpp")), gt_mask=Path(d["gt_mask"]) if d.get("gt_mask") else None,
             gt_downsample=_opt_float(d.get("gt_downsample")),
@@ -136,6 +136,14 @@ def stored_path(root: Path, path: Path) -> Path:
 def resolve_stored(root: Path, stored: Path) -> Path:
     """The absolute path of a path as stored in the project (relative ones are relative to ``root``)."""
     return stored if stored.is_absolute() else root / stored
+
+
+def safe_file_name(name: str) -> bool:
+    """Whether ``name`` can be used as one file name inside an output folder without escaping it: no
+    separator, no NUL, not '.' or '..', no leading dot (which would hide it). Looser than a project's slide
+    ids, so cohort CSVs with spaces or brackets in their ids still train, but never a path."""
+    return (bool(name) and "/" not in name and "\\" not in name and "\0" not in name
+            and not name.startswith(".") and len(name) <= 255)
 
 
 def check_slide_id(slide_id: object) -> str:

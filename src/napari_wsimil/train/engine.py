@@ -41,6 +41,10 @@ class TrainingError(WsimilError):
     """Training cannot start or cannot go on (bad cohort, NaN loss, unusable checkpoint)."""
 
 
+class CheckpointError(TrainingError, ValueError):
+    """Weights that do not fit the model or are not finite (see :func:`check_state_dict`)."""
+
+
 def doc_field(text: str, **kw: Any) -> Any:
     """A dataclass field with its documentation attached (read by the GUI/CLI to explain options)."""
     return field(metadata={"doc": text}, **kw)
@@ -187,8 +191,34 @@ def load_model_weights(path: str | Path, model: nn.Module) -> nn.Module:
         sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")} or tensors
     else:
         sd = torch.load(path, map_location="cpu", weights_only=True)
+    check_state_dict(sd, model, path)
     model.load_state_dict(sd)
     return model
+
+
+def check_state_dict(sd: Any, model: nn.Module, path: Path) -> None:
+    """Refuse weights that do not fit ``model`` before they touch it: same names, same shapes, floating
+    dtypes where the model has them, and finite values. Why: a checkpoint from elsewhere (another method,
+    a damaged copy) must fail with a line naming the file, not load half-way or predict NaN everywhere.
+    Raises :class:`TrainingError` (also a ``ValueError``, which the run loaders already report)."""
+    name = f"{path.name} ({path})"
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{name} does not hold model weights (a mapping of names to tensors)")
+    expected = model.state_dict()
+    missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{name} does not fit this model: {len(missing)} weights missing "
+                              f"({', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}), {len(extra)} unknown "
+                              f"({', '.join(extra[:3])}{' …' if len(extra) > 3 else ''}); was it trained with "
+                              "another method or settings?")
+    for key, ref in expected.items():
+        t = sd[key]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise CheckpointError(f"{name}: weight {key} is {tuple(t.shape)}, the model needs {tuple(ref.shape)}")
+        if ref.is_floating_point() and not t.is_floating_point():
+            raise CheckpointError(f"{name}: weight {key} is {t.dtype}, the model needs {ref.dtype}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{name}: weight {key} holds NaN or infinite values; the checkpoint is damaged")
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
@@ -388,6 +418,8 @@ def _resume(out: Path, method: Method, model: nn.Module, optimizer: torch.optim.
     if saved.get("method") != fresh["method"]:
         raise TrainingError(f"cannot resume from {out}: it was trained with {saved.get('method')}, "
                             f"not {fresh['method']}. Use another output folder or resume=False.")
+    check_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, model,
+                     out / saved["tensors"])
     _restore_state(model, optimizer, tensors, saved.pop("optimizer"))
     saved.pop("tensors", None)
     if saved.get("stopped") == "finished" and saved["epoch"] < method.config.epochs:
