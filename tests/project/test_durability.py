@@ -135,6 +135,7 @@ def test_newer_schema_and_damaged_file(project: Project) -> None:
     root = project.root
     project.close()
     path = root / "project.json"
+    (root / ".project.json.wsimil-prev").unlink()  # with a previous good copy it opens read-only (tests/reliability)
     data = json.loads(path.read_text())
     path.write_text(json.dumps(data | {"schema": 2}))
     with pytest.raises(ProjectError, match=r"newer napari-wsimil \(project schema 2; this version reads up to 1\)"):

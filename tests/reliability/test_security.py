@@ -95,7 +95,10 @@ def test_project_file_slide_id_cannot_name_a_path(small_project: Path):
     data = json.loads(pj.read_text())
     data["slides"][0]["slide_id"] = "../../escaped"
     pj.write_text(json.dumps(data))
-    (small_project / "project.json.prev").unlink(missing_ok=True)
+    with Project.open(small_project) as p:  # read-only from the previous good copy, the id named as damage
+        assert p.readonly and "../../escaped" not in p.slide_ids
+        assert "not usable as a file name" in p.damage[0].what
+    (small_project / ".project.json.wsimil-prev").unlink()
     with pytest.raises(ProjectError, match="not usable as a file name"):
         Project.open(small_project)
     assert not (small_project.parent.parent / "escaped").exists()

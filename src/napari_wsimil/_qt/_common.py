@@ -122,7 +122,11 @@ class ProjectSession(QObject):
 
         self.close_project()
         self.project = Project.open(path)
-        if self.project.readonly:
+        if getattr(self.project, "damage", None):
+            notify(f"Project {self.project.name} is damaged ({'; '.join(d.kind for d in self.project.damage)})"
+                   + (": it is shown read-only" if self.project.readonly else "")
+                   + ". Use Check in the project widget to repair it.", "warning")
+        elif self.project.readonly:
             notify(f"Project {self.project.name} is open elsewhere: it is shown read-only.", "warning")
         self._default_paint_class()
         self.project_changed.emit()

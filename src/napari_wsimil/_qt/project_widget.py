@@ -17,6 +17,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
     QLabel,
+    QMessageBox,
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
@@ -27,6 +28,7 @@ from qtpy.QtWidgets import (
 from ..errors import WsimilError
 from ..slide.formats import dialog_filter
 from ._common import notify, session_for
+from .tasks import TaskRunner
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -50,8 +52,15 @@ class ProjectWidget(QWidget):
         open_btn.clicked.connect(self._choose_open)
         self.close_btn = QPushButton("Close")
         self.close_btn.clicked.connect(self.close_project)
+        self.check_btn = QPushButton("Check")
+        self.check_btn.setToolTip("Look for damage (project file, label chunks, annotations, missing slides, "
+                                  "half-written files, stale locks) and repair it from the previous good copies.")
+        self.check_btn.clicked.connect(self.check)
+        self.check_dialog: QMessageBox | None = None
+        self.repair_btn: QPushButton | None = None
+        self.last_report: Any = None
         top = QHBoxLayout()
-        for b in (new_btn, open_btn, self.close_btn):
+        for b in (new_btn, open_btn, self.close_btn, self.check_btn):
             top.addWidget(b)
 
         self.title = QLabel()
@@ -85,6 +94,7 @@ class ProjectWidget(QWidget):
         self.message.setWordWrap(True)
         self.message.setStyleSheet("color:#e0a030;")
         self.status = QLabel()
+        self.tasks = TaskRunner(self, status=self.status)
 
         layout = QVBoxLayout(self)
         layout.addLayout(top)
@@ -139,6 +149,59 @@ class ProjectWidget(QWidget):
     def relink(self, slide_id: str, path: str) -> bool:
         return self.session.relink(slide_id, str(path))
 
+    def check(self) -> None:
+        """Check the open project in a worker (it decodes every label chunk), then show the report and offer
+        to repair what can be repaired."""
+        p = self.session.project
+        if p is None:
+            self._message("Open a project to check it.")
+            return
+        from ..project.check import check_project
+
+        self.session.flush()
+        root = p.root
+        self.tasks.run("Checking the project", lambda: check_project(root), self._show_report)
+
+    def repair(self) -> None:
+        """Close the project (saving pending edits), repair it in a worker, reopen it, show what was done.
+        Repair needs the write lock, so a project shown read-only because another window has it is refused
+        there, with that window named."""
+        p = self.session.project
+        if p is None:
+            return
+        from ..project.check import repair_project
+
+        root = str(p.root)
+        self.session.close_project()
+
+        def done(report: Any) -> None:
+            self.open_project(root)
+            self._show_report(report)
+
+        def failed(exc: BaseException) -> None:
+            self.open_project(root)
+            self._message(str(exc))
+            notify(str(exc))
+
+        self.tasks.run("Repairing the project", lambda: repair_project(root), done, failed=failed)
+
+    def _show_report(self, report: Any) -> None:
+        self.last_report = report
+        box = QMessageBox(self)
+        box.setWindowTitle("Project check")
+        box.setIcon(QMessageBox.Icon.Information if report.ok else QMessageBox.Icon.Warning)
+        box.setText(report.text())
+        self.repair_btn = None
+        if report.repairable:
+            self.repair_btn = box.addButton(f"Repair {len(report.repairable)}", QMessageBox.ButtonRole.AcceptRole)
+            self.repair_btn.clicked.connect(self.repair)
+        box.addButton(QMessageBox.StandardButton.Close)
+        box.setModal(False)
+        box.show()
+        self.check_dialog = box
+        self._message("No damage found." if report.ok else
+                      f"{len(report.damage)} problem(s) found; see the check report.")
+
     def _guard(self, func: Any) -> Any:
         try:
             return func()
@@ -179,10 +242,16 @@ class ProjectWidget(QWidget):
     def _on_project(self) -> None:
         p = self.session.project
         self.title.setText(f"<b>{p.name}</b><br>{p.root}" if p else "No project open.")
-        self.banner.setVisible(bool(p and p.readonly))
+        damage = list(getattr(p, "damage", []) or []) if p else []
+        self.banner.setVisible(bool(p and (p.readonly or damage)))
         owner = getattr(p, "lock_owner", None) if p else None
-        self.banner.setText(READONLY_TEXT + (f" (held by {owner})" if owner else ""))
+        if damage:
+            self.banner.setText("Damaged: " + " ".join(str(d) for d in damage)
+                                + (" Opened read-only." if p.readonly else "") + " Use Check to repair.")
+        else:
+            self.banner.setText(READONLY_TEXT + (f" (held by {owner})" if owner else ""))
         self.close_btn.setEnabled(p is not None)
+        self.check_btn.setEnabled(p is not None)
         self.add_btn.setEnabled(bool(p and not p.readonly))
         self.status.setText("")
         self._message("")

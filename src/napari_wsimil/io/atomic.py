@@ -5,6 +5,13 @@ is flushed and fsync'ed, then moved over the target with ``os.replace``, which i
 and Windows; finally the folder is fsync'ed so that the rename itself survives a power cut. A crash
 at any point leaves the previous file intact plus, at worst, a stray ``*.tmp`` that the next
 successful write of the same file does not depend on (and ``clean_temporaries`` removes).
+
+Previous good copies. Writers of files that hold a pathologist's work (project.json, annotation GeoJSON,
+label chunks) pass ``keep_previous=True``: just before the rename, the file about to be replaced is
+hard-linked to ``.NAME.wsimil-prev`` beside it. A hard link costs no data blocks and one directory
+entry, so every save can afford it; if the file system has no hard links the copy is simply skipped.
+``wsimil project check --repair`` restores from these copies when the current file is damaged (a disk
+error, a sync tool, a hand edit); see napari_wsimil.project.check.
 """
 
 from __future__ import annotations
@@ -17,6 +24,26 @@ from pathlib import Path
 from typing import IO
 
 TMP_SUFFIX = ".wsimil-tmp"
+PREV_SUFFIX = ".wsimil-prev"
+
+
+def previous_name(path: Path) -> Path:
+    """Where the previous good copy of ``path`` is kept (hidden, beside it)."""
+    return path.with_name(f".{path.name}{PREV_SUFFIX}")
+
+
+def keep_previous_copy(path: Path) -> None:
+    """Hard-link ``path`` (if it exists) to its previous-copy name, atomically replacing an older copy."""
+    if not path.exists():
+        return
+    prev = previous_name(path)
+    tmp = temporary_name(prev)
+    try:
+        os.link(path, tmp)
+        os.replace(tmp, prev)
+    except OSError:  # no hard links here (some network or FAT drives): no previous copy, the write goes on
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def temporary_name(path: Path) -> Path:
@@ -40,7 +67,7 @@ def fsync_dir(folder: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "wb", *, encoding: str | None = None,
-                 newline: str | None = None) -> Iterator[IO]:
+                 newline: str | None = None, keep_previous: bool = False) -> Iterator[IO]:
     """Open a temporary file for writing; on a clean exit it replaces ``path``, on an error it vanishes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,26 +81,30 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb", *, encoding: st
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        replace(tmp, path)
+        replace(tmp, path, keep_previous=keep_previous)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
 
 
-def replace(src: Path, dst: Path) -> None:
-    """Move a finished temporary file into place and make the move durable."""
+def replace(src: Path, dst: Path, keep_previous: bool = False) -> None:
+    """Move a finished temporary file into place and make the move durable (keeping the replaced file as
+    the previous good copy when asked)."""
+    if keep_previous:
+        keep_previous_copy(dst)
     os.replace(src, dst)
     fsync_dir(dst.parent)
 
 
-def write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | memoryview) -> None:
-    with atomic_write(path, "wb") as fh:
+def write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | memoryview,
+                keep_previous: bool = False) -> None:
+    with atomic_write(path, "wb", keep_previous=keep_previous) as fh:
         fh.write(data)
 
 
-def write_text(path: str | os.PathLike[str], text: str) -> None:
-    with atomic_write(path, "w", newline="\n") as fh:
+def write_text(path: str | os.PathLike[str], text: str, keep_previous: bool = False) -> None:
+    with atomic_write(path, "w", newline="\n", keep_previous=keep_previous) as fh:
         fh.write(text)
 
 

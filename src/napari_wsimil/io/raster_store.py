@@ -17,8 +17,9 @@ half-saved stroke is still a valid label image).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -56,7 +57,7 @@ def _durable_put(path: Path, data: Any) -> None:
         missing.append(p)
         p = p.parent
     parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, "wb") as fh:
+    with atomic_write(path, "wb", keep_previous=True) as fh:  # the previous chunk, for `project check --repair`
         fh.write(data)
     for d in missing:  # new chunk folders: persist their own directory entries too
         fsync_dir(d.parent)
@@ -151,15 +152,31 @@ class LabelStore:
             self.array.update_attributes(attrs)
 
     def read(self) -> np.ndarray:
-        return np.asarray(self.array[...], dtype=np.uint8)
+        with self._decoding():
+            return np.asarray(self.array[...], dtype=np.uint8)
 
     def read_block(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        return np.asarray(self.array[y0:y1, x0:x1], dtype=np.uint8)
+        with self._decoding():
+            return np.asarray(self.array[y0:y1, x0:x1], dtype=np.uint8)
 
     def read_points(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """``labels[rows][:, cols]`` decoding only the chunks those rows touch."""
-        return np.asarray(self.array.oindex[np.asarray(rows, np.int64), np.asarray(cols, np.int64)],
-                          dtype=np.uint8)
+        with self._decoding():
+            return np.asarray(self.array.oindex[np.asarray(rows, np.int64), np.asarray(cols, np.int64)],
+                              dtype=np.uint8)
+
+    @contextlib.contextmanager
+    def _decoding(self) -> Iterator[None]:
+        """A chunk that cannot be decoded (a disk error, a truncated copy) is one readable error naming the
+        store and the repair, never a codec traceback."""
+        try:
+            yield
+        except ProjectError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - zstd checksum, short buffer, OSError ...
+            raise ProjectError(f"{self.path} is damaged: a chunk cannot be decoded ({str(exc)[:160]}). "
+                               "For a project's labels, `wsimil project check PROJECT --repair` (or the Check "
+                               "button of the project widget) restores it from its previous good copy") from exc
 
     def write_all(self, array: np.ndarray) -> None:
         self.array[...] = array

@@ -193,7 +193,8 @@ def write_geojson(path: str | os.PathLike[str], annotations: Iterable[Annotation
     # one feature per line: diffable and greppable, without one line per coordinate
     lines = [json.dumps(f, allow_nan=False, ensure_ascii=False) for f in doc["features"]]
     body = ",\n".join(lines)
-    write_text(path, '{"type": "FeatureCollection", "features": [\n' + body + ("\n" if lines else "") + "]}\n")
+    write_text(path, '{"type": "FeatureCollection", "features": [\n' + body + ("\n" if lines else "") + "]}\n",
+               keep_previous=True)
     return path
 
 

@@ -103,10 +103,18 @@ class ProjectFolder(PixelLabelAccess, AnnotationAccess):
     def open(cls: type[_F], dir: str | os.PathLike[str], readonly: bool = False) -> _F:
         """Open a project. Takes the write lock; if another process (or window) holds it, opens read-only
         (``readonly`` True, ``lock_owner`` says who)."""
+        from .check import open_damage, project_file_damage
+
         root = Path(dir).expanduser().resolve()
-        data = read_project_file(root)
+        data, damaged = project_file_damage(root)
+        if data is None:
+            raise ProjectError(f"{root}: {damaged.what}")
         lock: ProjectLock | None = None
         reason = "opened read-only on request" if readonly else None
+        if damaged is not None:  # writing now would replace the only good copy by the damaged file's successor
+            readonly = True
+            reason = (f"{damaged.what}; opened read-only from its previous good copy. Repair it with "
+                      f"`wsimil project check {root} --repair` or the Check button")
         if not readonly:
             lock = ProjectLock(root)
             try:
@@ -125,6 +133,7 @@ class ProjectFolder(PixelLabelAccess, AnnotationAccess):
         p = cls(root, data, lock, reason)
         if lock is not None and not lock.held:
             p._owner = lock.owner()
+        p.damage = ([damaged] if damaged is not None else []) + open_damage(root)
         return p
 
     def reload(self) -> None:
@@ -141,6 +150,8 @@ class ProjectFolder(PixelLabelAccess, AnnotationAccess):
 
     # ------------------------------------------------------------------------------------ state
     _owner: LockOwner | None = None
+    #: what the cheap check at open found (project.json, label store metadata); ``project.check`` finds all
+    damage: list = []
 
     @property
     def readonly(self) -> bool:
@@ -186,7 +197,8 @@ class ProjectFolder(PixelLabelAccess, AnnotationAccess):
                            self._created).to_json()
 
     def _save(self) -> None:
-        write_text(self.root / PROJECT_FILE, json.dumps(self._to_json(), indent=2, ensure_ascii=False) + "\n")
+        write_text(self.root / PROJECT_FILE, json.dumps(self._to_json(), indent=2, ensure_ascii=False) + "\n",
+                   keep_previous=True)
 
     def _commit(self, apply: Any) -> Any:
         """Apply a change to the in-memory state and save; if the save fails, undo the change."""

@@ -78,6 +78,23 @@ class ProjectLock:
         except (OSError, ValueError, TypeError, AttributeError):
             return LockOwner(0, "")
 
+    def held_elsewhere(self) -> bool:
+        """Whether another open file (this process's or another's) holds the lock, asked without taking it
+        for long and without writing the file (the check of a project must change nothing)."""
+        if self._fh is not None or not self.path.exists():
+            return False
+        try:
+            fh = open(self.path, encoding="utf-8")
+        except OSError:
+            return False
+        try:
+            if not _try_lock(fh):
+                return True
+            _unlock(fh)
+            return False
+        finally:
+            fh.close()
+
     def release(self) -> None:
         fh, self._fh = self._fh, None
         if fh is None:
