@@ -103,6 +103,7 @@ def _cmd_export_csv(args: argparse.Namespace) -> int:
     from .project import Project
 
     with Project.open(args.dir, readonly=True) as p:
+        _note_writer(p)
         out = Path(args.out) if args.out else p.root / "cohort.csv"
         path = p.export_csv(out, masks=args.masks)
         print(f"wrote {path} ({len(p.slides)} slides)")
@@ -114,9 +115,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .project import Project
 
     with Project.open(args.dir, readonly=True) as p:
+        _note_writer(p)
         paths = export_project(p, args.out, format=args.format, mpp=args.mpp, pixels_only=args.pixels_only)
         print(f"wrote {len(paths)} {args.format} file{'s' if len(paths) != 1 else ''} into {args.out}")
     return 0
+
+
+def _note_writer(project: Any) -> None:
+    """Say so when the project is being edited elsewhere: the export holds what was saved until now."""
+    writer = project.writer()
+    if writer:
+        print(f"note: the project is open for writing in another window or process ({writer}); this reads it "
+              "read-only and exports what is saved now", file=sys.stderr)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -139,6 +149,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
         return 0
     print(f"project   {info['name']}  ({info['root']})")
     print(f"schema    {info['schema']}   labels at {info['label_mpp']:g} µm/px")
+    if info["writer"]:
+        print(f"read-only here: the project is open for writing in another window or process ({info['writer']})")
+    for d in info["damage"]:
+        print(f"DAMAGED   {d} (see `wsimil project check`)")
     print("classes   " + ", ".join(f"{c['id']} {c['name']} {c['color']}" for c in info["classes"]))
     print("slide classes  " + ", ".join(f"{i} {n}" for i, n in enumerate(info["slide_classes"])))
     slides = info["slides"]

@@ -162,6 +162,14 @@ class ProjectFolder(PixelLabelAccess, AnnotationAccess):
         """Who holds the write lock when this project was opened read-only because of it."""
         return self._owner
 
+    def writer(self) -> LockOwner | None:
+        """Who has the project open for writing, when it is not this object (None if nobody): what a
+        read-only opener (the CLI beside a napari window) tells its user."""
+        if self._lock is not None and self._lock.held:
+            return None
+        lock = ProjectLock(self.root)
+        return lock.owner() if lock.held_elsewhere() else None
+
     def _readonly_message(self) -> str:
         if self._closed:
             return f"project '{self.name}' is closed"
@@ -502,9 +510,11 @@ class ProjectFolder(PixelLabelAccess, AnnotationAccess):
                 "annotations": self._annotation_path(rec.slide_id).exists(),
                 "missing": not self.resolve(rec.path).exists(),
             })
+        writer = self.writer()
         return {
             "name": self.name, "root": str(self.root), "schema": self.schema_version, "label_mpp": self.label_mpp,
             "readonly": self.readonly, "lock_owner": str(self._owner) if self._owner else None,
+            "writer": str(writer) if writer else None, "damage": [str(d) for d in self.damage],
             "classes": [c.to_json() for c in self._classes], "slide_classes": list(self._slide_classes),
             "slides": slides,
         }

@@ -238,12 +238,22 @@ def train(method: Method, out_dir: str | Path | None = None, *,
     The generator's return value (``StopIteration.value``, or ``model = yield from train(...)``) is the
     trained model in its final state; the best one by validation loss is ``out_dir/best.safetensors``.
     """
+    from .run import claim_run_folder
+
+    lock = None
     try:
+        if out_dir is not None:  # one training per run folder (a second one is refused, naming the first)
+            try:
+                lock = claim_run_folder(Path(out_dir))
+            except WsimilError as exc:
+                raise TrainingError(str(exc)) from None
         return (yield from _train(method, out_dir, resume))
     finally:  # methods with workers (the segmentation mapper) stop them here, also on errors and cancel
         close = getattr(method, "close", None)
         if close is not None:
             close()
+        if lock is not None:
+            lock.release()
 
 
 def _train(method: Method, out_dir: str | Path | None, resume: bool) -> Generator[ProgressEvent, None, nn.Module]:

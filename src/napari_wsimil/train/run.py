@@ -67,9 +67,38 @@ def check_spec(spec: RunSpec) -> None:
         raise WsimilError(f"--val-fraction must be in [0, 1), got {spec.val_fraction}")
     if not 0 < spec.tile_min_fraction <= 1:
         raise WsimilError(f"--tile-min-fraction must be in (0, 1], got {spec.tile_min_fraction}")
+    refuse_busy_run_folder(Path(spec.out))
     if (Path(spec.out) / "last.json").exists() and not spec.resume:
         raise WsimilError(f"{spec.out} already holds a training run; add --resume to continue it or choose "
                           "another --out")
+
+
+def _busy_message(out: Path, owner: object) -> str:
+    return (f"another training is writing into {out} ({owner}); wait for it to finish or stop it, or choose "
+            "another --out")
+
+
+def refuse_busy_run_folder(out: Path) -> None:
+    """Refuse early (before features are extracted) a run folder that a running training holds."""
+    from ..project.lock import ProjectLock
+
+    lock = ProjectLock(out)
+    if out.is_dir() and lock.held_elsewhere():
+        raise WsimilError(_busy_message(out, lock.owner()))
+
+
+def claim_run_folder(out: Path) -> Any:
+    """The run folder's write lock (``RUN/.lock``, the project lock's flock), held while a training writes
+    checkpoints there. Why: two trainings into one folder would interleave their ``last.json`` and
+    checkpoints, and a resume would then mix two runs. The kernel drops the lock when the process dies, so
+    a killed training never blocks the next one."""
+    from ..project.lock import ProjectLock
+
+    out.mkdir(parents=True, exist_ok=True)
+    lock = ProjectLock(out)
+    if not lock.acquire():
+        raise WsimilError(_busy_message(out, lock.owner()))
+    return lock
 
 
 def labelled_slides(spec: RunSpec) -> tuple[Any, list[Any], list[str]]:
@@ -117,5 +146,5 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
     return info
 
 
-__all__ = ["RUN_FILE", "PreparedRun", "RunSpec", "check_spec", "labelled_slides", "read_run_info",
+__all__ = ["RUN_FILE", "PreparedRun", "RunSpec", "check_spec", "claim_run_folder", "refuse_busy_run_folder", "labelled_slides", "read_run_info",
            "split_and_check_resume"]
