@@ -159,13 +159,14 @@ class FedMixSite(SiteTrainer):
             loss_a = masked_dice_loss(local["a"](t["x"]), sel.target_a, sel.known)
             loss_b = masked_dice_loss(local["b"](t["x"]), sel.target_b, sel.known)
             loss = loss_a + loss_b
-            if not math.isfinite(float(loss)):
-                raise TrainingError(f"site {self.source.name}: the loss became {float(loss)} in round "
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingError(f"site {self.source.name}: the loss became {value} in round "
                                     f"{server_round}; lower lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss) / 2)
+            losses.append(value / 2)
             kept += sel.n_kept
             offered += len(batch.kinds)
             for k, ok in zip(batch.kinds, sel.kept.tolist()):
