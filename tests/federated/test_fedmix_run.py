@@ -12,7 +12,7 @@ import pytest
 
 from napari_wsimil.cli import main
 
-from ._sites import make_sites, rows, write
+from napari_wsimil.federated.fedmix_sites import make_sites, rows, write
 
 TINY = dict(mpp=4.0, patch=32, width=8, depth=2, batch_size=8, patches_per_round=32, val_patches=4,
             read_workers=2, device="cpu", seed=3)

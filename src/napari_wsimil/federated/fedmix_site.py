@@ -176,7 +176,7 @@ class FedMixSite(SiteTrainer):
                                 f"{cfg.patches_per_round} < batch_size {cfg.batch_size})")
         arrays = {**net_arrays(local["a"], "a"), **net_arrays(local["b"], "b")}
         metrics = {"loss": float(np.mean(losses)), "selected": float(kept), "offered": float(offered),
-                   "supervision": float(("pixel", "box", "slide").index(self.kind))}
+                   "supervision_code": float(("pixel", "box", "slide").index(self.kind))}
         metrics.update({f"selected_{k}": float(v) for k, v in by_kind.items()})
         return SiteUpdate(arrays, kept, metrics)
 

@@ -1,15 +1,23 @@
-"""Three FedMix sites cut from one synthetic cohort: one with a painted slide, one with tumour boxes drawn
-from the ground truth, one with slide labels only (what the tests and the benchmark need)."""
+"""FedMix sites with mixed supervision cut from one cohort whose slides have ground truth (``gt_mask``): for
+experiments, the benchmark and the tests, where the real thing would be hospitals with their own labels.
+
+The slides (test rows left out) are dealt round-robin by class to the sites; the malignant training slides
+of a ``pixel`` site get their ground truth painted (1 tumour, 2 everything else, as a pathologist's full
+painting), those of a ``box`` site a tumour box around each lesion (QuPath GeoJSON), a ``slide`` site keeps
+its slide labels only. Validation rows stay unlabelled below the slide level.
+"""
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 
 def rows(csv_path: Path) -> list[dict]:
+    """A cohort CSV's rows with absolute slide and ground-truth paths."""
     with open(csv_path, newline="") as fh:
         out = list(csv.DictReader(fh))
     for r in out:
@@ -20,6 +28,7 @@ def rows(csv_path: Path) -> list[dict]:
 
 
 def write(rows_: list[dict], path: Path) -> Path:
+    """Rows to a CSV with every column any row has."""
     cols = list(dict.fromkeys(k for r in rows_ for k in r))
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, cols)
@@ -55,26 +64,32 @@ def boxes(row: dict, out: Path) -> int:
     return len(anns)
 
 
-def make_sites(csv_path: Path, out: Path, n_sites: int = 3) -> list[Path]:
-    """Slides dealt round-robin by class to ``n_sites`` site CSVs (test rows left out); site 0 gets its
-    malignant training slides painted, site 1 boxed, site 2 nothing."""
+def make_sites(csv_path: Path, out: Path, kinds: Sequence[str] = ("pixel", "box", "slide")) -> list[Path]:
+    """One site CSV per entry of ``kinds`` (see the module doc), written to ``out/site<k>.csv``."""
+    bad = set(kinds) - {"pixel", "box", "slide"}
+    if bad:
+        raise ValueError(f"site kinds are pixel, box or slide, not {sorted(bad)}")
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    all_rows = [r for r in rows(csv_path) if r.get("split") != "test"]
+    n_sites = len(kinds)
+    all_rows = [r for r in rows(Path(csv_path)) if r.get("split") != "test"]
     sites: list[list[dict]] = [[] for _ in range(n_sites)]
-    for label in sorted({r["label"] for r in all_rows}):
-        group = [r for r in all_rows if r["label"] == label]
-        for i, r in enumerate(group):
-            sites[i % n_sites].append(dict(r))
+    for split in ("train", "val"):  # dealt apart, so that every site gets training slides of each class
+        for label in sorted({r["label"] for r in all_rows}):
+            group = [r for r in all_rows if r["label"] == label and (r.get("split") or "train") == split]
+            for i, r in enumerate(group):
+                sites[i % n_sites].append(dict(r))
     paths = []
     for k, site in enumerate(sites):
         for r in site:
-            r.setdefault("pixel_labels", "")
-            r.setdefault("pixel_labels_downsample", "")
-            r.setdefault("annotations", "")
-            if r["label"] == "1" and r.get("split", "train") != "val":
-                if k == 0:
+            r.update(pixel_labels="", pixel_labels_downsample="", annotations="")  # only what the kind gives
+            if r["label"] == "1" and (r.get("split") or "train") == "train":
+                if kinds[k] == "pixel":
                     paint(r, out / f"paint_{r['slide_id']}.tif")
-                elif k == 1:
+                elif kinds[k] == "box":
                     boxes(r, out / f"boxes_{r['slide_id']}.geojson")
         paths.append(write(site, out / f"site{k}.csv"))
     return paths
+
+
+__all__ = ["boxes", "make_sites", "paint", "rows", "write"]
