@@ -69,8 +69,9 @@ def test_bags_on_disk(tmp_path):
 
 
 def test_registry_documents_every_option():
-    assert set(methods()) == {"abmil", "clam-sb", "clam-mb", "ms-clam", "pinchaud", "hybrid", "confkd", "zoommil"}
-    assert {n for n, m in methods().items() if m.kind == "segmentation"} == {"pinchaud", "hybrid", "confkd"}
+    assert set(methods()) == {"abmil", "clam-sb", "clam-mb", "ms-clam", "pinchaud", "hybrid", "confkd", "zoommil",
+                              "fedmix"}
+    assert {n for n, m in methods().items() if m.kind == "segmentation"} == {"pinchaud", "hybrid", "confkd", "fedmix"}
     assert {n for n, m in methods().items() if m.kind == "zoommil"} == {"zoommil"}
     for name, info in methods().items():
         cfg = info.config_cls()

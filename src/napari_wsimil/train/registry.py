@@ -23,7 +23,8 @@ from typing import Any
 from .engine import TrainConfig, TrainingError
 from .family import MethodFamily
 
-BUILTIN_MODULES = ("napari_wsimil.mil.methods", "napari_wsimil.seg.family", "napari_wsimil.zoommil.methods")
+BUILTIN_MODULES = ("napari_wsimil.mil.methods", "napari_wsimil.seg.family", "napari_wsimil.zoommil.methods",
+                   "napari_wsimil.federated.fedmix")
 ENTRY_POINT_GROUP = "napari_wsimil.methods"
 
 

@@ -73,10 +73,11 @@ def loss_history(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def method_names() -> list[str]:
-    """Every registered training method (the registry is the one source; widgets list this)."""
+    """Every registered training method (the registry is the one source; widgets list this), less those
+    whose family trains only across sites (``trainable = False``: FedMix, through ``wsimil federate``)."""
     from ..train.registry import methods
 
-    return list(methods())
+    return [n for n, info in methods().items() if getattr(info.family, "trainable", True)]
 
 
 def method_options(name: str) -> list[tuple[str, Any, type | str, str]]:

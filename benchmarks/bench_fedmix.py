@@ -1,0 +1,207 @@
+"""FedMix (three sites: painted pixels, tumour boxes, slide labels only) against centralised Hybrid
+Supervision on the same slides. Issue 18's goal: FedMix's test Dice ≥ 0.9 × centralised Hybrid's.
+
+By default the cohort is the real-tissue benchmark (``wsimil synth --textures``: regions filled with real
+PatchCamelyon tissue, the split its tiles decided; see bench_quality_mil.py); ``--synthetic`` uses the
+procedural generator (split stratified and seeded here: 30 % test, 15 % val per class).
+
+* **Sites** (:func:`napari_wsimil.federated.fedmix_sites.make_sites`): training and validation slides dealt
+  round-robin by class to three site CSVs. Site 0's malignant training slides are painted from the ground
+  truth (1 tumour, 2 the rest), site 1's get a tumour box around each lesion, site 2 keeps slide labels.
+* **FedMix**: ``run_local`` (every site in this process, the same protocol the Flower apps run), ``--rounds``
+  rounds of ``--patches-per-round`` patches per site; the last round's global net A is the model.
+* **Centralised Hybrid**: ``wsimil train --method hybrid`` on all the sites' slides together, with site 0's
+  paint (Hybrid cannot use boxes: site 1's slides count as slide-labelled), the paper's checkpoint choice
+  (stage-2 loss on the validation slides), then its operating threshold as usual.
+
+Both are scored by ``wsimil predict`` (test slides) → ``wsimil evaluate --split test``: Dice per malignant
+test slide, averaged, at the run's threshold (FedMix has no operating threshold: its server holds no data to
+set one, so 0.5) and at 0.5. Same U-Net, patch, µm/px and seed. Training patches: Hybrid ``--epochs`` ×
+``--patches-per-epoch``; FedMix rounds × sites × patches per round (each trains two nets).
+
+python benchmarks/bench_fedmix.py [--synthetic] [--slides 24] [--size 3072] [--rounds 12] [--epochs 12]
+    [--mpp 2] [--patch 64] [--width 16] [--depth 3] [--patches-per-round 128] [--patches-per-epoch 256]
+    [--batch-size 16] [--lam 10] [--beta 1.5] [--seed 1] [--threads 1] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PCAM, PCAM_MPP, add_texture_options, make_cohort, make_textured_cohort, table, wsimil  # noqa: E402
+
+
+def _split(csv_path: Path, out: Path, seed: int) -> Path:
+    """A stratified, seeded train / val / test split (kept when the cohort has one), absolute paths."""
+    from napari_wsimil.federated.fedmix_sites import rows, write
+
+    rs = rows(csv_path)
+    if not all(r.get("split") in ("train", "val", "test") for r in rs):
+        rng = np.random.default_rng(seed)
+        for label in ("0", "1"):
+            group = [r for r in rs if r["label"] == label]
+            n_test, n_val = round(0.30 * len(group)), round(0.15 * len(group))
+            for rank, i in enumerate(rng.permutation(len(group))):
+                group[i]["split"] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    return write(rs, out)
+
+
+def _union(base: Path, sites: list[Path], out: Path) -> Path:
+    """Every slide of the cohort (test rows too, for evaluation), with the pixel site's paint only."""
+    from napari_wsimil.federated.fedmix_sites import rows, write
+
+    paint = {}
+    for s in sites:
+        for r in rows(s):
+            if r.get("pixel_labels"):
+                paint[r["slide_id"]] = (r["pixel_labels"], r["pixel_labels_downsample"])
+    rs = rows(base)
+    for r in rs:
+        r["pixel_labels"], r["pixel_labels_downsample"] = paint.get(r["slide_id"], ("", ""))
+        r["annotations"] = ""
+    return write(rs, out)
+
+
+def _test_rows(base: Path, out: Path) -> Path:
+    from napari_wsimil.federated.fedmix_sites import rows, write
+
+    return write([r for r in rows(base) if r["split"] == "test"], out)
+
+
+def _score(run: Path, test_csv: Path, cohort_csv: Path, pred: Path) -> dict:
+    wsimil("predict", run, "--cohort", test_csv, "--out", pred, "--device", "cpu")
+    wsimil("evaluate", pred, "--cohort", cohort_csv, "--split", "test")
+    return json.loads((pred / "metrics.json").read_text()).get("segmentation") or {}
+
+
+def _f(v: object) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):.3f}"  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slides", type=int, default=24)
+    ap.add_argument("--size", type=int, default=3072, help="slide side, level-0 px at 0.5 µm/px")
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=12, help="centralised Hybrid's epochs")
+    ap.add_argument("--mpp", type=float, default=2.0)
+    ap.add_argument("--patch", type=int, default=64)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--patches-per-round", type=int, default=128)
+    ap.add_argument("--patches-per-epoch", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lam", type=float, default=10.0)
+    ap.add_argument("--beta", type=float, default=1.5)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--tumour-contrast", type=float, default=1.0, help="--synthetic only")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--skip-hybrid", action="store_true", help="FedMix only (e.g. to try settings)")
+    ap.add_argument("--workdir", type=Path, default=None, help="keeps the cohort between runs")
+    ap.add_argument("--verbose", action="store_true")
+    add_texture_options(ap)
+    args = ap.parse_args(argv)
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from napari_wsimil.federated.fedmix import run_local
+    from napari_wsimil.federated.fedmix_config import FedMixConfig
+    from napari_wsimil.federated.fedmix_sites import make_sites
+
+    work = args.workdir or Path(tempfile.gettempdir()) / "wsimil-bench" / "fedmix"
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if args.synthetic:
+        raw = make_cohort(work, args.slides, args.size, args.seed, args.tumour_contrast)
+        look = "synthetic"
+    else:
+        tile_mpp = args.tile_mpp or (PCAM_MPP if args.textures.resolve() == PCAM.resolve() else None)
+        raw = make_textured_cohort(work, args.slides, args.size, args.seed, args.textures, tile_mpp)
+        look = f"real tissue ({args.textures.name})"
+    tag = (f"{look.split()[0]}_{args.slides}x{args.size}_s{args.seed}_{args.mpp:g}mpp_{args.patch}_{args.width}x"
+           f"{args.depth}")
+    out = work / f"fedmix_{tag}_r{args.rounds}x{args.patches_per_round}_l{args.lam:g}_b{args.beta:g}"
+    out.mkdir(parents=True, exist_ok=True)
+    base = _split(raw, out / "cohort.csv", args.seed)
+    test_csv = _test_rows(base, out / "test.csv")
+    sites = make_sites(base, out / "sites")
+    union = _union(base, sites, out / "union.csv")
+    with open(base, newline="") as fh:
+        allrows = list(csv.DictReader(fh))
+    counts = {sp: sum(r["split"] == sp for r in allrows) for sp in ("train", "val", "test")}
+    print(f"cohort: {look}, {args.slides} slides of {args.size}² ({counts}); sites: "
+          + ", ".join(f"{p.name}" for p in sites) + f" -> {out}", flush=True)
+
+    results: dict[str, dict] = {}
+    times: dict[str, float] = {}
+    sink = io.StringIO()
+    cfg = FedMixConfig(mpp=args.mpp, patch=args.patch, width=args.width, depth=args.depth,
+                       batch_size=args.batch_size, patches_per_round=args.patches_per_round, lam=args.lam,
+                       beta=args.beta, seed=args.seed, device="cpu", read_workers=2)
+    run_fed = out / "run_fedmix"
+    t = time.perf_counter()
+    if not (run_fed / "last.json").is_file() or json.loads((run_fed / "last.json").read_text())["round"] < args.rounds:
+        res = run_local(sites, cfg, args.rounds, run_fed, resume=(run_fed / "last.json").is_file(),
+                        report=lambda m: print(m, flush=True))
+    else:
+        res = {"history": json.loads((run_fed / "last.json").read_text())["history"]}
+    times["fedmix train"] = time.perf_counter() - t
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(sink) if not args.verbose else contextlib.nullcontext():
+        results["FedMix (pixel + box + slide sites)"] = _score(run_fed, test_csv, base, out / "pred_fedmix")
+    times["fedmix predict"] = time.perf_counter() - t
+    if not args.skip_hybrid:
+        run_h = out / "run_hybrid"
+        sets = {"width": args.width, "depth": args.depth, "patches_per_epoch": args.patches_per_epoch,
+                "batch_size": args.batch_size, "read_workers": 2}
+        set_args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+        t = time.perf_counter()
+        with contextlib.redirect_stdout(sink) if not args.verbose else contextlib.nullcontext():
+            if not (run_h / "best.safetensors").is_file():
+                wsimil("train", union, "--method", "hybrid", "--out", run_h, "--epochs", args.epochs, "--patch",
+                       args.patch, "--mpp", args.mpp, "--seed", args.seed, "--device", "cpu", *set_args)
+            times["hybrid train"] = time.perf_counter() - t
+            t = time.perf_counter()
+            results["centralised Hybrid (pixel site's paint)"] = _score(run_h, test_csv, base, out / "pred_hybrid")
+            times["hybrid predict"] = time.perf_counter() - t
+
+    rows_ = []
+    for name, m in results.items():
+        rows_.append([name, _f(m.get("dice")), _f(m.get("dice_at_0.5", m.get("dice"))), _f(m.get("iou")),
+                      _f(m.get("dice_pooled")), _f(m.get("benign_positive_fraction")), _f(m.get("threshold"))])
+    print(table(rows_, ["method", "Dice", "Dice at 0.5", "IoU", "Dice pooled", "benign px", "threshold"]))
+    last = res["history"][-1]["sites"]
+    print("last round: " + "; ".join(f"{s['site']} ({s['supervision']}) kept {s['num_examples']}/{int(s['offered'])}"
+                                     f" loss {s['loss']:.3f} weight {s['weight']:.2f}" for s in last))
+    print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+          + f"; total {time.perf_counter() - t0:.0f} s")
+    summary = {"results": results, "times": times, "sites_last_round": last, "args": {
+        k: str(v) for k, v in vars(args).items()}}
+    if not args.skip_hybrid:
+        fed = results["FedMix (pixel + box + slide sites)"].get("dice")
+        hyb = results["centralised Hybrid (pixel site's paint)"].get("dice")
+        hyb05 = results["centralised Hybrid (pixel site's paint)"].get("dice_at_0.5", hyb)
+        if fed is not None and hyb:
+            ratio = float(fed) / float(hyb)
+            summary["ratio"] = ratio
+            print(f"FedMix / centralised Hybrid Dice: {ratio:.2f} (goal ≥ 0.90: {'met' if ratio >= 0.9 else 'NOT met'})"
+                  + (f"; against Hybrid at 0.5: {float(fed) / float(hyb05):.2f}" if hyb05 else ""))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""FedMix (Wicaksana 2023) as a federated method, and an in-process runner of its rounds.
+
+:class:`FedMix` is what the Flower apps load ("napari_wsimil.federated.fedmix:FedMix"): two global U-Nets
+(different initial weights, so that their agreement means something), each site's trainer
+(:mod:`.fedmix_site`) and the adaptive aggregation (:mod:`.fedmix_weights`).
+
+:func:`run_local` drives the same protocol without Flower, every site in this process: for tests, the
+benchmark and a quick look. It writes a run folder the segmentation family reads (``run.json`` of kind
+"segmentation", method "fedmix"; ``ckpt-RRRR.safetensors`` + ``last.json`` per round, net A under ``model.*``,
+net B under ``net_b.*``), so ``wsimil predict`` / ``evaluate`` work on it. The method is registered with the
+segmentation family for that reason, under a family whose ``prepare`` refuses ``wsimil train``: FedMix trains
+across sites, through ``wsimil federate``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import WsimilError
+from ..seg.family import SegmentationFamily
+from ..train.registry import MethodInfo
+from .fedmix_config import FedMixConfig
+from .fedmix_weights import adaptive_weights, weighted_average
+from .protocol import Arrays, FederatedMethod, SiteTrainer, SiteUpdate
+
+FORMAT = 1
+
+
+class FedMix(FederatedMethod):
+    """FedMix: mixed-supervision segmentation across sites (see the module doc)."""
+
+    name = "fedmix"
+    config_cls = FedMixConfig
+
+    def initial_arrays(self, config: FedMixConfig) -> Arrays:
+        import torch
+
+        from ..seg.nets import build_net
+        from .fedmix_site import net_arrays
+
+        out: Arrays = {}
+        for k, prefix in enumerate(("a", "b")):
+            torch.manual_seed(config.seed * 2 + k)
+            out.update(net_arrays(build_net(config), prefix))
+        return out
+
+    def site_trainer(self, source: Path, config: FedMixConfig, workdir: Path) -> SiteTrainer:
+        from .fedmix_site import FedMixSite
+
+        return FedMixSite(Path(source), config, Path(workdir))
+
+    def aggregate(self, global_arrays: Arrays, updates: list[SiteUpdate], config: FedMixConfig,
+                  rng: np.random.Generator) -> Arrays:
+        """w_i ∝ |D_i|/Σ|D| + λ·L_i^β/Σ L_j^β (normalised), applied to both nets."""
+        if not updates:
+            return global_arrays
+        w = self.weights(updates, config)
+        return weighted_average([u.arrays for u in updates], w)
+
+    @staticmethod
+    def weights(updates: Sequence[SiteUpdate], config: FedMixConfig) -> np.ndarray:
+        return adaptive_weights([u.num_examples for u in updates], [u.metrics["loss"] for u in updates],
+                                config.lam, config.beta)
+
+    # ---------------------------------------------------------------------------- the run folder
+    @staticmethod
+    def run_info(config: FedMixConfig, sites: Sequence[str], classes: Sequence[str]) -> dict[str, Any]:
+        """``run.json`` of a FedMix run: a segmentation run the segmentation family can predict with."""
+        return {"format": 1, "family": "segmentation", "kind": "segmentation", "method": "fedmix",
+                "federated": True, "sites": [str(s) for s in sites], "encoder": None, "weights": None,
+                "mpp": config.mpp, "patch": config.patch, "classes": list(classes), "seed": config.seed,
+                "width": config.width, "depth": config.depth, "predict_with": None, "train_slides": [],
+                "val_slides": [], "pixel_labelled_slides": [], "pixel_labelled_val_slides": []}
+
+    @staticmethod
+    def write_round(out: Path, arrays: Arrays, server_round: int, config: FedMixConfig,
+                    history: list[dict[str, Any]]) -> Path:
+        """Checkpoint the global nets after ``server_round`` (tensors first, ``last.json`` last and atomically:
+        the commit point, as the training engine's checkpoints)."""
+        import torch
+        from safetensors.torch import save as st_save
+
+        from ..io.atomic import write_bytes, write_text
+
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for k, v in arrays.items():
+            prefix, name = k.split(".", 1)
+            tensors[("model." if prefix == "a" else "net_b.") + name] = torch.from_numpy(np.ascontiguousarray(v))
+        name = f"ckpt-{server_round:04d}.safetensors"
+        write_bytes(out / name, st_save(tensors, metadata={"round": str(server_round), "method": "fedmix"}))
+        state = {"format": FORMAT, "epoch": server_round, "round": server_round, "config": asdict(config),
+                 "tensors": name, "history": history}
+        write_text(out / "last.json", json.dumps(state, indent=1))
+        for old in out.glob("ckpt-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        return out / name
+
+    @staticmethod
+    def read_round(out: Path) -> tuple[Arrays, int, list[dict[str, Any]]]:
+        """(global arrays, round, history) of the last committed round of a run folder."""
+        from safetensors.numpy import load_file
+
+        state = json.loads((out / "last.json").read_text())
+        tensors = load_file(str(out / state["tensors"]))
+        arrays = {("a." + k[6:] if k.startswith("model.") else "b." + k[6:]): v for k, v in tensors.items()}
+        return arrays, int(state["round"]), list(state.get("history", []))
+
+
+class FedMixFamily(SegmentationFamily):
+    """The segmentation family for FedMix run folders: predicting, evaluating and maps as any segmentation
+    run, but no centralised training (``trainable``: the Training widget does not offer it)."""
+
+    trainable = False
+
+    def prepare(self, spec: Any, report: Any = None) -> Any:
+        raise WsimilError("fedmix trains across sites whose slides stay at each site: start it with 'wsimil "
+                          "federate server --method fedmix' and one 'wsimil federate site' per site (or 'wsimil "
+                          "federate simulate' on one workstation); 'wsimil train' cannot run it")
+
+
+FAMILY = FedMixFamily()
+METHODS = [MethodInfo("fedmix", FedMixConfig, FAMILY)]
+
+
+def run_local(sites: Sequence[str | Path], config: FedMixConfig, rounds: int, out: str | Path, *,
+              resume: bool = False, evaluate: bool = True,
+              report: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run ``rounds`` FedMix rounds with every site in this process; write the run folder ``out`` (see the
+    module doc). ``resume`` continues from the last committed round. Returns run.json plus the history."""
+    from ..io.atomic import write_text
+
+    say = report or (lambda _m: None)
+    if rounds < 1:
+        raise WsimilError(f"rounds must be at least 1, got {rounds}")
+    if not sites:
+        raise WsimilError("FedMix needs at least one site")
+    out = Path(out)
+    if (out / "last.json").exists() and not resume:
+        raise WsimilError(f"{out} already holds a run; pass resume to continue it or choose another folder")
+    method = FedMix()
+    trainers: list[Any] = []
+    try:
+        for i, s in enumerate(sites):
+            trainers.append(method.site_trainer(Path(s), config, out / "sites" / f"site{i}"))
+        classes = trainers[0].classes
+        for t in trainers[1:]:
+            if t.classes != classes:
+                raise WsimilError(f"site {t.source.name} has classes {', '.join(t.classes)}, site "
+                                  f"{trainers[0].source.name} {', '.join(classes)}: set classes=BENIGN,MALIGNANT")
+        info = method.run_info(config, [str(Path(s).resolve()) for s in sites], classes)
+        info["site_supervision"] = [t.kind for t in trainers]
+        if resume and (out / "last.json").exists():
+            arrays, done, history = method.read_round(out)
+        else:
+            arrays, done, history = method.initial_arrays(config), 0, []
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "run.json", json.dumps(info, indent=1))
+        rng = np.random.default_rng(config.seed)
+        for r in range(done + 1, rounds + 1):
+            updates = [t.fit(arrays, r) for t in trainers]
+            w = method.weights(updates, config)
+            arrays = method.aggregate(arrays, updates, config, rng)
+            row: dict[str, Any] = {"epoch": r, "round": r,
+                                   "losses": {"total": float(np.mean([u.metrics["loss"] for u in updates]))},
+                                   "sites": [{"site": t.source.name, "supervision": t.kind, "weight": float(wi),
+                                              "num_examples": u.num_examples, **u.metrics}
+                                             for t, u, wi in zip(trainers, updates, w)]}
+            if evaluate and r == rounds:
+                for t, site_row in zip(trainers, row["sites"]):
+                    site_row.update({f"global_{k}": v for k, v in t.evaluate(arrays).items()})
+            history.append(row)
+            method.write_round(out, arrays, r, config, history)
+            say(f"round {r}/{rounds}: " + ", ".join(
+                f"{s['site']} ({s['supervision']}) loss {s['loss']:.3f} kept {s['num_examples']}/"
+                f"{int(s['offered'])} w {s['weight']:.2f}" for s in row["sites"]))
+    finally:
+        for t in trainers:
+            t.close()
+    return {**info, "history": history}
+
+
+__all__ = ["FAMILY", "METHODS", "FedMix", "FedMixFamily", "run_local"]

@@ -1,0 +1,95 @@
+"""FedMix sites with mixed supervision cut from one cohort whose slides have ground truth (``gt_mask``): for
+experiments, the benchmark and the tests, where the real thing would be hospitals with their own labels.
+
+The slides (test rows left out) are dealt round-robin by class to the sites; the malignant training slides
+of a ``pixel`` site get their ground truth painted (1 tumour, 2 everything else, as a pathologist's full
+painting), those of a ``box`` site a tumour box around each lesion (QuPath GeoJSON), a ``slide`` site keeps
+its slide labels only. Validation rows stay unlabelled below the slide level.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def rows(csv_path: Path) -> list[dict]:
+    """A cohort CSV's rows with absolute slide and ground-truth paths."""
+    with open(csv_path, newline="") as fh:
+        out = list(csv.DictReader(fh))
+    for r in out:
+        for k in ("path", "gt_mask"):
+            if r.get(k):
+                r[k] = str((csv_path.parent / r[k]).resolve())
+    return out
+
+
+def write(rows_: list[dict], path: Path) -> Path:
+    """Rows to a CSV with every column any row has."""
+    cols = list(dict.fromkeys(k for r in rows_ for k in r))
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, cols)
+        w.writeheader()
+        w.writerows(rows_)
+    return path
+
+
+def paint(row: dict, out: Path) -> None:
+    """The slide's ground truth painted: 1 tumour, 2 everything else."""
+    import tifffile
+
+    gt = tifffile.imread(row["gt_mask"])
+    tifffile.imwrite(out, np.where(gt > 0, 1, 2).astype(np.uint8))
+    row["pixel_labels"], row["pixel_labels_downsample"] = str(out), row["gt_downsample"]
+
+
+def boxes(row: dict, out: Path) -> int:
+    """A tumour box around each lesion of the ground truth (QuPath GeoJSON); the number of boxes."""
+    import shapely
+    import tifffile
+    from scipy import ndimage
+
+    from napari_wsimil.project.annotations import Annotation, write_geojson
+
+    gt = tifffile.imread(row["gt_mask"]) > 0
+    d = float(row["gt_downsample"])
+    lab, _ = ndimage.label(gt)
+    anns = [Annotation(shapely.box(sx.start * d, sy.start * d, sx.stop * d, sy.stop * d), "tumour", kind="box")
+            for sy, sx in ndimage.find_objects(lab)]
+    write_geojson(out, anns, {"tumour": "#ff0000"})
+    row["annotations"] = str(out)
+    return len(anns)
+
+
+def make_sites(csv_path: Path, out: Path, kinds: Sequence[str] = ("pixel", "box", "slide")) -> list[Path]:
+    """One site CSV per entry of ``kinds`` (see the module doc), written to ``out/site<k>.csv``."""
+    bad = set(kinds) - {"pixel", "box", "slide"}
+    if bad:
+        raise ValueError(f"site kinds are pixel, box or slide, not {sorted(bad)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_sites = len(kinds)
+    all_rows = [r for r in rows(Path(csv_path)) if r.get("split") != "test"]
+    sites: list[list[dict]] = [[] for _ in range(n_sites)]
+    for split in ("train", "val"):  # dealt apart, so that every site gets training slides of each class
+        for label in sorted({r["label"] for r in all_rows}):
+            group = [r for r in all_rows if r["label"] == label and (r.get("split") or "train") == split]
+            for i, r in enumerate(group):
+                sites[i % n_sites].append(dict(r))
+    paths = []
+    for k, site in enumerate(sites):
+        for r in site:
+            r.update(pixel_labels="", pixel_labels_downsample="", annotations="")  # only what the kind gives
+            if r["label"] == "1" and (r.get("split") or "train") == "train":
+                if kinds[k] == "pixel":
+                    paint(r, out / f"paint_{r['slide_id']}.tif")
+                elif kinds[k] == "box":
+                    boxes(r, out / f"boxes_{r['slide_id']}.geojson")
+        paths.append(write(site, out / f"site{k}.csv"))
+    return paths
+
+
+__all__ = ["boxes", "make_sites", "paint", "rows", "write"]
