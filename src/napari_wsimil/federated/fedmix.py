@@ -92,7 +92,7 @@ class FedMix(FederatedMethod):
         tensors = {}
         for k, v in arrays.items():
             prefix, name = k.split(".", 1)
-            tensors[("model." if prefix == "a" else "net_b.") + name] = torch.from_numpy(np.ascontiguousarray(v))
+            tensors[("model." if prefix == "a" else "net_b.") + name] = torch.from_numpy(np.array(v, order="C"))  # keeps 0-d tensors 0-d
         name = f"ckpt-{server_round:04d}.safetensors"
         write_bytes(out / name, st_save(tensors, metadata={"round": str(server_round), "method": "fedmix"}))
         state = {"format": FORMAT, "epoch": server_round, "round": server_round, "config": asdict(config),

@@ -35,7 +35,7 @@ NETS = ("a", "b")
 
 def net_arrays(net: torch.nn.Module, prefix: str) -> Arrays:
     """A net's state as numpy arrays named ``PREFIX.<tensor>`` (what travels between site and server)."""
-    return {f"{prefix}.{k}": np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in net.state_dict().items()}
+    return {f"{prefix}.{k}": np.array(v.detach().cpu().numpy(), order="C") for k, v in net.state_dict().items()}
 
 
 def load_net(cfg: FedMixConfig, arrays: Arrays, prefix: str) -> torch.nn.Module:
