@@ -208,13 +208,22 @@ def ensure_features(slides: Sequence[SlideItem], out_dir: Path, encoder: str, pa
                     weights: str | None = None, project: Path | None = None) -> dict[str, Path]:
     """Extract the bags of ``slides`` that are missing or stale; returns slide id → bag path.
 
+    With an ``imported:NAME`` encoder nothing is extracted: every slide must already have its imported bag
+    at this patch size and µm/px (:func:`napari_wsimil.features.interop.imported_bags`).
+
     Each slide is opened with its own µm/px (``SlideItem.mpp``: the CSV's ``mpp`` column, or the pixel
     size set in the project), so a slide whose file does not record it can be used when the cohort does.
     With ``project`` the slides open through it (a missing file then says how to relink it). A slide
     whose extraction fails is an error naming it (training on a silently smaller cohort would mislead)."""
     from ..features import extract_features, stale_reasons
     from ..features.bags import BAG_SUFFIX
+    from ..features.interop import imported_bags, is_imported
 
+    if is_imported(encoder):  # features made elsewhere (wsimil features-import): nothing to compute
+        bags = imported_bags([s.slide_id for s in slides], Path(out_dir), encoder, patch, mpp)
+        if report is not None:
+            report(f"features: {len(bags)} imported {encoder} bags")
+        return bags
     enc = cohort_encoder(encoder, weights, device, mpp)
     return extract_missing(
         slides, out_dir, BAG_SUFFIX, lambda path, s: not stale_reasons(path, enc, s.path, patch, mpp, s.mpp),
