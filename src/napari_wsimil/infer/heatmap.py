@@ -3,7 +3,7 @@
 Scores become percentiles against the slide's own scores, each patch paints its square on a
 low-resolution canvas (sum and count, so overlapping patches average per pixel), pixels no patch
 covers stay 0, optionally blurred and clipped to the tissue mask. The result is written as a
-pyramidal grey TIFF whose µm/px is the slide's times the downsample, so it overlays the slide.
+pyramidal grey OME-TIFF whose µm/px is the slide's times the downsample, so it overlays the slide.
 """
 
 from __future__ import annotations
@@ -111,15 +111,17 @@ def heatmap_meta(slide_mpp: float | None, downsample: float, extra: dict[str, An
 
 def write_heatmap(path: str | os.PathLike[str], heatmap: np.ndarray, slide_mpp: float | None,
                   downsample: float, *, extra: dict[str, Any] | None = None) -> Path:
-    """A pyramidal grey TIFF (uint8 = value·255) at ``slide_mpp · downsample`` µm/px, plus a
-    ``<path>.json`` sidecar (downsample, mpp, colormap hint). The same JSON is the TIFF description."""
+    """A pyramidal grey OME-TIFF (uint8 = value·255) at ``slide_mpp · downsample`` µm/px (PhysicalSizeX/Y, so
+    QuPath and Fiji place it too), plus a ``<path>.json`` sidecar (downsample, mpp, colormap hint). The same
+    JSON is the OME Image's Description (see :mod:`napari_wsimil.slide.heatmap_file`)."""
     from ..slide.tiff_writer import write_image_pyramid
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img = np.round(np.clip(np.nan_to_num(np.asarray(heatmap, np.float64)), 0, 1) * 255).astype(np.uint8)
     meta = heatmap_meta(slide_mpp, downsample, extra)
-    write_image_pyramid(path, img, mpp=meta["mpp"], description=json.dumps(meta))
+    write_image_pyramid(path, img, mpp=meta["mpp"], description=json.dumps(meta), ome=True,
+                        name=str(meta.get("slide_id") or path.stem))
     from ..io.atomic import write_text
 
     write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))

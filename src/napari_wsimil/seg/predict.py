@@ -106,7 +106,7 @@ def map_slide(run: SegRun, slide: SegSlide, out_dir: Path, *, tile: int = 512, t
 
 def write_map_tiff(zarr_path: Path, path: Path, slide: SegSlide, mpp: float, extra: dict[str, Any] | None = None
                    ) -> Path:
-    """The zarr map as a pyramidal grey TIFF, tile by tile (never whole in memory)."""
+    """The zarr map as a pyramidal grey OME-TIFF with its µm/px, tile by tile (never whole in memory)."""
     from ..infer.heatmap import heatmap_meta
     from ..io.atomic import write_text
     from ..io.raster_store import LabelStore
@@ -123,7 +123,7 @@ def write_map_tiff(zarr_path: Path, path: Path, slide: SegSlide, mpp: float, ext
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     write_pyramid(tmp, (h, w), tile, channels=1, mpp=meta["mpp"], description=json.dumps(meta),
-                  compression="zlib", resample="mean", workers=1)
+                  compression="zlib", resample="mean", workers=1, ome=True, name=f"{slide.slide_id} probability")
     os.replace(tmp, path)
     write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
     return path
