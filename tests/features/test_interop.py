@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 
 h5py = pytest.importorskip("h5py")
 torch = pytest.importorskip("torch")
@@ -218,11 +219,22 @@ def test_export_import_train_predict(labelled_project: Path, tmp_path: Path,
     assert "imported imported:hc bags" in out
     info = json.loads((run_dir / "run.json").read_text())
     assert info["encoder"] == "imported:hc" and info["features_dir"].endswith("imported_hc")
-    code, out = run(["predict", str(run_dir), "--cohort", str(proj), "--out", str(pred), "--device", "cpu"], capsys)
+    code, out = run(["predict", str(run_dir), "--cohort", str(proj), "--out", str(pred), "--device", "cpu",
+                     "--ome-zarr"], capsys)
     assert code == 0, out
     with open(pred / "predictions.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 6
     assert len(list((pred / "heatmaps").glob("*.tif"))) == 6
+    # --ome-zarr: each heatmap also as OME-Zarr, the same pixels and µm/px as its OME-TIFF
+    from napari_wsimil.io.ngff import read_ngff_levels
+    from napari_wsimil.slide.heatmap_file import heatmap_description
+
+    tif = sorted((pred / "heatmaps").glob("*.tif"))[0]
+    levels, attrs = read_ngff_levels(tif.with_name(tif.stem + ".ome.zarr"))
+    np.testing.assert_array_equal(levels[0][:], tifffile.imread(tif, level=0))
+    meta = heatmap_description(tif)
+    assert attrs["wsimil"] == meta and attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0][
+        "scale"] == pytest.approx([meta["mpp"], meta["mpp"]])
 
     # the wrong patch size says which one the imported bags have; a slide without a bag says how to add it
     code, out = run(["train", str(proj), "--method", "abmil", "--out", str(tmp_path / "r2"), "--epochs", "1",

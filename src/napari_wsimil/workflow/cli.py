@@ -88,6 +88,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--heatmap-overlap", type=float, default=0.0, metavar="F",
                    help="draw heatmaps from a grid whose patches overlap by F (CLAM uses 0.5: smoother maps, "
                         "about 4x the patches to encode; default 0 reuses the feature bags)")
+    p.add_argument("--ome-zarr", dest="ome_zarr", action="store_true",
+                   help="also write every heatmap and probability map as OME-Zarr (NGFF 0.4) beside its TIFF: "
+                        "PRED/heatmaps/<slide_id>.ome.zarr, PRED/maps/<slide_id>.ome.zarr")
     g = p.add_argument_group("segmentation runs", "PRED/maps/<slide_id>.tif: malignant probability at the run's "
                              "µm/px, opened by napari-wsimil as an overlay")
     g.add_argument("--slide-score", choices=("max", "topk"), default="max",
@@ -232,7 +235,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ..train.registry import run_family
 
     family, _info = run_family(args.run)
-    options = {k: getattr(args, k) for k in ("heatmaps", "heatmap_overlap", "slide_score", "top_k", "masks")
+    options = {k: getattr(args, k) for k in ("heatmaps", "heatmap_overlap", "slide_score", "top_k", "masks",
+                                             "ome_zarr")
                if hasattr(args, k)}
     family.predict(PredictRequest(Path(args.run), Path(args.cohort), Path(args.out), args.weights, args.device,
                                   options), report=_say)
