@@ -14,9 +14,9 @@ zarr directly and checked against the specification by the tests
 * masks add ``image-label`` (colours and class names per label value), which makes napari-ome-zarr open
   them as a Labels layer; our own description (slide id, downsample, classes...) sits under ``wsimil``.
 
-Written lazily, level by level: level 0 comes in row bands of one chunk's height from the caller, each
-reduced level is made from row bands of the level above read back from the store, so memory is a couple
-of bands whatever the image size. The store is written under a temporary name beside the target and moved
+Written lazily, level by level: level 0 comes in row bands of one chunk's height from the caller and is
+stored chunk by chunk, each reduced level is made tile by tile from the level above read back from the
+store, so memory is one band plus a few chunks whatever the image size. The store is written under a temporary name beside the target and moved
 into place at the end, so a reader never sees half a store and a failed write leaves the old one.
 """
 
@@ -124,13 +124,17 @@ def write_ngff(path: str | os.PathLike[str], shape: tuple[int, int], read_band: 
             band = np.asarray(read_band(y0, y1))
             if band.shape != (y1 - y0, w0):
                 raise ValueError(f"read_band({y0}, {y1}) gave shape {band.shape}, expected {(y1 - y0, w0)}")
-            arrays[0][y0:y1, :] = band.astype(dtype, copy=False)
+            band = band.astype(dtype, copy=False)
+            for x0 in range(0, w0, CHUNK):  # chunk by chunk: zarr would encode a whole band's chunks at once
+                arrays[0][y0:y1, x0:x0 + CHUNK] = band[:, x0:x0 + CHUNK]
         for k in range(1, len(shapes)):
             src, (h, w) = arrays[k - 1], shapes[k]
             for y0 in range(0, h, CHUNK):
                 y1 = min(h, y0 + CHUNK)
-                fine = np.asarray(src[2 * y0:min(src.shape[0], 2 * y1), :])
-                arrays[k][y0:y1, :] = _halve(fine, (y1 - y0, w), resample).astype(dtype, copy=False)
+                for x0 in range(0, w, CHUNK):
+                    x1 = min(w, x0 + CHUNK)
+                    fine = np.asarray(src[2 * y0:min(src.shape[0], 2 * y1), 2 * x0:min(src.shape[1], 2 * x1)])
+                    arrays[k][y0:y1, x0:x1] = _halve(fine, (y1 - y0, x1 - x0), resample).astype(dtype, copy=False)
         meta: dict[str, Any] = {"multiscales": [multiscales_attrs(len(shapes), mpp, name, resample, description)]}
         if classes is not None:
             meta["image-label"] = image_label_attrs(classes)
