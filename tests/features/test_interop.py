@@ -24,13 +24,18 @@ from conftest import real_slide  # noqa: E402
 
 
 def clam_h5(path: Path, features: np.ndarray, coords: np.ndarray, **extra: np.ndarray) -> Path:
-    """What CLAM writes: 'features' float32 (N, D), 'coords' int64 (N, 2) with patch attrs on coords."""
+    """What CLAM writes: 'features' float32 (N, D), 'coords' int64 (N, 2) with patch attrs on coords (CLAM's
+    create_patches also stores text and arrays of text there)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as h5:
         h5.create_dataset("features", data=features)
         c = h5.create_dataset("coords", data=coords)
         c.attrs["patch_size"] = 256
         c.attrs["patch_level"] = 0
+        c.attrs["name"] = b"CMU-1-Small-Region"
+        c.attrs["level_dim"] = np.array([2220, 2967])
+        c.attrs["tags"] = np.array([b"a", b"b"])
+        c.attrs["nan"] = np.float64("nan")
         for k, v in extra.items():
             h5.create_dataset(k, data=v)
     return path
@@ -75,6 +80,8 @@ def test_import_h5_and_pt_onto_a_real_slide(svs_project: Path, tmp_path: Path,
     assert a["encoder"] == "imported:clam-r50" and a["patch_size"] == 256 and a["mpp"] == 0.5
     assert a["slide_mpp"] == pytest.approx(0.499, abs=1e-3) and a["source_format"] == "h5"
     assert a["coords.patch_level"] == 0 and a["slide_id"] == "cmu1"
+    assert a["coords.name"] == "CMU-1-Small-Region" and a["coords.level_dim"] == [2220, 2967]
+    assert a["coords.tags"] == ["a", "b"] and "coords.nan" not in a  # JSON cannot hold NaN: left out
 
     # a bare .pt tensor: its coords come from the .h5 of the same name in CLAM's sibling h5_files folder
     feats2 = rng.normal(size=(30, 48)).astype(np.float32)
@@ -125,7 +132,7 @@ def _write_bad(kind: str, folder: Path) -> tuple[Path, list[str]]:
 
 @pytest.mark.parametrize("kind, words", [
     ("no coords", "no 'coords' dataset"), ("lengths", "10 feature rows but 7 coords"),
-    ("nan", "NaN"), ("dtype", "not numbers"), ("outside", "not level-0"), ("not hdf5", "not a readable HDF5"),
+    ("nan", "1 of 10 feature rows hold NaN"), ("dtype", "not numbers"), ("outside", "not level-0"), ("not hdf5", "not a readable HDF5"),
     ("pt without coords", "no patch positions"), ("pt pickle", "not a readable .pt"),
     ("1-d pt", "patches x dimensions")])
 def test_bad_files_one_line_nothing_written(kind: str, words: str, svs_project: Path, tmp_path: Path,

@@ -85,7 +85,7 @@ def _check_arrays(path: Path, features: Any, coords: Any | None) -> tuple[np.nda
         raise InteropError(f"{path.name}: features must be a patches x dimensions table, got shape {f.shape}")
     f32 = f.astype(np.float32)
     if not np.isfinite(f32).all():
-        bad = int((~np.isfinite(f32).any(axis=1)).sum() if f32.size else 0)
+        bad = int((~np.isfinite(f32)).any(axis=1).sum())
         raise InteropError(f"{path.name}: {bad} of {len(f32)} feature rows hold NaN or infinite values "
                            "(the extraction that wrote it went wrong)")
     if coords is None:
@@ -128,7 +128,8 @@ def read_h5(path: str | os.PathLike[str]) -> ForeignFeatures:
                 if not isinstance(h5[key], h5py.Dataset):
                     raise InteropError(f"{path.name}: {key!r} is a group, not a dataset")
             raw_f, raw_c = h5["features"][()], h5["coords"][()]
-            meta = {f"coords.{k}": _plain(v) for k, v in h5["coords"].attrs.items()}
+            meta = {f"coords.{k}": v for k, v in ((k, _plain(v)) for k, v in h5["coords"].attrs.items())
+                    if _json_safe(v)}
     except InteropError:
         raise
     except Exception as exc:  # noqa: BLE001 - any HDF5 failure means "not a readable feature file"
@@ -214,12 +215,23 @@ def read_foreign(path: str | os.PathLike[str], coords_dir: str | os.PathLike[str
     raise InteropError(f"{path.name}: not a feature file this imports (.h5 or .pt)")
 
 
+def _json_safe(value: Any) -> bool:
+    """Whether ``value`` goes into a bag's JSON attrs (an attribute that does not is left out, not fatal)."""
+    import json
+
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _plain(value: Any) -> Any:
-    """An HDF5 attribute as JSON-safe Python."""
+    """An HDF5 attribute as plain Python (text decoded, arrays as lists)."""
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return [_plain(v) for v in value.tolist()] if value.dtype.kind in "SO" else value.tolist()
     if isinstance(value, np.generic):
         return value.item()
     return value
