@@ -220,12 +220,14 @@ def test_export_import_train_predict(labelled_project: Path, tmp_path: Path,
 
     # a run starts from them (nothing is extracted), and predicts from them
     run_dir, pred = tmp_path / "run", tmp_path / "pred"
+    # (no --patch / --mpp: a run on imported features takes those they were imported at)
     code, out = run(["train", str(proj), "--method", "abmil", "--out", str(run_dir), "--epochs", "2",
-                     "--encoder", "imported:hc", "--patch", "128", "--mpp", "1.0", "--device", "cpu"], capsys)
+                     "--encoder", "imported:hc", "--device", "cpu"], capsys)
     assert code == 0, out
     assert "imported imported:hc bags" in out
     info = json.loads((run_dir / "run.json").read_text())
     assert info["encoder"] == "imported:hc" and info["features_dir"].endswith("imported_hc")
+    assert info["patch"] == 128 and info["mpp"] == 1.0
     code, out = run(["predict", str(run_dir), "--cohort", str(proj), "--out", str(pred), "--device", "cpu",
                      "--ome-zarr"], capsys)
     assert code == 0, out

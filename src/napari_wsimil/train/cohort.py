@@ -230,6 +230,23 @@ def ensure_features(slides: Sequence[SlideItem], out_dir: Path, encoder: str, pa
         lambda slide, _s: extract_features(slide, enc, patch, mpp, device=enc.device), report, project)
 
 
+def imported_geometry(source: str | os.PathLike[str], run_dir: str | os.PathLike[str], encoder: str
+                      ) -> tuple[int, float] | None:
+    """(patch size, µm/px) the ``imported:NAME`` bags of a cohort were imported at, from the first bag found;
+    None when there is none. A run on imported features defaults to them: they cannot be remade at others."""
+    from ..features.bags import BAG_SUFFIX, BagError, read_bag_attrs
+
+    folder = features_dir_for(load_cohort(source), run_dir, encoder)
+    for path in sorted(folder.glob(f"*{BAG_SUFFIX}")) if folder.is_dir() else []:
+        try:
+            attrs = read_bag_attrs(path)
+        except BagError:
+            continue
+        if attrs.get("patch_size") and attrs.get("mpp"):
+            return int(attrs["patch_size"]), float(attrs["mpp"])
+    return None
+
+
 def check_tissue(bags: dict[str, Path], mpp: float, patch: int) -> None:
     """A slide whose bag has no patches had no tissue at this patch size: say which, before training."""
     empty = []
@@ -243,4 +260,5 @@ def check_tissue(bags: dict[str, Path], mpp: float, patch: int) -> None:
 
 
 __all__ = ["Cohort", "CohortError", "SlideItem", "assign_splits", "check_tissue", "class_names", "cohort_encoder",
-           "ensure_features", "extract_missing", "features_dir_for", "label_indices", "load_cohort"]
+           "ensure_features", "extract_missing", "features_dir_for", "imported_geometry", "label_indices",
+           "load_cohort"]

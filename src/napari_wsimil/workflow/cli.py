@@ -36,13 +36,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, metavar="RUN", help="run folder to write")
     p.add_argument("--epochs", type=int, default=None, metavar="N",
                    help="maximum epochs (default: the method's, e.g. 200 for MIL, 40 for segmentation)")
-    p.add_argument("--encoder", default="handcrafted", metavar="NAME", help="feature encoder (default handcrafted)")
+    p.add_argument("--encoder", default="handcrafted", metavar="NAME",
+                   help="feature encoder (default handcrafted), or imported:NAME for features brought in with "
+                        "'wsimil features-import'")
     p.add_argument("--weights", default=None, metavar="FILE", help="weights for the encoder")
     p.add_argument("--mpp", type=float, default=None, metavar="M",
                    help="µm per pixel of the patches (default: the method family's, 0.5 for MIL, 1.0 for "
-                        "segmentation)")
+                        "segmentation; with --encoder imported:NAME, the one the features were imported at)")
     p.add_argument("--patch", type=int, default=None, metavar="PX",
-                   help="patch size in pixels (default: the method family's, 256 for MIL, 128 for segmentation)")
+                   help="patch size in pixels (default: the method family's, 256 for MIL, 128 for segmentation; "
+                        "with --encoder imported:NAME, the one the features were imported at)")
     p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", dest="options",
                    help="a method setting, e.g. --set beta1=0 --set alpha=0 (see the method's settings in the "
                         "GUI or napari_wsimil.train.registry); repeatable")
@@ -184,6 +187,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     family = family_of(args.method)
     epochs = args.epochs if args.epochs is not None else make_config(args.method).epochs
+    if args.encoder.startswith("imported:") and (args.mpp is None or args.patch is None):
+        from ..train.cohort import imported_geometry
+
+        found = imported_geometry(args.source, args.out, args.encoder)  # features made elsewhere: their geometry
+        if found is not None:
+            args.patch = args.patch if args.patch is not None else found[0]
+            args.mpp = args.mpp if args.mpp is not None else found[1]
     spec = RunSpec(source=Path(args.source), method=args.method, out=Path(args.out), epochs=epochs,
                    encoder=args.encoder, weights=args.weights,
                    mpp=args.mpp if args.mpp is not None else family.default_mpp,
