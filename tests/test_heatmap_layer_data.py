@@ -101,7 +101,7 @@ def test_heatmap_levels_are_lazy_single_channel(tmp_path: Path) -> None:
     assert [level.shape[1] for level in levels] == sorted((level.shape[1] for level in levels), reverse=True)
     assert max(levels[0].chunksize) <= 512, "level 0 must be read tile by tile, not whole"
     window = levels[1][100:300, 200:700].compute()
-    np.testing.assert_array_equal(window, tifffile.imread(path, key=1)[100:300, 200:700])
+    np.testing.assert_array_equal(window, tifffile.imread(path, level=1)[100:300, 200:700])
     assert kwargs["multiscale"] is True and kwargs["rgb"] is False
 
 

@@ -269,7 +269,7 @@ def test_pinchaud_train_resume_predict_evaluate(cohort: Path, tmp_path: Path) ->
     assert 0.5 <= point["threshold"] < 1 and point["benign_fpr"] <= point["operating_fpr"] == 0.001
     assert point["benign_fpr"] <= point["benign_fpr_at_0.5"]
     assert main(["predict", str(run), "--cohort", str(cohort), "--out", str(pred), "--device", "cpu",
-                 "--masks"]) == 0
+                 "--masks", "--ome-zarr"]) == 0
     rows = _rows(pred / "predictions.csv")
     # masks and outlines cut at the operating threshold, pixel for pixel the stored map's levels
     import tifffile
@@ -282,6 +282,10 @@ def test_pinchaud_train_resume_predict_evaluate(cohort: Path, tmp_path: Path) ->
         stored = tifffile.imread(pred / "maps" / f"{sid}.tif", level=0)
         mask = tifffile.imread(pred / "masks" / f"{sid}.ome.tif", level=0)[:stored.shape[0], :stored.shape[1]]
         assert np.array_equal(mask, (stored >= threshold_level(point["threshold"])).astype(np.uint8))
+        from napari_wsimil.io.ngff import read_ngff_levels  # --ome-zarr: the same map as OME-Zarr
+
+        ngff, attrs = read_ngff_levels(pred / "maps" / f"{sid}.ome.zarr")
+        assert np.array_equal(ngff[0][:], stored) and attrs["wsimil"]["slide_id"] == sid
         regions = read_geojson(pred / "masks" / f"{sid}.geojson")
         assert all(a.class_name == "Tumor" for a in regions) and (len(regions) > 0) == bool(mask.any())
     assert len(rows) == 6 and all(abs(float(r["prob_0"]) + float(r["prob_1"]) - 1) < 1e-9 for r in rows)

@@ -52,7 +52,8 @@ def test_prediction_reads_only_what_it_zooms_into(trained, cohort_csv, tmp_path)
     from napari_wsimil.infer.predictions import read_predictions
 
     pred = tmp_path / "pred"
-    assert main(["predict", str(trained), "--cohort", str(cohort_csv), "--out", str(pred), "--device", "cpu"]) == 0
+    assert main(["predict", str(trained), "--cohort", str(cohort_csv), "--out", str(pred), "--device", "cpu",
+                 "--ome-zarr"]) == 0
     ids, probs = read_predictions(pred / "predictions.csv")
     assert len(ids) == 6 and np.allclose(probs.sum(1), 1)
     with open(pred / "predictions.csv", newline="") as fh:
@@ -67,6 +68,8 @@ def test_prediction_reads_only_what_it_zooms_into(trained, cohort_csv, tmp_path)
         assert float(row["seconds"]) > 0
         assert (pred / "heatmaps" / f"{sid}.tif").is_file()
         assert (pred / "heatmaps" / f"{sid}.level1.tif").is_file() and (pred / "heatmaps" / f"{sid}.level2.tif").is_file()
+        for name in (sid, f"{sid}.level1", f"{sid}.level2"):  # --ome-zarr: each map also as NGFF
+            assert (pred / "heatmaps" / f"{name}.ome.zarr" / ".zattrs").is_file()
     assert main(["evaluate", str(pred), "--cohort", str(cohort_csv)]) == 0
     assert "auc" in json.loads((pred / "metrics.json").read_text())
 

@@ -52,7 +52,80 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     from .eval_cli import register as register_eval
 
     register_eval(subparsers)  # features-eval and encoders
+    _register_interop(subparsers)  # features-import and features-export
     return p
+
+
+def _register_interop(subparsers: Any) -> None:
+    """``features-import`` / ``features-export``: CLAM / TIAToolbox feature files in and out (:mod:`.interop`)."""
+    p = subparsers.add_parser(
+        "features-import", help="import CLAM/TIAToolbox feature files (.h5, .pt) into a project",
+        description="Read .h5 files (datasets 'features' N x D and 'coords' N x 2, level-0 pixel x, y, as CLAM "
+                    "writes them) or bare .pt feature files (their coords from the .h5 of the same name, beside "
+                    "them, in ../h5_files or in --coords DIR) and store them as the project's feature bags of "
+                    "encoder imported:NAME. Each file is matched to the slide whose id or file name it bears. "
+                    "Every file is checked before anything is written. Train on them with "
+                    "'wsimil train PROJECT --encoder imported:NAME --patch PX --mpp M'.")
+    p.add_argument("project", metavar="PROJECT", help="the project folder")
+    p.add_argument("files", nargs="+", metavar="FILE_OR_DIR",
+                   help=".h5 / .pt files, or folders of them (a CLAM output folder: its h5_files are read)")
+    p.add_argument("--name", required=True, metavar="NAME",
+                   help="what computed them, e.g. clam-resnet50 or uni; the bags' encoder is imported:NAME")
+    p.add_argument("--patch", type=int, required=True, metavar="PX", help="patch size in pixels the features "
+                   "were computed on")
+    p.add_argument("--mpp", type=float, required=True, metavar="M",
+                   help="µm per pixel of those patches (0.5 for 20x, 0.25 for 40x)")
+    p.add_argument("--coords", default=None, metavar="DIR", help="folder of the .h5 files that hold the coords "
+                   "of .pt files")
+    p.add_argument("--slide", default=None, metavar="ID", help="the slide of a single file whose name is not "
+                   "its slide's")
+    p.set_defaults(func=_cmd_features_import)
+
+    q = subparsers.add_parser(
+        "features-export", help="export feature bags as CLAM .h5 / .pt files",
+        description="Write each bag as OUT/h5_files/<slide>.h5 ('features' float32 N x D, 'coords' int64 N x 2 "
+                    "level-0 x, y, with CLAM's patch_size/patch_level on coords and the encoder, patch size and "
+                    "µm/px as file attributes) and OUT/pt_files/<slide>.pt (the features as one tensor).")
+    q.add_argument("source", metavar="PROJECT_OR_BAGS", help="a project folder (with --encoder) or a folder of bags")
+    q.add_argument("--out", required=True, metavar="DIR", help="folder to write h5_files/ and pt_files/ into")
+    q.add_argument("--encoder", default=None, metavar="NAME",
+                   help="for a project: whose bags (PROJECT/features/NAME), e.g. handcrafted or resnet50-trunc")
+    q.add_argument("--format", choices=("h5", "pt", "both"), default="both", help="default both")
+    q.add_argument("--slide", action="append", default=None, metavar="ID", help="only this slide (repeatable)")
+    q.set_defaults(func=_cmd_features_export)
+
+
+def _cmd_features_import(args: argparse.Namespace) -> int:
+    from .interop import import_features, imported_encoder
+
+    written = import_features(args.project, args.files, args.name, args.patch, args.mpp, slide_id=args.slide,
+                              coords_dir=args.coords, report=lambda m: print(m, file=sys.stderr))
+    enc = imported_encoder(args.name)
+    print(f"{len(written)} bags imported as {enc}; train with: wsimil train {args.project} --encoder {enc} "
+          f"--patch {args.patch} --mpp {args.mpp:g}", file=sys.stderr)
+    return 0
+
+
+def _cmd_features_export(args: argparse.Namespace) -> int:
+    from ..project.project import PROJECT_FILE
+    from .extract import safe_dirname
+    from .interop import EXPORT_FORMATS, InteropError, export_features
+
+    src = Path(args.source)
+    if (src / PROJECT_FILE).is_file():
+        if args.encoder is None:
+            have = sorted(d.name for d in (src / "features").glob("*") if any(d.glob("*.npz"))) \
+                if (src / "features").is_dir() else []
+            raise InteropError("give --encoder NAME: whose bags to export"
+                               + (f" (the project has {', '.join(have)})" if have else " (the project has none)"))
+        folder = src / "features" / safe_dirname(args.encoder)
+    else:
+        folder = src
+    formats = EXPORT_FORMATS if args.format == "both" else (args.format,)
+    written = export_features(folder, args.out, formats, slide_ids=args.slide,
+                              report=lambda m: print(m, file=sys.stderr))
+    print(f"{len(written)} files written to {args.out}", file=sys.stderr)
+    return 0
 
 
 def _cmd_features(args: argparse.Namespace) -> int:

@@ -62,6 +62,10 @@ def build_encoder(name: str, weights: str | Path | None = None, device: str = "a
     """
     if isinstance(name, Encoder):
         return name
+    if name.startswith("imported:"):  # see .interop: bags made elsewhere have no network to run here
+        raise EncoderError(f"{name} names features imported from files (wsimil features-import); they cannot be "
+                           "computed for new patches or zoom levels here: import the features of every slide "
+                           "it needs, or use one of our encoders")
     _register_builtins()
     _register_timm()
     spec = _REGISTRY.get(name)

@@ -3,7 +3,7 @@
 Scores become percentiles against the slide's own scores, each patch paints its square on a
 low-resolution canvas (sum and count, so overlapping patches average per pixel), pixels no patch
 covers stay 0, optionally blurred and clipped to the tissue mask. The result is written as a
-pyramidal grey TIFF whose µm/px is the slide's times the downsample, so it overlays the slide.
+pyramidal grey OME-TIFF whose µm/px is the slide's times the downsample, so it overlays the slide.
 """
 
 from __future__ import annotations
@@ -109,20 +109,41 @@ def heatmap_meta(slide_mpp: float | None, downsample: float, extra: dict[str, An
             "value": "uint8 = score * 255", **(extra or {})}
 
 
+def ngff_path(tif_path: str | os.PathLike[str]) -> Path:
+    """Where the OME-Zarr twin of a map TIFF goes: ``x.tif`` / ``x.ome.tif`` → ``x.ome.zarr`` beside it."""
+    p = Path(tif_path)
+    stem = p.name[:-len(".ome.tif")] if p.name.endswith(".ome.tif") else p.stem
+    return p.with_name(f"{stem}.ome.zarr")
+
+
+def write_heatmap_ngff(path: str | os.PathLike[str], img: np.ndarray, meta: dict[str, Any]) -> Path:
+    """The uint8 map ``img`` as an OME-Zarr (NGFF 0.4) image at ``meta['mpp']`` µm/px, our description under
+    ``wsimil`` (see :mod:`napari_wsimil.io.ngff`)."""
+    from ..io.ngff import write_ngff
+
+    return write_ngff(path, img.shape, lambda y0, y1: img[y0:y1], mpp=meta.get("mpp"),
+                      name=str(meta.get("slide_id") or Path(path).name), resample="mean",
+                      attrs={"wsimil": meta})
+
+
 def write_heatmap(path: str | os.PathLike[str], heatmap: np.ndarray, slide_mpp: float | None,
-                  downsample: float, *, extra: dict[str, Any] | None = None) -> Path:
-    """A pyramidal grey TIFF (uint8 = value·255) at ``slide_mpp · downsample`` µm/px, plus a
-    ``<path>.json`` sidecar (downsample, mpp, colormap hint). The same JSON is the TIFF description."""
+                  downsample: float, *, extra: dict[str, Any] | None = None, ome_zarr: bool = False) -> Path:
+    """A pyramidal grey OME-TIFF (uint8 = value·255) at ``slide_mpp · downsample`` µm/px (PhysicalSizeX/Y, so
+    QuPath and Fiji place it too), plus a ``<path>.json`` sidecar (downsample, mpp, colormap hint). The same
+    JSON is the OME Image's Description (see :mod:`napari_wsimil.slide.heatmap_file`)."""
     from ..slide.tiff_writer import write_image_pyramid
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img = np.round(np.clip(np.nan_to_num(np.asarray(heatmap, np.float64)), 0, 1) * 255).astype(np.uint8)
     meta = heatmap_meta(slide_mpp, downsample, extra)
-    write_image_pyramid(path, img, mpp=meta["mpp"], description=json.dumps(meta))
+    write_image_pyramid(path, img, mpp=meta["mpp"], description=json.dumps(meta), ome=True,
+                        name=str(meta.get("slide_id") or path.stem))
     from ..io.atomic import write_text
 
     write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
+    if ome_zarr:
+        write_heatmap_ngff(ngff_path(path), img, meta)
     return path
 
 
@@ -147,9 +168,10 @@ def write_top_k(path: str | os.PathLike[str], top: list[tuple[int, int, float]])
 
 def write_slide_heatmap(out_dir: str | os.PathLike[str], slide_id: str, coords: np.ndarray,
                         scores: np.ndarray, bag_attrs: dict[str, Any], *, k: int = 8,
-                        clip_to_tissue: bool = True, overlap: float = 0.0) -> Path:
+                        clip_to_tissue: bool = True, overlap: float = 0.0, ome_zarr: bool = False) -> Path:
     """``out_dir/<slide_id>.tif`` (+ ``.json``) and ``out_dir/<slide_id>_topk.csv`` for one slide,
-    geometry taken from its feature bag's attrs (slide path, slide µm/px, patch size and µm/px).
+    geometry taken from its feature bag's attrs (slide path, slide µm/px, patch size and µm/px); with
+    ``ome_zarr`` also ``out_dir/<slide_id>.ome.zarr``, the same map as OME-Zarr (NGFF 0.4).
 
     With ``clip_to_tissue`` the map is zero off the slide's tissue mask, so patch squares that
     straddle the tissue edge do not paint glass (CLAM does the same)."""
@@ -171,7 +193,8 @@ def write_slide_heatmap(out_dir: str | os.PathLike[str], slide_id: str, coords: 
     out = Path(out_dir)
     path = write_heatmap(out / f"{slide_id}.tif", heat, slide_mpp, ds,
                          extra={"slide_id": slide_id, "size_level0": size_level0, "n_patches": int(len(coords)),
-                                "overlap": float(overlap), "clipped_to_tissue": bool(clip_to_tissue)})
+                                "overlap": float(overlap), "clipped_to_tissue": bool(clip_to_tissue)},
+                         ome_zarr=ome_zarr)
     write_top_k(out / f"{slide_id}_topk.csv", top_k_patches(coords, scores, k))
     return path
 
@@ -214,5 +237,5 @@ def threshold_polygons(heat: np.ndarray, downsample: float, threshold: float,
     return out
 
 
-__all__ = ["attention_heatmap", "threshold_polygons", "default_downsample", "percentile_scores", "top_k_patches",
+__all__ = ["attention_heatmap", "ngff_path", "write_heatmap_ngff", "threshold_polygons", "default_downsample", "percentile_scores", "top_k_patches",
            "write_heatmap", "write_slide_heatmap", "write_top_k"]

@@ -183,7 +183,7 @@ class MILFamily(MethodFamily):
             pred.patches_encoded, pred.seconds = len(pred.coords), time.perf_counter() - t0
             write_attention(pred, out / "attention" / f"{s.slide_id}.npz")
             if opts.get("heatmaps", True):
-                self._heatmap(run, s.slide_id, bags[s.slide_id], pred, out, overlap)
+                self._heatmap(run, s.slide_id, bags[s.slide_id], pred, out, overlap, bool(opts.get("ome_zarr")))
             preds.append(pred)
             probs = " ".join(f"{c} {p:.3f}" for c, p in zip(run.classes, pred.probs))
             say(f"[{i}/{len(cohort.slides)}] {s.slide_id}: {probs} ({len(pred.coords)} patches)")
@@ -195,7 +195,8 @@ class MILFamily(MethodFamily):
         return meta
 
     @staticmethod
-    def _heatmap(run: Any, slide_id: str, bag: Path, pred: Any, out: Path, overlap: float) -> None:
+    def _heatmap(run: Any, slide_id: str, bag: Path, pred: Any, out: Path, overlap: float,
+                 ome_zarr: bool = False) -> None:
         """``PRED/heatmaps/<slide>.tif``; a slide whose heatmap cannot be drawn is named, not fatal."""
         from ..features.bags import read_bag_attrs
         from ..infer.heatmap import write_slide_heatmap
@@ -208,7 +209,8 @@ class MILFamily(MethodFamily):
 
                 coords, scores = overlap_attention(run, slide_id, attrs["slide_path"], overlap,
                                                    attrs.get("slide_mpp"), k=int(pred.probs.argmax()))
-            write_slide_heatmap(out / "heatmaps", slide_id, coords, scores, attrs, overlap=overlap)
+            write_slide_heatmap(out / "heatmaps", slide_id, coords, scores, attrs, overlap=overlap,
+                                ome_zarr=ome_zarr)
         except (WsimilError, OSError, KeyError, ValueError) as exc:
             print(f"{slide_id}: no heatmap ({exc})", file=sys.stderr)
 

@@ -48,11 +48,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_export_csv)
 
     x = sub.add_parser("export", help="export every slide's annotations or pixel labels",
-                       description="Export annotations as QuPath GeoJSON, or masks of class ids (pyramidal OME-TIFF "
-                                   "or PNG, legend in classes.csv): drawn polygons and boxes filled, painted "
+                       description="Export annotations as QuPath GeoJSON, or masks of class ids (pyramidal OME-TIFF, "
+                                   "OME-Zarr or PNG, legend in classes.csv): drawn polygons and boxes filled, painted "
                                    "pixels over them; one file per slide.")
     x.add_argument("dir", metavar="DIR", help="project folder")
-    x.add_argument("--format", required=True, choices=("geojson", "ome-tiff", "png"))
+    x.add_argument("--format", required=True, choices=("geojson", "ome-tiff", "ome-zarr", "png"),
+                   help="geojson (QuPath annotations), ome-tiff or png (masks), ome-zarr (masks as OME-NGFF 0.4)")
     x.add_argument("--out", required=True, metavar="OUT", help="output folder")
     x.add_argument("--mpp", type=float, default=None, metavar="M",
                    help="mask resolution in µm/px (default: the label resolution)")

@@ -1,4 +1,4 @@
-"""Labels out of the project: masks (pyramidal OME-TIFF or PNG) and annotations (QuPath GeoJSON).
+"""Labels out of the project: masks (pyramidal OME-TIFF, OME-Zarr or PNG) and annotations (QuPath GeoJSON).
 
 Masks are uint8 class ids (the legend, ``classes.csv``, is written beside them by
 ``export_project``; the OME-TIFF also carries the class table in its Description). Export never
@@ -9,7 +9,9 @@ OME-TIFF layout: level 0 at the chosen resolution, reduced levels (x2 each, near
 centres, until the long side is at most 1024 px) as SubIFDs of level 0, which is what QuPath and
 Bio-Formats read as an OME pyramid; 512x512 tiles, zlib; PhysicalSizeX/Y in µm when the slide's
 pixel size is known. PNG is streamed row band by row band through zlib (no image library holds it),
-with its pixel size in the pHYs chunk and the downsample in a ``wsimil`` text chunk.
+with its pixel size in the pHYs chunk and the downsample in a ``wsimil`` text chunk. OME-Zarr is NGFF 0.4
+(:mod:`napari_wsimil.io.ngff`): the same levels and µm/px, the class table as ``image-label`` (so
+napari-ome-zarr opens it as labels) and our description under ``wsimil``.
 
 A mask holds what QuPath's labelled-image export holds: the drawn polygons and boxes filled with their
 class, and the painted pixels over them (painted pixels win where both are). With ``pixels_only`` and at
@@ -37,8 +39,8 @@ from .pixel_labels import LabelGeometry, label_shape
 if TYPE_CHECKING:  # pragma: no cover
     from .folder import ProjectFolder
 
-MaskFormat = Literal["ome-tiff", "png"]
-SUFFIX = {"ome-tiff": ".ome.tif", "png": ".png", "geojson": ".geojson"}
+MaskFormat = Literal["ome-tiff", "ome-zarr", "png"]
+SUFFIX = {"ome-tiff": ".ome.tif", "ome-zarr": ".ome.zarr", "png": ".png", "geojson": ".geojson"}
 
 
 def _output_downsample(project: ProjectFolder, slide_id: str, geometry: LabelGeometry, mpp: float | None) -> float:
@@ -111,8 +113,8 @@ def export_mask(project: ProjectFolder, slide_id: str, out_path: str | os.PathLi
     """Write a slide's labels as a mask image (class ids) at label resolution or at ``mpp`` µm/px: the drawn
     polygons and boxes filled, and the painted pixels over them (``pixels_only``: painted pixels alone, what
     the cohort CSV's round trip needs, since its annotations travel as GeoJSON)."""
-    if format not in ("ome-tiff", "png"):
-        raise ProjectError(f"mask format must be 'ome-tiff' or 'png', got {format!r}")
+    if format not in ("ome-tiff", "ome-zarr", "png"):
+        raise ProjectError(f"mask format must be 'ome-tiff', 'ome-zarr' or 'png', got {format!r}")
     rec = project.record(slide_id)
     geometry = project.label_geometry(slide_id)
     out_ds = _output_downsample(project, slide_id, geometry, mpp)
@@ -131,18 +133,24 @@ def export_mask(project: ProjectFolder, slide_id: str, out_path: str | os.PathLi
         h, w = label_shape(dims, out_ds)
         bands = (sampler.band(out_ds, y0, min(h, y0 + CHUNK), w) for y0 in range(0, h, CHUNK))
         write_png(out_path, (h, w), bands, out_mpp, json.dumps(meta))
+    elif format == "ome-zarr":
+        from ..io.ngff import write_ngff
+
+        h, w = label_shape(dims, out_ds)
+        write_ngff(out_path, (h, w), lambda y0, y1: sampler.band(out_ds, y0, y1, w), mpp=out_mpp, name=slide_id,
+                   resample="nearest", classes=project.classes, attrs=meta)
     else:
         write_ome_tiff(out_path, sampler, dims, out_ds, out_mpp, slide_id, json.dumps(meta))
     return out_path
 
 
 def export_project(project: ProjectFolder, out_dir: str | os.PathLike[str],
-                   format: Literal["geojson", "ome-tiff", "png"] = "geojson", mpp: float | None = None,
+                   format: Literal["geojson", "ome-tiff", "ome-zarr", "png"] = "geojson", mpp: float | None = None,
                    pixels_only: bool = False) -> list[Path]:
     """Export every slide's annotations (``geojson``) or masks (``ome-tiff``/``png``: drawn shapes and painted
     pixels, or painted pixels alone with ``pixels_only``) into ``out_dir``.
 
-    Files are ``<slide_id>.geojson`` / ``.ome.tif`` / ``.png``; slides without labels give an empty
+    Files are ``<slide_id>.geojson`` / ``.ome.tif`` / ``.ome.zarr`` (a folder) / ``.png``; slides without labels give an empty
     FeatureCollection or an all-zero mask, so the folder always matches the cohort one to one. Mask
     exports also write ``classes.csv`` (id,name,color), the legend of the pixel values.
     """

@@ -82,7 +82,8 @@ class SegmentationFamily(MethodFamily):
             t0 = time.perf_counter()
             slide, = open_seg_slides(cohort, [item], classes, with_labels=False)
             try:
-                m = map_slide(run, slide, out, top_k=top_k, extra={"threshold": threshold})
+                m = map_slide(run, slide, out, top_k=top_k, extra={"threshold": threshold},
+                              ome_zarr=bool(opts.get("ome_zarr")))
             finally:
                 slide.close()
             masks = ""

@@ -78,9 +78,10 @@ class SlideMap:
 
 
 def map_slide(run: SegRun, slide: SegSlide, out_dir: Path, *, tile: int = 512, top_k: int = 8,
-              tiff: bool = True, extra: dict[str, Any] | None = None) -> SlideMap:
+              tiff: bool = True, extra: dict[str, Any] | None = None, ome_zarr: bool = False) -> SlideMap:
     """Map one slide; scores from the map (max pixel; top-K mean of per-patch maxima). ``extra`` goes into
-    the TIFF's description (e.g. the run's operating threshold)."""
+    the TIFF's description (e.g. the run's operating threshold); ``ome_zarr`` also writes
+    ``maps/<slide>.ome.zarr`` (NGFF 0.4) beside the TIFF."""
     from .nets import receptive_margin
 
     zpath = out_dir / "maps" / f"{slide.slide_id}.zarr"
@@ -100,13 +101,13 @@ def map_slide(run: SegRun, slide: SegSlide, out_dir: Path, *, tile: int = 512, t
     tpath = None
     if tiff:
         tpath = write_map_tiff(zpath, out_dir / "maps" / f"{slide.slide_id}.tif", slide, run.mpp,
-                               {"method": run.method, "run_mpp": run.mpp, **(extra or {})})
+                               {"method": run.method, "run_mpp": run.mpp, **(extra or {})}, ome_zarr=ome_zarr)
     return SlideMap(slide.slide_id, float(vals[0]), float(vals[:top_k].mean()), zpath, tpath)
 
 
-def write_map_tiff(zarr_path: Path, path: Path, slide: SegSlide, mpp: float, extra: dict[str, Any] | None = None
-                   ) -> Path:
-    """The zarr map as a pyramidal grey TIFF, tile by tile (never whole in memory)."""
+def write_map_tiff(zarr_path: Path, path: Path, slide: SegSlide, mpp: float, extra: dict[str, Any] | None = None,
+                   ome_zarr: bool = False) -> Path:
+    """The zarr map as a pyramidal grey OME-TIFF with its µm/px, tile by tile (never whole in memory)."""
     from ..infer.heatmap import heatmap_meta
     from ..io.atomic import write_text
     from ..io.raster_store import LabelStore
@@ -123,9 +124,15 @@ def write_map_tiff(zarr_path: Path, path: Path, slide: SegSlide, mpp: float, ext
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     write_pyramid(tmp, (h, w), tile, channels=1, mpp=meta["mpp"], description=json.dumps(meta),
-                  compression="zlib", resample="mean", workers=1)
+                  compression="zlib", resample="mean", workers=1, ome=True, name=f"{slide.slide_id} probability")
     os.replace(tmp, path)
     write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
+    if ome_zarr:
+        from ..infer.heatmap import ngff_path
+        from ..io.ngff import write_ngff
+
+        write_ngff(ngff_path(path), (h, w), lambda y0, y1: store.read_block(y0, y1, 0, w), mpp=meta["mpp"],
+                   name=f"{slide.slide_id} probability", resample="mean", attrs={"wsimil": meta})
     return path
 
 

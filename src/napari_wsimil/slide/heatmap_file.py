@@ -2,7 +2,9 @@
 
 Heatmaps (attention heatmaps, segmentation probability maps) are written by
 :func:`napari_wsimil.infer.heatmap.write_heatmap` and :func:`napari_wsimil.seg.predict.write_map_tiff` with
-a JSON description whose ``kind`` is :data:`HEATMAP_KIND`. Pure file reading, no napari: napari's reader
+a JSON description whose ``kind`` is :data:`HEATMAP_KIND`: today as OME-TIFFs, the JSON being the OME
+Image's Description (the OME-XML, with PhysicalSizeX/Y in µm, is the first page's description); files
+written before that hold the JSON itself as the first page's description, and both are read. Pure file reading, no napari: napari's reader
 (:mod:`napari_wsimil.layers`) and the segmentation evaluation (:mod:`napari_wsimil.seg.evaluation`) both ask
 it.
 """
@@ -35,10 +37,20 @@ def heatmap_description(path: str | os.PathLike[str]) -> dict[str, Any] | None:
             text = tf.pages.first.description
         if HEATMAP_KIND not in text:  # cheap test before parsing a (possibly large) vendor text
             return None
-        meta = json.loads(text)
+        meta = json.loads(text if text.lstrip().startswith("{") else _ome_description(text))
     except Exception:  # a damaged or foreign file is simply not a heatmap
         return None
     return meta if isinstance(meta, dict) and meta.get("kind") == HEATMAP_KIND else None
+
+
+def _ome_description(xml: str) -> str:
+    """The first Image's Description of an OME-XML text (where OME-TIFF heatmaps keep their JSON)."""
+    import xml.etree.ElementTree as ET
+
+    for el in ET.fromstring(xml).iter():
+        if el.tag.rsplit("}", 1)[-1] == "Description" and el.text:
+            return el.text
+    raise ValueError("no Description in the OME-XML")
 
 
 def is_heatmap_file(path: str | os.PathLike[str]) -> bool:

@@ -83,6 +83,8 @@ def write_pyramid(
     resample: Resample = "mean",
     workers: int | None = None,
     progress: Progress | None = None,
+    ome: bool = False,
+    name: str | None = None,
 ) -> PyramidInfo:
     """Write a tiled pyramidal TIFF whose level 0 is produced by ``render_tile(ty, tx)``.
 
@@ -93,6 +95,11 @@ def write_pyramid(
     It is called from ``workers`` threads at once, so it must be thread-safe (a pure function of its
     arguments is). ``compression='jpeg'`` needs 3 channels; masks use ``'zlib'`` (lossless) with
     ``resample='nearest'`` so labels stay labels. ``progress(done, total)`` counts tiles of all levels.
+
+    With ``ome`` the file is an OME-TIFF (what QuPath, Bio-Formats and Fiji read with its pixel size): the
+    OME-XML takes the first page's description, records PhysicalSizeX/Y in µm and carries ``description``
+    as the image's Description (named ``name``), and the reduced levels are SubIFDs of level 0, the OME
+    pyramid layout (OpenSlide then sees level 0 only, which is why slides are not written this way).
     """
     path = Path(path)
     if channels not in (1, 3):
@@ -116,7 +123,7 @@ def write_pyramid(
     try:
         import tifffile
 
-        with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw, ThreadPoolExecutor(workers) as pool:
+        with tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=ome) as tw, ThreadPoolExecutor(workers) as pool:
             for level, lshape in enumerate(shapes):
                 source = _QuarterReader(spills[level], shapes[level - 1], channels) if level else None
                 spill_out = spills[level + 1] if level + 1 < len(shapes) else None
@@ -135,6 +142,8 @@ def write_pyramid(
                                 progress(done, total)
 
                     lmpp = None if mpp is None else mpp * (h0 / lshape[0] + w0 / lshape[1]) / 2
+                    layout = _ome_layout(level, len(shapes), channels, mpp, description, name) if ome else \
+                        {"description": description if level == 0 else None, "metadata": None}
                     tw.write(
                         counted(chunks),
                         shape=(*lshape, channels) if channels == 3 else lshape,
@@ -146,9 +155,8 @@ def write_pyramid(
                         subfiletype=1 if level else 0,
                         resolution=None if lmpp is None else (1e4 / lmpp, 1e4 / lmpp),
                         resolutionunit=None if lmpp is None else "CENTIMETER",
-                        description=description if level == 0 else None,
                         software="napari-wsimil",
-                        metadata=None,
+                        **layout,
                     )
                 finally:
                     if out is not None:
@@ -175,6 +183,8 @@ def write_image_pyramid(
     quality: int = 90,
     min_size: int = 1024,
     resample: Resample | None = None,
+    ome: bool = False,
+    name: str | None = None,
 ) -> PyramidInfo:
     """Write an in-memory uint8 image (e.g. a low-resolution ground-truth mask) the same way.
 
@@ -191,10 +201,28 @@ def write_image_pyramid(
         path, image.shape[:2], tile, channels=channels, mpp=mpp, description=description,
         compression=compression or ("zlib" if channels == 1 else "jpeg"), quality=quality,
         min_size=min_size, resample=resample or ("nearest" if channels == 1 else "mean"), workers=1,
+        ome=ome, name=name,
     )
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+def _ome_layout(level: int, count: int, channels: int, mpp: float | None, description: str | None,
+                name: str | None) -> dict:
+    """tifffile ``write`` arguments of one level of an OME pyramid: level 0 carries the OME metadata and
+    announces the reduced levels as its SubIFDs; those are marked reduced-resolution images."""
+    if level:
+        return {"metadata": None}
+    meta: dict = {"axes": "YXS" if channels == 3 else "YX"}
+    if name:
+        meta["Name"] = name
+    if description:
+        meta["Description"] = description
+    if mpp is not None:
+        meta.update(PhysicalSizeX=float(mpp), PhysicalSizeY=float(mpp), PhysicalSizeXUnit="µm",
+                    PhysicalSizeYUnit="µm")
+    return {"subifds": count - 1, "metadata": meta}
 
 
 def _ntiles(shape: tuple[int, int]) -> tuple[int, int]:

@@ -208,17 +208,43 @@ def ensure_features(slides: Sequence[SlideItem], out_dir: Path, encoder: str, pa
                     weights: str | None = None, project: Path | None = None) -> dict[str, Path]:
     """Extract the bags of ``slides`` that are missing or stale; returns slide id → bag path.
 
+    With an ``imported:NAME`` encoder nothing is extracted: every slide must already have its imported bag
+    at this patch size and µm/px (:func:`napari_wsimil.features.interop.imported_bags`).
+
     Each slide is opened with its own µm/px (``SlideItem.mpp``: the CSV's ``mpp`` column, or the pixel
     size set in the project), so a slide whose file does not record it can be used when the cohort does.
     With ``project`` the slides open through it (a missing file then says how to relink it). A slide
     whose extraction fails is an error naming it (training on a silently smaller cohort would mislead)."""
     from ..features import extract_features, stale_reasons
     from ..features.bags import BAG_SUFFIX
+    from ..features.interop import imported_bags, is_imported
 
+    if is_imported(encoder):  # features made elsewhere (wsimil features-import): nothing to compute
+        bags = imported_bags([s.slide_id for s in slides], Path(out_dir), encoder, patch, mpp)
+        if report is not None:
+            report(f"features: {len(bags)} imported {encoder} bags")
+        return bags
     enc = cohort_encoder(encoder, weights, device, mpp)
     return extract_missing(
         slides, out_dir, BAG_SUFFIX, lambda path, s: not stale_reasons(path, enc, s.path, patch, mpp, s.mpp),
         lambda slide, _s: extract_features(slide, enc, patch, mpp, device=enc.device), report, project)
+
+
+def imported_geometry(source: str | os.PathLike[str], run_dir: str | os.PathLike[str], encoder: str
+                      ) -> tuple[int, float] | None:
+    """(patch size, µm/px) the ``imported:NAME`` bags of a cohort were imported at, from the first bag found;
+    None when there is none. A run on imported features defaults to them: they cannot be remade at others."""
+    from ..features.bags import BAG_SUFFIX, BagError, read_bag_attrs
+
+    folder = features_dir_for(load_cohort(source), run_dir, encoder)
+    for path in sorted(folder.glob(f"*{BAG_SUFFIX}")) if folder.is_dir() else []:
+        try:
+            attrs = read_bag_attrs(path)
+        except BagError:
+            continue
+        if attrs.get("patch_size") and attrs.get("mpp"):
+            return int(attrs["patch_size"]), float(attrs["mpp"])
+    return None
 
 
 def check_tissue(bags: dict[str, Path], mpp: float, patch: int) -> None:
@@ -234,4 +260,5 @@ def check_tissue(bags: dict[str, Path], mpp: float, patch: int) -> None:
 
 
 __all__ = ["Cohort", "CohortError", "SlideItem", "assign_splits", "check_tissue", "class_names", "cohort_encoder",
-           "ensure_features", "extract_missing", "features_dir_for", "label_indices", "load_cohort"]
+           "ensure_features", "extract_missing", "features_dir_for", "imported_geometry", "label_indices",
+           "load_cohort"]

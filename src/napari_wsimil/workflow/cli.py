@@ -36,13 +36,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, metavar="RUN", help="run folder to write")
     p.add_argument("--epochs", type=int, default=None, metavar="N",
                    help="maximum epochs (default: the method's, e.g. 200 for MIL, 40 for segmentation)")
-    p.add_argument("--encoder", default="handcrafted", metavar="NAME", help="feature encoder (default handcrafted)")
+    p.add_argument("--encoder", default="handcrafted", metavar="NAME",
+                   help="feature encoder (default handcrafted), or imported:NAME for features brought in with "
+                        "'wsimil features-import'")
     p.add_argument("--weights", default=None, metavar="FILE", help="weights for the encoder")
     p.add_argument("--mpp", type=float, default=None, metavar="M",
                    help="µm per pixel of the patches (default: the method family's, 0.5 for MIL, 1.0 for "
-                        "segmentation)")
+                        "segmentation; with --encoder imported:NAME, the one the features were imported at)")
     p.add_argument("--patch", type=int, default=None, metavar="PX",
-                   help="patch size in pixels (default: the method family's, 256 for MIL, 128 for segmentation)")
+                   help="patch size in pixels (default: the method family's, 256 for MIL, 128 for segmentation; "
+                        "with --encoder imported:NAME, the one the features were imported at)")
     p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", dest="options",
                    help="a method setting, e.g. --set beta1=0 --set alpha=0 (see the method's settings in the "
                         "GUI or napari_wsimil.train.registry); repeatable")
@@ -88,6 +91,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--heatmap-overlap", type=float, default=0.0, metavar="F",
                    help="draw heatmaps from a grid whose patches overlap by F (CLAM uses 0.5: smoother maps, "
                         "about 4x the patches to encode; default 0 reuses the feature bags)")
+    p.add_argument("--ome-zarr", dest="ome_zarr", action="store_true",
+                   help="also write every heatmap and probability map as OME-Zarr (NGFF 0.4) beside its TIFF: "
+                        "PRED/heatmaps/<slide_id>.ome.zarr, PRED/maps/<slide_id>.ome.zarr")
     g = p.add_argument_group("segmentation runs", "PRED/maps/<slide_id>.tif: malignant probability at the run's "
                              "µm/px, opened by napari-wsimil as an overlay")
     g.add_argument("--slide-score", choices=("max", "topk"), default="max",
@@ -181,6 +187,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     family = family_of(args.method)
     epochs = args.epochs if args.epochs is not None else make_config(args.method).epochs
+    if args.encoder.startswith("imported:") and (args.mpp is None or args.patch is None):
+        from ..train.cohort import imported_geometry
+
+        found = imported_geometry(args.source, args.out, args.encoder)  # features made elsewhere: their geometry
+        if found is not None:
+            args.patch = args.patch if args.patch is not None else found[0]
+            args.mpp = args.mpp if args.mpp is not None else found[1]
     spec = RunSpec(source=Path(args.source), method=args.method, out=Path(args.out), epochs=epochs,
                    encoder=args.encoder, weights=args.weights,
                    mpp=args.mpp if args.mpp is not None else family.default_mpp,
@@ -232,7 +245,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ..train.registry import run_family
 
     family, _info = run_family(args.run)
-    options = {k: getattr(args, k) for k in ("heatmaps", "heatmap_overlap", "slide_score", "top_k", "masks")
+    options = {k: getattr(args, k) for k in ("heatmaps", "heatmap_overlap", "slide_score", "top_k", "masks",
+                                             "ome_zarr")
                if hasattr(args, k)}
     family.predict(PredictRequest(Path(args.run), Path(args.cohort), Path(args.out), args.weights, args.device,
                                   options), report=_say)

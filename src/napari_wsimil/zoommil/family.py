@@ -174,7 +174,8 @@ class ZoomMILFamily(MethodFamily):
             if request.options.get("heatmaps", True):
                 from .zoom_path import write_level_heatmaps
 
-                write_level_heatmaps(out / "heatmaps", item.slide_id, run, path)
+                write_level_heatmaps(out / "heatmaps", item.slide_id, run, path,
+                                     ome_zarr=bool(request.options.get("ome_zarr")))
             preds.append(pred)
             probs = " ".join(f"{c} {p:.3f}" for c, p in zip(run.classes, pred.probs))
             say(f"[{i}/{len(cohort.slides)}] {item.slide_id}: {probs} ({pred.patches_encoded} patches encoded, "

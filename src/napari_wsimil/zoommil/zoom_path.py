@@ -65,7 +65,8 @@ def zoom_map(run_dir: Path, slide_id: str, bag_path: Path, epoch: int, weights: 
     return MapEvent(slide_id, epoch, heat, ds, path.slide_mpp, probs, regions=regions(path))
 
 
-def write_level_heatmaps(out_dir: Path, slide_id: str, run: Any, path: ZoomPath) -> list[Path]:
+def write_level_heatmaps(out_dir: Path, slide_id: str, run: Any, path: ZoomPath, ome_zarr: bool = False
+                         ) -> list[Path]:
     """``<slide>.tif`` (the lowest level's attention, like every attention method's) and
     ``<slide>.level<l>.tif`` (the attention of the patches read at level l, zero elsewhere)."""
     from ..infer.heatmap import write_slide_heatmap
@@ -77,7 +78,8 @@ def write_level_heatmaps(out_dir: Path, slide_id: str, run: Any, path: ZoomPath)
         attrs = {"slide_path": path.slide_path, "slide_mpp": path.slide_mpp, "mpp": path.mpps[level],
                  "patch_size": path.patch}
         name = slide_id if level == 0 else f"{slide_id}.level{level}"
-        written.append(write_slide_heatmap(out_dir, name, coords, att, attrs, clip_to_tissue=level == 0))
+        written.append(write_slide_heatmap(out_dir, name, coords, att, attrs, clip_to_tissue=level == 0,
+                                           ome_zarr=ome_zarr))
     return written
 
 
