@@ -22,6 +22,27 @@ class ProjectError(WsimilError):
     the storage below the project package (:mod:`napari_wsimil.io`) raises it too."""
 
 
+class DiskFullError(ProjectError, OSError):
+    """A write failed for lack of space (or quota). The previous version of the file is intact (writes are
+    atomic); the message says how much space the write needed and how much is free. Also an ``OSError``,
+    so code that already handles failed writes keeps handling this one."""
+
+    def __init__(self, message: str, needed: int = 0, free: int | None = None):
+        super().__init__(message)
+        self.needed = needed
+        self.free = free
+
+
+def human_bytes(n: int) -> str:
+    """1536 -> '1.5 KB': sizes in messages to a person."""
+    size = float(n)
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{int(size)} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} bytes"
+
+
 class SlideError(WsimilError):
     """A slide file could not be opened or read."""
 

@@ -61,7 +61,7 @@ class Bag:
         """Write atomically (temporary sibling, fsync, rename)."""
         path = Path(path)
         attrs = {"format": BAG_FORMAT, **self.attrs}
-        with atomic_write(path, "wb") as fh:
+        with atomic_write(path, "wb", size_hint=self.coords.nbytes + self.features.nbytes) as fh:
             np.savez(fh, coords=self.coords, features=self.features, attrs=np.array(json.dumps(attrs)))
         return path
 

@@ -73,7 +73,8 @@ def write_ome_tiff(path: Path, sampler: LabelSampler, dims: tuple[int, int], out
         ds *= 2
     h0, w0 = levels[0][1]
     bigtiff = h0 * w0 > 2**31
-    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=True) as tw:
+    most = sum(h * w for _, (h, w) in levels)  # uncompressed: what the disk-full message can promise
+    with atomic_path(path, size_hint=most) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=True) as tw:
         for k, (ds, shape) in enumerate(levels):
             kwargs: dict = {
                 "shape": shape, "dtype": np.uint8, "tile": (TILE, TILE), "compression": "zlib",
@@ -115,7 +116,7 @@ def write_png(path: Path, shape: tuple[int, int], bands: Iterator[np.ndarray], m
         fh.write(struct.pack(">I", len(data)) + kind + data)
         fh.write(struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
 
-    with atomic_write(path, "wb") as fh:
+    with atomic_write(path, "wb", size_hint=h * w + h) as fh:  # at most: zlib never grows 8-bit rows by much
         fh.write(b"\x89PNG\r\n\x1a\n")
         chunk(fh, b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
         if mpp:

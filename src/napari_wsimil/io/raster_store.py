@@ -57,7 +57,7 @@ def _durable_put(path: Path, data: Any) -> None:
         missing.append(p)
         p = p.parent
     parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, "wb", keep_previous=True) as fh:  # the previous chunk, for `project check --repair`
+    with atomic_write(path, "wb", keep_previous=True, size_hint=memoryview(data).nbytes) as fh:  # the previous chunk, for `project check --repair`
         fh.write(data)
     for d in missing:  # new chunk folders: persist their own directory entries too
         fsync_dir(d.parent)

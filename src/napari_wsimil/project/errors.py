@@ -12,6 +12,8 @@ from ..errors import ProjectError
 
 def problems_error(what: str, problems: list[str], limit: int = 30) -> ProjectError:
     """One error listing every problem found, so a user fixes a file once rather than once per run."""
+    if len(problems) == 1:  # one problem: one line, as every other error
+        return ProjectError(f"{what}: {problems[0]}")
     shown = problems[:limit]
     more = f"\n  … and {len(problems) - limit} more" if len(problems) > limit else ""
     return ProjectError(f"{what} ({len(problems)} problem{'s' if len(problems) != 1 else ''}):\n  "

@@ -184,13 +184,25 @@ def load_model_weights(path: str | Path, model: nn.Module) -> nn.Module:
     path = Path(path)
     if path.is_dir():
         path = path / "last.json"
-    if path.suffix == ".json":
-        path = path.parent / json.loads(path.read_text())["tensors"]
-    if path.suffix == ".safetensors":
-        tensors = st_load(path.read_bytes())
-        sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")} or tensors
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".json":
+            name = json.loads(path.read_text())["tensors"]
+            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+                raise CheckpointError(f"{path.name} ({path}) names no checkpoint file in its folder "
+                                      f"(tensors: {str(name)[:60]!r})")
+            path = path.parent / name
+        if path.suffix == ".safetensors":
+            tensors = st_load(path.read_bytes())
+            sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")} or tensors
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except FileNotFoundError:
+        raise CheckpointError(f"the checkpoint {path.name} ({path}) does not exist") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors, JSON and unpickler errors all mean "unreadable"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"{path.name} ({path}) is not a readable checkpoint: {first}") from exc
     check_state_dict(sd, model, path)
     model.load_state_dict(sd)
     return model

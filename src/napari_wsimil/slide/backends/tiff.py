@@ -117,6 +117,52 @@ def _describe(tif: Any) -> tuple[str, float | None, float | None, dict[str, str]
     return "generic-tiff", plausible_mpp(_resolution_mpp(page)), None, props
 
 
+MAX_IFDS = 10_000
+
+
+def check_ifd_chain(path: Path) -> None:
+    """Walk the chain of image directories (IFDs) before tifffile does, reading a few bytes per IFD.
+
+    Why: a damaged next-IFD pointer that points back to an earlier IFD makes some readers loop for ever
+    (the fuzzer found tifffile's series detection spinning past 10 s), and a pointer past the end or a
+    directory claiming millions of entries should be named, not followed. A slide has tens of IFDs."""
+    import struct
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+            size = os.fstat(fh.fileno()).st_size
+            if len(head) < 8 or head[:4] not in TIFF_MAGIC:
+                return
+            bo = "<" if head[:2] == b"II" else ">"
+            big = head[2:4] in (b"+\x00", b"\x00+")
+            if big and len(head) < 16:
+                raise SlideError(path, "the file is truncated inside its TIFF header")
+            offset = struct.unpack(bo + ("Q" if big else "I"), head[8:16] if big else head[4:8])[0]
+            seen: set[int] = set()
+            while offset:
+                if offset in seen:
+                    raise SlideError(path, f"the TIFF's list of images loops back on itself (the directory at byte "
+                                           f"{offset:,} is listed twice): the file is damaged")
+                if len(seen) >= MAX_IFDS:
+                    raise SlideError(path, f"the TIFF lists more than {MAX_IFDS:,} images: the file is damaged")
+                count_size, entry, ptr = (8, 20, 8) if big else (2, 12, 4)
+                if offset + count_size > size:
+                    raise SlideError(path, f"the file is truncated: an image directory at byte {offset:,} lies past "
+                                           f"its end ({size:,} bytes)")
+                seen.add(offset)
+                fh.seek(offset)
+                n = struct.unpack(bo + ("Q" if big else "H"), fh.read(count_size))[0]
+                end = offset + count_size + n * entry
+                if end + ptr > size:
+                    raise SlideError(path, f"the file is truncated or damaged: the image directory at byte "
+                                           f"{offset:,} claims {n:,} entries, past the end of the file")
+                fh.seek(end)
+                offset = struct.unpack(bo + ("Q" if big else "I"), fh.read(ptr))[0]
+    except OSError as exc:
+        raise SlideError(path, f"the file cannot be read ({exc.strerror or exc})") from exc
+
+
 class TiffBackend(Backend):
     name = "tifffile"
 
@@ -126,6 +172,7 @@ class TiffBackend(Backend):
     def open(self, path: Path) -> BackendSlide:
         import tifffile
 
+        check_ifd_chain(path)
         try:
             tif = tifffile.TiffFile(path)
         except Exception as exc:
