@@ -12,7 +12,9 @@ procedural generator (split stratified and seeded here: 30 % test, 15 % val per 
   rounds of ``--patches-per-round`` patches per site; the last round's global net A is the model.
 * **Centralised Hybrid**: ``wsimil train --method hybrid`` on all the sites' slides together, with site 0's
   paint (Hybrid cannot use boxes: site 1's slides count as slide-labelled), the paper's checkpoint choice
-  (stage-2 loss on the validation slides), then its operating threshold as usual.
+  (pixel Dice on one painted malignant validation slide, as in bench_quality_seg; its stage-2 slide loss
+  alone kept an empty early model on the synthetic cohort), then its operating threshold as usual. Its last
+  epoch is scored too.
 
 Both are scored by ``wsimil predict`` (test slides) → ``wsimil evaluate --split test``: Dice per malignant
 test slide, averaged, at the run's threshold (FedMix has no operating threshold: its server holds no data to
@@ -59,7 +61,10 @@ def _split(csv_path: Path, out: Path, seed: int) -> Path:
 
 
 def _union(base: Path, sites: list[Path], out: Path) -> Path:
-    """Every slide of the cohort (test rows too, for evaluation), with the pixel site's paint only."""
+    """Every slide of the cohort (test rows too, for evaluation), with the pixel site's paint only, plus one
+    painted malignant validation slide, as bench_quality_seg gives the mixed methods: it picks Hybrid's
+    checkpoint by pixel Dice (by its stage-2 slide loss alone, Hybrid kept an early, empty model here)."""
+    from napari_wsimil.federated.fedmix_sites import paint as paint_row
     from napari_wsimil.federated.fedmix_sites import rows, write
 
     paint = {}
@@ -71,6 +76,9 @@ def _union(base: Path, sites: list[Path], out: Path) -> Path:
     for r in rs:
         r["pixel_labels"], r["pixel_labels_downsample"] = paint.get(r["slide_id"], ("", ""))
         r["annotations"] = ""
+    val = sorted((r for r in rs if r["split"] == "val" and r["label"] == "1"), key=lambda r: r["slide_id"])
+    if val:
+        paint_row(val[0], out.parent / f"paint_val_{val[0]['slide_id']}.tif")
     return write(rs, out)
 
 
@@ -80,8 +88,8 @@ def _test_rows(base: Path, out: Path) -> Path:
     return write([r for r in rows(base) if r["split"] == "test"], out)
 
 
-def _score(run: Path, test_csv: Path, cohort_csv: Path, pred: Path) -> dict:
-    wsimil("predict", run, "--cohort", test_csv, "--out", pred, "--device", "cpu")
+def _score(run: Path, test_csv: Path, cohort_csv: Path, pred: Path, weights: str = "best") -> dict:
+    wsimil("predict", run, "--cohort", test_csv, "--out", pred, "--device", "cpu", "--weights", weights)
     wsimil("evaluate", pred, "--cohort", cohort_csv, "--split", "test")
     return json.loads((pred / "metrics.json").read_text()).get("segmentation") or {}
 
@@ -176,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
             times["hybrid train"] = time.perf_counter() - t
             t = time.perf_counter()
             results["centralised Hybrid (pixel site's paint)"] = _score(run_h, test_csv, base, out / "pred_hybrid")
+            results["centralised Hybrid, last epoch"] = _score(run_h, test_csv, base, out / "pred_hybrid_last",
+                                                              "last")
             times["hybrid predict"] = time.perf_counter() - t
 
     rows_ = []

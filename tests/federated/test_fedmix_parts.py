@@ -98,4 +98,4 @@ def test_masked_dice_loss() -> None:
     only_left = known.clone()
     only_left[..., 4:] = False  # the wrong half is not known: the loss only sees the rest
     half = torch.where(_square(8, 0, 8, 0, 4)[None, None], perfect, wrong)
-    assert float(masked_dice_loss(half, target, only_left)) < 1e-3
+    assert float(masked_dice_loss(half.detach(), target, only_left)) < 1e-3

@@ -7,6 +7,7 @@ The site's supervision is what its drawings are (``supervision='auto'``): painte
 2. a fresh seeded plan of ``patches_per_round`` patches: half from benign slides (all normal), half from the
    malignant slides, centred on the paint or inside the boxes (a quarter of a box site's uniformly over its
    boxed slides, so that tissue outside the boxes is seen as normal), or uniform over tissue on a slide site;
+   a pixel site's painted patches alternate between tumour and normal paint (lesions are small);
 3. per batch, the global nets' masks choose the pseudo-labels (:mod:`.fedmix_selection`); each local net is
    trained with the Dice loss on its targets (Adam, one optimiser for both);
 4. the update holds both nets, the number of kept patches (|D_i|) and the round's mean loss (L_i).
@@ -110,6 +111,7 @@ class FedMixSite(SiteTrainer):
             self.close()
             raise WsimilError(f"site {self.source.name}: {exc}") from exc
         self.device = pick_device(cfg.device)
+        self._points: dict[int, dict[int, np.ndarray]] = {}
         # a site's own stream of randomness: two sites with the same seed still draw different patches
         self._site_seed = sum(self.source.name.encode()) % 100_003
         self.say(f"site {self.source.name}: {self.kind} supervision, {len(train)} training / {len(val)} "
@@ -126,7 +128,8 @@ class FedMixSite(SiteTrainer):
         jobs = [seg._job(seg._centre(int(i), rng), "benign") for i in rng.choice(benign, n // 2)]
         rest = n - n // 2
         if self.kind == "pixel":
-            jobs += [seg._job(seg._painted_centre(int(i), rng), "pixel") for i in rng.choice(drawn, rest)]
+            jobs += [seg._job(self._drawn_centre(int(i), int(c), rng), "pixel")
+                     for i, c in zip(rng.choice(drawn, rest), np.arange(rest) % 2)]
         elif self.kind == "box":
             boxed = [i for i in drawn if slides[i].label == 1] or drawn
             uniform = rest // 4
@@ -135,6 +138,25 @@ class FedMixSite(SiteTrainer):
         else:
             jobs += [seg._job(seg._centre(int(i), rng), "weak") for i in rng.choice(malignant, rest)]
         return [jobs[j] for j in rng.permutation(len(jobs))]
+
+    def _drawn_centre(self, i: int, cls: int, rng: np.random.Generator) -> Any:
+        """A patch centred on a painted pixel of class ``cls`` (0 normal, 1 tumour) of slide ``i``, or on any
+        painted pixel when the slide has none of that class. Why by class: lesions are a few per cent of the
+        tissue, so patches centred on any painted pixel would hardly ever show tumour to the Dice loss."""
+        from ..seg.sampling import PatchRequest
+
+        s = self.seg.train_slides[i]
+        if i not in self._points:  # drawn once per slide (seeded), then reused every round
+            pts = s.labelled_points(self.config.mpp, rng=np.random.default_rng(i))
+            cls_at = np.asarray([int(s.pixel_labels_at(x, y, 1, self.config.mpp)[0, 0]) for x, y in pts], int)
+            self._points[i] = {k: pts[cls_at == k] for k in (0, 1)}
+        pts = self._points[i][cls]
+        if not len(pts):
+            return self.seg._painted_centre(i, rng)
+        cx, cy = pts[int(rng.integers(len(pts)))]
+        half = self.config.patch / 2 * s.downsample(self.config.mpp)
+        jitter = rng.uniform(-half / 2, half / 2, 2)
+        return PatchRequest(i, cx - half + jitter[0], cy - half + jitter[1])
 
     # ----------------------------------------------------------------------------------- protocol
     def fit(self, global_arrays: Arrays, server_round: int) -> SiteUpdate:
