@@ -149,7 +149,7 @@ SlideSource = Union["Project", str, os.PathLike, Mapping[str, Any], Iterable[Any
 _Entry = tuple[str, Path, Callable[[], "Slide"], Union[float, None]]
 
 
-def _slides_of(source: SlideSource) -> tuple[list[_Entry], Path | None]:
+def cohort_slides(source: SlideSource) -> tuple[list[_Entry], Path | None]:
     """(slide id, path, opener, µm/px set by the project or None) for each slide, and the project's
     features folder where there is one."""
     from ..project.project import PROJECT_FILE, Project, id_from_path
@@ -204,7 +204,7 @@ def extract_cohort(
     left for later, then reported "skipped" once its bag is there (or done here if that process died; every
     ``poll_s`` seconds until then).
     """
-    slides, features_dir = _slides_of(slides_or_project)
+    slides, features_dir = cohort_slides(slides_or_project)
     enc = _as_encoder(encoder, device, weights, mpp)
     if out_dir is None:
         if features_dir is None:
@@ -263,12 +263,16 @@ def extract_slide(entry: _Entry, out: Path, enc: Encoder, patch_size: int, mpp: 
     if not overwrite and current():
         say(CohortEvent("skipped", sid, index, count, message="up to date"))
         return CohortResult(sid, path, bag_path, "skipped")
-    claim = try_claim(out, sid)
+    claim = try_claim(out, f"{sid}{BAG_SUFFIX}")  # the key every extraction of this bag uses
     if not isinstance(claim, Claim):
         if not quiet_busy:
             say(CohortEvent("busy", sid, index, count, message=f"being extracted by {claim.describe()}"))
         return CohortResult(sid, path, bag_path, "busy", message=f"claimed by {claim.describe()}")
     with claim:
+        from ..io.atomic import TMP_SUFFIX
+
+        for tmp in out.glob(f".{bag_path.name}.*{TMP_SUFFIX}"):  # a killed writer's leftovers: the bag is ours now
+            tmp.unlink(missing_ok=True)
         if not overwrite and current():  # finished by another process between our check and our claim
             say(CohortEvent("skipped", sid, index, count, message="done by another process"))
             return CohortResult(sid, path, bag_path, "skipped", message="done by another process")
@@ -298,5 +302,5 @@ def extract_slide(entry: _Entry, out: Path, enc: Encoder, patch_size: int, mpp: 
     return CohortResult(sid, path, bag_path, "done", len(bag), seconds)
 
 
-__all__ = ["CohortEvent", "CohortResult", "ExtractionCancelled", "extract_cohort", "extract_features",
+__all__ = ["CohortEvent", "CohortResult", "ExtractionCancelled", "cohort_slides", "extract_cohort", "extract_features",
            "extract_slide"]
