@@ -145,6 +145,8 @@ def _cmd_features(args: argparse.Namespace) -> int:
             print(f"\r{head}: {ev.total} patches, done", file=sys.stderr)
         elif ev.stage == "skipped":
             print(f"{head}: up to date, skipped", file=sys.stderr)
+        elif ev.stage == "busy":
+            print(f"{head}: {ev.message}; waiting for it", file=sys.stderr)
         elif ev.stage == "failed":
             print(f"\r{head}: FAILED: {ev.message}", file=sys.stderr)
 

@@ -118,8 +118,8 @@ def extract_features(
 
 @dataclass(frozen=True)
 class CohortEvent:
-    """What ``extract_cohort`` reports: ``stage`` is "skipped", "started", "patches" (``done`` of
-    ``total`` patches), "done" or "failed" (``message`` says why), for slide ``index`` of ``count``."""
+    """What ``extract_cohort`` reports: ``stage`` is "skipped", "busy" (another process
+    holds its claim), "started", "patches" (``done`` of ``total`` patches), "done" or "failed" (``message`` says why), for slide ``index`` of ``count``."""
 
     stage: str
     slide_id: str
@@ -149,7 +149,7 @@ SlideSource = Union["Project", str, os.PathLike, Mapping[str, Any], Iterable[Any
 _Entry = tuple[str, Path, Callable[[], "Slide"], Union[float, None]]
 
 
-def _slides_of(source: SlideSource) -> tuple[list[_Entry], Path | None]:
+def cohort_slides(source: SlideSource) -> tuple[list[_Entry], Path | None]:
     """(slide id, path, opener, µm/px set by the project or None) for each slide, and the project's
     features folder where there is one."""
     from ..project.project import PROJECT_FILE, Project, id_from_path
@@ -189,6 +189,7 @@ def extract_cohort(
     overwrite: bool = False,
     weights: str | Path | None = None,
     cancel: threading.Event | None = None,
+    poll_s: float = 0.5,
     **options: Any,
 ) -> list[CohortResult]:
     """One bag per slide in ``out_dir`` (``<slide id>.npz``), skipping bags already complete and current.
@@ -197,8 +198,13 @@ def extract_cohort(
     ``out_dir`` None means ``<project>/features/<encoder name>``. A slide that cannot be read is
     reported ("failed", with the reason) and the run goes on with the next; ``overwrite`` recomputes
     everything. ``options`` go to :func:`extract_features` (``min_tissue``, ``num_workers``...).
+
+    Each slide is claimed first (:mod:`napari_wsimil.io.claims`, in ``out_dir/.claims``), so two extractions
+    on one project share the slides instead of both doing all of them: a slide another live process holds is
+    left for later, then reported "skipped" once its bag is there (or done here if that process died; every
+    ``poll_s`` seconds until then).
     """
-    slides, features_dir = _slides_of(slides_or_project)
+    slides, features_dir = cohort_slides(slides_or_project)
     enc = _as_encoder(encoder, device, weights, mpp)
     if out_dir is None:
         if features_dir is None:
@@ -213,34 +219,88 @@ def extract_cohort(
         if progress is not None:
             progress(event)
 
-    for index, (sid, path, opener, slide_mpp) in enumerate(slides):
-        bag_path = out / f"{sid}{BAG_SUFFIX}"
-        current = bag_path.exists() and not stale_reasons(bag_path, enc, path, patch_size, mpp, slide_mpp)
-        if current and not overwrite:
-            emit(CohortEvent("skipped", sid, index, count, message="up to date"))
-            results.append(CohortResult(sid, path, bag_path, "skipped"))
-            continue
-        emit(CohortEvent("started", sid, index, count))
+    deferred: list[tuple[int, _Entry]] = []
+    for index, entry in enumerate(slides):
+        result = extract_slide(entry, out, enc, patch_size, mpp, batch_size, index=index, count=count,
+                               emit=emit, overwrite=overwrite, cancel=cancel, options=options)
+        if result.status == "busy":  # another process has it: come back once it is done
+            deferred.append((index, entry))
+        results.append(result)
+    while deferred:  # slides another process was extracting: wait for it, then skip (or redo if it died)
+        time.sleep(poll_s)
+        still: list[tuple[int, _Entry]] = []
+        for index, entry in deferred:
+            result = extract_slide(entry, out, enc, patch_size, mpp, batch_size, index=index, count=count,
+                                   emit=emit, overwrite=False, cancel=cancel, options=options, quiet_busy=True)
+            if result.status == "busy":
+                still.append((index, entry))
+            else:
+                results[index] = result
+        deferred = still
+    return results
+
+
+def extract_slide(entry: _Entry, out: Path, enc: Encoder, patch_size: int, mpp: float, batch_size: int, *,
+                  index: int = 0, count: int = 1, emit: Callable[[CohortEvent], None] | None = None,
+                  overwrite: bool = False, cancel: threading.Event | None = None,
+                  options: Mapping[str, Any] | None = None, quiet_busy: bool = False) -> CohortResult:
+    """One slide's bag ``out/<slide id>.npz`` under a claim: the unit of work that the cohort loop, a second
+    process on the same project and a dask worker all run, so their outputs are the same file.
+
+    Status "skipped" (current bag), "done", "failed" (``message`` says why) or "busy" (another live process
+    holds the claim; nothing was done). The bag is written atomically before the claim is released, so a
+    process killed at any point leaves either no bag or a whole one, and a stale claim of a dead process
+    is taken over by the next one to try."""
+    from ..io.claims import Claim, try_claim
+
+    sid, path, opener, slide_mpp = entry
+    say = emit or (lambda _e: None)
+    bag_path = out / f"{sid}{BAG_SUFFIX}"
+
+    def current() -> bool:
+        return bag_path.exists() and not stale_reasons(bag_path, enc, path, patch_size, mpp, slide_mpp)
+
+    if not overwrite and current():
+        say(CohortEvent("skipped", sid, index, count, message="up to date"))
+        return CohortResult(sid, path, bag_path, "skipped")
+    claim = try_claim(out, f"{sid}{BAG_SUFFIX}")  # the key every extraction of this bag uses
+    if not isinstance(claim, Claim):
+        if not quiet_busy:
+            say(CohortEvent("busy", sid, index, count, message=f"being extracted by {claim.describe()}"))
+        return CohortResult(sid, path, bag_path, "busy", message=f"claimed by {claim.describe()}")
+    with claim:
+        from ..io.atomic import TMP_SUFFIX
+
+        for tmp in out.glob(f".{bag_path.name}.*{TMP_SUFFIX}"):  # a killed writer's leftovers: the bag is ours now
+            tmp.unlink(missing_ok=True)
+        if not overwrite and current():  # finished by another process between our check and our claim
+            say(CohortEvent("skipped", sid, index, count, message="done by another process"))
+            return CohortResult(sid, path, bag_path, "skipped", message="done by another process")
+        say(CohortEvent("started", sid, index, count))
         t0 = time.perf_counter()
         try:
             slide = opener()
-            bag = extract_features(
-                slide, enc, patch_size, mpp, batch_size, device=enc.device, cancel=cancel,
-                progress=lambda d, t, s=sid, i=index: emit(CohortEvent("patches", s, i, count, d, t)),
-                **options,
-            )
+            try:
+                bag = extract_features(
+                    slide, enc, patch_size, mpp, batch_size, device=enc.device, cancel=cancel,
+                    progress=lambda d, t: say(CohortEvent("patches", sid, index, count, d, t)),
+                    **dict(options or {}),
+                )
+            finally:
+                close = getattr(slide, "close", None)
+                if close is not None:
+                    close()
             bag.attrs["slide_id"] = sid
             bag.save(bag_path)
         except ExtractionCancelled:
             raise
         except (WsimilError, OSError) as exc:
-            emit(CohortEvent("failed", sid, index, count, message=str(exc)))
-            results.append(CohortResult(sid, path, bag_path, "failed", message=str(exc)))
-            continue
-        seconds = time.perf_counter() - t0
-        emit(CohortEvent("done", sid, index, count, len(bag), len(bag)))
-        results.append(CohortResult(sid, path, bag_path, "done", len(bag), seconds))
-    return results
+            say(CohortEvent("failed", sid, index, count, message=str(exc)))
+            return CohortResult(sid, path, bag_path, "failed", message=str(exc))
+    seconds = time.perf_counter() - t0
+    say(CohortEvent("done", sid, index, count, len(bag), len(bag)))
+    return CohortResult(sid, path, bag_path, "done", len(bag), seconds)
 
 
-__all__ = ["CohortEvent", "CohortResult", "ExtractionCancelled", "extract_cohort", "extract_features"]
+__all__ = ["CohortEvent", "CohortResult", "ExtractionCancelled", "cohort_slides", "extract_cohort", "extract_features",
+           "extract_slide"]

@@ -165,7 +165,7 @@ class MILFamily(MethodFamily):
             if key not in run.info:
                 raise WsimilError(f"{Path(request.run) / 'run.json'} is missing or lacks {key!r}: was RUN written "
                                   "by 'wsimil train'?")
-        cohort = load_cohort(request.cohort)
+        cohort = load_cohort(request.cohort).only(request.options.get("slides"))  # one slide: a cluster task
         encoder, mpp, patch = run.info["encoder"], float(run.info["mpp"]), int(run.info["patch"])
         feat_dir = features_dir_for(cohort, request.run, encoder)
         say(f"features: {len(cohort.slides)} slides, encoder {encoder}, {patch} px at {mpp:g} µm/px -> {feat_dir}")

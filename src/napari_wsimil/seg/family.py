@@ -70,7 +70,7 @@ class SegmentationFamily(MethodFamily):
         run = load_seg_run(request.run, device=request.device, weights=request.weights)
         point = read_operating_point(request.run) if request.weights == "best" else None
         threshold = float(point["threshold"]) if point else 0.5
-        cohort = load_cohort(request.cohort)
+        cohort = load_cohort(request.cohort).only(request.options.get("slides"))  # one slide: a cluster task
         classes = run.info.get("classes") or ["0", "1"]
         out = Path(request.out)
         out.mkdir(parents=True, exist_ok=True)

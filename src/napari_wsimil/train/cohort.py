@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,6 +43,14 @@ class Cohort:
     def has_splits(self) -> bool:
         return any(s.split for s in self.slides)
 
+    def only(self, slide_ids: Sequence[str] | None) -> Cohort:
+        """The same cohort restricted to ``slide_ids`` (in the cohort's order; None keeps every slide): how a
+        cluster task predicts one slide through a family's ``predict`` and writes what the whole run would."""
+        if slide_ids is None:
+            return self
+        keep = set(slide_ids)
+        return replace(self, slides=[s for s in self.slides if s.slide_id in keep])
+
 
 def load_cohort(source: str | os.PathLike[str]) -> Cohort:
     """Read a cohort CSV or a project folder. A bad value (a split, an mpp that is not a positive number,
@@ -51,9 +60,9 @@ def load_cohort(source: str | os.PathLike[str]) -> Cohort:
     from ..project.project import PROJECT_FILE, Project
 
     src = Path(source)
+    if src.is_dir() and not (src / PROJECT_FILE).is_file():
+        return _folder_cohort(src)
     if src.is_dir():
-        if not (src / PROJECT_FILE).is_file():
-            raise CohortError(f"{src} is a folder without {PROJECT_FILE}: give a cohort CSV or a project folder")
         p = Project.open(src, readonly=True)
         try:
             items = [SlideItem(r.slide_id, p.slide_path(r.slide_id), r.label, r.split, mpp=r.mpp,
@@ -75,6 +84,27 @@ def load_cohort(source: str | os.PathLike[str]) -> Cohort:
     if problems:
         raise CohortError(f"{src.name} has {len(problems)} problems:\n  " + "\n  ".join(problems))
     return Cohort(src, items, False, None)
+
+
+def _folder_cohort(folder: Path) -> Cohort:
+    """A folder of slide files (new, unlabelled slides to predict): one slide per file, named by its file name."""
+    from ..project.schema import id_from_path
+    from ..slide.formats import SLIDE_SUFFIXES
+
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(SLIDE_SUFFIXES))
+    if not files:
+        raise CohortError(f"{folder} holds no slide files ({', '.join(SLIDE_SUFFIXES)}) and no project: give a "
+                          "cohort CSV, a project folder or a folder of slides")
+    items, seen = [], set()
+    for path in files:
+        sid = id_from_path(path)
+        if sid in seen:
+            raise CohortError(f"two slides in {folder} would both be called {sid!r}; list them in a cohort CSV "
+                              "with a slide_id column")
+        seen.add(sid)
+        items.append(SlideItem(sid, path, None))
+    return Cohort(folder, items, False, None)
 
 
 def class_names(labels: Sequence[str]) -> list[str]:
@@ -135,8 +165,8 @@ def features_dir_for(cohort: Cohort, run_dir: str | os.PathLike[str], encoder: s
 
 
 def cohort_encoder(encoder: str, weights: str | None, device: str, mpp: float) -> Any:
-    """The encoder ``encoder`` built once for a cohort (told ``mpp`` when it measures in µm); a self-supervised
-    one without its weights is refused (the name alone would be an untrained random network, silently)."""
+    """The encoder ``encoder`` (told ``mpp`` when it measures in µm), built once per process and weights file
+    version (it is used in eval mode only, so sharing it is safe); a self-supervised one without its weights is refused (the name alone would be an untrained random network, silently)."""
     from ..features import build_encoder
     from ..features.extract import encoder_scale_options
 
@@ -144,7 +174,26 @@ def cohort_encoder(encoder: str, weights: str | None, device: str, mpp: float) -
         raise CohortError(f"--encoder {encoder} needs its trained weights: train it on the project first "
                           f"('wsimil features PROJECT --encoder {encoder} --mpp {mpp:g}', which caches it under "
                           "PROJECT/features/ssl) and pass that file with --weights")
-    return build_encoder(encoder, weights=weights, device=device, **encoder_scale_options(encoder, mpp))
+    key = (encoder, str(weights), _mtime(weights), device, float(mpp))
+    enc = _ENCODERS.get(key)
+    if enc is None:
+        enc = build_encoder(encoder, weights=weights, device=device, **encoder_scale_options(encoder, mpp))
+        if len(_ENCODERS) >= 2:  # a process rarely alternates between more; big encoders hold GPU memory
+            _ENCODERS.pop(next(iter(_ENCODERS)))
+        _ENCODERS[key] = enc
+    return enc
+
+
+#: encoders built by :func:`cohort_encoder` in this process: a cluster worker predicting slide after slide
+#: builds (and loads the weights of) each encoder once, not once per slide
+_ENCODERS: dict[tuple[Any, ...], Any] = {}
+
+
+def _mtime(path: str | None) -> int:
+    try:
+        return Path(path).stat().st_mtime_ns if path else 0
+    except OSError:
+        return 0
 
 
 def extract_missing(slides: Sequence[SlideItem], out_dir: Path, suffix: str,
@@ -157,7 +206,9 @@ def extract_missing(slides: Sequence[SlideItem], out_dir: Path, suffix: str,
     A slide whose bag ``is_current(path, slide)`` is skipped; any other is opened (through ``project`` when
     given, else with its own µm/px) and ``extract(slide, item)`` gives an object with ``attrs`` and ``save``,
     saved atomically with its slide id (an interrupted run leaves complete bags only). Every failing slide is
-    reported, then one error names the first ("``task`` failed for ...")."""
+    reported, then one error names the first ("``task`` failed for ..."). Each slide is claimed first
+    (:mod:`napari_wsimil.io.claims`), so two processes on one project share the slides instead of both doing all
+    of them; a slide another live process holds is waited for."""
     from ..errors import MissingMppError
     from ..slide import open_slide
 
@@ -171,15 +222,26 @@ def extract_missing(slides: Sequence[SlideItem], out_dir: Path, suffix: str,
         proj = Project.open(project, readonly=True)
     bags: dict[str, Path] = {}
     failed: list[tuple[str, str]] = []
-    try:
-        count = len(slides)
-        for index, s in enumerate(slides):
-            where = f"{head} [{index + 1}/{count}] {s.slide_id}"
-            bag_path = out / f"{s.slide_id}{suffix}"
-            bags[s.slide_id] = bag_path
-            if bag_path.exists() and is_current(bag_path, s):
+
+    def one(index: int, s: SlideItem, quiet_busy: bool = False) -> bool:
+        """Extract slide ``s`` under its claim; False when another live process holds it."""
+        from ..io.claims import Claim, try_claim
+
+        where = f"{head} [{index + 1}/{count}] {s.slide_id}"
+        bag_path = out / f"{s.slide_id}{suffix}"
+        bags[s.slide_id] = bag_path
+        if bag_path.exists() and is_current(bag_path, s):
+            say(f"{where}: up to date")
+            return True
+        claim = try_claim(out, f"{s.slide_id}{suffix}")
+        if not isinstance(claim, Claim):
+            if not quiet_busy:
+                say(f"{where}: being extracted by {claim.describe()}; waiting for it")
+            return False
+        with claim:
+            if bag_path.exists() and is_current(bag_path, s):  # another process finished it meanwhile
                 say(f"{where}: up to date")
-                continue
+                return True
             try:
                 with (proj.open_slide(s.slide_id) if proj is not None else open_slide(s.path, mpp=s.mpp)) as slide:
                     bag = extract(slide, s)
@@ -192,8 +254,16 @@ def extract_missing(slides: Sequence[SlideItem], out_dir: Path, suffix: str,
                             "set the slide's pixel size.")
                 say(f"{where}: FAILED: {msg}")
                 failed.append((s.slide_id, msg))
-                continue
-            say(f"{where}: {describe(bag) if describe is not None else f'{len(bag)} patches'}")
+                return True
+        say(f"{where}: {describe(bag) if describe is not None else f'{len(bag)} patches'}")
+        return True
+
+    count = len(slides)
+    try:
+        waiting = [(i, s) for i, s in enumerate(slides) if not one(i, s)]
+        while waiting:  # slides another process holds: wait for its bags (or take over if it died)
+            time.sleep(0.5)
+            waiting = [(i, s) for i, s in waiting if not one(i, s, quiet_busy=True)]
     finally:
         if proj is not None:
             proj.close()

@@ -31,7 +31,9 @@ MapMaker = Callable[[int, bool], list[MapEvent]]
 @dataclass
 class PredictRequest:
     """``wsimil predict RUN --cohort C --out PRED``: the options every family takes, and ``options`` for
-    the family's own (heatmaps, masks, slide scores ...), by the CLI's option names."""
+    the family's own (heatmaps, masks, slide scores ...), by the CLI's option names. ``options["slides"]``, when
+    given, is the list of slide ids to predict (the rest of the cohort is left alone): a ``--cluster`` run predicts
+    one slide per task this way, into a folder of its own, and merges them."""
 
     run: Path
     cohort: Path

@@ -159,7 +159,7 @@ class ZoomMILFamily(MethodFamily):
 
         say = report or _quiet
         run = load_zoom_run(request.run, device=request.device, weights=request.weights)
-        cohort = load_cohort(request.cohort)
+        cohort = load_cohort(request.cohort).only(request.options.get("slides"))  # one slide: a cluster task
         out = Path(request.out)
         (out / "attention").mkdir(parents=True, exist_ok=True)
         encoder = run.encoder()

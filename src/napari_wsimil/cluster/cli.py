@@ -1,0 +1,116 @@
+"""``--cluster SPEC`` on ``wsimil features`` and ``wsimil predict`` (segmentation maps and masks included: they are
+``wsimil predict`` of a segmentation run, with ``--masks``).
+
+The commands themselves live in the layers below (``features/cli.py``, ``workflow/cli.py``), which must not import
+this package; so the top-level ``cli.py`` calls :func:`extend` after registering them, which adds the option and
+wraps each command: without ``--cluster`` the command runs exactly as before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+SPEC_HELP = ("run one task per slide on dask.distributed: local (one worker process per core, or per GPU), "
+             "local:N, tcp://HOST:PORT (a running scheduler) or a dask-jobqueue YAML file (jobqueue: slurm, jobs: N, "
+             "cores, memory, gpus ..., the cluster class's own options). The dashboard address is printed")
+
+
+def extend(subparsers: Any) -> None:
+    """Add ``--cluster`` to the ``features`` and ``predict`` subcommands already in ``subparsers``."""
+    for name, runner in (("features", _features), ("predict", _predict)):
+        parser = subparsers.choices.get(name)
+        if parser is None:
+            continue
+        parser.add_argument("--cluster", default=None, metavar="SPEC", help=SPEC_HELP)
+        if name == "features":
+            parser.add_argument("--reader-threads", type=int, default=2, metavar="T",
+                                help="with --cluster: tile-decoding threads per slide in each worker (default 2)")
+        plain = parser.get_default("func")
+        parser.set_defaults(func=_either(plain, runner))
+
+
+def _either(plain: Any, clustered: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        return clustered(args) if getattr(args, "cluster", None) else plain(args)
+
+    run.__doc__ = plain.__doc__
+    return run
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _open(spec: str) -> Any:
+    from .spec import connect
+
+    handle = connect(spec)
+    workers = len(handle.client.scheduler_info().get("workers", {}))
+    _say(f"cluster {handle.spec}: {workers} workers{', GPU tasks' if handle.uses_gpus else ''}; "
+         f"dashboard {handle.dashboard}")
+    return handle
+
+
+def _features(args: argparse.Namespace) -> int:
+    from .cohorts import extract_on_cluster
+    from .progress import SlideBar
+
+    source: Any = args.source[0] if len(args.source) == 1 and Path(args.source[0]).is_dir() else args.source
+    if args.out is None and not isinstance(source, str):
+        _say("wsimil features: error: give --out DIR for slide files (bags go inside a project by default)")
+        return 2
+    if args.weights is None and args.encoder in ("ssl-ae", "ssl-simclr"):
+        _say(f"wsimil features: error: --cluster needs the weights of --encoder {args.encoder}: run it once without "
+             "--cluster (it trains and caches them under PROJECT/features/ssl) and pass that file with --weights")
+        return 2
+    with _open(args.cluster) as handle:
+        bar: SlideBar | None = None
+
+        def progress(done: int, total: int, result: dict[str, Any] | None) -> None:
+            nonlocal bar
+            bar = bar or SlideBar(total)
+            if result is not None:
+                bar.update(result)
+
+        results = extract_on_cluster(handle, source, args.out, args.encoder, weights=args.weights, patch=args.patch,
+                                     mpp=args.mpp, batch=args.batch, device=args.device, min_tissue=args.min_tissue,
+                                     overwrite=args.overwrite, reader_threads=args.reader_threads, progress=progress)
+        if bar is not None:
+            bar.close()
+    failed = [r for r in results if r["status"] == "failed"]
+    done = sum(r["status"] == "done" for r in results)
+    _say(f"{done} computed, {len(results) - done - len(failed)} up to date, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .cohorts import FAILURES_FILE, predict_on_cluster
+    from .progress import SlideBar
+
+    options = {k: getattr(args, k) for k in ("heatmaps", "heatmap_overlap", "slide_score", "top_k", "masks")
+               if hasattr(args, k)}
+    with _open(args.cluster) as handle:
+        bar: SlideBar | None = None
+
+        def progress(done: int, total: int, result: dict[str, Any] | None) -> None:
+            nonlocal bar
+            bar = bar or SlideBar(total)
+            if result is not None:
+                bar.update(result)
+
+        results = predict_on_cluster(handle, args.run, args.cohort, args.out, weights=args.weights,
+                                     device=args.device, options=options, progress=progress)
+        if bar is not None:
+            bar.close()
+    failed = [r for r in results if r["status"] == "failed"]
+    _say(f"predictions: {Path(args.out) / 'predictions.csv'} ({len(results) - len(failed)} slides)")
+    if failed:
+        _say(f"{len(failed)} slides could not be predicted: see {Path(args.out) / FAILURES_FILE}")
+        return 1
+    return 0
+
+
+__all__ = ["extend"]

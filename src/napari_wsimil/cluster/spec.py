@@ -1,0 +1,183 @@
+"""``--cluster SPEC`` → a connected dask ``Client``: ``local[:N]``, ``tcp://HOST:PORT`` or a dask-jobqueue YAML file.
+
+The engine is dask.distributed, not a home-made one: it already retries a dead worker's task elsewhere, places
+tasks on workers with free resources and serves a dashboard. This module only turns the user's short spec into a
+client, with a one-line reason when it cannot (an unreachable scheduler is a user problem, not a traceback).
+
+``local[:N]`` starts N worker *processes* with one thread each (default: one per CPU core, or one per GPU when
+torch sees GPUs); dask sets ``OMP_NUM_THREADS=1`` in every worker it spawns, so torch does not start one BLAS
+thread per core in each worker and oversubscribe the machine. With GPUs each worker gets its own
+``CUDA_VISIBLE_DEVICES`` and the resource ``GPU=1``, and tasks ask for ``resources={"GPU": 1}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import WsimilError
+
+#: how long to try reaching a scheduler before saying it is unreachable
+CONNECT_TIMEOUT_S = 10.0
+#: dask-jobqueue cluster classes by the ``jobqueue:`` key of a YAML spec
+JOBQUEUE_CLASSES = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster",
+                    "htcondor": "HTCondorCluster", "moab": "MoabCluster", "oar": "OARCluster"}
+
+
+class ClusterError(WsimilError):
+    """The cluster spec cannot be used: malformed, unreachable scheduler, missing package."""
+
+
+@dataclass
+class ClusterHandle:
+    """A connected client, the cluster this process started (None for a scheduler it only joined) and how to say
+    where the dashboard is."""
+
+    client: Any
+    cluster: Any = None
+    spec: str = ""
+    gpus: int = 0
+    closers: list[Any] = field(default_factory=list)
+
+    @property
+    def dashboard(self) -> str:
+        """The dashboard address, with a note when bokeh (which serves it) is not installed."""
+        link = str(getattr(self.client, "dashboard_link", "") or "")
+        try:
+            import bokeh  # noqa: F401
+        except ImportError:
+            return f"{link} (not served: bokeh is not installed; pip install 'bokeh>=3.1' to see it)"
+        return link
+
+    @property
+    def uses_gpus(self) -> bool:
+        """Whether any worker advertises the GPU resource (tasks then ask for one each)."""
+        try:
+            workers = self.client.scheduler_info().get("workers", {})
+        except Exception:  # noqa: BLE001 - a scheduler that went away: no GPUs to ask for
+            return False
+        return any((w.get("resources") or {}).get("GPU") for w in workers.values())
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close()
+        for c in (self.cluster, *self.closers):
+            if c is not None:
+                with contextlib.suppress(Exception):
+                    c.close()
+
+    def __enter__(self) -> ClusterHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _gpu_count() -> int:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and not visible.strip():
+        return 0
+    try:
+        import torch
+
+        return int(torch.cuda.device_count())
+    except Exception:  # noqa: BLE001 - no torch or no CUDA: CPU workers
+        return 0
+
+
+def _dashboard_address() -> str | None:
+    """A free port for the dashboard when bokeh can serve one (``:0``), else none at all."""
+    try:
+        import bokeh  # noqa: F401
+    except ImportError:
+        return None
+    return ":0"
+
+
+def local_cluster(n_workers: int | None = None, *, gpus: int | None = None) -> ClusterHandle:
+    """A LocalCluster of one-thread worker processes on this machine (see the module docstring)."""
+    from distributed import Client, LocalCluster
+
+    gpus = _gpu_count() if gpus is None else gpus
+    if gpus:
+        from distributed import Nanny, Scheduler, SpecCluster
+
+        n = n_workers or gpus
+        visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()] or \
+            [str(i) for i in range(gpus)]
+        workers = {f"gpu-{i}": {"cls": Nanny, "options": {
+            "nthreads": 1, "resources": {"GPU": 1}, "env": {"CUDA_VISIBLE_DEVICES": visible[i % len(visible)]}}}
+            for i in range(n)}
+        scheduler = {"cls": Scheduler, "options": {"dashboard_address": _dashboard_address() or ":0"}}
+        cluster = SpecCluster(workers=workers, scheduler=scheduler, silence_logs=40)
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cluster = LocalCluster(n_workers=n_workers or cores, threads_per_worker=1, processes=True,
+                               dashboard_address=_dashboard_address(), silence_logs=40)
+    return ClusterHandle(Client(cluster), cluster, f"local:{len(cluster.workers)}", gpus)
+
+
+def _jobqueue_cluster(path: Path) -> ClusterHandle:
+    import yaml
+
+    try:
+        conf = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ClusterError(f"cannot read the cluster file {path}: {exc}") from None
+    if not isinstance(conf, dict):
+        raise ClusterError(f"{path} should be a mapping such as 'jobqueue: slurm', 'jobs: 10', 'cores: 8' ...")
+    conf = dict(conf)
+    kind = str(conf.pop("jobqueue", "slurm")).lower()
+    jobs = int(conf.pop("jobs", 1))
+    if kind not in JOBQUEUE_CLASSES:
+        raise ClusterError(f"{path}: jobqueue {kind!r} is not one of {', '.join(JOBQUEUE_CLASSES)}")
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise ClusterError("a YAML cluster spec needs dask-jobqueue: pip install dask-jobqueue") from None
+    from distributed import Client
+
+    try:
+        cluster = getattr(dask_jobqueue, JOBQUEUE_CLASSES[kind])(**conf)
+    except (TypeError, ValueError) as exc:
+        raise ClusterError(f"{path}: {exc}") from None
+    cluster.scale(jobs=jobs)
+    return ClusterHandle(Client(cluster), cluster, f"{kind}:{jobs} jobs", int(conf.get("gpus", 0) or 0))
+
+
+def connect(spec: str, *, timeout: float | None = None) -> ClusterHandle:
+    """The client for ``spec`` (see the module docstring); :class:`ClusterError` with one line when it cannot."""
+    spec = spec.strip()
+    timeout = CONNECT_TIMEOUT_S if timeout is None else timeout
+    if spec == "local" or spec.startswith("local:"):
+        n: int | None = None
+        if spec != "local":
+            try:
+                n = int(spec.split(":", 1)[1])
+            except ValueError:
+                n = 0
+            if n < 1:
+                raise ClusterError(f"--cluster {spec}: the number of workers must be a whole number ≥ 1, e.g. local:4")
+        return local_cluster(n)
+    if "://" in spec:
+        from distributed import Client
+
+        try:
+            client = Client(spec, timeout=timeout)
+        except (OSError, TimeoutError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ClusterError(f"cannot reach the dask scheduler at {spec} within {timeout:g} s: is it running and "
+                               f"reachable from here? ({reason[:160]})") from None
+        return ClusterHandle(client, None, spec)
+    path = Path(spec)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ClusterError(f"cluster file {path} does not exist")
+        return _jobqueue_cluster(path)
+    raise ClusterError(f"--cluster {spec!r}: expected local, local:N, tcp://HOST:PORT or a dask-jobqueue .yaml file")
+
+
+__all__ = ["ClusterError", "ClusterHandle", "connect", "local_cluster"]

@@ -1,0 +1,199 @@
+"""What a dask worker runs: one task per slide, for feature extraction and for prediction.
+
+A task gets paths and settings (small, picklable dataclasses), never pixel arrays or models: the worker opens the
+slide itself, builds the encoder or loads the run once per process (``train.cohort.cohort_encoder`` keeps it), and
+writes its result into the same stores the single-process path writes, under that slide's claim:
+
+- extraction: ``features.extract.extract_slide``, the very function ``wsimil features`` runs per slide, so the
+  bags are byte-for-byte the same computation;
+- prediction: the run's family ``predict`` restricted to the one slide (``options["slides"]``) into a private
+  folder ``PRED/.parts/<slide>``, whose files are then moved into ``PRED`` (``os.replace``, atomic) and whose
+  predictions row becomes ``PRED/.done/<slide>.json`` — the slide's commit point. A worker killed before that
+  leaves only a hidden part folder, removed by the next task that claims the slide.
+
+Each returns a plain dict (status, slide id, seconds, message ...), which is all that travels back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import WsimilError
+
+PARTS_DIR = ".parts"
+DONE_DIR = ".done"
+#: how long a task waits for a slide another client holds before handing it back as "busy"
+BUSY_WAIT_S = 2.0
+
+
+@dataclass(frozen=True)
+class ExtractJob:
+    """One slide's feature bag: what ``wsimil features`` would do for it."""
+
+    slide_id: str
+    path: str
+    slide_mpp: float | None
+    out: str
+    encoder: str
+    weights: str | None = None
+    patch: int = 256
+    mpp: float = 0.5
+    batch: int = 64
+    device: str = "auto"
+    min_tissue: float = 0.5
+    reader_threads: int = 2
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    """One slide's prediction: what ``wsimil predict`` would write for it."""
+
+    slide_id: str
+    path: str
+    run: str
+    cohort: str
+    out: str
+    weights: str = "best"
+    device: str = "auto"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def signature(self) -> dict[str, Any]:
+        """What a finished slide's prediction depends on: a resumed run with another signature redoes it."""
+        run = Path(self.run)
+        stamp = [(p.name, p.stat().st_mtime_ns) for p in sorted(run.glob("*.safetensors"))]
+        opts = {k: v for k, v in self.options.items() if k != "slides"}
+        sig = {"run": str(run.resolve()), "weights": self.weights, "options": opts, "checkpoints": stamp}
+        return json.loads(json.dumps(sig))  # as it reads back from a done marker (tuples become lists)
+
+
+def _one_thread() -> None:
+    """A one-thread dask worker runs one task at a time: one torch thread each, or two workers on two cores run
+    four threads and both slow down (dask already sets OMP_NUM_THREADS=1 in the processes it spawns; a worker
+    started by hand may not have)."""
+    try:
+        from distributed import get_worker
+
+        threads = get_worker().state.nthreads
+    except (ImportError, ValueError, AttributeError):
+        return  # not in a worker: leave the caller's setting alone
+    import torch
+
+    if torch.get_num_threads() != 1 and threads >= 1:
+        torch.set_num_threads(1)
+
+
+def _result(job: Any, status: str, **extra: Any) -> dict[str, Any]:
+    return {"slide_id": job.slide_id, "path": job.path, "status": status, "host": socket.gethostname(),
+            "pid": os.getpid(), **extra}
+
+
+def extract_task(job: ExtractJob) -> dict[str, Any]:
+    """Extract one slide's bag into ``job.out`` (see the module docstring); "busy" when another client holds it."""
+    from ..features.extract import extract_slide
+    from ..slide import open_slide
+    from ..train.cohort import cohort_encoder
+
+    _one_thread()
+    t0 = time.perf_counter()
+    enc = cohort_encoder(job.encoder, job.weights, job.device, job.mpp)
+    t_enc = time.perf_counter() - t0
+    path = Path(job.path)
+    entry = (job.slide_id, path, lambda: open_slide(path, mpp=job.slide_mpp), job.slide_mpp)
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + BUSY_WAIT_S
+    while True:
+        r = extract_slide(entry, out, enc, job.patch, job.mpp, job.batch, overwrite=job.overwrite,
+                          options={"min_tissue": job.min_tissue, "num_workers": job.reader_threads})
+        if r.status != "busy" or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    return _result(job, r.status, n_patches=r.n_patches, seconds=time.perf_counter() - t0, encoder_s=t_enc,
+                   message=r.message)
+
+
+# --- prediction ------------------------------------------------------------------------------------------
+
+def done_marker(out: Path, slide_id: str) -> Path:
+    return out / DONE_DIR / f"{slide_id}.json"
+
+
+def read_done(out: Path, slide_id: str, signature: dict[str, Any]) -> dict[str, Any] | None:
+    """The committed prediction of ``slide_id`` when it was made with ``signature``, else None."""
+    try:
+        d = json.loads(done_marker(out, slide_id).read_text())
+    except (OSError, ValueError):
+        return None
+    return d if d.get("signature") == signature else None
+
+
+def _move_outputs(part: Path, out: Path) -> None:
+    """Every file of the part folder but its own predictions.csv and prediction.json, into ``out`` (atomic
+    renames on one file system)."""
+    for src in sorted(p for p in part.rglob("*") if p.is_file()):
+        rel = src.relative_to(part)
+        if rel.parts[0] in ("predictions.csv", "prediction.json"):
+            continue
+        dst = out / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+
+
+def predict_task(job: PredictJob) -> dict[str, Any]:
+    """Predict one slide with the run's family into ``job.out`` (see the module docstring)."""
+    import csv
+
+    from ..io.atomic import write_text
+    from ..io.claims import Claim, try_claim
+    from ..train.family import PredictRequest
+    from ..train.registry import run_family
+
+    _one_thread()
+    t0 = time.perf_counter()
+    out = Path(job.out)
+    signature = job.signature()
+    if (done := read_done(out, job.slide_id, signature)) is not None:
+        return _result(job, "skipped", seconds=0.0, row=done["row"], header=done["header"], meta=done["meta"])
+    deadline = time.monotonic() + BUSY_WAIT_S
+    while not isinstance(claim := try_claim(out, job.slide_id), Claim):
+        if time.monotonic() > deadline:
+            return _result(job, "busy", message=f"claimed by {claim.describe()}")
+        time.sleep(0.25)
+    with claim:
+        if (done := read_done(out, job.slide_id, signature)) is not None:  # finished by another client
+            return _result(job, "skipped", seconds=0.0, row=done["row"], header=done["header"], meta=done["meta"])
+        parts = out / PARTS_DIR
+        for old in parts.glob(f"{job.slide_id}.*"):  # a dead attempt's leftovers: the claim is ours now
+            shutil.rmtree(old, ignore_errors=True)
+        part = parts / f"{job.slide_id}.{os.getpid()}"
+        part.mkdir(parents=True, exist_ok=True)
+        try:
+            family, _info = run_family(job.run)
+            request = PredictRequest(Path(job.run), Path(job.cohort), part, job.weights, job.device,
+                                     {**job.options, "slides": [job.slide_id]})
+            meta = family.predict(request, report=None)
+            with open(part / "predictions.csv", newline="") as fh:
+                rows = list(csv.reader(fh))
+            if len(rows) != 2 or rows[1][0] != job.slide_id:
+                raise WsimilError(f"the {family.name} family predicted {len(rows) - 1} slides when asked for "
+                                  f"{job.slide_id} alone: it does not support --cluster (options['slides'])")
+            _move_outputs(part, out)
+            record = {"slide_id": job.slide_id, "header": rows[0], "row": rows[1], "meta": meta,
+                      "signature": signature}
+            write_text(done_marker(out, job.slide_id), json.dumps(record))
+        except (WsimilError, OSError, ValueError) as exc:
+            return _result(job, "failed", seconds=time.perf_counter() - t0, message=str(exc).splitlines()[0])
+        finally:
+            shutil.rmtree(part, ignore_errors=True)
+    return _result(job, "done", seconds=time.perf_counter() - t0, row=rows[1], header=rows[0], meta=meta)
+
+
+__all__ = ["ExtractJob", "PredictJob", "done_marker", "extract_task", "predict_task", "read_done"]
