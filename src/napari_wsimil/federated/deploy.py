@@ -27,6 +27,7 @@ from .methods import load_method
 
 Report = Callable[[str], None]
 FLOWER_DIR = ".flower"
+READY = "ready"
 
 
 def federation_config(method_name: str, settings: dict[str, Any], rounds: int) -> tuple[Any, dict[str, Any]]:
@@ -58,6 +59,7 @@ def serve(method_name: str, out: Path, rounds: int, min_sites: int, address: str
     home = out / FLOWER_DIR
     home.mkdir(parents=True, exist_ok=True)
     (out / "server-status.json").unlink(missing_ok=True)
+    (home / READY).unlink(missing_ok=True)
     env = flower_env(home)
     write_connection(home, f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", security)
     app = write_app(home / "app", {"method": method_name, "settings": json.dumps(config), "out": str(out),
@@ -72,6 +74,7 @@ def serve(method_name: str, out: Path, rounds: int, min_sites: int, address: str
             wait_for_port(host, port, link)
             if security.auth and security.keys is not None:
                 say(f"registered {register_sites(security.keys, env, log)} site key(s)")
+            write_text(home / READY, str(port))  # sites may join now (simulate waits for this)
             res = subprocess.run([bin_path("flwr"), "run", str(app), "--stream"], env=env, stdout=open(log, "ab"),
                                  stderr=subprocess.STDOUT)
             status = _status(out)
@@ -108,11 +111,27 @@ def join(source: Path, server: str, *, name: str | None, workdir: Path | None, r
     say(f"site {name} joins {server} with {source} ({'TLS' if root_cert else 'NO TLS'}); its slides stay here; "
         f"log: {workdir / 'site.log'}")
     with terminated_on_signal():
-        proc = start(cmd, flower_env(home), workdir / "site.log")
+        log = workdir / "site.log"
+        proc = start(cmd, flower_env(home), log)
         try:
-            return proc.wait()
+            rc = proc.wait()
         finally:
             stop(proc)
+    text = log.read_text(errors="replace")[-20000:] if log.exists() else ""
+    if rc != 0 and "Exit Code: 305" in text:
+        raise WsimilError(f"the server refused site {name}: its key is not registered there (or the server is not "
+                          "ready yet); ask the server's operator to add sites/<name>.pub")
+    return rc
+
+
+def _wait_ready(marker: Path, server: subprocess.Popen, timeout: float) -> None:
+    t0 = time.monotonic()
+    while not marker.exists():
+        if server.poll() is not None:
+            raise WsimilError(f"the federation server stopped at start (exit {server.returncode})")
+        if time.monotonic() - t0 > timeout:
+            raise WsimilError(f"the federation server was not ready after {timeout:g} s")
+        time.sleep(0.3)
 
 
 def split_by_site(csv_path: Path, column: str, out: Path) -> dict[str, Path]:
@@ -173,8 +192,7 @@ def simulate(csv_path: Path, column: str, method_name: str, out: Path, rounds: i
         try:
             srv = start(server, env, None)
             procs.append(srv)
-            host, port = address.split(":")
-            wait_for_port(host, int(port), srv, timeout=120)
+            _wait_ready(out / FLOWER_DIR / READY, srv, 180)
             for name, site_csv in sites.items():
                 cmd = [*py, "site", str(site_csv), "--server", address, "--name", name, "--workdir",
                        str(out / "site-work" / name)]
@@ -187,7 +205,6 @@ def simulate(csv_path: Path, column: str, method_name: str, out: Path, rounds: i
                 stop(p)
     if rc != 0:
         raise WsimilError(f"the federation server failed (exit {rc}); see {out / 'server.log'}")
-    time.sleep(0)
     return json.loads((out / "run.json").read_text())
 
 
