@@ -95,6 +95,8 @@ def _build_parser() -> argparse.ArgumentParser:
     register_train(sub)
     from napari_wsimil.seg.cli import register as register_seg
     register_seg(sub)
+    from napari_wsimil.federated.cli import register as register_federate
+    register_federate(sub)
     from napari_wsimil.cluster.cli import extend as extend_cluster
     extend_cluster(sub)  # --cluster on features and predict
     return parser

@@ -1,6 +1,35 @@
+"""A tiny synthetic cohort split into three sites (CSV each), shared by the federated tests."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
 import pytest
+
+
+def split_sites(cohort_csv: Path, n_sites: int = 3) -> list[Path]:
+    """One CSV per site, slides dealt round-robin (paths stay relative to the cohort's folder)."""
+    rows = list(csv.DictReader(cohort_csv.open()))
+    out = []
+    for k in range(n_sites):
+        path = cohort_csv.parent / f"site{k}.csv"
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(r for i, r in enumerate(rows) if i % n_sites == k)
+        out.append(path)
+    return out
+
+
+@pytest.fixture(scope="session")
+def site_csvs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    from napari_wsimil.slide.synthetic import synthesize_cohort
+
+    root = tmp_path_factory.mktemp("fedcohort")
+    return split_sites(Path(synthesize_cohort(root, 12, seed=0, size=1024, workers=1)))
 
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_torch_thread: None) -> None:
-    """Two cores shared with the other tests: keep torch to one thread."""
+    """Every federated test trains on one torch thread (see the root conftest)."""

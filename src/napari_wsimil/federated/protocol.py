@@ -8,8 +8,10 @@ tested in one process, and lets the Flower apps stay the same for every method.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -59,3 +61,52 @@ class FederatedMethod(ABC):
     def aggregate(self, global_arrays: Arrays, updates: list[SiteUpdate], config: Any,
                   rng: np.random.Generator) -> Arrays:
         """The next global weights from the sites' updates (only valid updates reach this)."""
+
+    # ---- the server's run folder: a training run folder that ``wsimil predict`` reads -------------------
+    # Defaults for a method with one network whose arrays are its state dict; a method with more (FedMix:
+    # two U-Nets) overrides these three with its own layout.
+
+    def run_info(self, config: Any, sites: Sequence[str], classes: Sequence[str]) -> dict[str, Any]:
+        """``RUN/run.json``'s request part (family, method, classes ...); the server adds the rounds."""
+        return {"format": 1, "federated": self.name, "method": self.name, "sites": list(sites),
+                "classes": list(classes), "config": asdict(config)}
+
+    def write_round(self, out: Path, arrays: Arrays, server_round: int, config: Any,
+                    history: list[dict[str, Any]]) -> Path:
+        """Checkpoint the global model after ``server_round``: ``ckpt-RRRR.safetensors`` (``model.*``) first,
+        ``last.json`` last and atomically (the commit point, as the training engine's checkpoints)."""
+        return write_model_round(out, arrays, server_round, {"config": asdict(config), "history": history})
+
+    def read_round(self, out: Path) -> tuple[Arrays, int, list[dict[str, Any]]]:
+        """(global arrays, round, history) of the last committed round of a run folder."""
+        return read_model_round(out)
+
+
+def write_model_round(out: Path, arrays: Arrays, server_round: int, state: dict[str, Any]) -> Path:
+    """``ckpt-RRRR.safetensors`` with the arrays under ``model.``, then ``last.json`` (``epoch`` = round, so
+    the runs list and ``wsimil predict`` read it as any run); older tensor files are removed."""
+    import torch
+    from safetensors.torch import save as st_save
+
+    from ..io.atomic import write_bytes, write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"ckpt-{server_round:04d}.safetensors"
+    tensors = {f"model.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    write_bytes(out / name, st_save(tensors, metadata={"round": str(server_round)}))
+    write_text(out / "last.json", json.dumps({"format": 1, **state, "epoch": server_round, "round": server_round,
+                                              "tensors": name}, indent=1))
+    for old in out.glob("ckpt-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    return out / name
+
+
+def read_model_round(out: Path) -> tuple[Arrays, int, list[dict[str, Any]]]:
+    """The inverse of :func:`write_model_round`."""
+    from safetensors.numpy import load_file
+
+    state = json.loads((out / "last.json").read_text())
+    tensors = load_file(str(out / state["tensors"]))
+    arrays = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    return arrays, int(state["round"]), list(state.get("history", []))

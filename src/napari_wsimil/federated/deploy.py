@@ -1,0 +1,211 @@
+"""``wsimil federate server | site | simulate`` as functions: start Flower's processes, run, stop them.
+
+The server blocks until its ServerApp has finished (``RUN/server-status.json``) and stops its SuperLink; a
+site runs its SuperNode until stopped. ``simulate`` is both on one workstation: one CSV per value of a site
+column, keys made on the fly, the server and each site as separate processes on loopback, with TLS and site
+authentication as a real deployment would have them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..errors import WsimilError
+from ..io.atomic import write_text
+from .launch import (bin_path, flower_env, free_port, register_sites, server_security, split_address, start, stop,
+                     superlink_cmd, supernode_cmd, terminated_on_signal, wait_for_port, write_app, write_connection)
+from .methods import load_method
+
+Report = Callable[[str], None]
+FLOWER_DIR = ".flower"
+READY = "ready"
+
+
+def federation_config(method_name: str, settings: dict[str, Any], rounds: int) -> tuple[Any, dict[str, Any]]:
+    """The method and its config from ``--set`` values (JSON-decoded where they parse), checked here, before
+    any process starts; ``rounds`` is passed to configs that plan with it (DP-SGD)."""
+    from .flower_apps import make_config
+
+    method = load_method(method_name)
+    values = dict(settings)
+    if "rounds" in {f for f in getattr(method.config_cls, "__dataclass_fields__", {})}:
+        values.setdefault("rounds", rounds)
+    try:
+        config = make_config(method, values)
+    except TypeError as exc:
+        raise WsimilError(f"{method_name}: {exc}") from None
+    return method, asdict(config)
+
+
+def serve(method_name: str, out: Path, rounds: int, min_sites: int, address: str, *, keys: str | None,
+          insecure: bool, settings: dict[str, Any], resume: bool = False, round_timeout: float = 600.0,
+          wait_timeout: float = 600.0, seed: int = 0, say: Report = print) -> dict[str, Any]:
+    """Run the federation's server until its rounds are done; returns ``RUN/run.json``."""
+    host, port = split_address(address)
+    security = server_security(host, keys, insecure)
+    _method, config = federation_config(method_name, settings, rounds)
+    out = Path(out).resolve()
+    if (out / "last.json").exists() and not resume:
+        raise WsimilError(f"{out} already holds a federated run; add --resume to continue it or choose another --out")
+    home = out / FLOWER_DIR
+    home.mkdir(parents=True, exist_ok=True)
+    (out / "server-status.json").unlink(missing_ok=True)
+    (home / READY).unlink(missing_ok=True)
+    env = flower_env(home)
+    write_connection(home, f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", security)
+    app = write_app(home / "app", {"method": method_name, "settings": json.dumps(config), "out": str(out),
+                                   "rounds": rounds, "min-sites": min_sites, "round-timeout": float(round_timeout),
+                                   "wait-timeout": float(wait_timeout), "resume": bool(resume), "seed": seed})
+    log = out / "server.log"
+    say(f"federation server on {host}:{port} ({'TLS, registered sites only' if security.tls else 'NO TLS'}); "
+        f"{method_name}, {rounds} rounds, at least {min_sites} sites -> {out} (log: {log})")
+    with terminated_on_signal():
+        link = start(superlink_cmd(host, port, security), env, log)
+        try:
+            wait_for_port(host, port, link)
+            if security.auth and security.keys is not None:
+                say(f"registered {register_sites(security.keys, env, log)} site key(s)")
+            write_text(home / READY, str(port))  # sites may join now (simulate waits for this)
+            res = subprocess.run([bin_path("flwr"), "run", str(app), "--stream"], env=env, stdout=open(log, "ab"),
+                                 stderr=subprocess.STDOUT)
+            status = _status(out)
+            if status is None:
+                raise WsimilError(f"the federation stopped without finishing (flwr run exit {res.returncode}); "
+                                  f"see {log}")
+        finally:
+            stop(link)
+    if not status.get("ok"):
+        raise WsimilError(status.get("error", "the federation failed"))
+    info = json.loads((out / "run.json").read_text())
+    say(f"done: {len(info.get('rounds', []))} rounds in {out}")
+    return info
+
+
+def _status(out: Path) -> dict[str, Any] | None:
+    path = out / "server-status.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def join(source: Path, server: str, *, name: str | None, workdir: Path | None, root_cert: str | None,
+         key: str | None, insecure: bool, say: Report = print) -> int:
+    """Run this site's SuperNode (until it is stopped); returns its exit status."""
+    source = Path(source)
+    if not source.exists():
+        raise WsimilError(f"{source} does not exist: give the site's project folder or cohort CSV")
+    name = name or (source.name if source.is_dir() else source.stem)
+    workdir = Path(workdir) if workdir else (source / "federated" if source.is_dir()
+                                             else source.parent / f"federated-{name}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = supernode_cmd(server, source, workdir, name, root_cert=root_cert, key=key, insecure=insecure)
+    home = workdir / FLOWER_DIR
+    home.mkdir(parents=True, exist_ok=True)
+    say(f"site {name} joins {server} with {source} ({'TLS' if root_cert else 'NO TLS'}); its slides stay here; "
+        f"log: {workdir / 'site.log'}")
+    with terminated_on_signal():
+        log = workdir / "site.log"
+        proc = start(cmd, flower_env(home), log)
+        try:
+            rc = proc.wait()
+        finally:
+            stop(proc)
+    text = log.read_text(errors="replace")[-20000:] if log.exists() else ""
+    if rc != 0 and "Exit Code: 305" in text:
+        raise WsimilError(f"the server refused site {name}: its key is not registered there (or the server is not "
+                          "ready yet); ask the server's operator to add sites/<name>.pub")
+    return rc
+
+
+def _wait_ready(marker: Path, server: subprocess.Popen, timeout: float) -> None:
+    t0 = time.monotonic()
+    while not marker.exists():
+        if server.poll() is not None:
+            raise WsimilError(f"the federation server stopped at start (exit {server.returncode})")
+        if time.monotonic() - t0 > timeout:
+            raise WsimilError(f"the federation server was not ready after {timeout:g} s")
+        time.sleep(0.3)
+
+
+def split_by_site(csv_path: Path, column: str, out: Path) -> dict[str, Path]:
+    """One cohort CSV per value of ``column`` (slide paths made absolute), in ``out``."""
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        fields = list(reader.fieldnames or [])
+    if column not in fields:
+        raise WsimilError(f"{csv_path.name} has no column {column!r} (its columns: {', '.join(fields)})")
+    groups: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        if not r[column]:
+            raise WsimilError(f"slide {r.get('slide_id', '?')} has no {column} in {csv_path.name}")
+        for key in ("path", "gt_mask"):
+            if r.get(key) and not os.path.isabs(r[key]):
+                r[key] = str((csv_path.parent / r[key]).resolve())
+        groups.setdefault(r[column], []).append(r)
+    if len(groups) < 2:
+        raise WsimilError(f"{csv_path.name} has one {column} only ({', '.join(groups)}): a federation needs 2 or more")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for site, items in groups.items():
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in site)
+        paths[safe] = out / f"{safe}.csv"
+        with open(paths[safe], "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(items)
+    return paths
+
+
+def simulate(csv_path: Path, column: str, method_name: str, out: Path, rounds: int, *, min_sites: int | None,
+             settings: dict[str, Any], resume: bool = False, round_timeout: float = 600.0, seed: int = 0,
+             secure: bool = True, say: Report = print) -> dict[str, Any]:
+    """The server and one site per ``column`` value, each its own process, on loopback; returns run.json."""
+    from .keys import make_keys
+
+    out = Path(out).resolve()
+    federation_config(method_name, settings, rounds)  # a bad setting fails before any process starts
+    sites = split_by_site(Path(csv_path), column, out / "sites")
+    keys = out / "keys"
+    if secure and not (keys / "ca.pem").exists():
+        make_keys(keys, list(sites))
+    address = f"127.0.0.1:{free_port()}"
+    py = [sys.executable, "-m", "napari_wsimil.cli", "federate"]
+    server = [*py, "server", "--method", method_name, "--rounds", str(rounds), "--min-sites",
+              str(min_sites or len(sites)), "--out", str(out), "--address", address, "--round-timeout",
+              str(round_timeout), "--seed", str(seed), *(["--resume"] if resume else []),
+              *([f"--set={k}={json.dumps(v)}" for k, v in settings.items()]),
+              *(["--keys", str(keys)] if secure else [])]
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+    say(f"simulating {len(sites)} sites ({', '.join(sites)}) on {address}")
+    with terminated_on_signal():
+        procs: list[subprocess.Popen] = []
+        try:
+            srv = start(server, env, None)
+            procs.append(srv)
+            _wait_ready(out / FLOWER_DIR / READY, srv, 180)
+            for name, site_csv in sites.items():
+                cmd = [*py, "site", str(site_csv), "--server", address, "--name", name, "--workdir",
+                       str(out / "site-work" / name)]
+                cmd += (["--root-cert", str(keys / "ca.pem"), "--key", str(keys / "sites" / f"{name}.key")]
+                        if secure else ["--insecure"])
+                procs.append(start(cmd, env, None))
+            rc = srv.wait()
+        finally:
+            for p in reversed(procs):
+                stop(p)
+    if rc != 0:
+        raise WsimilError(f"the federation server failed (exit {rc}); see {out / 'server.log'}")
+    return json.loads((out / "run.json").read_text())
+
+
+__all__ = ["federation_config", "join", "serve", "simulate", "split_by_site"]

@@ -1,0 +1,235 @@
+"""Flower's processes for ``wsimil federate``: the SuperLink (server), a SuperNode per site, ``flwr run``.
+
+Why processes and not an in-Python API: Flower 1.42's deployment engine *is* these programs (a SuperLink
+serving one HTTP(S) port, SuperNodes that start a ClientApp process per message); using them as shipped is
+what a hospital's IT will run. The Flower app given to ``flwr run`` is a generated folder whose
+``pyproject.toml`` names :mod:`.flower_apps` and carries the run's settings; Flower's own state (its
+``config.toml``, installed apps) lives in ``RUN/.flower`` (``FLWR_HOME``), never in the user's home.
+
+Security: away from loopback, TLS and site authentication are required (``--keys DIR`` from ``wsimil federate
+keys``); turning them off needs ``--insecure``. Each child process gets its own process group, so stopping the
+server or a site stops everything it started.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import WsimilError
+from ..io.atomic import write_text
+from .keys import CA, SERVER_CERT, SERVER_KEY, check_server_keys, site_public_keys
+
+APP_NAME = "wsimil-federation"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise WsimilError(f"give the address as HOST:PORT, e.g. 127.0.0.1:9092, not {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class Security:
+    """TLS and site authentication of one federation: ``keys`` (a ``wsimil federate keys`` folder) or none."""
+
+    tls: bool
+    auth: bool
+    keys: Path | None = None
+
+
+def server_security(host: str, keys: str | None, insecure: bool) -> Security:
+    """On by default away from loopback; off only with ``insecure`` (or on loopback without keys)."""
+    if keys and insecure:
+        raise WsimilError("--keys and --insecure contradict each other: choose one")
+    if keys:
+        return Security(True, True, check_server_keys(keys))
+    if insecure or is_loopback(host):
+        return Security(False, False)
+    raise WsimilError(f"{host} is reachable from other machines: the federation needs TLS and registered sites. "
+                      "Give --keys DIR (made with 'wsimil federate keys DIR --sites N'), or --insecure to send "
+                      "the weights in clear text to anyone who connects")
+
+
+def bin_path(name: str) -> str:
+    """A Flower program, from this Python's environment first (the venv may not be on PATH)."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        raise WsimilError(f"Flower's {name} is not installed: pip install 'napari-wsimil[federated]'")
+    return found
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(home)
+    # Flower's programs start each other by name (flower-superexec, flwr-serverapp ...): this environment's first
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), *filter(None, [env.get("PATH")])])
+    src = str(Path(__file__).resolve().parents[2])  # the apps import napari_wsimil from where this runs
+    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def write_app(folder: Path, settings: dict[str, Any]) -> Path:
+    """The Flower app folder ``flwr run`` packs: a pyproject naming our apps and the run's settings."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    write_text(folder / "pyproject.toml", "\n".join([
+        "[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
+        "[project]", f'name = "{APP_NAME}"', 'version = "1.0.0"', "dependencies = []", "",
+        "[tool.hatch.build.targets.wheel]", 'packages = ["."]', "",
+        "[tool.flwr.app]", 'publisher = "wsimil"', "",
+        "[tool.flwr.app.components]", 'serverapp = "napari_wsimil.federated.flower_apps:server_app"',
+        'clientapp = "napari_wsimil.federated.flower_apps:client_app"', "",
+        "[tool.flwr.app.config]", *lines, ""]))
+    return folder
+
+
+def write_connection(home: Path, address: str, security: Security) -> None:
+    """``FLWR_HOME/config.toml``: the SuperLink connection ``flwr run``/``flwr supernode`` use."""
+    home.mkdir(parents=True, exist_ok=True)
+    conn = [f"address = {json.dumps(address)}"]
+    if security.tls and security.keys is not None:
+        conn.append(f"root-certificates = {json.dumps(str(security.keys / CA))}")
+    else:
+        conn.append("insecure = true")
+    write_text(home / "config.toml", "\n".join(["[superlink]", 'default = "wsimil"', "",
+                                                 "[superlink.wsimil]", *conn, ""]))
+
+
+def superlink_cmd(host: str, port: int, security: Security) -> list[str]:
+    cmd = [bin_path("flower-superlink"), "--host", host, "--port", str(port),
+           "--disable-runtime-dependency-installation"]
+    if security.tls and security.keys is not None:
+        k = security.keys
+        cmd += ["--ssl-certfile", str(k / SERVER_CERT), "--ssl-keyfile", str(k / SERVER_KEY),
+                "--ssl-ca-certfile", str(k / CA)]
+    else:
+        cmd.append("--insecure")
+    if security.auth:
+        cmd.append("--enable-supernode-auth")
+    return cmd
+
+
+def supernode_cmd(server: str, source: Path, workdir: Path, name: str, *, root_cert: str | None,
+                  key: str | None, insecure: bool, port: int | None = None) -> list[str]:
+    host, _ = split_address(server)
+    if (root_cert is None) != (key is None):
+        raise WsimilError("give both --root-cert (the federation's ca.pem) and --key (this site's .key), or "
+                          "neither (--insecure)")
+    if root_cert is None and not insecure and not is_loopback(host):
+        raise WsimilError(f"the server {host} is on the network: give --root-cert CA.pem and --key SITE.key "
+                          "(from 'wsimil federate keys'), or --insecure to join without TLS")
+    node_config = " ".join(f"{k}={json.dumps(str(v))}" for k, v in
+                           (("source", Path(source).resolve()), ("workdir", Path(workdir).resolve()),
+                            ("name", name)))
+    cmd = [bin_path("flower-supernode"), "--superlink", server, "--node-config", node_config,
+           "--port", str(port or free_port())]
+    if root_cert is not None and key is not None:
+        cmd += ["--root-certificates", str(root_cert), "--auth-supernode-private-key", str(key)]
+    else:
+        cmd.append("--insecure")
+    return cmd
+
+
+def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise WsimilError(f"the Flower server stopped at start (exit {proc.returncode}); see its log")
+        try:
+            with socket.create_connection((host if host != "0.0.0.0" else "127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise WsimilError(f"the Flower server did not open {host}:{port} within {timeout:g} s")
+
+
+def start(cmd: Sequence[str], env: dict[str, str], log: Path | None) -> subprocess.Popen:
+    """A child in its own process group (so that :func:`stop` reaches its own children too)."""
+    out = open(log, "ab") if log is not None else None  # noqa: SIM115 - closed with the process
+    try:
+        return subprocess.Popen(list(cmd), env=env, stdout=out or None, stderr=subprocess.STDOUT if out else None,
+                                start_new_session=True)
+    finally:
+        if out is not None:
+            out.close()
+
+
+def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to the child's process group, SIGKILL after ``grace`` seconds."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+    try:  # anything left in the group (ClientApp / ServerApp processes)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@contextmanager
+def terminated_on_signal() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt here, so that ``finally`` blocks stop the children."""
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def register_sites(keys: Path, env: dict[str, str], log: Path) -> int:
+    """Register every ``sites/*.pub`` with the running SuperLink (only these may join)."""
+    pubs = site_public_keys(keys)
+    if not pubs:
+        raise WsimilError(f"{keys / 'sites'} holds no site keys (*.pub): add sites with 'wsimil federate keys'")
+    for pub in pubs:
+        res = subprocess.run([bin_path("flwr"), "supernode", "register", str(pub), "--name", pub.stem],
+                             env=env, capture_output=True, text=True, timeout=120)
+        with open(log, "a") as f:
+            f.write(res.stdout + res.stderr)
+        if res.returncode != 0:
+            raise WsimilError(f"could not register site {pub.stem} with the server: "
+                              f"{(res.stderr or res.stdout).strip().splitlines()[-1:]}")
+    return len(pubs)
+
+
+__all__ = ["Security", "flower_env", "free_port", "is_loopback", "register_sites", "server_security", "split_address",
+           "start", "stop", "superlink_cmd", "supernode_cmd", "terminated_on_signal", "wait_for_port", "write_app",
+           "write_connection"]

@@ -1,0 +1,104 @@
+"""Real federations on loopback (Flower's SuperLink, SuperNodes and their app processes, free ports):
+``wsimil federate simulate`` with TLS and site keys made on the fly, what the server receives, a site killed
+mid-round that rejoins, and a site whose data cannot be used."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.numpy import load_file
+
+from napari_wsimil.cli import main
+from napari_wsimil.federated.launch import free_port, start, stop
+
+pytestmark = pytest.mark.slow
+SETTINGS = ["--set", 'classes=["0","1"]', "--set", 'mil={"hidden": 16, "attn_hidden": 8}']
+
+
+def _with_site_column(site_csvs: list[Path], n: int, out: Path) -> Path:
+    rows = []
+    for k, path in enumerate(site_csvs[:n]):
+        for r in csv.DictReader(path.open()):
+            r["path"] = str((path.parent / r["path"]).resolve())
+            r["gt_mask"] = str((path.parent / r["gt_mask"]).resolve())
+            rows.append({**r, "site": f"h{k}"})
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
+def test_simulate_with_tls_and_the_server_receives_only_weights_and_numbers(site_csvs, tmp_path):
+    cohort = _with_site_column(site_csvs, 2, tmp_path / "cohort.csv")
+    run = tmp_path / "run"
+    assert main(["federate", "simulate", str(cohort), "--rounds", "1", "--out", str(run), "--round-timeout", "60",
+                 *SETTINGS]) == 0
+    info = json.loads((run / "run.json").read_text())
+    assert set(info["rounds"][0]["sites"]) == {"h0", "h1"} and not info["rounds"][0]["rejected"]
+    assert set(info["rounds"][0]["final_evaluation"]) == {"h0", "h1"}
+    assert "TLS, registered sites only" in (run / "server.log").read_text() or (run / "keys" / "ca.pem").exists()
+    model_keys = {k[6:] for k in load_file(str(run / json.loads((run / "last.json").read_text())["tensors"]))}
+    messages = [json.loads(line) for line in (run / "messages.jsonl").read_text().splitlines()]
+    assert {m["kind"] for m in messages} == {"train", "evaluate"} and len(messages) == 4
+    for m in messages:  # every message the server received: the site's name, numbers, and the model's weights
+        assert m["error"] is None
+        assert set(m["records"]) <= {"arrays", "metrics", "site"}
+        assert m["records"]["site"] == {"kind": "config", "keys": ["name"]}
+        assert m["records"]["metrics"]["kind"] == "metrics"
+        assert all(k.startswith(("global_", "local_", "val_", "train_", "n_", "num-", "dp_"))
+                   for k in m["records"]["metrics"]["keys"])
+        if m["kind"] == "train":
+            assert set(m["records"]["arrays"]["keys"]) == model_keys
+        else:
+            assert "arrays" not in m["records"]
+
+
+def _wait_for(path: Path, text: str, timeout: float) -> bool:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_site_killed_mid_round_is_left_out_and_rejoins_and_a_broken_site_is_rejected(site_csvs, tmp_path):
+    bad = tmp_path / "bad.csv"  # labels outside the federation's classes: the site fails with a clear reason
+    rows = list(csv.DictReader(site_csvs[2].open()))
+    with bad.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, "path": str((site_csvs[2].parent / r["path"]).resolve()), "label": "7"} for r in rows)
+    run, address = tmp_path / "run", f"127.0.0.1:{free_port()}"
+    env = {**os.environ}
+    py = [sys.executable, "-m", "napari_wsimil.cli", "federate"]
+    server = start([*py, "server", "--rounds", "2", "--min-sites", "1", "--out", str(run), "--address", address,
+                    "--round-timeout", "40", "--wait-timeout", "60", *SETTINGS], env, tmp_path / "server.out")
+    sites = {}
+    try:
+        time.sleep(2)
+        for name, source in (("a", site_csvs[0]), ("b", site_csvs[1]), ("c", bad)):
+            sites[name] = start([*py, "site", str(source), "--server", address, "--name", name, "--workdir",
+                                 str(tmp_path / name)], env, None)
+        assert _wait_for(tmp_path / "b" / "site.log", "Start `flwr-clientapp` process", 90)
+        stop(sites["b"], grace=0)  # killed in the middle of its round-1 training
+        sites["b"] = start([*py, "site", str(site_csvs[1]), "--server", address, "--name", "b", "--workdir",
+                            str(tmp_path / "b")], env, None)  # and back
+        assert server.wait(240) == 0, (tmp_path / "server.out").read_text()[-3000:]
+    finally:
+        for p in [*sites.values(), server]:
+            stop(p)
+    info = json.loads((run / "run.json").read_text())
+    first, second = info["rounds"]
+    assert set(first["sites"]) == {"a"} and first["silent"] >= 1
+    assert "7" in first["rejected"]["c"] and "classes" in first["rejected"]["c"]
+    assert "b" in second["sites"]  # it rejoined
+    assert "rejected" in (run / "server.log").read_text()

@@ -1,0 +1,128 @@
+"""HistoFL in one process: its aggregation, the update checks, the round loop's run folder (that
+``wsimil predict`` reads), resume, a rejected bad update, and DP-SGD's spent ε."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_wsimil.cli import main
+from napari_wsimil.errors import WsimilError
+from napari_wsimil.federated.histofl import HistoFL, HistoFLConfig, noisy_average, site_weights
+from napari_wsimil.federated.methods import METHODS, load_method
+from napari_wsimil.federated.protocol import SiteTrainer, SiteUpdate
+from napari_wsimil.federated.rounds import LocalTransport, ServerSettings, check_update, run_server
+
+
+def _config(**kw) -> HistoFLConfig:
+    base = dict(classes=["0", "1"], mil={"hidden": 16, "attn_hidden": 8}, lr=1e-3, rounds=2)
+    return HistoFLConfig(**{**base, **kw})
+
+
+def test_noisy_average_is_the_weighted_mean_plus_alpha_std_noise_on_weights_only():
+    rng = np.random.default_rng(0)
+    a = {"fc.weight": rng.normal(0, 2.0, (200, 300)), "fc.bias": rng.normal(size=200)}
+    b = {"fc.weight": rng.normal(0, 1.0, (200, 300)), "fc.bias": rng.normal(size=200)}
+    plain = noisy_average([a, b], [3, 1], 0.0, np.random.default_rng(1))
+    np.testing.assert_allclose(plain["fc.weight"], 0.75 * a["fc.weight"] + 0.25 * b["fc.weight"])
+    noisy = noisy_average([a, b], [3, 1], 0.1, np.random.default_rng(1))
+    np.testing.assert_allclose(noisy["fc.bias"], plain["fc.bias"])  # biases: no noise
+    noise = noisy["fc.weight"] - plain["fc.weight"]
+    expected = np.sqrt((0.1 * a["fc.weight"].std()) ** 2 + (0.1 * b["fc.weight"].std()) ** 2)
+    assert abs(noise.std() / expected - 1) < 0.02
+
+
+def test_site_weights_uniform_or_by_slides():
+    ups = [SiteUpdate({}, 1), SiteUpdate({}, 3)]
+    np.testing.assert_allclose(site_weights(ups, "uniform"), [0.5, 0.5])
+    np.testing.assert_allclose(site_weights(ups, "slides"), [0.25, 0.75])
+
+
+def test_check_update_names_what_is_wrong():
+    ref = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}
+    assert check_update(SiteUpdate({k: v + 1 for k, v in ref.items()}, 4, {"loss": 0.5}), ref) is None
+    assert "shape" in check_update(SiteUpdate({"w": np.zeros((3, 2), np.float32), "b": ref["b"]}, 4), ref)
+    assert "NaN" in check_update(SiteUpdate({"w": np.full((2, 3), np.nan, np.float32), "b": ref["b"]}, 4), ref)
+    assert "missing" in check_update(SiteUpdate({"w": ref["w"]}, 4), ref)
+    assert "example count" in check_update(SiteUpdate(dict(ref), 0), ref)
+    assert "finite" in check_update(SiteUpdate(dict(ref), 2, {"loss": float("inf")}), ref)
+
+
+def test_method_table_loads_lazily_and_names_problems():
+    assert METHODS["fedmix"] == "napari_wsimil.federated.fedmix:FedMix"
+    assert isinstance(load_method("histofl"), HistoFL)
+    with pytest.raises(WsimilError, match="no federated method"):
+        load_method("fedprox")
+
+
+class _Poisoned(SiteTrainer):
+    """A site that sends NaN weights (a broken or hostile site): the server must reject it and go on."""
+
+    def __init__(self, inner: SiteTrainer):
+        self.inner = inner
+
+    def fit(self, global_arrays, server_round):
+        upd = self.inner.fit(global_arrays, server_round)
+        return SiteUpdate({k: np.full_like(v, np.nan) for k, v in upd.arrays.items()}, upd.num_examples,
+                          upd.metrics)
+
+    def evaluate(self, global_arrays):
+        return self.inner.evaluate(global_arrays)
+
+
+def test_rounds_write_a_predictable_run_reject_nan_and_resume(site_csvs, tmp_path):
+    method, cfg = HistoFL(), _config(alpha=0.001)
+    sites = {f"site{k}": method.site_trainer(p, cfg, tmp_path / f"work{k}") for k, p in enumerate(site_csvs)}
+    sites["site2"] = _Poisoned(sites["site2"])
+    run = tmp_path / "run"
+    log: list[str] = []
+    info = run_server(method, cfg, run, LocalTransport(sites), ServerSettings(rounds=2, min_sites=2), log.append)
+    assert [r["round"] for r in info["rounds"]] == [1, 2]
+    for row in info["rounds"]:
+        assert set(row["sites"]) == {"site0", "site1"}
+        assert "NaN" in row["rejected"]["site2"]
+        assert row["bytes_sent"] > 0 and row["bytes_received"] > 0
+        for m in row["sites"].values():
+            assert m["num_examples"] >= 1 and "train_loss" in m and "global_val_bag" in m
+    assert any("site2 is rejected" in line for line in log)
+    saved = json.loads((run / "run.json").read_text())
+    assert saved["family"] == "mil" and saved["federated"] == "histofl" and len(saved["rounds"]) == 2
+    assert (run / "best.safetensors").is_file() and json.loads((run / "last.json").read_text())["epoch"] == 2
+
+    # the server's run folder is an ordinary MIL run
+    assert main(["predict", str(run), "--cohort", str(site_csvs[0]), "--out", str(tmp_path / "pred"),
+                 "--no-heatmaps"]) == 0
+    assert (tmp_path / "pred" / "predictions.csv").read_text().count("\n") == 5  # header + 4 slides
+
+    with pytest.raises(WsimilError, match="--resume"):
+        run_server(method, cfg, run, LocalTransport(sites), ServerSettings(rounds=3, min_sites=2))
+    info = run_server(method, cfg, run, LocalTransport(sites), ServerSettings(rounds=3, min_sites=2, resume=True))
+    assert [r["round"] for r in info["rounds"]] == [1, 2, 3]
+    assert json.loads((run / "last.json").read_text())["epoch"] == 3
+
+
+def test_too_few_valid_updates_stop_the_run_and_keep_the_last_round(site_csvs, tmp_path):
+    method, cfg = HistoFL(), _config()
+    trainer = method.site_trainer(site_csvs[0], cfg, tmp_path / "w0")
+    sites = {"a": _Poisoned(trainer), "b": _Poisoned(trainer)}
+    with pytest.raises(WsimilError, match="fewer than 2 valid updates"):
+        run_server(method, cfg, tmp_path / "run", LocalTransport(sites),
+                   ServerSettings(rounds=1, min_sites=2, max_retries=1))
+    assert not (tmp_path / "run" / "last.json").exists()
+
+
+def test_dp_sgd_spends_at_most_its_budget_and_reports_it_each_round(site_csvs, tmp_path):
+    method, cfg = HistoFL(), _config(dp_epsilon=4.0, dp_delta=1e-3, rounds=2)
+    sites = {f"site{k}": method.site_trainer(p, cfg, tmp_path / f"w{k}") for k, p in enumerate(site_csvs[:2])}
+    info = run_server(method, cfg, tmp_path / "run", LocalTransport(sites), ServerSettings(rounds=2, min_sites=2))
+    for name in sites:
+        eps = [row["sites"][name]["dp_epsilon"] for row in info["rounds"]]
+        assert 0 < eps[0] < eps[1] <= 4.0 * 1.02  # get_noise_multiplier's tolerance is 0.01
+        assert info["rounds"][0]["sites"][name]["dp_delta"] == 1e-3
+    # the ledger survives the trainer: a site that rejoins keeps counting
+    again = method.site_trainer(site_csvs[0], cfg, tmp_path / "w0")
+    upd = again.fit(method.read_round(tmp_path / "run")[0], 3)
+    assert upd.metrics["dp_epsilon"] > info["rounds"][1]["sites"]["site0"]["dp_epsilon"]
