@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ._plugin_settings import sync_from_napari
 from .errors import SlideError
 from .layers import LayerData, heatmap_layer_data, is_heatmap_file, slide_layer_data
 
@@ -15,11 +16,27 @@ log = logging.getLogger(__name__)
 
 
 def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
-    """Claim a file only if a backend can actually open it, so other plugins still get the rest."""
-    if isinstance(path, list):
-        if len(path) != 1:
+    """Claim a file only if a backend can actually open it, so other plugins still get the rest.
+
+    A list (napari passes one when several files are dropped or opened as a stack) gives one layer per
+    slide, in order: whole slides cannot be stacked, and a pathologist dropping three slides wants three.
+    The list is claimed only when every file in it can be read, so napari's message about a file nobody
+    reads is not lost in a half-opened batch.
+    """
+    sync_from_napari()  # the tile-cache size from Preferences, before any tile is decoded
+    if isinstance(path, (list, tuple)):
+        readers = [_one_reader(str(p)) for p in path]
+        if not readers or any(r is None for r in readers):
             return None
-        path = path[0]
+
+        def read_all(_: Any) -> list[LayerData]:
+            return [layer for r in readers for layer in r(_)]  # type: ignore[misc]
+
+        return read_all
+    return _one_reader(str(path))
+
+
+def _one_reader(path: str) -> Callable[[Any], list[LayerData]] | None:
     if is_heatmap_file(path):  # before open_slide, which would happily show the scores as grey RGB
         return _heatmap_reader(path)
     from .slide import open_slide

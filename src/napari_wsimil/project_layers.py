@@ -38,6 +38,18 @@ def class_colors_by_name(classes: Iterable[Any]) -> dict[str, str]:
     return {c.name: c.color for c in classes}
 
 
+def class_table(classes: Iterable[Any]) -> list[dict[str, Any]]:
+    """``[{"id", "name", "color"}, ...]``: the class table a layer carries in its metadata, so that saving
+    the layer (the npe2 writers) records what each id means without the project at hand."""
+    return [{"id": int(c.id), "name": str(c.name), "color": str(c.color)} for c in classes]
+
+
+def slide_frame(slide: Slide) -> dict[str, Any]:
+    """The slide's µm/px and size (level-0 px, (w, h)) for a layer's metadata: what the writers need to
+    put a saved layer back over its slide."""
+    return {"slide_mpp": slide.mpp, "slide_dimensions": [int(v) for v in slide.dimensions]}
+
+
 def edge_colors(class_names: Sequence[Any], classes: Iterable[Any]) -> list[str]:
     """One edge colour per shape, from its class (grey for a class the project does not know)."""
     by_name = class_colors_by_name(classes)
@@ -53,13 +65,15 @@ def labels_layer_data(
 
     Single-scale on purpose: napari cannot paint multiscale Labels.
     """
+    classes = list(classes)
     data = np.array(labels, dtype=np.uint8, copy=True)  # writable, owned by the layer
     kwargs = {
         "name": name,
         "opacity": opacity,
         "colormap": class_colormap(classes),
         "metadata": {
-            "wsimil": {"kind": "pixel_labels", "path": str(slide.path), "downsample": float(downsample)},
+            "wsimil": {"kind": "pixel_labels", "path": str(slide.path), "downsample": float(downsample),
+                       "classes": class_table(classes), **slide_frame(slide)},
         },
         **overlay_transform(slide, downsample),
         **world_units(slide),
@@ -179,7 +193,8 @@ def annotations_layer_data(
         "face_color": "transparent",
         "edge_width": default_edge_width(slide) if edge_width is None else edge_width,
         "features": {"class": np.array(names, dtype=object), "id": np.array(ids, dtype=object)},
-        "metadata": {"wsimil": {"kind": "annotations", "path": str(slide.path)}},
+        "metadata": {"wsimil": {"kind": "annotations", "path": str(slide.path), "classes": class_table(classes),
+                                **slide_frame(slide)}},
         **world_units(slide),
     }
     return (data, kwargs, "shapes")

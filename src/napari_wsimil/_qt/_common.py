@@ -16,7 +16,7 @@ from typing import Any
 from qtpy.QtCore import QObject, QTimer, Signal
 
 from ..errors import WsimilError
-from ..project_layers import class_colormap, edge_colors, project_slide_layers
+from ..project_layers import class_colormap, class_table, edge_colors, project_slide_layers
 from ._autosave import Autosave, notify
 
 _SESSIONS: dict[int, tuple[Any, ProjectSession]] = {}
@@ -61,6 +61,13 @@ def session_for(viewer: Any, widget: QObject | None = None) -> ProjectSession:
     if widget is not None:
         entry[1].register(widget)
     return entry[1]
+
+
+def find_session(viewer: Any) -> ProjectSession | None:
+    """The session of ``viewer`` if a widget made one (None: no project widget is docked there)."""
+    viewer = real_viewer(viewer)
+    entry = _SESSIONS.get(id(viewer))
+    return entry[1] if entry is not None and entry[0]() is viewer else None
 
 
 class ProjectSession(QObject):
@@ -256,6 +263,9 @@ class ProjectSession(QObject):
             self.shapes_layer.current_edge_color = edge_colors([name], self.project.classes)[0]
 
     def refresh_colors(self) -> None:
+        for layer in (self.labels_layer, self.shapes_layer):  # what the writers save as the class table
+            if layer is not None and isinstance(layer.metadata.get("wsimil"), dict):
+                layer.metadata["wsimil"]["classes"] = class_table(self.project.classes)
         if self.labels_layer is not None:
             self.labels_layer.colormap = class_colormap(self.project.classes)
         self.autosave.recolor()

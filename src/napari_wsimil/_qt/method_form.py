@@ -24,12 +24,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .. import settings
+from .._plugin_settings import sync_from_napari
 from ..errors import WsimilError
 from ._autosave import notify
 from .encoder_picker import EncoderPicker
 from .tasks import report_failure
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = settings.DEVICES
 TRISTATE = {"auto": None, "on": True, "off": False}
 
 
@@ -120,6 +122,9 @@ class MethodForm(QWidget):
                                "and by retraining.")
         self.device = QComboBox()
         self.device.addItems(list(DEVICES))
+        self.device.setCurrentText(sync_from_napari().default_device)  # Preferences > Plugins > WSI MIL
+        self.device.setToolTip("Where the run trains: auto is CUDA, then Apple MPS, then CPU. The default "
+                               "is set in Preferences > Plugins.")
         self.mpp = QDoubleSpinBox()
         self.mpp.setRange(0.05, 64.0)
         self.mpp.setDecimals(2)

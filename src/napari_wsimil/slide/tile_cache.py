@@ -7,21 +7,25 @@ not depend on slide size or tile shape.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 import numpy as np
 
-DEFAULT_CACHE_BYTES = int(os.environ.get("NAPARI_WSIMIL_TILE_CACHE_MB", "256")) * 2**20
+from .. import settings
 
 
 class TileCache:
-    """Thread-safe LRU of numpy arrays keyed by (source id, tile index)."""
+    """Thread-safe LRU of numpy arrays keyed by (source id, tile index).
 
-    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
-        self.max_bytes = max_bytes
+    ``max_bytes=None`` follows :func:`napari_wsimil.settings.current` (napari's *Preferences > Plugins*
+    or ``NAPARI_WSIMIL_TILE_CACHE_MB``): a changed size applies from the next tile on, without reopening
+    the slides.
+    """
+
+    def __init__(self, max_bytes: int | None = None):
+        self._max_bytes = max_bytes
         self._items: OrderedDict[Hashable, np.ndarray] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -40,14 +44,19 @@ class TileCache:
         # than serialising every decode behind one lock.
         tile = load()
         tile.setflags(write=False)
+        limit = self.max_bytes
         with self._lock:
             if key not in self._items:
                 self._items[key] = tile
                 self._bytes += tile.nbytes
-                while self._bytes > self.max_bytes and len(self._items) > 1:
+                while self._bytes > limit and len(self._items) > 1:
                     _, old = self._items.popitem(last=False)
                     self._bytes -= old.nbytes
         return tile
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes if self._max_bytes is not None else settings.current().tile_cache_bytes
 
     def discard(self, prefix: Hashable) -> None:
         """Forget every tile of one source (when its slide is closed)."""
