@@ -36,6 +36,9 @@ def napari_plugin_settings() -> Any | None:
     except (KeyError, AttributeError):  # the plugin is not registered with napari, or an older manifest
         log.debug("napari has no settings for %s", PLUGIN, exc_info=True)
         return None
+    except Exception:  # a damaged settings file must not stop a slide from opening: keep the defaults
+        log.warning("napari's settings for %s could not be read; using the defaults", PLUGIN, exc_info=True)
+        return None
 
 
 def _copy(section: Any) -> settings.Settings:

@@ -23,7 +23,7 @@ TILE_CACHE_MB_RANGE = (16, 1 << 20)
 @dataclass(frozen=True)
 class Settings:
     """``tile_cache_mb``: decoded slide tiles kept in memory, shared by every open slide;
-    ``default_device``: what a new run's device is unless the user picks another."""
+    ``default_device``: the device a new run in the Training widget starts with (the user may pick another)."""
 
     tile_cache_mb: int = 256
     default_device: str = "auto"

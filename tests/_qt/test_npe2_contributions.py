@@ -176,8 +176,10 @@ def test_dropping_several_slides_opens_each(viewer, qtbot):
     assert [layer.metadata["wsimil"]["path"] for layer in stacked] == [str(p) for p in paths]
 
 
-def test_preferences_reach_the_library_live(plugin_settings, npe2pm):
-    """napari builds the plugin's settings from the manifest; the library takes them, and later edits."""
+def test_preferences_reach_the_library_live(plugin_settings, npe2pm, qtbot):
+    """napari builds the plugin's settings from the manifest and shows them in Preferences; the library takes
+    them, and later edits."""
+    from napari._qt.dialogs.preferences_dialog import PreferencesDialog
     from napari.settings import get_plugin_settings
 
     from napari_wsimil import settings
@@ -187,6 +189,10 @@ def test_preferences_reach_the_library_live(plugin_settings, npe2pm):
     npe2pm.register(_manifest())
     section = get_plugin_settings("napari-wsimil").performance
     assert (section.tile_cache_mb, section.default_device) == (256, "auto")
+    dialog = PreferencesDialog()
+    qtbot.addWidget(dialog)
+    pages = [dialog._list.item(i).text() for i in range(dialog._list.count())]
+    assert "WSI MIL" in pages, pages
     try:
         section.tile_cache_mb = 64
         assert sync_from_napari().tile_cache_mb == 64 and TILE_CACHE.max_bytes == 64 * 2**20
