@@ -29,6 +29,7 @@ from .errors import ProjectError
 from .io.mask_writers import LabelSampler, write_ome_tiff
 from .project.annotations import UNCLASSIFIED, write_geojson
 from .project.classes import UNLABELLED, rgb_to_hex
+from .project.export import AnnotatedSampler
 from .project_layers import shapes_to_annotations
 
 log = logging.getLogger(__name__)
@@ -114,9 +115,15 @@ def _class_table(attributes: dict[str, Any], meta: dict[str, Any]) -> list[dict[
     return table
 
 
-def write_labels_mask(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
+def write_labels_mask(path: str, data: Any, attributes: dict[str, Any],
+                      outlines: tuple[Any, dict[str, Any]] | None = None) -> list[str]:
     """npe2 single-layer writer: the Labels layer as a pyramidal OME-TIFF mask (uint8 class ids) at the
-    layer's own resolution, with its µm/px and class table; returns the path written."""
+    layer's own resolution, with its µm/px and class table; returns the path written.
+
+    ``outlines``, a Shapes layer's ``(data, attributes)`` over the same slide (the "Export mask" command
+    passes it; napari's *Save* does not), fills the boxes and polygons with their class id under the
+    painted pixels, as QuPath's labelled-image export and ``wsimil project export`` do.
+    """
     name = str(attributes.get("name") or "labels")
     plane = _plane(data, name)
     meta = _meta(attributes)
@@ -137,7 +144,12 @@ def write_labels_mask(path: str, data: Any, attributes: dict[str, Any]) -> list[
         "slide_id": meta.get("project_slide") or name, "slide_path": meta.get("path"), "downsample": ds,
         "mpp": mpp, "slide_dimensions": list(dims), "classes": _class_table(attributes, meta),
     }}
-    sampler = LabelSampler(ArrayLabels(plane, name), _Geometry(ds, (h, w)))  # type: ignore[arg-type]
+    sampler: Any = LabelSampler(ArrayLabels(plane, name), _Geometry(ds, (h, w)))  # type: ignore[arg-type]
+    if outlines is not None:
+        ids = {str(c["name"]): int(c["id"]) for c in description["wsimil"]["classes"]}
+        shapes = _fill_list(shapes_annotations(*outlines), ids)
+        if shapes:
+            sampler = AnnotatedSampler(sampler, shapes)
     out = Path(path)
     write_ome_tiff(out, sampler, dims, ds, mpp, name, json.dumps(description))
     return [str(out)]
@@ -162,9 +174,24 @@ def _column(features: Any, name: str, n: int) -> list[Any]:
     return list(features[name])
 
 
-def write_shapes_geojson(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
-    """npe2 single-layer writer: boxes and polygons of a Shapes layer as QuPath GeoJSON (level-0 px);
-    lines and paths enclose no area and are left out (logged). Returns the path written."""
+def _fill_list(annotations: list[Any], ids: dict[str, int]) -> list[tuple[np.ndarray, list[np.ndarray], int]]:
+    """(exterior, holes, class id) of each polygon part, for :class:`AnnotatedSampler`; classes the mask's
+    table does not know are not drawn (as in ``wsimil project export``)."""
+    out = []
+    for ann in annotations:
+        cid = ids.get(ann.class_name)
+        if cid is None or cid <= 0:
+            continue
+        for g in getattr(ann.geometry, "geoms", [ann.geometry]):
+            if g.geom_type == "Polygon" and not g.is_empty:
+                out.append((np.asarray(g.exterior.coords, float), [np.asarray(r.coords, float) for r in g.interiors],
+                            cid))
+    return out
+
+
+def shapes_annotations(data: Any, attributes: dict[str, Any]) -> list[Any]:
+    """A Shapes layer's boxes and polygons as annotations in level-0 px, each with its class colour; lines
+    and paths enclose no area and are left out (logged)."""
     name = str(attributes.get("name") or "shapes")
     meta = _meta(attributes)
     scale = np.asarray([float(s) for s in (attributes.get("scale") or [1.0, 1.0])][-2:])
@@ -198,9 +225,17 @@ def write_shapes_geojson(path: str, data: Any, attributes: dict[str, Any]) -> li
         if color is None and i is not None and len(edges) > i:
             color = _hex(edges[i])
         annotations.append(replace(ann, color=color or "#c0c0c0"))
+    return annotations
+
+
+def write_shapes_geojson(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
+    """npe2 single-layer writer: boxes and polygons of a Shapes layer as QuPath GeoJSON (level-0 px);
+    lines and paths enclose no area and are left out (logged). Returns the path written."""
+    meta = _meta(attributes)
+    table = {str(c["name"]): str(c["color"]) for c in meta.get("classes") or [] if "name" in c and "color" in c}
     out = Path(path)
-    write_geojson(out, annotations, table)
+    write_geojson(out, shapes_annotations(data, attributes), table)
     return [str(out)]
 
 
-__all__ = ["ArrayLabels", "SlideFrame", "write_labels_mask", "write_shapes_geojson"]
+__all__ = ["ArrayLabels", "SlideFrame", "shapes_annotations", "write_labels_mask", "write_shapes_geojson"]

@@ -127,7 +127,7 @@ def _menu_actions(menu, path=()):
 def test_export_mask_command_is_in_the_menus_and_runs(viewer, tmp_path, monkeypatch, qtbot):
     from qtpy.QtWidgets import QFileDialog
 
-    _, labels, lab, _, _ = _slide_layers(viewer)
+    slide, labels, lab, _, _ = _slide_layers(viewer)
     bar = viewer.window._qt_window.menuBar()
     found = {path: action for top in bar.actions() if top.menu() is not None
              for path, action in _menu_actions(top.menu(), (top.text(),))}
@@ -148,7 +148,14 @@ def test_export_mask_command_is_in_the_menus_and_runs(viewer, tmp_path, monkeypa
     qtbot.waitUntil(written.exists, timeout=10_000)
     assert asked and asked[0][1].endswith("CMU_labels.ome.tif")
     meta, pixels = _ome_meta(written)
-    assert np.array_equal(pixels, labels) and meta["slide_id"] == "CMU labels"
+    assert meta["slide_id"] == "CMU labels"
+    painted = labels > 0
+    assert np.array_equal(pixels[painted], labels[painted])  # painted pixels win
+    # the drawn box (level-0 x 100-900, y 200-700) and triangle are filled where nothing was painted, as
+    # QuPath's labelled-image export does; label pixel (r, c) covers level-0 [8c, 8c + 8) x [8r, 8r + 8)
+    assert pixels[80, 15] == 1 and labels[80, 15] == 0  # inside the tumour box
+    assert pixels[40, 160] == 3 and labels[40, 160] == 0  # inside the stroma triangle
+    assert pixels[100, 250] == 0 and pixels[5, 5] == 0  # outside everything
 
 
 def test_dropping_several_slides_opens_each(viewer, qtbot):
