@@ -213,6 +213,22 @@ def test_preferences_reach_the_library_live(plugin_settings, npe2pm, qtbot):
         settings.reset()
 
 
+def test_default_device_starts_the_training_widget(plugin_settings, npe2pm, make_napari_viewer):
+    from napari.settings import get_plugin_settings
+
+    from napari_wsimil import settings
+    from napari_wsimil._qt.training_widget import TrainingWidget
+
+    npe2pm.register(_manifest())
+    get_plugin_settings("napari-wsimil").performance.default_device = "cpu"
+    try:
+        tw = TrainingWidget(make_napari_viewer())
+        assert tw.device.currentText() == "cpu"
+        assert [tw.device.itemText(i) for i in range(tw.device.count())] == list(settings.DEVICES)
+    finally:
+        settings.reset()
+
+
 def _corner_colour(widget, qtbot):
     widget.repaint()
     qtbot.wait(50)
