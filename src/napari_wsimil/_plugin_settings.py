@@ -51,7 +51,8 @@ def _copy(section: Any) -> settings.Settings:
 
 
 def sync_from_napari() -> settings.Settings:
-    """Copy napari's values into :mod:`napari_wsimil.settings` and follow later changes; the settings in force."""
+    """Copy napari's values into :mod:`napari_wsimil.settings` and follow later changes; returns the
+    settings in force."""
     section = napari_plugin_settings()
     if section is None:
         return settings.current()

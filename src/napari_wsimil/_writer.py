@@ -74,8 +74,8 @@ class ArrayLabels:
         if block.size and block.dtype != np.uint8:
             lo, hi = int(block.min()), int(block.max())
             if lo < 0 or hi > 255:
-                raise ProjectError(f"labels layer '{self.name}' holds label {lo if lo < 0 else hi}; an 8-bit mask "
-                                   "holds class ids 0-255 only")
+                raise ProjectError(f"labels layer '{self.name}' holds label {lo if lo < 0 else hi}; an 8-bit "
+                                   "mask holds class ids 0-255 only")
         return block.astype(np.uint8, copy=False)
 
     def read_block(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
@@ -88,14 +88,14 @@ class ArrayLabels:
 
 
 def _plane(data: Any, name: str) -> Any:
-    """The 2-D array of a Labels layer (finest level of a multiscale one; leading axes of length 1 dropped)."""
+    """The 2-D array of a Labels layer (a multiscale one's finest level; leading axes of length 1 dropped)."""
     if isinstance(data, (list, tuple)):
         data = data[0]
     while getattr(data, "ndim", 0) > 2 and data.shape[0] == 1:
         data = data[0]
     if getattr(data, "ndim", 0) != 2:
-        raise ProjectError(f"labels layer '{name}' has {getattr(data, 'ndim', 0)} dimensions; a slide mask is "
-                           "2-D (y, x)")
+        raise ProjectError(f"labels layer '{name}' has {getattr(data, 'ndim', 0)} dimensions; a slide mask "
+                           "is 2-D (y, x)")
     if not np.issubdtype(np.dtype(data.dtype), np.integer) and np.dtype(data.dtype) != np.bool_:
         raise ProjectError(f"labels layer '{name}' holds {data.dtype} values; a mask holds whole class ids")
     return data
@@ -155,6 +155,12 @@ def write_labels_mask(path: str, data: Any, attributes: dict[str, Any],
     return [str(out)]
 
 
+def _color_table(meta: dict[str, Any]) -> dict[str, str]:
+    """``{class name: #rrggbb}`` of the class table a plugin layer carries (empty for other layers)."""
+    classes = meta.get("classes") or []
+    return {str(c["name"]): str(c["color"]) for c in classes if "name" in c and "color" in c}
+
+
 # --- shapes -> QuPath GeoJSON ----------------------------------------------------------------------
 class SlideFrame(NamedTuple):
     """What the shapes conversion needs of a slide: its size in level-0 px (w, h) and µm/px (None: px)."""
@@ -184,8 +190,8 @@ def _fill_list(annotations: list[Any], ids: dict[str, int]) -> list[tuple[np.nda
             continue
         for g in getattr(ann.geometry, "geoms", [ann.geometry]):
             if g.geom_type == "Polygon" and not g.is_empty:
-                out.append((np.asarray(g.exterior.coords, float), [np.asarray(r.coords, float) for r in g.interiors],
-                            cid))
+                holes = [np.asarray(r.coords, float) for r in g.interiors]
+                out.append((np.asarray(g.exterior.coords, float), holes, cid))
     return out
 
 
@@ -200,22 +206,24 @@ def shapes_annotations(data: Any, attributes: dict[str, Any]) -> list[Any]:
     n = len(world)
     types = list(attributes.get("shape_type") or ["polygon"] * n)
     features = attributes.get("features")
-    class_names = [UNCLASSIFIED if c is None or (isinstance(c, float) and math.isnan(c)) or c == "" else str(c)
-                   for c in _column(features, "class", n)]
+    class_names = [UNCLASSIFIED if c is None or (isinstance(c, float) and math.isnan(c)) or c == ""
+                   else str(c) for c in _column(features, "class", n)]
     mpp = _positive(meta.get("slide_mpp"))
     if mpp is None and _in_microns(attributes) and n:
-        raise ProjectError(f"shapes layer '{name}' is in µm but says nothing of its slide's pixel size, so its "
-                           "outlines cannot be written in slide pixels; draw them in the slide's boxes layer")
+        raise ProjectError(f"shapes layer '{name}' is in µm but says nothing of its slide's pixel size, so "
+                           "its outlines cannot be written in slide pixels; draw them in the slide's boxes "
+                           "layer")
     dims = meta.get("slide_dimensions")
     if isinstance(dims, (list, tuple)) and len(dims) == 2:
         frame = SlideFrame((int(dims[0]), int(dims[1])), mpp)
     else:  # the layer's own frame: wide enough for every shape
         far = max((float((w / (mpp or 1.0)).max()) + 1.0 for w in world if len(w)), default=1.0)
         frame = SlideFrame((math.ceil(far), math.ceil(far)), mpp)
-    conv = shapes_to_annotations(world, types, class_names, frame, ids=_column(features, "id", n))  # type: ignore[arg-type]
+    conv = shapes_to_annotations(world, types, class_names, frame,  # type: ignore[arg-type]
+                                 ids=_column(features, "id", n))
     for message in conv.skipped:
         log.warning("%s: %s", name, message)
-    table = {str(c["name"]): str(c["color"]) for c in meta.get("classes") or [] if "name" in c and "color" in c}
+    table = _color_table(meta)
     edges = np.asarray(attributes.get("edge_color") if attributes.get("edge_color") is not None else [])
     first_shape = {ann_id: i for i, ann_id in reversed(list(enumerate(conv.shape_ids))) if ann_id is not None}
     annotations = []
@@ -232,7 +240,7 @@ def write_shapes_geojson(path: str, data: Any, attributes: dict[str, Any]) -> li
     """npe2 single-layer writer: boxes and polygons of a Shapes layer as QuPath GeoJSON (level-0 px);
     lines and paths enclose no area and are left out (logged). Returns the path written."""
     meta = _meta(attributes)
-    table = {str(c["name"]): str(c["color"]) for c in meta.get("classes") or [] if "name" in c and "color" in c}
+    table = _color_table(meta)
     out = Path(path)
     write_geojson(out, shapes_annotations(data, attributes), table)
     return [str(out)]

@@ -40,7 +40,8 @@ def test_npe2_validate_passes_with_imports():
 
 def test_manifest_declares_writers_menus_categories_configurations():
     m = _manifest()
-    writers = {w.command: (tuple(w.layer_types), tuple(w.filename_extensions)) for w in m.contributions.writers}
+    writers = {w.command: (tuple(w.layer_types), tuple(w.filename_extensions))
+               for w in m.contributions.writers}
     assert writers == {"napari-wsimil.write_labels_mask": (("labels",), (".ome.tif", ".ome.tiff")),
                        "napari-wsimil.write_shapes_geojson": (("shapes",), (".geojson",))}
     assert set(m.categories) == {"Annotation", "IO", "Segmentation"}
