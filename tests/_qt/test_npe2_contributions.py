@@ -159,6 +159,21 @@ def test_export_mask_command_is_in_the_menus_and_runs(viewer, tmp_path, monkeypa
     assert pixels[100, 250] == 0 and pixels[5, 5] == 0  # outside everything
 
 
+def test_every_widget_and_the_sample_run_from_the_manifest(viewer):
+    """Each widget contribution docks as napari's Plugins menu docks it, and the sample opens."""
+    import importlib
+
+    m = _manifest()
+    commands = {c.id: c.python_name for c in m.contributions.commands}
+    for contribution in m.contributions.widgets:
+        module, attr = commands[contribution.command].split(":")
+        _, widget = viewer.window.add_plugin_dock_widget("napari-wsimil", contribution.display_name)
+        assert isinstance(widget, getattr(importlib.import_module(module), attr)), contribution.display_name
+    [sample] = m.contributions.sample_data
+    [layer] = viewer.open_sample("napari-wsimil", sample.key)
+    assert layer.multiscale and layer.metadata["wsimil"]["path"]
+
+
 def test_dropping_several_slides_opens_each(viewer, qtbot):
     from qtpy.QtCore import QMimeData, QPointF, Qt, QUrl
     from qtpy.QtGui import QDropEvent
