@@ -36,6 +36,9 @@ def napari_plugin_settings() -> Any | None:
     except (KeyError, AttributeError):  # the plugin is not registered with napari, or an older manifest
         log.debug("napari has no settings for %s", PLUGIN, exc_info=True)
         return None
+    except Exception:  # a damaged settings file must not stop a slide from opening: keep the defaults
+        log.warning("napari's settings for %s could not be read; using the defaults", PLUGIN, exc_info=True)
+        return None
 
 
 def _copy(section: Any) -> settings.Settings:
@@ -48,7 +51,8 @@ def _copy(section: Any) -> settings.Settings:
 
 
 def sync_from_napari() -> settings.Settings:
-    """Copy napari's values into :mod:`napari_wsimil.settings` and follow later changes; the settings in force."""
+    """Copy napari's values into :mod:`napari_wsimil.settings` and follow later changes; returns the
+    settings in force."""
     section = napari_plugin_settings()
     if section is None:
         return settings.current()

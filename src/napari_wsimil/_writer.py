@@ -29,6 +29,7 @@ from .errors import ProjectError
 from .io.mask_writers import LabelSampler, write_ome_tiff
 from .project.annotations import UNCLASSIFIED, write_geojson
 from .project.classes import UNLABELLED, rgb_to_hex
+from .project.export import AnnotatedSampler
 from .project_layers import shapes_to_annotations
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,8 @@ class ArrayLabels:
         if block.size and block.dtype != np.uint8:
             lo, hi = int(block.min()), int(block.max())
             if lo < 0 or hi > 255:
-                raise ProjectError(f"labels layer '{self.name}' holds label {lo if lo < 0 else hi}; an 8-bit mask "
-                                   "holds class ids 0-255 only")
+                raise ProjectError(f"labels layer '{self.name}' holds label {lo if lo < 0 else hi}; an 8-bit "
+                                   "mask holds class ids 0-255 only")
         return block.astype(np.uint8, copy=False)
 
     def read_block(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
@@ -87,14 +88,14 @@ class ArrayLabels:
 
 
 def _plane(data: Any, name: str) -> Any:
-    """The 2-D array of a Labels layer (finest level of a multiscale one; leading axes of length 1 dropped)."""
+    """The 2-D array of a Labels layer (a multiscale one's finest level; leading axes of length 1 dropped)."""
     if isinstance(data, (list, tuple)):
         data = data[0]
     while getattr(data, "ndim", 0) > 2 and data.shape[0] == 1:
         data = data[0]
     if getattr(data, "ndim", 0) != 2:
-        raise ProjectError(f"labels layer '{name}' has {getattr(data, 'ndim', 0)} dimensions; a slide mask is "
-                           "2-D (y, x)")
+        raise ProjectError(f"labels layer '{name}' has {getattr(data, 'ndim', 0)} dimensions; a slide mask "
+                           "is 2-D (y, x)")
     if not np.issubdtype(np.dtype(data.dtype), np.integer) and np.dtype(data.dtype) != np.bool_:
         raise ProjectError(f"labels layer '{name}' holds {data.dtype} values; a mask holds whole class ids")
     return data
@@ -114,9 +115,15 @@ def _class_table(attributes: dict[str, Any], meta: dict[str, Any]) -> list[dict[
     return table
 
 
-def write_labels_mask(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
+def write_labels_mask(path: str, data: Any, attributes: dict[str, Any],
+                      outlines: tuple[Any, dict[str, Any]] | None = None) -> list[str]:
     """npe2 single-layer writer: the Labels layer as a pyramidal OME-TIFF mask (uint8 class ids) at the
-    layer's own resolution, with its µm/px and class table; returns the path written."""
+    layer's own resolution, with its µm/px and class table; returns the path written.
+
+    ``outlines``, a Shapes layer's ``(data, attributes)`` over the same slide (the "Export mask" command
+    passes it; napari's *Save* does not), fills the boxes and polygons with their class id under the
+    painted pixels, as QuPath's labelled-image export and ``wsimil project export`` do.
+    """
     name = str(attributes.get("name") or "labels")
     plane = _plane(data, name)
     meta = _meta(attributes)
@@ -137,10 +144,21 @@ def write_labels_mask(path: str, data: Any, attributes: dict[str, Any]) -> list[
         "slide_id": meta.get("project_slide") or name, "slide_path": meta.get("path"), "downsample": ds,
         "mpp": mpp, "slide_dimensions": list(dims), "classes": _class_table(attributes, meta),
     }}
-    sampler = LabelSampler(ArrayLabels(plane, name), _Geometry(ds, (h, w)))  # type: ignore[arg-type]
+    sampler: Any = LabelSampler(ArrayLabels(plane, name), _Geometry(ds, (h, w)))  # type: ignore[arg-type]
+    if outlines is not None:
+        ids = {str(c["name"]): int(c["id"]) for c in description["wsimil"]["classes"]}
+        shapes = _fill_list(shapes_annotations(*outlines), ids)
+        if shapes:
+            sampler = AnnotatedSampler(sampler, shapes)
     out = Path(path)
     write_ome_tiff(out, sampler, dims, ds, mpp, name, json.dumps(description))
     return [str(out)]
+
+
+def _color_table(meta: dict[str, Any]) -> dict[str, str]:
+    """``{class name: #rrggbb}`` of the class table a plugin layer carries (empty for other layers)."""
+    classes = meta.get("classes") or []
+    return {str(c["name"]): str(c["color"]) for c in classes if "name" in c and "color" in c}
 
 
 # --- shapes -> QuPath GeoJSON ----------------------------------------------------------------------
@@ -162,9 +180,24 @@ def _column(features: Any, name: str, n: int) -> list[Any]:
     return list(features[name])
 
 
-def write_shapes_geojson(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
-    """npe2 single-layer writer: boxes and polygons of a Shapes layer as QuPath GeoJSON (level-0 px);
-    lines and paths enclose no area and are left out (logged). Returns the path written."""
+def _fill_list(annotations: list[Any], ids: dict[str, int]) -> list[tuple[np.ndarray, list[np.ndarray], int]]:
+    """(exterior, holes, class id) of each polygon part, for :class:`AnnotatedSampler`; classes the mask's
+    table does not know are not drawn (as in ``wsimil project export``)."""
+    out = []
+    for ann in annotations:
+        cid = ids.get(ann.class_name)
+        if cid is None or cid <= 0:
+            continue
+        for g in getattr(ann.geometry, "geoms", [ann.geometry]):
+            if g.geom_type == "Polygon" and not g.is_empty:
+                holes = [np.asarray(r.coords, float) for r in g.interiors]
+                out.append((np.asarray(g.exterior.coords, float), holes, cid))
+    return out
+
+
+def shapes_annotations(data: Any, attributes: dict[str, Any]) -> list[Any]:
+    """A Shapes layer's boxes and polygons as annotations in level-0 px, each with its class colour; lines
+    and paths enclose no area and are left out (logged)."""
     name = str(attributes.get("name") or "shapes")
     meta = _meta(attributes)
     scale = np.asarray([float(s) for s in (attributes.get("scale") or [1.0, 1.0])][-2:])
@@ -173,22 +206,24 @@ def write_shapes_geojson(path: str, data: Any, attributes: dict[str, Any]) -> li
     n = len(world)
     types = list(attributes.get("shape_type") or ["polygon"] * n)
     features = attributes.get("features")
-    class_names = [UNCLASSIFIED if c is None or (isinstance(c, float) and math.isnan(c)) or c == "" else str(c)
-                   for c in _column(features, "class", n)]
+    class_names = [UNCLASSIFIED if c is None or (isinstance(c, float) and math.isnan(c)) or c == ""
+                   else str(c) for c in _column(features, "class", n)]
     mpp = _positive(meta.get("slide_mpp"))
     if mpp is None and _in_microns(attributes) and n:
-        raise ProjectError(f"shapes layer '{name}' is in µm but says nothing of its slide's pixel size, so its "
-                           "outlines cannot be written in slide pixels; draw them in the slide's boxes layer")
+        raise ProjectError(f"shapes layer '{name}' is in µm but says nothing of its slide's pixel size, so "
+                           "its outlines cannot be written in slide pixels; draw them in the slide's boxes "
+                           "layer")
     dims = meta.get("slide_dimensions")
     if isinstance(dims, (list, tuple)) and len(dims) == 2:
         frame = SlideFrame((int(dims[0]), int(dims[1])), mpp)
     else:  # the layer's own frame: wide enough for every shape
         far = max((float((w / (mpp or 1.0)).max()) + 1.0 for w in world if len(w)), default=1.0)
         frame = SlideFrame((math.ceil(far), math.ceil(far)), mpp)
-    conv = shapes_to_annotations(world, types, class_names, frame, ids=_column(features, "id", n))  # type: ignore[arg-type]
+    conv = shapes_to_annotations(world, types, class_names, frame,  # type: ignore[arg-type]
+                                 ids=_column(features, "id", n))
     for message in conv.skipped:
         log.warning("%s: %s", name, message)
-    table = {str(c["name"]): str(c["color"]) for c in meta.get("classes") or [] if "name" in c and "color" in c}
+    table = _color_table(meta)
     edges = np.asarray(attributes.get("edge_color") if attributes.get("edge_color") is not None else [])
     first_shape = {ann_id: i for i, ann_id in reversed(list(enumerate(conv.shape_ids))) if ann_id is not None}
     annotations = []
@@ -198,9 +233,17 @@ def write_shapes_geojson(path: str, data: Any, attributes: dict[str, Any]) -> li
         if color is None and i is not None and len(edges) > i:
             color = _hex(edges[i])
         annotations.append(replace(ann, color=color or "#c0c0c0"))
+    return annotations
+
+
+def write_shapes_geojson(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
+    """npe2 single-layer writer: boxes and polygons of a Shapes layer as QuPath GeoJSON (level-0 px);
+    lines and paths enclose no area and are left out (logged). Returns the path written."""
+    meta = _meta(attributes)
+    table = _color_table(meta)
     out = Path(path)
-    write_geojson(out, annotations, table)
+    write_geojson(out, shapes_annotations(data, attributes), table)
     return [str(out)]
 
 
-__all__ = ["ArrayLabels", "SlideFrame", "write_labels_mask", "write_shapes_geojson"]
+__all__ = ["ArrayLabels", "SlideFrame", "shapes_annotations", "write_labels_mask", "write_shapes_geojson"]

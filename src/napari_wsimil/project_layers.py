@@ -193,8 +193,8 @@ def annotations_layer_data(
         "face_color": "transparent",
         "edge_width": default_edge_width(slide) if edge_width is None else edge_width,
         "features": {"class": np.array(names, dtype=object), "id": np.array(ids, dtype=object)},
-        "metadata": {"wsimil": {"kind": "annotations", "path": str(slide.path), "classes": class_table(classes),
-                                **slide_frame(slide)}},
+        "metadata": {"wsimil": {"kind": "annotations", "path": str(slide.path),
+                                "classes": class_table(classes), **slide_frame(slide)}},
         **world_units(slide),
     }
     return (data, kwargs, "shapes")

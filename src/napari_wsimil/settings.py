@@ -23,7 +23,8 @@ TILE_CACHE_MB_RANGE = (16, 1 << 20)
 @dataclass(frozen=True)
 class Settings:
     """``tile_cache_mb``: decoded slide tiles kept in memory, shared by every open slide;
-    ``default_device``: what a new run's device is unless the user picks another."""
+    ``default_device``: the device a new run in the Training widget starts with (the user may pick
+    another)."""
 
     tile_cache_mb: int = 256
     default_device: str = "auto"
@@ -40,7 +41,8 @@ def check(settings: Settings) -> Settings:
     if isinstance(mb, bool) or not isinstance(mb, int) or not lo <= mb <= hi:
         raise ValueError(f"the tile cache size must be a whole number of MB from {lo} to {hi}, got {mb!r}")
     if settings.default_device not in DEVICES:
-        raise ValueError(f"the default device must be one of {', '.join(DEVICES)}, got {settings.default_device!r}")
+        raise ValueError(f"the default device must be one of {', '.join(DEVICES)}, "
+                         f"got {settings.default_device!r}")
     return settings
 
 
@@ -52,7 +54,8 @@ def from_environment(env: dict[str, str] | None = None) -> Settings:
         try:
             out = replace(out, tile_cache_mb=int(mb))
         except ValueError:
-            raise ValueError(f"NAPARI_WSIMIL_TILE_CACHE_MB must be a whole number of MB, got {mb!r}") from None
+            raise ValueError(f"NAPARI_WSIMIL_TILE_CACHE_MB must be a whole number of MB, "
+                             f"got {mb!r}") from None
     if (device := env.get("NAPARI_WSIMIL_DEVICE", "").strip()):
         out = replace(out, default_device=device)
     return check(out)

@@ -232,6 +232,9 @@ def test_classes_and_slide_label_persist(make_napari_viewer, qtbot, tmp_path):
     lw.recolor_class(stroma.id, "#abcdef")
     rgb = s.labels_layer.colormap.map(stroma.id)[:3]
     assert rgb == pytest.approx([0xAB / 255, 0xCD / 255, 0xEF / 255], abs=0.01)
+    for layer in (s.labels_layer, s.shapes_layer):  # the class table File > Save writes beside the pixels
+        table = {c["id"]: (c["name"], c["color"]) for c in layer.metadata["wsimil"]["classes"]}
+        assert table[1][0] == "carcinoma" and table[stroma.id] == ("stroma", "#abcdef")
 
     choices = [lw.slide_label.itemText(i) for i in range(lw.slide_label.count())]
     assert choices == ["(none)", "benign", "malignant"]

@@ -1,10 +1,11 @@
 """The "Export mask" menu command (*Layers > Data* and *File > IO Utilities*): the selected Labels layer
-as an OME-TIFF mask with its µm/px and class table.
+as an OME-TIFF mask with its µm/px and class table, and the boxes and polygons drawn over the same slide
+filled in under the painted pixels, as QuPath's labelled-image export draws them.
 
 Thin: it asks where to write and calls the npe2 writer (:func:`napari_wsimil._writer.write_labels_mask`)
-with the layer's state as napari hands it to writers (``Layer.as_layer_data_tuple``), so the menu and
-*File > Save Selected Layers* write the same file. napari 0.9.2 lets plugins into neither the layer
-list's context menu nor the Plugins menu (see docs/napari.md), hence these two menus.
+with the layers' state as napari hands it to writers (``Layer.as_layer_data_tuple``); *File > Save
+Selected Layers* writes the painted pixels alone, since a writer sees one layer. napari 0.9.2 lets plugins
+into neither the layer list's context menu nor the Plugins menu (see docs/napari.md), hence these menus.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from napari.layers import Labels
+from napari.layers import Labels, Shapes
 from napari.viewer import Viewer
 from qtpy.QtWidgets import QFileDialog
 
@@ -34,6 +35,18 @@ def labels_to_export(viewer: Any) -> Any | None:
         labels = [layer for layer in group if isinstance(layer, Labels)]
         if len(labels) == 1:
             return labels[0]
+    return None
+
+
+def outlines_for(viewer: Any, labels: Any) -> Any | None:
+    """The plugin's boxes layer over the same slide as ``labels`` (None: none, or a layer of no slide)."""
+    path = (labels.metadata.get("wsimil") or {}).get("path")
+    if not path:
+        return None
+    for layer in viewer.layers:
+        meta = layer.metadata.get("wsimil") or {}
+        if isinstance(layer, Shapes) and meta.get("kind") == "annotations" and meta.get("path") == path:
+            return layer
     return None
 
 
@@ -60,8 +73,10 @@ def export_mask(viewer: Viewer) -> list[str]:
         path += SUFFIXES[0]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     data, state, _ = layer.as_layer_data_tuple()
+    shapes = outlines_for(viewer, layer)
+    outlines = shapes.as_layer_data_tuple()[:2] if shapes is not None else None
     try:
-        written = write_labels_mask(path, data, state)
+        written = write_labels_mask(path, data, state, outlines=outlines)
     except (WsimilError, OSError) as exc:
         notify(f"Export mask: {exc}")
         return []

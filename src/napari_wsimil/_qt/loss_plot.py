@@ -1,21 +1,54 @@
 """A small live plot of training and validation loss per epoch, painted with QPainter.
 
-No matplotlib: a dock widget that repaints every epoch must stay light, and two polylines on a
-dark background are all the user needs to see whether training converges or overfits.
+No matplotlib: a dock widget that repaints every epoch must stay light, and two polylines are all the
+user needs to see whether training converges or overfits.
+
+Colours follow napari's theme (:meth:`LossPlot.follow`): the panel, axes and text take the theme's
+``foreground``, ``highlight`` and ``text``, and the two series a darker orange and blue on a light theme,
+where the dark theme's pale ones would wash out. A theme change repaints the plot at once.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from qtpy.QtCore import QPointF, QRectF, QSize, Qt
 from qtpy.QtGui import QColor, QPainter, QPainterPath, QPen
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
-SERIES = {"train": QColor("#f0a030"), "val": QColor("#40a0f0")}
-BACKGROUND = QColor("#262930")  # napari's dark theme
-AXIS = QColor("#8a8d93")
+log = logging.getLogger(__name__)
+
+SERIES = ("train", "val")
+
+
+@dataclass(frozen=True)
+class PlotColors:
+    """What the plot paints with: the panel, the axes, the labels, and one colour per series."""
+
+    background: QColor
+    axis: QColor
+    text: QColor
+    series: dict[str, QColor]
+
+
+#: napari's dark theme (the default, and what is used without napari)
+DARK = PlotColors(QColor("#2e333e"), QColor("#61696e"), QColor("#f0f1f2"),
+                  {"train": QColor("#f0a030"), "val": QColor("#40a0f0")})
+SERIES_ON_LIGHT = {"train": QColor("#c05a00"), "val": QColor("#1060b0")}
+
+
+def colors_for_theme(theme_id: str) -> PlotColors:
+    """The plot's colours under napari theme ``theme_id`` ("dark", "light", "system" or a plugin theme)."""
+    from napari.utils.theme import get_theme
+
+    theme = get_theme(theme_id)
+    background = QColor(str(theme.foreground))
+    light = background.lightnessF() > 0.5
+    return PlotColors(background, QColor(str(theme.highlight)), QColor(str(theme.text)),
+                      dict(SERIES_ON_LIGHT if light else DARK.series))
 
 
 class LossPlot(QWidget):
@@ -24,12 +57,34 @@ class LossPlot(QWidget):
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self._data: dict[str, dict[int, float]] = {k: {} for k in SERIES}
+        self.colors = DARK
+        self.theme: str | None = None
         self.setMinimumHeight(90)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
         self.setToolTip("Loss per epoch: orange training, blue validation.")
 
     def sizeHint(self) -> QSize:
         return QSize(260, 130)
+
+    # --- theme -----------------------------------------------------------------------------------
+    def set_theme(self, theme_id: str) -> None:
+        """Paint with napari theme ``theme_id``'s colours from now on."""
+        self.colors = colors_for_theme(theme_id)
+        self.theme = theme_id
+        self.update()
+
+    def follow(self, viewer: Any) -> None:
+        """Take ``viewer``'s theme now and whenever it changes (Preferences > Appearance)."""
+        if viewer is None:
+            return
+        self.set_theme(viewer.theme)
+        viewer.events.theme.connect(self._on_theme)
+
+    def _on_theme(self, event: Any) -> None:
+        try:
+            self.set_theme(str(event.value))
+        except RuntimeError:  # the widget was closed before the viewer: nothing left to paint
+            log.debug("loss plot gone before its viewer's theme changed")
 
     # --- data ------------------------------------------------------------------------------------
     def add(self, series: str, epoch: int, value: float) -> None:
@@ -65,7 +120,7 @@ class LossPlot(QWidget):
         p = QPainter(self)
         try:
             p.setRenderHint(QPainter.RenderHint.Antialiasing)
-            p.fillRect(self.rect(), BACKGROUND)
+            p.fillRect(self.rect(), self.colors.background)
             self._paint(p)
         finally:
             p.end()
@@ -74,9 +129,10 @@ class LossPlot(QWidget):
         fm = p.fontMetrics()
         left, bottom, top, right = fm.horizontalAdvance("0.000") + 8, fm.height() + 4, fm.height() + 2, 8
         area = QRectF(left, top, max(10, self.width() - left - right), max(10, self.height() - top - bottom))
-        p.setPen(QPen(AXIS, 1))
+        p.setPen(QPen(self.colors.axis, 1))
         p.drawLine(area.bottomLeft(), area.bottomRight())
         p.drawLine(area.bottomLeft(), area.topLeft())
+        p.setPen(QPen(self.colors.text, 1))
         points = [pt for v in self._data.values() for pt in v.items()]
         if not points:
             p.drawText(area, Qt.AlignmentFlag.AlignCenter, "loss per epoch")
@@ -102,7 +158,7 @@ class LossPlot(QWidget):
         p.drawText(QRectF(area.left(), area.bottom() + 2, area.width(), fm.height()),
                    Qt.AlignmentFlag.AlignRight, f"epoch {e1}")
         x = area.left() + 4
-        for name, color in SERIES.items():
+        for name, color in self.colors.series.items():
             series = sorted(self._data[name].items())
             if not series:
                 continue

@@ -58,6 +58,7 @@ class RunControl(QWidget):
         self.status = QLabel()
         self.status.setWordWrap(True)
         self.loss_plot = LossPlot()
+        self.loss_plot.follow(getattr(ctx, "viewer", None))  # napari's light or dark theme, live
         form = QFormLayout(self)
         form.setContentsMargins(0, 0, 0, 0)
         form.addRow(row)
