@@ -23,7 +23,7 @@ set one, so 0.5) and at 0.5. Same U-Net, patch, µm/px and seed. Training patche
 
 python benchmarks/bench_fedmix.py [--synthetic] [--slides 24] [--size 3072] [--rounds 12] [--epochs 12]
     [--mpp 2] [--patch 64] [--width 16] [--depth 3] [--patches-per-round 128] [--patches-per-epoch 256]
-    [--batch-size 16] [--lam 10] [--beta 1.5] [--seed 1] [--threads 1] [--workdir DIR]
+    [--batch-size 16] [--lam 10] [--beta 1.5] [--seed 1] [--threads 1] [--alone] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tumour-contrast", type=float, default=1.0, help="--synthetic only")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--skip-hybrid", action="store_true", help="FedMix only (e.g. to try settings)")
+    ap.add_argument("--alone", action="store_true", help="also the pixel site trained by itself")
     ap.add_argument("--workdir", type=Path, default=None, help="keeps the cohort between runs")
     ap.add_argument("--verbose", action="store_true")
     add_texture_options(ap)
@@ -171,6 +172,14 @@ def main(argv: list[str] | None = None) -> dict:
     with contextlib.redirect_stdout(sink) if not args.verbose else contextlib.nullcontext():
         results["FedMix (pixel + box + slide sites)"] = _score(run_fed, test_csv, base, out / "pred_fedmix")
     times["fedmix predict"] = time.perf_counter() - t
+    if args.alone:  # the pixel site by itself: what the other two sites add
+        run_a = out / "run_pixel_site_alone"
+        t = time.perf_counter()
+        if not (run_a / "last.json").is_file():
+            run_local(sites[:1], cfg, args.rounds, run_a, evaluate=False)
+        times["pixel site alone train"] = time.perf_counter() - t
+        with contextlib.redirect_stdout(sink) if not args.verbose else contextlib.nullcontext():
+            results["pixel site alone (FedMix, 1 site)"] = _score(run_a, test_csv, base, out / "pred_alone")
     if not args.skip_hybrid:
         run_h = out / "run_hybrid"
         sets = {"width": args.width, "depth": args.depth, "patches_per_epoch": args.patches_per_epoch,
