@@ -33,6 +33,14 @@ class DiskFullError(ProjectError, OSError):
         self.free = free
 
 
+def short(exc: BaseException | str, limit: int = 200) -> str:
+    """An exception's text fit for a one-line message: its first line, at most ``limit`` characters. Why: a
+    low-level error may quote a whole damaged value (a 5,000-character string, a zip header's bytes)."""
+    text = str(exc).strip()
+    text = text.splitlines()[0] if text else (type(exc).__name__ if isinstance(exc, BaseException) else "")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def human_bytes(n: int) -> str:
     """1536 -> '1.5 KB': sizes in messages to a person."""
     size = float(n)
