@@ -56,9 +56,11 @@ class SlideError(WsimilError):
 
     def __init__(self, path: str | Path | None, reason: str):
         self.path = None if path is None else Path(path)
-        self.reason = reason
+        # a reader's message may quote damaged bytes (libdicom: "cannot have VR '\x13Q'"): no control characters
+        reason = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(reason))
+        self.reason = reason if len(reason) <= 500 else reason[:499] + "…"
         where = f"{self.path.name} ({self.path})" if self.path is not None else "slide"
-        super().__init__(f"Cannot read {where}: {reason}")
+        super().__init__(f"Cannot read {where}: {self.reason}")
 
 
 class MissingMppError(SlideError):
