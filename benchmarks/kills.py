@@ -91,12 +91,13 @@ CHILD = {
         torch.set_num_threads(1)
         from napari_wsimil.features.extract import extract_cohort
         root, out = sys.argv[1], sys.argv[2]
-        print("ready", flush=True)
         n = 0
         while True:
             for r in extract_cohort(root, out, "handcrafted", patch_size=64, mpp=2.0, device="cpu",
                                     overwrite=True, num_workers=1):
                 print(f"bag {n} {r.slide_id}", flush=True)
+                if n == 0:  # a finished bag exists: kills now land while others are computed and written over it
+                    print("ready", flush=True)
                 n += 1
     """,
     "train": """
@@ -350,7 +351,7 @@ def trial_train(work: Path, sources: dict[str, str], delay: float, index: int) -
 
 
 TRIALS = {"paint": trial_paint, "export": trial_export, "extract": trial_extract, "train": trial_train}
-DELAYS = {"paint": (0.0, 2.0), "export": (0.0, 2.0), "extract": (0.2, 6.0), "train": (0.0, 1.5)}
+DELAYS = {"paint": (0.0, 2.0), "export": (0.0, 2.0), "extract": (0.0, 4.0), "train": (0.0, 1.5)}
 
 
 def schedule(trials: int, seed: int) -> list[tuple[str, float]]:

@@ -33,6 +33,14 @@ class DiskFullError(ProjectError, OSError):
         self.free = free
 
 
+def short(exc: BaseException | str, limit: int = 200) -> str:
+    """An exception's text fit for a one-line message: its first line, at most ``limit`` characters. Why: a
+    low-level error may quote a whole damaged value (a 5,000-character string, a zip header's bytes)."""
+    text = str(exc).strip()
+    text = text.splitlines()[0] if text else (type(exc).__name__ if isinstance(exc, BaseException) else "")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def human_bytes(n: int) -> str:
     """1536 -> '1.5 KB': sizes in messages to a person."""
     size = float(n)
@@ -48,9 +56,11 @@ class SlideError(WsimilError):
 
     def __init__(self, path: str | Path | None, reason: str):
         self.path = None if path is None else Path(path)
-        self.reason = reason
+        # a reader's message may quote damaged bytes (libdicom: "cannot have VR '\x13Q'"): no control characters
+        reason = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(reason))
+        self.reason = reason if len(reason) <= 500 else reason[:499] + "…"
         where = f"{self.path.name} ({self.path})" if self.path is not None else "slide"
-        super().__init__(f"Cannot read {where}: {reason}")
+        super().__init__(f"Cannot read {where}: {self.reason}")
 
 
 class MissingMppError(SlideError):

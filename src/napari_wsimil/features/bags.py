@@ -97,23 +97,25 @@ def read_bag_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
 def read_bag(path: str | os.PathLike[str]) -> Bag:
     """A whole bag, checked to be consistent."""
     with open_npz(path, BagError, "bag", "feature bag") as (z, attrs):
-        return Bag(*checked_arrays(z["coords"], z["features"], Path(path)), attrs)
+        coords, features = np.asarray(z["coords"]), np.asarray(z["features"])
+    return Bag(*checked_arrays(coords, features, Path(path)), attrs)
 
 
-def checked_arrays(coords: np.ndarray, features: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
+def checked_arrays(coords: np.ndarray, features: np.ndarray, path: Path,
+                   error: type[WsimilError] = BagError) -> tuple[np.ndarray, np.ndarray]:
     """A bag's arrays after checking what a bag from elsewhere could get wrong: numeric dtypes, (N, 2)
     coordinates, (N, D) features, and finite values. Why: a NaN feature or a string array would otherwise
     surface epochs later as a NaN loss or a cryptic cast error far from the file that caused it."""
     name = f"{path.name} ({path})"
     if coords.dtype.kind not in "iu" or coords.ndim != 2 or coords.shape[1:] != (2,):
-        raise BagError(f"{name} is not a readable feature bag: its coords are {coords.dtype} {coords.shape}, "
-                       "expected integer (N, 2)")
+        raise error(f"{name} is not a readable feature bag: its coords are {coords.dtype} {coords.shape}, "
+                    "expected integer (N, 2)")
     if features.dtype.kind != "f" or features.ndim != 2 or len(features) != len(coords):
-        raise BagError(f"{name} is not a readable feature bag: its features are {features.dtype} "
-                       f"{features.shape}, expected float ({len(coords)}, D)")
+        raise error(f"{name} is not a readable feature bag: its features are {features.dtype} "
+                    f"{features.shape}, expected float ({len(coords)}, D)")
     if not np.isfinite(features).all():
-        raise BagError(f"{name} holds {int((~np.isfinite(features)).sum())} NaN or infinite feature values; "
-                       "extract its features again")
+        raise error(f"{name} holds {int((~np.isfinite(features)).sum())} NaN or infinite feature values; "
+                    "extract its features again")
     return coords, features
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import WsimilError
+from ..errors import WsimilError, short
 
 
 @contextmanager
@@ -29,7 +29,7 @@ def open_npz(path: str | os.PathLike[str], error: type[WsimilError], name: str, 
     except FileNotFoundError:
         raise error(f"{name} {path} does not exist") from None
     except Exception as exc:  # noqa: BLE001 - zip, key or JSON errors all mean "not such a file"
-        raise error(f"{path.name} ({path}) is not a readable {kind}: {exc}") from exc
+        raise error(f"{path.name} ({path}) is not a readable {kind}: {short(exc)}") from exc
 
 
 __all__ = ["open_npz"]

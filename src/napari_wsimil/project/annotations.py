@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ..errors import short
 from ..io.atomic import write_text
 from .classes import ClassDef, UNLABELLED, hex_to_rgb, normalize_color
 from .errors import ProjectError, problems_error
@@ -212,11 +213,11 @@ def read_geojson(path: str | os.PathLike[str]) -> list[Annotation]:
     except FileNotFoundError:
         raise ProjectError(f"annotation file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ProjectError(f"cannot read annotation file {path}: {exc}") from exc
+        raise ProjectError(f"cannot read annotation file {path}: {short(exc)}") from exc
     try:
         doc = json.loads(text)
     except ValueError as exc:
-        raise ProjectError(f"{path.name} is not valid JSON ({exc}); expected GeoJSON as QuPath exports it") from None
+        raise ProjectError(f"{path.name} is not valid JSON ({short(exc)}); expected GeoJSON as QuPath exports it") from None
     return parse_geojson(doc, source=path.name)
 
 
@@ -274,7 +275,7 @@ def _feature(feat: Any, i: int) -> Annotation:
     try:
         geom = shape(gj)
     except Exception as exc:  # shapely raises several types for malformed coordinates
-        raise ProjectError(f"feature {i}: malformed {gtype} coordinates ({exc})") from None
+        raise ProjectError(f"feature {i}: malformed {gtype} coordinates ({short(exc)})") from None
     if geom.geom_type == "GeometryCollection":
         parts = list(geom.geoms)
         if parts and all(p.geom_type in ("Polygon", "MultiPolygon") for p in parts):

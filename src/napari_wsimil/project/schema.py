@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .classes import ClassDef, check_table
+from ..errors import short
 from .errors import ProjectError
 
 SCHEMA_VERSION = 1
@@ -68,6 +69,8 @@ class SlideRecord:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> SlideRecord:
         dims = d.get("dimensions")
+        if dims and not (len(dims) == 2 and all(isinstance(v, int) and 0 < v <= MAX_SIDE for v in dims)):
+            raise ValueError(f"slide dimensions {short(repr(dims), 60)} are not two sizes of 1 to {MAX_SIDE:,} px")
         return cls(
             slide_id=check_slide_id(d["slide_id"]), path=Path(d["path"]), label=d.get("label"), split=d.get("split"),
             mpp=_opt_float(d.get("mpp")), dimensions=(int(dims[0]), int(dims[1])) if dims else None,
@@ -75,6 +78,10 @@ class SlideRecord:
             gt_downsample=_opt_float(d.get("gt_downsample")),
             extra={str(k): str(v) for k, v in (d.get("extra") or {}).items()},
         )
+
+
+#: No scanner makes a slide wider than this (the largest are ~250,000 px); a larger recorded size is damage.
+MAX_SIDE = 2_000_000
 
 
 def _opt_float(v: Any) -> float | None:
@@ -108,7 +115,9 @@ class ProjectData:
         try:
             schema = int(data["schema"])
             name = str(data.get("name") or root.name)
-            label_mpp = float(data.get("label_mpp", 4.0))
+            label_mpp = check_mpp(data.get("label_mpp", 4.0), "the label resolution")
+            if label_mpp is None:
+                raise ValueError("label_mpp is null")
             classes = [ClassDef.from_json(c) for c in data["classes"]]
             check_table(classes)
             slide_classes = [str(s) for s in data.get("slide_classes", [])]
@@ -119,8 +128,8 @@ class ProjectData:
             return cls(name, label_mpp, classes, slide_classes, records, str(data.get("created", "")), schema)
         except ProjectError:
             raise
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise ProjectError(f"{root / PROJECT_FILE} is damaged ({type(exc).__name__}: {exc})") from exc
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
+            raise ProjectError(f"{root / PROJECT_FILE} is damaged ({type(exc).__name__}: {short(exc)})") from exc
 
 
 def stored_path(root: Path, path: Path) -> Path:
@@ -183,9 +192,9 @@ def check_mpp(mpp: Any, what: str = "pixel size") -> float | None:
     try:
         v = float(mpp)
     except (TypeError, ValueError):
-        raise ProjectError(f"{what} must be a number of µm per pixel, got {mpp!r}") from None
+        raise ProjectError(f"{what} must be a number of µm per pixel, got {short(repr(mpp), 60)}") from None
     if not (v > 0 and math.isfinite(v)):
-        raise ProjectError(f"{what} must be a positive number of µm per pixel, got {mpp!r}")
+        raise ProjectError(f"{what} must be a positive number of µm per pixel, got {short(repr(mpp), 60)}")
     return v
 
 

@@ -30,7 +30,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from ..errors import WsimilError
+from ..errors import WsimilError, short
 from ..io.atomic import write_bytes, write_text
 from .events import ProgressEvent
 
@@ -187,9 +187,10 @@ def load_model_weights(path: str | Path, model: nn.Module) -> nn.Module:
     try:
         if path.suffix == ".json":
             name = json.loads(path.read_text())["tensors"]
-            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+            if (not isinstance(name, str) or not name or len(name) > 255 or "/" in name or "\\" in name
+                    or "\0" in name or name.startswith(".")):
                 raise CheckpointError(f"{path.name} ({path}) names no checkpoint file in its folder "
-                                      f"(tensors: {str(name)[:60]!r})")
+                                      f"(tensors: {short(repr(name), 60)})")
             path = path.parent / name
         if path.suffix == ".safetensors":
             tensors = st_load(path.read_bytes())
@@ -201,8 +202,7 @@ def load_model_weights(path: str | Path, model: nn.Module) -> nn.Module:
     except FileNotFoundError:
         raise CheckpointError(f"the checkpoint {path.name} ({path}) does not exist") from None
     except Exception as exc:  # noqa: BLE001 - safetensors, JSON and unpickler errors all mean "unreadable"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise CheckpointError(f"{path.name} ({path}) is not a readable checkpoint: {first}") from exc
+        raise CheckpointError(f"{path.name} ({path}) is not a readable checkpoint: {short(exc)}") from exc
     check_state_dict(sd, model, path)
     model.load_state_dict(sd)
     return model

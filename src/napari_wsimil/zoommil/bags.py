@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import MissingMppError, WsimilError
+from ..features.bags import checked_arrays
 from ..io.atomic import atomic_write
 from ..io.npz import open_npz
 
@@ -181,8 +182,11 @@ def read_zoom_bag(path: str | os.PathLike[str]) -> ZoomBag:
             raise ZoomBagError(f"format {attrs.get('format')!r}, this version reads {ZOOM_BAG_FORMAT}: "
                                "extract it again")
         n = len(attrs["mpps"])
-        return ZoomBag(tuple(attrs["mpps"]), int(attrs["patch"]), [z[f"coords_{i}"] for i in range(n)],
-                       [z[f"features_{i}"] for i in range(n)], attrs)
+        bag = ZoomBag(tuple(attrs["mpps"]), int(attrs["patch"]), [z[f"coords_{i}"] for i in range(n)],
+                      [z[f"features_{i}"] for i in range(n)], attrs)
+    for c, f in zip(bag.coords, bag.features):  # a bag from elsewhere: finite values too
+        checked_arrays(c, f, Path(path), ZoomBagError)
+    return bag
 
 
 # --- coordinates ----------------------------------------------------------------------------------
