@@ -74,6 +74,9 @@ def test_extraction_on_the_cluster_writes_the_single_process_bags(handle, slides
     no_leftovers(tmp_path)
     again = extract_on_cluster(handle, slides, tmp_path, "handcrafted", device="cpu", **EXTRACT)
     assert {r["status"] for r in again} == {"skipped"}
+    # one BLAS thread per one-thread worker; no MALLOC_TRIM_THRESHOLD_ (it doubled the system CPU time)
+    env = handle.client.run(lambda: (os.environ.get("OMP_NUM_THREADS"), os.environ.get("MALLOC_TRIM_THRESHOLD_")))
+    assert set(env.values()) == {("1", None)}
 
 
 def test_a_worker_killed_mid_slide_is_retried_and_nothing_is_half_written(handle, slides, reference,
