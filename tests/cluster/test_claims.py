@@ -65,6 +65,7 @@ def test_the_heartbeat_keeps_a_claim_fresh(tmp_path: Path) -> None:
     got.release()
 
 
+@pytest.mark.slow
 def test_two_extractions_on_one_cohort_do_each_slide_once(synth_cohort: Path, tmp_path: Path) -> None:
     """Two real `wsimil features` processes started together on the same slides and output folder: every slide
     is computed by exactly one of them, both finish with every bag present and equal to a lone run's."""

@@ -74,6 +74,9 @@ def test_extraction_on_the_cluster_writes_the_single_process_bags(handle, slides
     no_leftovers(tmp_path)
     again = extract_on_cluster(handle, slides, tmp_path, "handcrafted", device="cpu", **EXTRACT)
     assert {r["status"] for r in again} == {"skipped"}
+    # one BLAS thread per one-thread worker; no MALLOC_TRIM_THRESHOLD_ (it doubled the system CPU time)
+    env = handle.client.run(lambda: (os.environ.get("OMP_NUM_THREADS"), os.environ.get("MALLOC_TRIM_THRESHOLD_")))
+    assert set(env.values()) == {("1", None)}
 
 
 def test_a_worker_killed_mid_slide_is_retried_and_nothing_is_half_written(handle, slides, reference,
@@ -107,6 +110,7 @@ def test_a_worker_killed_mid_slide_is_retried_and_nothing_is_half_written(handle
     handle.client.wait_for_workers(2, timeout=30)  # the nanny restarted it, for the next tests
 
 
+@pytest.mark.slow
 def test_a_killed_client_resumes_without_recomputing(slides, reference, tmp_path) -> None:
     out = tmp_path / "bags"
     cmd = [sys.executable, "-m", "napari_wsimil.cli", "features", *map(str, slides), "--out", str(out),
@@ -131,6 +135,7 @@ def test_a_killed_client_resumes_without_recomputing(slides, reference, tmp_path
     no_leftovers(out)
 
 
+@pytest.mark.slow
 def test_two_clients_on_one_cohort_do_each_slide_once(handle, slides, tmp_path) -> None:
     """Two `wsimil features` processes joining one scheduler with the same slides."""
     out = tmp_path / "bags"
@@ -168,8 +173,9 @@ def trained_run(synth_cohort: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return run
 
 
+@pytest.mark.slow
 def test_prediction_of_new_slides_matches_the_single_process_and_lists_failures(
-        handle, trained_run, slides, tmp_path) -> None:
+        handle, trained_run, slides, tmp_path, capsys) -> None:
     import tifffile
 
     good = tmp_path / "good"
@@ -184,12 +190,10 @@ def test_prediction_of_new_slides_matches_the_single_process_and_lists_failures(
 
     single, clustered = tmp_path / "single", tmp_path / "cluster"
     assert main(["predict", str(trained_run), "--cohort", str(good), "--out", str(single), "--device", "cpu"]) == 0
-    from napari_wsimil.cluster.cohorts import predict_on_cluster
-
-    res = predict_on_cluster(handle, trained_run, mixed, clustered, device="cpu",
-                             options={"heatmaps": True, "heatmap_overlap": 0.0})
-    status = {r["slide_id"]: r["status"] for r in res}
-    assert status.pop("broken") == "failed" and set(status.values()) == {"done"}
+    code = main(["predict", str(trained_run), "--cohort", str(mixed), "--out", str(clustered), "--device", "cpu",
+                 "--cluster", handle.client.scheduler.address])
+    err = capsys.readouterr().err
+    assert code == 1 and "1 slides could not be predicted" in err and "failures.csv" in err
 
     def table(folder: Path) -> list[list[str]]:
         with open(folder / "predictions.csv", newline="") as fh:
@@ -207,9 +211,11 @@ def test_prediction_of_new_slides_matches_the_single_process_and_lists_failures(
             assert all(np.array_equal(x[k], y[k]) for k in x.files)
     assert not list(clustered.glob(".parts/*")) and not list(clustered.glob(".claims/*"))
 
-    # resumed (as after a killed client): committed slides are not predicted again
-    again = predict_on_cluster(handle, trained_run, mixed, clustered, device="cpu",
-                               options={"heatmaps": True, "heatmap_overlap": 0.0})
-    assert {r["slide_id"]: r["status"] for r in again if r["slide_id"] != "broken"} == \
-        {p.stem: "skipped" for p in slides}
+    # run again (as after a killed client): committed slides are not predicted again
+    stamps = {p: p.stat().st_mtime_ns for p in [*clustered.glob(".done/*"), *clustered.glob("heatmaps/*")]}
+    assert len(list(clustered.glob(".done/*"))) == len(slides)
+    assert main(["predict", str(trained_run), "--cohort", str(mixed), "--out", str(clustered), "--device", "cpu",
+                 "--cluster", handle.client.scheduler.address]) == 1
+    assert "slide_000: up to date, skipped" in capsys.readouterr().err
+    assert all(p.stat().st_mtime_ns == m for p, m in stamps.items())
     assert table(single) == table(clustered)

@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import WsimilError
 from .runner import Progress, run_slides
 from .spec import ClusterHandle
-from .tasks import ExtractJob, PredictJob, extract_task, predict_task
+from .tasks import ExtractJob, PredictJob, extract_task, predict_task, warm_worker
 
 FAILURES_FILE = "failures.csv"
 
@@ -42,7 +42,18 @@ def extract_on_cluster(handle: ClusterHandle, source: Any, out_dir: str | os.Pat
     jobs = [ExtractJob(sid, str(Path(path).resolve()), slide_mpp, str(out), encoder, weights, patch, mpp, batch,
                        device, min_tissue, reader_threads, overwrite)
             for sid, path, _opener, slide_mpp in slides]
+    if jobs:
+        warm_up(handle, encoder, weights, device, mpp)
     return run_slides(handle, extract_task, jobs, progress)
+
+
+def warm_up(handle: ClusterHandle, encoder: str, weights: str | None, device: str, mpp: float) -> dict[str, float]:
+    """Build the encoder in every worker now there (worker address → seconds); workers that join later build it
+    at their first slide. A worker that cannot build it says why at its first slide, so errors are ignored here."""
+    try:
+        return handle.client.run(warm_worker, encoder, weights, device, mpp)
+    except Exception:  # noqa: BLE001 - see above
+        return {}
 
 
 def predict_on_cluster(handle: ClusterHandle, run: str | os.PathLike[str], cohort: str | os.PathLike[str],
@@ -82,4 +93,4 @@ def predict_on_cluster(handle: ClusterHandle, run: str | os.PathLike[str], cohor
     return results
 
 
-__all__ = ["FAILURES_FILE", "extract_on_cluster", "predict_on_cluster"]
+__all__ = ["FAILURES_FILE", "extract_on_cluster", "predict_on_cluster", "warm_up"]

@@ -102,7 +102,7 @@ def extract_task(job: ExtractJob) -> dict[str, Any]:
     from ..train.cohort import cohort_encoder
 
     _one_thread()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     enc = cohort_encoder(job.encoder, job.weights, job.device, job.mpp)
     t_enc = time.perf_counter() - t0
     path = Path(job.path)
@@ -117,7 +117,18 @@ def extract_task(job: ExtractJob) -> dict[str, Any]:
             break
         time.sleep(0.25)
     return _result(job, r.status, n_patches=r.n_patches, seconds=time.perf_counter() - t0, encoder_s=t_enc,
-                   message=r.message)
+                   cpu_s=time.process_time() - c0, message=r.message)
+
+
+def warm_worker(encoder: str, weights: str | None, device: str, mpp: float) -> float:
+    """Import torch and build the encoder in this worker (``Client.run`` on every worker before the first slide),
+    so that no slide's time includes them; returns the seconds it took."""
+    from ..train.cohort import cohort_encoder
+
+    t0 = time.perf_counter()
+    _one_thread()
+    cohort_encoder(encoder, weights, device, mpp)
+    return time.perf_counter() - t0
 
 
 # --- prediction ------------------------------------------------------------------------------------------
@@ -196,4 +207,4 @@ def predict_task(job: PredictJob) -> dict[str, Any]:
     return _result(job, "done", seconds=time.perf_counter() - t0, row=rows[1], header=rows[0], meta=meta)
 
 
-__all__ = ["ExtractJob", "PredictJob", "done_marker", "extract_task", "predict_task", "read_done"]
+__all__ = ["ExtractJob", "PredictJob", "done_marker", "extract_task", "predict_task", "read_done", "warm_worker"]
