@@ -82,7 +82,7 @@ def serve(method_name: str, out: Path, rounds: int, min_sites: int, address: str
                 raise WsimilError(f"the federation stopped without finishing (flwr run exit {res.returncode}); "
                                   f"see {log}")
         finally:
-            stop(link)
+            stop(link, home=home)
     if not status.get("ok"):
         raise WsimilError(status.get("error", "the federation failed"))
     info = json.loads((out / "run.json").read_text())
@@ -113,10 +113,11 @@ def join(source: Path, server: str, *, name: str | None, workdir: Path | None, r
     with terminated_on_signal():
         log = workdir / "site.log"
         proc = start(cmd, flower_env(home), log)
+        write_text(workdir / "supernode.pid", str(proc.pid))
         try:
             rc = proc.wait()
         finally:
-            stop(proc)
+            stop(proc, home=home)
     text = log.read_text(errors="replace")[-20000:] if log.exists() else ""
     if rc != 0 and "Exit Code: 305" in text:
         raise WsimilError(f"the server refused site {name}: its key is not registered there (or the server is not "

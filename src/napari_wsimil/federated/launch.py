@@ -184,8 +184,28 @@ def start(cmd: Sequence[str], env: dict[str, str], log: Path | None) -> subproce
             out.close()
 
 
-def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM to the child's process group, SIGKILL after ``grace`` seconds."""
+def flower_processes(home: Path) -> list[int]:
+    """Processes started for ``FLWR_HOME`` = ``home`` (Flower detaches its SuperExec and app processes into
+    their own sessions, so a process group does not reach them); Linux /proc only, else none."""
+    proc_dir = Path("/proc")
+    if not proc_dir.is_dir():
+        return []
+    key = f"FLWR_HOME={home}".encode()
+    found = []
+    for entry in proc_dir.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if key in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def stop(proc: subprocess.Popen, grace: float = 5.0, home: Path | None = None) -> None:
+    """SIGTERM to the child's process group, SIGKILL after ``grace`` seconds; with ``home``, also every
+    process Flower started for that ``FLWR_HOME`` (its detached SuperExec and app processes)."""
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -195,10 +215,15 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
             proc.wait()
         except ProcessLookupError:
             pass
-    try:  # anything left in the group (ClientApp / ServerApp processes)
+    try:  # anything left in the group
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    for pid in flower_processes(home) if home is not None else []:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 @contextmanager
