@@ -96,8 +96,13 @@ def _status(out: Path) -> dict[str, Any] | None:
 
 
 def join(source: Path, server: str, *, name: str | None, workdir: Path | None, root_cert: str | None,
-         key: str | None, insecure: bool, say: Report = print) -> int:
-    """Run this site's SuperNode (until it is stopped); returns its exit status."""
+         key: str | None, insecure: bool, rejoin: bool = True, say: Report = print) -> int:
+    """Run this site's SuperNode until it is stopped; returns its exit status.
+
+    Flower's SuperNode gives up when the server has been gone for a while (a server restarted with
+    ``--resume``); with ``rejoin`` it is started again, so a site stays in the federation until its operator
+    stops it. A site the server refuses (key not registered) stops with that reason; a SuperNode killed by a
+    signal ends the site."""
     source = Path(source)
     if not source.exists():
         raise WsimilError(f"{source} does not exist: give the site's project folder or cohort CSV")
@@ -110,19 +115,26 @@ def join(source: Path, server: str, *, name: str | None, workdir: Path | None, r
     home.mkdir(parents=True, exist_ok=True)
     say(f"site {name} joins {server} with {source} ({'TLS' if root_cert else 'NO TLS'}); its slides stay here; "
         f"log: {workdir / 'site.log'}")
+    log = workdir / "site.log"
     with terminated_on_signal():
-        log = workdir / "site.log"
-        proc = start(cmd, flower_env(home), log)
-        write_text(workdir / "supernode.pid", str(proc.pid))
-        try:
-            rc = proc.wait()
-        finally:
-            stop(proc, home=home)
-    text = log.read_text(errors="replace")[-20000:] if log.exists() else ""
-    if rc != 0 and "Exit Code: 305" in text:
-        raise WsimilError(f"the server refused site {name}: its key is not registered there (or the server is not "
-                          "ready yet); ask the server's operator to add sites/<name>.pub")
-    return rc
+        while True:
+            offset = log.stat().st_size if log.exists() else 0
+            proc = start(cmd, flower_env(home), log)
+            write_text(workdir / "supernode.pid", str(proc.pid))
+            try:
+                rc = proc.wait()
+            finally:
+                stop(proc, home=home)
+            with open(log, "rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+            if "Exit Code: 305" in text:
+                raise WsimilError(f"the server refused site {name}: its key is not registered there (or the server "
+                                  "is not ready yet); ask the server's operator to add sites/<name>.pub")
+            if not rejoin or rc < 0:
+                return rc
+            say(f"site {name}: the server is gone (exit {rc}); joining again in 5 s (Ctrl-C stops the site)")
+            time.sleep(5)
 
 
 def _wait_ready(marker: Path, server: subprocess.Popen, timeout: float) -> None:

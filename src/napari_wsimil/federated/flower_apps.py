@@ -25,6 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..errors import WsimilError
 from ..io.atomic import write_text
+from .launch import SITE_HISTORY
 from .methods import load_method
 from .protocol import Arrays, SiteUpdate
 from .rounds import Reply, ServerSettings, run_server
@@ -159,6 +160,10 @@ def _site_reply(msg: Message, context: Context, kind: str) -> Message:
         content["arrays"] = to_record(update.arrays)
     print(f"[wsimil site {name}] {kind} round {int(cfg['round'])}: " + ", ".join(
         f"{k} {v:.4g}" for k, v in update.metrics.items()), flush=True)
+    # the site's own history (rounds, local loss, privacy spent), for its operator and the napari panel
+    with open(Path(str(node["workdir"])) / SITE_HISTORY, "a") as f:
+        f.write(json.dumps({"time": time.time(), "round": int(cfg["round"]), "kind": kind,
+                            "num_examples": int(update.num_examples), **update.metrics}) + "\n")
     return Message(content, reply_to=msg)
 
 
@@ -188,4 +193,4 @@ def site_evaluate(msg: Message, context: Context) -> Message:
     return _site_reply(msg, context, "evaluate")
 
 
-__all__ = ["FlowerTransport", "client_app", "describe_message", "parse_reply", "server_app"]
+__all__ = ["SITE_HISTORY", "FlowerTransport", "client_app", "describe_message", "parse_reply", "server_app"]

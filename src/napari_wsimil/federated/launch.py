@@ -33,6 +33,8 @@ from ..io.atomic import write_text
 from .keys import CA, SERVER_CERT, SERVER_KEY, check_server_keys, site_public_keys
 
 APP_NAME = "wsimil-federation"
+#: A site's own record of its rounds, in its work folder (one JSON line per message it answered).
+SITE_HISTORY = "rounds.jsonl"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -255,6 +257,6 @@ def register_sites(keys: Path, env: dict[str, str], log: Path) -> int:
     return len(pubs)
 
 
-__all__ = ["Security", "flower_env", "free_port", "is_loopback", "register_sites", "server_security", "split_address",
+__all__ = ["SITE_HISTORY", "Security", "flower_env", "free_port", "is_loopback", "register_sites", "server_security", "split_address",
            "start", "stop", "superlink_cmd", "supernode_cmd", "terminated_on_signal", "wait_for_port", "write_app",
            "write_connection"]
