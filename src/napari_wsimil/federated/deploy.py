@@ -109,8 +109,8 @@ def join(source: Path, server: str, *, name: str | None, workdir: Path | None, r
     name = name or (source.name if source.is_dir() else source.stem)
     workdir = Path(workdir) if workdir else (source / "federated" if source.is_dir()
                                              else source.parent / f"federated-{name}")
-    workdir.mkdir(parents=True, exist_ok=True)
     cmd = supernode_cmd(server, source, workdir, name, root_cert=root_cert, key=key, insecure=insecure)
+    workdir.mkdir(parents=True, exist_ok=True)  # only once the command is known to be usable
     home = workdir / FLOWER_DIR
     home.mkdir(parents=True, exist_ok=True)
     say(f"site {name} joins {server} with {source} ({'TLS' if root_cert else 'NO TLS'}); its slides stay here; "
