@@ -118,7 +118,7 @@ def _federate(site_csvs: dict[str, Path], run: Path, work: Path, args: argparse.
     method = HistoFL()
     trainers = {}
     for name, path in site_csvs.items():
-        wd = work / "sites" / f"{run.name}_{name}"
+        wd = work / "sites" / run.parent.name / f"{run.name}_{name}"  # its own DP ledger per split and variant
         (wd / "features").parent.mkdir(parents=True, exist_ok=True)
         if not (wd / "features").exists():
             (wd / "features").symlink_to(work / "features", target_is_directory=True)  # one extraction for all
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"best site alone {best_alone:.3f} (goal: HistoFL above every site alone: {fed > best_alone})",
               flush=True)
         results[how] = res
-    print(table(table_rows, ["split", "model", "test slide AUC", "s (per round)", "bytes/round", "ε spent"]))
+    print(table(table_rows, ["split", "model", "test slide AUC", "s (training; FL: per round)", "bytes/round", "ε spent"]))
     if args.flower_rounds:
         results["flower"] = flower_timing(work, args)
     (work / "federated.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
