@@ -71,6 +71,8 @@ def register(sub: Any) -> None:
     t.add_argument("--root-cert", metavar="CA.pem", help="the federation's CA certificate")
     t.add_argument("--key", metavar="SITE.key", help="this site's private key")
     t.add_argument("--insecure", action="store_true", help="join without TLS (test setups only)")
+    t.add_argument("--no-rejoin", action="store_true",
+                   help="stop when the server goes away (default: join again, e.g. after a server --resume)")
     t.set_defaults(func=_cmd_site)
 
     k = fed.add_parser("keys", help="make a CA, a server certificate and site keys",
@@ -133,7 +135,7 @@ def _cmd_site(args: argparse.Namespace) -> int:
     from .deploy import join
 
     return join(Path(args.source), args.server, name=args.name, workdir=args.workdir, root_cert=args.root_cert,
-                key=args.key, insecure=args.insecure)
+                key=args.key, insecure=args.insecure, rejoin=not args.no_rejoin)
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:

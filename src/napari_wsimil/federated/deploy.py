@@ -82,7 +82,7 @@ def serve(method_name: str, out: Path, rounds: int, min_sites: int, address: str
                 raise WsimilError(f"the federation stopped without finishing (flwr run exit {res.returncode}); "
                                   f"see {log}")
         finally:
-            stop(link)
+            stop(link, home=home)
     if not status.get("ok"):
         raise WsimilError(status.get("error", "the federation failed"))
     info = json.loads((out / "run.json").read_text())
@@ -96,32 +96,45 @@ def _status(out: Path) -> dict[str, Any] | None:
 
 
 def join(source: Path, server: str, *, name: str | None, workdir: Path | None, root_cert: str | None,
-         key: str | None, insecure: bool, say: Report = print) -> int:
-    """Run this site's SuperNode (until it is stopped); returns its exit status."""
+         key: str | None, insecure: bool, rejoin: bool = True, say: Report = print) -> int:
+    """Run this site's SuperNode until it is stopped; returns its exit status.
+
+    Flower's SuperNode gives up when the server has been gone for a while (a server restarted with
+    ``--resume``); with ``rejoin`` it is started again, so a site stays in the federation until its operator
+    stops it. A site the server refuses (key not registered) stops with that reason; a SuperNode killed by a
+    signal ends the site."""
     source = Path(source)
     if not source.exists():
         raise WsimilError(f"{source} does not exist: give the site's project folder or cohort CSV")
     name = name or (source.name if source.is_dir() else source.stem)
     workdir = Path(workdir) if workdir else (source / "federated" if source.is_dir()
                                              else source.parent / f"federated-{name}")
-    workdir.mkdir(parents=True, exist_ok=True)
     cmd = supernode_cmd(server, source, workdir, name, root_cert=root_cert, key=key, insecure=insecure)
+    workdir.mkdir(parents=True, exist_ok=True)  # only once the command is known to be usable
     home = workdir / FLOWER_DIR
     home.mkdir(parents=True, exist_ok=True)
     say(f"site {name} joins {server} with {source} ({'TLS' if root_cert else 'NO TLS'}); its slides stay here; "
         f"log: {workdir / 'site.log'}")
+    log = workdir / "site.log"
     with terminated_on_signal():
-        log = workdir / "site.log"
-        proc = start(cmd, flower_env(home), log)
-        try:
-            rc = proc.wait()
-        finally:
-            stop(proc)
-    text = log.read_text(errors="replace")[-20000:] if log.exists() else ""
-    if rc != 0 and "Exit Code: 305" in text:
-        raise WsimilError(f"the server refused site {name}: its key is not registered there (or the server is not "
-                          "ready yet); ask the server's operator to add sites/<name>.pub")
-    return rc
+        while True:
+            offset = log.stat().st_size if log.exists() else 0
+            proc = start(cmd, flower_env(home), log)
+            write_text(workdir / "supernode.pid", str(proc.pid))
+            try:
+                rc = proc.wait()
+            finally:
+                stop(proc, home=home)
+            with open(log, "rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+            if "Exit Code: 305" in text:
+                raise WsimilError(f"the server refused site {name}: its key is not registered there (or the server "
+                                  "is not ready yet); ask the server's operator to add sites/<name>.pub")
+            if not rejoin or rc < 0:
+                return rc
+            say(f"site {name}: the server is gone (exit {rc}); joining again in 5 s (Ctrl-C stops the site)")
+            time.sleep(5)
 
 
 def _wait_ready(marker: Path, server: subprocess.Popen, timeout: float) -> None:

@@ -25,9 +25,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..errors import WsimilError
 from ..io.atomic import write_text
+from .launch import SITE_HISTORY
 from .methods import load_method
 from .protocol import Arrays, SiteUpdate
-from .rounds import Reply, ServerSettings, arrays_nbytes, run_server
+from .rounds import Reply, ServerSettings, run_server
 
 #: What a site's reply may hold: record name -> record type.
 REPLY_RECORDS = {"arrays": ArrayRecord, "metrics": MetricRecord, "site": ConfigRecord}
@@ -77,8 +78,11 @@ def parse_reply(msg: Message) -> tuple[str, SiteUpdate | None, str | None]:
     extra = [k for k in content if k not in REPLY_RECORDS or not isinstance(content[k], REPLY_RECORDS[k])]
     if extra:
         return name, None, f"its message holds records the protocol does not allow: {extra}"
-    if isinstance(site, ConfigRecord) and set(site) - {"name"}:
+    if isinstance(site, ConfigRecord) and set(site) - {"name", "failed"}:
         return name, None, f"its site record holds more than its name: {sorted(site)}"
+    if isinstance(site, ConfigRecord) and "failed" in site:
+        return name, None, (f"the site could not train ({site['failed']}; the reason is in the site's own log, "
+                            "as it may name its slides)")
     metrics = dict(content["metrics"]) if "metrics" in content else {}
     bad = [k for k, v in metrics.items() if not isinstance(v, (int, float))]
     if bad:
@@ -141,20 +145,14 @@ def server_main(grid: Grid, context: Context) -> None:
 def _site_reply(msg: Message, context: Context, kind: str) -> Message:
     node = context.node_config
     cfg = msg.content["config"]
-    method = load_method(str(cfg["method"]))
-    config = make_config(method, json.loads(str(cfg["settings"])))
     name = str(node.get("name", "site"))
-    trainer = method.site_trainer(Path(str(node["source"])), config, Path(str(node["workdir"])))
     try:
-        arrays = from_record(msg.content["arrays"])
-        if kind == "train":
-            update = trainer.fit(arrays, int(cfg["round"]))
-        else:
-            update = SiteUpdate({}, 1, trainer.evaluate(arrays))
-    finally:
-        close = getattr(trainer, "close", None)
-        if close is not None:
-            close()
+        update = _site_work(msg, node, kind)
+    except WsimilError as exc:
+        # The reason stays in the site's log: it may name slides and labels, which never leave the site.
+        print(f"[wsimil site {name}] {kind} round {int(cfg['round'])} failed: {exc}", flush=True)
+        return Message(RecordDict({"site": ConfigRecord({"name": name, "failed": type(exc).__name__})}),
+                       reply_to=msg)
     metrics = MetricRecord({**{k: float(v) for k, v in update.metrics.items()},
                             "num-examples": int(update.num_examples)})
     content = RecordDict({"metrics": metrics, "site": ConfigRecord({"name": name})})
@@ -162,7 +160,27 @@ def _site_reply(msg: Message, context: Context, kind: str) -> Message:
         content["arrays"] = to_record(update.arrays)
     print(f"[wsimil site {name}] {kind} round {int(cfg['round'])}: " + ", ".join(
         f"{k} {v:.4g}" for k, v in update.metrics.items()), flush=True)
+    # the site's own history (rounds, local loss, privacy spent), for its operator and the napari panel
+    with open(Path(str(node["workdir"])) / SITE_HISTORY, "a") as f:
+        f.write(json.dumps({"time": time.time(), "round": int(cfg["round"]), "kind": kind,
+                            "num_examples": int(update.num_examples), **update.metrics}) + "\n")
     return Message(content, reply_to=msg)
+
+
+def _site_work(msg: Message, node: Any, kind: str) -> SiteUpdate:
+    cfg = msg.content["config"]
+    method = load_method(str(cfg["method"]))
+    config = make_config(method, json.loads(str(cfg["settings"])))
+    trainer = method.site_trainer(Path(str(node["source"])), config, Path(str(node["workdir"])))
+    try:
+        arrays = from_record(msg.content["arrays"])
+        if kind == "train":
+            return trainer.fit(arrays, int(cfg["round"]))
+        return SiteUpdate({}, 1, trainer.evaluate(arrays))
+    finally:
+        close = getattr(trainer, "close", None)
+        if close is not None:
+            close()
 
 
 @client_app.train()
@@ -175,4 +193,4 @@ def site_evaluate(msg: Message, context: Context) -> Message:
     return _site_reply(msg, context, "evaluate")
 
 
-__all__ = ["FlowerTransport", "client_app", "describe_message", "parse_reply", "server_app"]
+__all__ = ["SITE_HISTORY", "FlowerTransport", "client_app", "describe_message", "parse_reply", "server_app"]

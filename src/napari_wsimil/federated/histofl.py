@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .histofl_config import HistoFLConfig
+from .histofl_config import HistoFLConfig, mil_config
 from .protocol import Arrays, FederatedMethod, SiteTrainer, SiteUpdate, write_model_round
 
 #: Buffers of the MIL models: the input standardisation, averaged without noise (they are not weights).
@@ -49,16 +49,6 @@ def site_weights(updates: Sequence[SiteUpdate], weighting: str) -> np.ndarray:
         return np.full(len(updates), 1.0 / len(updates))
     n = np.array([u.num_examples for u in updates], dtype=np.float64)
     return n / n.sum()
-
-
-def mil_config(config: HistoFLConfig) -> Any:
-    """The MIL method's own config (what ``last.json`` saves and ``wsimil predict`` rebuilds the network from)."""
-    from ..train.registry import make_config
-
-    return make_config(config.mil_method, **{**config.mil, "n_classes": len(config.classes), "lr": config.lr,
-                                             "weight_decay": config.weight_decay, "seed": config.seed,
-                                             "device": config.device,
-                                             "standardise": config.standardise and not config.dp_epsilon})
 
 
 def build_network(config: HistoFLConfig, in_dim: int) -> Any:

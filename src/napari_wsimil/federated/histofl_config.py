@@ -67,4 +67,14 @@ class HistoFLConfig:
         return cls(**values)
 
 
-__all__ = ["HistoFLConfig"]
+def mil_config(config: HistoFLConfig) -> Any:
+    """The MIL method's own config (what ``last.json`` saves and ``wsimil predict`` rebuilds the network from)."""
+    from ..train.registry import make_config
+
+    return make_config(config.mil_method, **{**config.mil, "n_classes": len(config.classes), "lr": config.lr,
+                                             "weight_decay": config.weight_decay, "seed": config.seed,
+                                             "device": config.device,
+                                             "standardise": config.standardise and not config.dp_epsilon})
+
+
+__all__ = ["HistoFLConfig", "mil_config"]

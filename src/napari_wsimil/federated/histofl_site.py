@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import WsimilError
-from .histofl import mil_config
-from .histofl_config import HistoFLConfig
+from .histofl_config import HistoFLConfig, mil_config
 from .protocol import Arrays, SiteTrainer, SiteUpdate
 
 LEDGER = "privacy.json"

@@ -33,6 +33,8 @@ from ..io.atomic import write_text
 from .keys import CA, SERVER_CERT, SERVER_KEY, check_server_keys, site_public_keys
 
 APP_NAME = "wsimil-federation"
+#: A site's own record of its rounds, in its work folder (one JSON line per message it answered).
+SITE_HISTORY = "rounds.jsonl"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -184,8 +186,28 @@ def start(cmd: Sequence[str], env: dict[str, str], log: Path | None) -> subproce
             out.close()
 
 
-def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM to the child's process group, SIGKILL after ``grace`` seconds."""
+def flower_processes(home: Path) -> list[int]:
+    """Processes started for ``FLWR_HOME`` = ``home`` (Flower detaches its SuperExec and app processes into
+    their own sessions, so a process group does not reach them); Linux /proc only, else none."""
+    proc_dir = Path("/proc")
+    if not proc_dir.is_dir():
+        return []
+    key = f"FLWR_HOME={home}".encode()
+    found = []
+    for entry in proc_dir.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if key in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def stop(proc: subprocess.Popen, grace: float = 5.0, home: Path | None = None) -> None:
+    """SIGTERM to the child's process group, SIGKILL after ``grace`` seconds; with ``home``, also every
+    process Flower started for that ``FLWR_HOME`` (its detached SuperExec and app processes)."""
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -195,10 +217,15 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
             proc.wait()
         except ProcessLookupError:
             pass
-    try:  # anything left in the group (ClientApp / ServerApp processes)
+    try:  # anything left in the group
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    for pid in flower_processes(home) if home is not None else []:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 @contextmanager
@@ -230,6 +257,6 @@ def register_sites(keys: Path, env: dict[str, str], log: Path) -> int:
     return len(pubs)
 
 
-__all__ = ["Security", "flower_env", "free_port", "is_loopback", "register_sites", "server_security", "split_address",
+__all__ = ["SITE_HISTORY", "Security", "flower_env", "free_port", "is_loopback", "register_sites", "server_security", "split_address",
            "start", "stop", "superlink_cmd", "supernode_cmd", "terminated_on_signal", "wait_for_port", "write_app",
            "write_connection"]

@@ -1,0 +1,240 @@
+"""HistoFL across 3 sites against centralised training and each site alone, on the real-tissue benchmark.
+
+The cohort is ``wsimil synth --textures`` with PatchCamelyon tiles (../shared/data/pcam): its train and val
+slides are dealt to 3 sites, its test slides (held-out PCam tiles) are the test set of every model. Two splits:
+
+* **even**: each site a third of the slides, stratified by label;
+* **skewed**: site A holds 60 % of the slides, site C almost no tumour (one malignant slide at most).
+
+Per split: HistoFL (the round loop of ``wsimil federate``, sites called in this process: the same code as over
+Flower minus the transport), centralised ``wsimil train`` on all sites' slides with as many epochs as rounds,
+and ``wsimil train`` on each site alone; every model then ``wsimil predict`` on the test slides, slide AUC from
+those predictions. With ``--dp EPS ...`` HistoFL is also run with DP-SGD at each ε (the spent ε is read back
+from run.json). ``--flower-rounds N`` times N rounds of the even split over real Flower processes
+(``wsimil federate simulate``, TLS and site keys on): seconds and bytes per round.
+
+python benchmarks/bench_federated.py [--quick] [--slides 36] [--size 3072] [--rounds 20] [--dp 8 2]
+    [--flower-rounds 2] [--workdir DIR] [--seed 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from _common import PCAM, PCAM_MPP, make_textured_cohort, table, wsimil  # noqa: E402
+
+SITES = ("A", "B", "C")
+
+
+def _rows(csv_path: Path) -> list[dict]:
+    rows = list(csv.DictReader(csv_path.open()))
+    for r in rows:
+        for key in ("path", "gt_mask"):
+            if r.get(key) and not os.path.isabs(r[key]):
+                r[key] = str((csv_path.parent / r[key]).resolve())
+    return rows
+
+
+def _write(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def deal(rows: list[dict], how: str, seed: int) -> dict[str, list[dict]]:
+    """The train/val slides dealt to the sites (see the module doc); labels "0"/"1" (1: malignant)."""
+    rng = np.random.default_rng(seed)
+    pool = [r for r in rows if r.get("split") != "test"]
+    pos = [pool[i] for i in rng.permutation(len(pool)) if pool[i]["label"] == "1"]
+    neg = [pool[i] for i in rng.permutation(len(pool)) if pool[i]["label"] != "1"]
+    sites: dict[str, list[dict]] = {s: [] for s in SITES}
+    if how == "even":
+        for group in (pos, neg):
+            for i, r in enumerate(group):
+                sites[SITES[i % 3]].append(r)
+        return sites
+    # skewed: C gets one malignant slide and a share of normals, A 60 % of everything, B the rest
+    sites["C"].append(pos.pop())
+    n_total = len(pool)
+    n_c_neg = max(2, round(0.15 * n_total))
+    sites["C"] += neg[:n_c_neg]
+    neg = neg[n_c_neg:]
+    rest = pos + neg
+    rest = [rest[i] for i in rng.permutation(len(rest))]
+    n_a = round(0.6 * n_total)
+    sites["A"] += rest[:n_a]
+    sites["B"] += rest[n_a:]
+    for s in ("A", "B"):  # every site needs both classes to train alone
+        if len({r["label"] for r in sites[s]}) < 2:
+            other = "B" if s == "A" else "A"
+            need = "1" if all(r["label"] != "1" for r in sites[s]) else "0"
+            move = next(r for r in sites[other] if r["label"] == need)
+            sites[other].remove(move)
+            sites[s].append(move)
+    return sites
+
+
+def slide_auc(pred_dir: Path, test_rows: list[dict]) -> float:
+    from napari_wsimil.infer.metrics import binary_auc
+
+    probs = {r["slide_id"]: float(r["prob_1"]) for r in csv.DictReader((pred_dir / "predictions.csv").open())}
+    ids = [r["slide_id"] for r in test_rows]
+    return float(binary_auc(np.array([probs[i] for i in ids]), np.array([r["label"] == "1" for r in test_rows])))
+
+
+def _train(csv_path: Path, out: Path, epochs: int, args: argparse.Namespace) -> Path:
+    if not (out / "best.safetensors").is_file():
+        wsimil("train", csv_path, "--method", "abmil", "--out", out, "--epochs", epochs, "--patch", args.patch,
+               "--mpp", args.mpp, "--seed", args.seed, "--device", "cpu", "--encoder", "handcrafted",
+               "--set", "early_stopping=false")
+    return out
+
+
+def _auc_of(run: Path, test_csv: Path, test_rows: list[dict], pred: Path) -> float:
+    wsimil("predict", run, "--cohort", test_csv, "--out", pred, "--device", "cpu", "--no-heatmaps")
+    return slide_auc(pred, test_rows)
+
+
+def _federate(site_csvs: dict[str, Path], run: Path, work: Path, args: argparse.Namespace, **extra) -> dict:
+    from napari_wsimil.federated.histofl import HistoFL, HistoFLConfig
+    from napari_wsimil.federated.rounds import LocalTransport, ServerSettings, run_server
+
+    cfg = HistoFLConfig(classes=["0", "1"], mpp=args.mpp, patch=args.patch, rounds=args.rounds, seed=args.seed,
+                        alpha=args.alpha, **extra)
+    method = HistoFL()
+    trainers = {}
+    for name, path in site_csvs.items():
+        wd = work / "sites" / run.parent.name / f"{run.name}_{name}"  # its own DP ledger per split and variant
+        (wd / "features").parent.mkdir(parents=True, exist_ok=True)
+        if not (wd / "features").exists():
+            (wd / "features").symlink_to(work / "features", target_is_directory=True)  # one extraction for all
+        trainers[name] = method.site_trainer(path, cfg, wd)
+    if (run / "last.json").exists():
+        return json.loads((run / "run.json").read_text())
+    t = time.perf_counter()
+    info = run_server(method, cfg, run, LocalTransport(trainers),
+                      ServerSettings(rounds=args.rounds, min_sites=len(trainers), seed=args.seed))
+    info["wall_s"] = time.perf_counter() - t
+    return info
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="24 slides of 2048², 10 rounds")
+    ap.add_argument("--slides", type=int, default=36)
+    ap.add_argument("--size", type=int, default=3072)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--patch", type=int, default=256)
+    ap.add_argument("--mpp", type=float, default=0.5)
+    ap.add_argument("--alpha", type=float, default=0.001, help="HistoFL's noise level")
+    ap.add_argument("--dp", type=float, nargs="*", default=[], metavar="EPS", help="also DP-SGD at these ε")
+    ap.add_argument("--splits", nargs="+", default=["even", "skewed"], choices=["even", "skewed"])
+    ap.add_argument("--flower-rounds", type=int, default=0, help="time this many rounds over real Flower")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--textures", type=Path, default=PCAM)
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.slides, args.size, args.rounds = 24, 2048, 10
+    base = args.workdir or Path(tempfile.gettempdir()) / "wsimil-bench" / "federated"
+    base.mkdir(parents=True, exist_ok=True)
+    cohort = make_textured_cohort(base, args.slides, args.size, args.seed, args.textures,
+                                  PCAM_MPP if args.textures.resolve() == PCAM.resolve() else None)
+    rows = _rows(cohort)
+    test_rows = [r for r in rows if r.get("split") == "test"]
+    work = base / f"run_{args.slides}x{args.size}_s{args.seed}_r{args.rounds}"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "features").mkdir(exist_ok=True)
+    test_csv = _write(test_rows, work / "test.csv")
+    print(f"cohort: {len(rows)} slides of {args.size}² (real PCam tissue), {len(test_rows)} test; "
+          f"ABMIL on handcrafted features, {args.patch} px at {args.mpp} µm/px; {args.rounds} rounds = epochs",
+          flush=True)
+    results: dict = {}
+    table_rows = []
+    for how in args.splits:
+        sites = deal(rows, how, args.seed)
+        site_csvs = {s: _write(r, work / how / f"site_{s}.csv") for s, r in sites.items()}
+        pooled = _write([r for s in SITES for r in sites[s]], work / how / "pooled.csv")
+        desc = ", ".join(f"{s}: {len(r)} ({sum(x['label'] == '1' for x in r)} tumour)" for s, r in sites.items())
+        print(f"[{how}] sites {desc}", flush=True)
+        res: dict = {"sites": {s: len(r) for s, r in sites.items()}}
+        if not (work / how / "features").exists():  # wsimil train puts a CSV's bags beside the run: share them
+            (work / how / "features").symlink_to(work / "features", target_is_directory=True)
+        t = time.perf_counter()
+        central = _train(pooled, work / how / "central", args.rounds, args)
+        res["central"] = {"auc": _auc_of(central, test_csv, test_rows, work / how / "pred_central"),
+                          "seconds": time.perf_counter() - t}
+        for s in SITES:
+            t = time.perf_counter()
+            alone = _train(site_csvs[s], work / how / f"alone_{s}", args.rounds, args)
+            res[f"alone_{s}"] = {"auc": _auc_of(alone, test_csv, test_rows, work / how / f"pred_alone_{s}"),
+                                 "seconds": time.perf_counter() - t}
+        variants = [("histofl", {})] + [(f"histofl_dp{eps:g}", {"dp_epsilon": eps}) for eps in args.dp]
+        for tag, extra in variants:
+            info = _federate(site_csvs, work / how / tag, work, args, **extra)
+            per_round = [r["seconds"] for r in info["rounds"]]
+            eps = max((m.get("dp_epsilon", 0.0) for r in info["rounds"][-1:] for m in r["sites"].values()),
+                      default=0.0)
+            res[tag] = {"auc": _auc_of(work / how / tag, test_csv, test_rows, work / how / f"pred_{tag}"),
+                        "s_per_round": float(np.mean(per_round)),
+                        "bytes_per_round": int(np.mean([r["bytes_sent"] + r["bytes_received"]
+                                                        for r in info["rounds"]])),
+                        "epsilon_spent": eps}
+        for name, m in res.items():
+            if isinstance(m, dict) and "auc" in m:
+                table_rows.append([how, name, m["auc"], m.get("s_per_round", m.get("seconds", 0.0)),
+                                   m.get("bytes_per_round", ""), m.get("epsilon_spent", "")])
+        fed, cen = res["histofl"]["auc"], res["central"]["auc"]
+        best_alone = max(res[f"alone_{s}"]["auc"] for s in SITES)
+        print(f"[{how}] HistoFL {fed:.3f} vs centralised {cen:.3f} (gap {cen - fed:+.3f}; goal <= 0.03), "
+              f"best site alone {best_alone:.3f} (goal: HistoFL above every site alone: {fed > best_alone})",
+              flush=True)
+        results[how] = res
+    print(table(table_rows, ["split", "model", "test slide AUC", "s (training; FL: per round)", "bytes/round", "ε spent"]))
+    if args.flower_rounds:
+        results["flower"] = flower_timing(work, args)
+    (work / "federated.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                     "results": results}, indent=1))
+    print(f"(details: {work / 'federated.json'})")
+    return results
+
+
+def flower_timing(work: Path, args: argparse.Namespace) -> dict:
+    """Seconds and bytes per round of the even split over real Flower processes (TLS, site keys)."""
+    rows = []
+    for s in SITES:
+        for r in csv.DictReader((work / "even" / f"site_{s}.csv").open()):
+            rows.append({**r, "site": s})
+    cohort = _write(rows, work / "flower" / "cohort.csv")
+    run = work / "flower" / f"run_{time.time_ns()}"
+    t = time.perf_counter()
+    wsimil("federate", "simulate", cohort, "--rounds", args.flower_rounds, "--out", run,
+           "--set", f"mpp={args.mpp}", "--set", f"patch={args.patch}", "--set", 'classes=["0","1"]',
+           "--round-timeout", 900)
+    total = time.perf_counter() - t
+    info = json.loads((run / "run.json").read_text())
+    per_round = [r["seconds"] for r in info["rounds"]]
+    out = {"rounds": len(per_round), "s_per_round": float(np.mean(per_round)), "total_s": total,
+           "bytes_per_round": int(np.mean([r["bytes_sent"] + r["bytes_received"] for r in info["rounds"]]))}
+    print(f"Flower (3 SuperNodes, TLS + site auth, loopback): {out['s_per_round']:.1f} s per round "
+          f"(first round includes feature extraction), {out['bytes_per_round']} bytes per round, "
+          f"{total:.0f} s in all", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
