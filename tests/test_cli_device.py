@@ -59,7 +59,8 @@ def test_every_device_option_follows_the_setting(monkeypatch):
 
 def test_help_names_the_setting_and_a_bad_value_is_one_line():
     env = {**os.environ, "NAPARI_WSIMIL_DEVICE": "cpu"}
-    cmd = [sys.executable, "-c", "import sys; from napari_wsimil.cli import main; sys.exit(main(sys.argv[1:]))"]
+    cmd = [sys.executable, "-c",
+           "import sys; from napari_wsimil.cli import main; sys.exit(main(sys.argv[1:]))"]
     out = subprocess.run([*cmd, "train", "--help"], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())

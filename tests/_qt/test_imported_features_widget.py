@@ -90,7 +90,8 @@ def test_imported_set_in_the_picker_and_a_run_from_it(make_napari_viewer, qtbot,
     for name, value in (("hidden", 16), ("attn_hidden", 8)):
         tw.set_option(name, value)
     spec = tw.form.spec()
-    assert spec.encoder == "imported:clam-test" and spec.weights is None and (spec.patch, spec.mpp) == (224, 0.499)
+    assert spec.encoder == "imported:clam-test" and spec.weights is None
+    assert (spec.patch, spec.mpp) == (224, 0.499)
     run = tw.run_name.text()
     tw.start_btn.click()
     assert tw.training

@@ -445,8 +445,8 @@ class ImportedSet:
         lines = [f"{self.encoder}: features imported from files (wsimil features-import), {n} slide"
                  f"{'s' if n != 1 else ''}; no weights (they cannot be recomputed here)."]
         if self.sources:
-            shown = "; ".join(self.sources[:3]) + (f" and {len(self.sources) - 3} more" if len(self.sources) > 3
-                                                    else "")
+            more = len(self.sources) - 3
+            shown = "; ".join(self.sources[:3]) + (f" and {more} more" if more > 0 else "")
             lines.append(f"From {'/'.join(self.formats) or 'feature'} files in {shown}.")
         for patch, mpp in self.geometries:
             lines.append(f"{patch} px patches at {mpp:g} µm/px.")
