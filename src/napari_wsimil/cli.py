@@ -20,7 +20,13 @@ EXIT_USAGE = 2
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status instead of exiting."""
-    parser = _build_parser()
+    from napari_wsimil.settings import SettingsError
+
+    try:
+        parser = _build_parser()  # reads the default device setting (NAPARI_WSIMIL_DEVICE)
+    except SettingsError as exc:
+        print(f"wsimil: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed usage and the reason (or the help)

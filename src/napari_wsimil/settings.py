@@ -13,11 +13,17 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, replace
+from typing import Any
 
 #: devices a run may be asked to use by default ("auto": CUDA, then Apple MPS, then CPU)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: bounds of the tile cache, MB: below 16 MB napari re-decodes the tiles of one screen while panning
 TILE_CACHE_MB_RANGE = (16, 1 << 20)
+
+
+class SettingsError(ValueError):
+    """A setting's value is unusable (one line that says which and why); the ``wsimil`` command line turns
+    it into its one-line error and exit status 2."""
 
 
 @dataclass(frozen=True)
@@ -39,9 +45,9 @@ def check(settings: Settings) -> Settings:
     lo, hi = TILE_CACHE_MB_RANGE
     mb = settings.tile_cache_mb
     if isinstance(mb, bool) or not isinstance(mb, int) or not lo <= mb <= hi:
-        raise ValueError(f"the tile cache size must be a whole number of MB from {lo} to {hi}, got {mb!r}")
+        raise SettingsError(f"the tile cache size must be a whole number of MB from {lo} to {hi}, got {mb!r}")
     if settings.default_device not in DEVICES:
-        raise ValueError(f"the default device must be one of {', '.join(DEVICES)}, "
+        raise SettingsError(f"the default device must be one of {', '.join(DEVICES)}, "
                          f"got {settings.default_device!r}")
     return settings
 
@@ -54,9 +60,11 @@ def from_environment(env: dict[str, str] | None = None) -> Settings:
         try:
             out = replace(out, tile_cache_mb=int(mb))
         except ValueError:
-            raise ValueError(f"NAPARI_WSIMIL_TILE_CACHE_MB must be a whole number of MB, "
+            raise SettingsError(f"NAPARI_WSIMIL_TILE_CACHE_MB must be a whole number of MB, "
                              f"got {mb!r}") from None
     if (device := env.get("NAPARI_WSIMIL_DEVICE", "").strip()):
+        if device not in DEVICES:
+            raise SettingsError(f"NAPARI_WSIMIL_DEVICE must be one of {', '.join(DEVICES)}, got {device!r}")
         out = replace(out, default_device=device)
     return check(out)
 
@@ -81,7 +89,7 @@ def update(**changes: object) -> Settings:
         base = _current if _current is not None else from_environment()
         unknown = set(changes) - set(Settings.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown setting(s) {', '.join(sorted(unknown))}; known: "
+            raise SettingsError(f"unknown setting(s) {', '.join(sorted(unknown))}; known: "
                              f"{', '.join(Settings.__dataclass_fields__)}")
         _current = check(replace(base, **changes))  # type: ignore[arg-type]
         return _current
@@ -95,4 +103,17 @@ def reset() -> Settings:
         return _current
 
 
-__all__ = ["DEVICES", "Settings", "check", "current", "from_environment", "reset", "update"]
+def add_device_argument(parser: Any, examples: str = "cpu, cuda, cuda:1, mps") -> None:
+    """A command's ``--device`` option, its default the default device setting (``NAPARI_WSIMIL_DEVICE``;
+    auto when unset), as a new run in the Training widget starts with it: one setting decides where work
+    runs, whether it is started from napari or from a shell. Raises SettingsError for an unusable
+    ``NAPARI_WSIMIL_DEVICE`` (the command line reports it in one line)."""
+    default = current().default_device
+    parser.add_argument(
+        "--device", default=default, metavar="DEVICE",
+        help=f"where to compute: auto (CUDA, then Apple MPS, then CPU), {examples} (default {default}: the "
+             "default device setting, NAPARI_WSIMIL_DEVICE, auto when unset)")
+
+
+__all__ = ["DEVICES", "Settings", "SettingsError", "add_device_argument", "check", "current",
+           "from_environment", "reset", "update"]

@@ -262,3 +262,37 @@ def test_export_refusals(labelled_project: Path, tmp_path: Path, capsys: pytest.
     code, out = run(["features-export", str(tmp_path), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "no feature bags" in out
     assert not (tmp_path / "o").exists()
+
+
+def test_imported_sets_lists_what_the_bags_record(svs_project: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The Training widget's encoder list of imported sets comes from this plain function: one entry per
+    imported name, with where the files came from and the patch size and µm/px the bags were made at."""
+    from napari_wsimil.features.interop import imported_sets
+
+    assert imported_sets(svs_project) == []  # no features folder yet
+    (svs_project / "features" / "imported_half-done").mkdir(parents=True)  # no bag: not a set
+    (svs_project / "features" / "handcrafted").mkdir()  # our own encoder's bags: not imported
+    rng = np.random.default_rng(1)
+    clam = tmp_path / "clam"
+    clam_h5(clam / "h5_files" / "CMU-1-Small-Region.h5", rng.normal(size=(12, 16)).astype(np.float32), grid(12))
+    code, out = run(["features-import", str(svs_project), str(clam), "--name", "uni", "--patch", "224",
+                     "--mpp", "0.499"], capsys)
+    assert code == 0, out
+    (found,) = imported_sets(svs_project)
+    assert found.encoder == "imported:uni" and found.name == "uni" and found.slides == ("cmu1",)
+    assert (found.patch_size, found.mpp) == (224, 0.499) and found.formats == ("h5",)
+    assert found.sources == (str((clam / "h5_files").resolve()),)
+    text = found.describe()
+    assert "224 px patches at 0.499 µm/px" in text and str((clam / "h5_files").resolve()) in text
+    assert "no weights" in text
+
+    # a damaged bag is named, the set is still listed
+    (found.folder / "broken.npz").write_bytes(b"not a zip")
+    (again,) = imported_sets(svs_project)
+    assert again.unreadable == ("broken",) and again.slides == ("cmu1",) and "broken" in again.describe()
+
+    from napari_wsimil.workflow.session import encoder_problem
+
+    assert encoder_problem("imported:uni") is None  # not in the encoder registry, yet a valid choice
+    assert "take no weights" in encoder_problem("imported:uni", tmp_path / "w.pt")

@@ -2,7 +2,9 @@
 
 Lists :func:`~napari_wsimil.features.encoders.available_encoders`: the built-in encoders, the
 ``timm:ARCH`` ones and those other packages register through the ``napari_wsimil.encoders``
-entry-point group (shown with the package they come from). The weights field and its buttons are
+entry-point group (shown with the package they come from), and the open project's imported feature
+sets (``imported:NAME``, from :func:`~napari_wsimil.features.interop.imported_sets`: bags computed
+elsewhere, e.g. by CLAM, which take no weights). The weights field and its buttons are
 enabled only for an encoder that takes weights; a folder is offered for the timm encoders (a Hugging
 Face hub folder holding ``config.json``) and for plugins (which decide what they read). The weights
 chosen for each encoder are remembered while the widget lives, so switching encoders back and forth
@@ -66,6 +68,7 @@ class EncoderPicker(QWidget):
         super().__init__(parent)
         self.specs: dict[str, Any] = {}
         self._weights: dict[str, str] = {}  # encoder -> weights path, remembered for the session
+        self.imported: dict[str, Any] = {}  # imported:NAME -> ImportedSet of the open project
         self.combo = QComboBox()
         self.combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.combo.setMinimumContentsLength(14)
@@ -105,12 +108,25 @@ class EncoderPicker(QWidget):
             text = name if spec.source == "builtin" else f"{name}  [{spec.source}]"
             self.combo.addItem(text, name)
             self.combo.setItemData(self.combo.count() - 1, _tooltip(spec), Qt.ItemDataRole.ToolTipRole)
+        for name, found in self.imported.items():
+            self.combo.addItem(name, name)
+            self.combo.setItemData(self.combo.count() - 1, found.describe(), Qt.ItemDataRole.ToolTipRole)
         index = self.combo.findData(keep)
         if index < 0:
             index = max(self.combo.findData(DEFAULT_ENCODER), 0)
         self.combo.setCurrentIndex(index)
         self.combo.blockSignals(False)
         self._on_encoder()
+
+    def set_imported(self, sets: Any) -> None:
+        """List these imported feature sets (``ImportedSet``s of the open project; none when it closes)
+        after the encoders; a chosen set that is gone falls back to the default encoder."""
+        self.imported = {s.encoder: s for s in sets}
+        self.refresh()
+
+    def imported_set(self) -> Any | None:
+        """The chosen ``ImportedSet``, or None when the choice is an encoder."""
+        return self.imported.get(self.encoder())
 
     def names(self) -> list[str]:
         return [self.combo.itemData(i) for i in range(self.combo.count())]
@@ -148,11 +164,15 @@ class EncoderPicker(QWidget):
         name = self.encoder()
         spec = self.specs.get(name)
         takes = self.takes_weights()
-        self.combo.setToolTip(_tooltip(spec) if spec is not None else "Patch encoder of the feature bags.")
+        found = self.imported.get(name)
+        self.combo.setToolTip(_tooltip(spec) if spec is not None else found.describe() if found is not None
+                              else "Patch encoder of the feature bags.")
         self.weights_edit.blockSignals(True)
         self.weights_edit.setText(self._weights.get(name, "") if takes else "")
         self.weights_edit.blockSignals(False)
-        if not takes:
+        if found is not None:
+            hint = "imported features take no weights"
+        elif not takes:
             hint = "this encoder takes no weights"
         elif _requires_weights(name):
             hint = "required: a hub folder with config.json"

@@ -5,6 +5,8 @@ The settings form is generated from the method's config dataclass
 (:func:`~napari_wsimil.workflow.session.method_options`): one plain Qt editor per field, chosen by its
 declared type, with the field's documentation as its tooltip. Choosing another method rebuilds the form
 and sets the method's default resolution; segmentation methods train on pixels and hide the encoder row.
+Choosing an imported feature set (``imported:NAME``) sets the patch size and resolution its bags were
+imported at: those features cannot be remade at others.
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ class MethodForm(QWidget):
         form.addRow("Patches at", self.mpp)
         form.addRow("Patch size", self.patch)
         form.addRow("Run name", self.run_name)
+        self.encoder_picker.changed.connect(self._imported_geometry)
         self.method.currentTextChanged.connect(self._on_method)
         if self.method.findText("clam-sb") >= 0:
             self.method.setCurrentText("clam-sb")
@@ -181,8 +184,26 @@ class MethodForm(QWidget):
         except Exception:  # noqa: BLE001 - reported above with its settings
             self.uses_encoder = True
         self.encoder_picker.setVisible(self.uses_encoder)  # the choice is kept while hidden
+        self._imported_geometry()
         self.default_name()
         self.method_changed.emit(name)
+
+    def _imported_geometry(self, *_: Any) -> None:
+        """An imported feature set was chosen: show the patch size and µm/px its bags were imported at."""
+        found = self.encoder_picker.imported_set() if self.uses_encoder else None
+        if found is not None and found.geometries:
+            self.patch.setValue(found.patch_size)
+            self.mpp.setValue(found.mpp)
+
+    def _geometry(self) -> tuple[float, int]:
+        """(µm/px, patch) of the form; for an imported set, its recorded µm/px when the field shows it
+        rounded (0.499 shows as 0.50), since its bags are used only at exactly their own geometry."""
+        mpp, patch = self.mpp.value(), self.patch.value()
+        found = self.encoder_picker.imported_set() if self.uses_encoder else None
+        for g_patch, g_mpp in found.geometries if found is not None else ():
+            if g_patch == patch and abs(g_mpp - mpp) <= 0.5 * 10 ** -self.mpp.decimals():
+                return g_mpp, patch
+        return mpp, patch
 
     def set_option(self, name: str, value: Any) -> None:
         """Set a field of the settings form (what a user types; scripts and tests call this)."""
@@ -223,7 +244,8 @@ class MethodForm(QWidget):
         encoder = self.encoder_choice()
         if encoder is None:
             return None
+        mpp, patch = self._geometry()
         return self.ctx.api.spec(self.method.currentText(), self.run_name.text().strip(),
                                  epochs=self.epochs.value(), device=self.device.currentText(),
-                                 mpp=self.mpp.value(), patch=self.patch.value(), config=self.config(),
+                                 mpp=mpp, patch=patch, config=self.config(),
                                  **encoder)

@@ -134,11 +134,18 @@ class TrainingWidget(QWidget):
         self.corrections.forget()
         self.ctx.api = None
         p = self.session.project
+        imported: list[Any] = []
         if p is not None:
+            from ..features.interop import imported_sets
             from ..workflow.session import InteractiveSession
 
             self.ctx.api = InteractiveSession(p)
-            self.encoder_picker.refresh()  # encoders registered since (the choice itself is kept)
+            try:
+                imported = imported_sets(p.root)  # the project's imported:NAME feature sets
+            except OSError as exc:  # an unreadable features folder must not stop the project from opening
+                report_failure("Imported feature sets", exc)
+        # encoders registered since, and this project's imported sets (the choice itself is kept)
+        self.encoder_picker.set_imported(imported)
         self.refresh_runs()
         self.form.default_name(force=True)
         self._on_slide()

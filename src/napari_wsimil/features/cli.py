@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..settings import add_device_argument
+
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``features`` subcommand to ``subparsers`` (an argparse sub-parser action)."""
@@ -37,7 +39,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="µm per pixel of the patches (default 0.5)")
     p.add_argument("--patch", type=int, default=256, metavar="PX", help="patch size in pixels (default 256)")
     p.add_argument("--batch", type=int, default=64, metavar="B", help="patches per batch (default 64)")
-    p.add_argument("--device", default="auto", help="auto (CUDA, MPS, then CPU), cpu, cuda, cuda:1 ...")
+    add_device_argument(p)
     p.add_argument("--min-tissue", type=float, default=0.5, metavar="F",
                    help="keep patches with at least this tissue fraction (default 0.5)")
     p.add_argument("--out", default=None, metavar="DIR",

@@ -11,6 +11,8 @@ import json
 import sys
 from typing import Any
 
+from ..settings import add_device_argument
+
 
 def register(subparsers: Any) -> None:
     """Add ``features-eval`` and ``encoders`` to ``subparsers`` (an argparse sub-parser action)."""
@@ -37,7 +39,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-per-class", type=int, default=None, metavar="N",
                    help="a random N tiles per class (per split and class with splits); default all")
     p.add_argument("--batch", type=int, default=64, metavar="B", help="tiles per batch (default 64)")
-    p.add_argument("--device", default="auto", help="auto (CUDA, MPS, then CPU), cpu, cuda, cuda:1 ...")
+    add_device_argument(p)
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of subsets and folds (default 0)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_features_eval)

@@ -412,6 +412,91 @@ def imported_bags(slide_ids: Sequence[str], out_dir: Path, encoder: str, patch_s
     return bags
 
 
+@dataclass(frozen=True)
+class ImportedSet:
+    """One ``imported:NAME`` feature set of a project, as its bags record it (what the Training widget lists).
+
+    ``geometries`` holds every (patch size, µm/px) its bags were imported at, most common first: a run uses
+    one, and a set re-imported at another geometry for some slides says so instead of failing later."""
+
+    encoder: str
+    folder: Path
+    slides: tuple[str, ...]
+    geometries: tuple[tuple[int, float], ...]
+    sources: tuple[str, ...]  # the folders the imported files came from
+    formats: tuple[str, ...]  # "h5", "pt"
+    unreadable: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.encoder[len(IMPORTED_PREFIX):]
+
+    @property
+    def patch_size(self) -> int | None:
+        return self.geometries[0][0] if self.geometries else None
+
+    @property
+    def mpp(self) -> float | None:
+        return self.geometries[0][1] if self.geometries else None
+
+    def describe(self) -> str:
+        """A few lines for a tooltip: where the features came from, at which patch size and µm/px."""
+        n = len(self.slides)
+        lines = [f"{self.encoder}: features imported from files (wsimil features-import), {n} slide"
+                 f"{'s' if n != 1 else ''}; no weights (they cannot be recomputed here)."]
+        if self.sources:
+            more = len(self.sources) - 3
+            shown = "; ".join(self.sources[:3]) + (f" and {more} more" if more > 0 else "")
+            lines.append(f"From {'/'.join(self.formats) or 'feature'} files in {shown}.")
+        for patch, mpp in self.geometries:
+            lines.append(f"{patch} px patches at {mpp:g} µm/px.")
+        if len(self.geometries) > 1:
+            lines.append("The slides were imported at different patch sizes: a run uses one of them.")
+        if self.unreadable:
+            lines.append(f"Unreadable bags: {', '.join(self.unreadable[:5])}.")
+        lines.append(f"Stored in {self.folder}.")
+        return "\n".join(lines)
+
+
+def imported_sets(project_dir: str | os.PathLike[str]) -> list[ImportedSet]:
+    """The ``imported:NAME`` feature sets of a project (``PROJECT/features/imported_*``), by name; only each
+    bag's attrs are read, never its features, so listing a large store stays quick. A folder without a bag
+    that records an ``imported:`` encoder is not a set (e.g. an interrupted first import)."""
+    from collections import Counter
+
+    root = Path(project_dir) / "features"
+    out: list[ImportedSet] = []
+    if not root.is_dir():
+        return out
+    for folder in sorted(f for f in root.iterdir() if f.is_dir() and f.name.startswith("imported_")):
+        encoder = ""
+        slides: list[str] = []
+        geometries: Counter[tuple[int, float]] = Counter()
+        sources: dict[str, None] = {}
+        formats: dict[str, None] = {}
+        unreadable: list[str] = []
+        for path in sorted(folder.glob(f"*{BAG_SUFFIX}")):
+            try:
+                attrs = read_bag_attrs(path)
+            except BagError:
+                unreadable.append(path.stem)
+                continue
+            if not is_imported(attrs.get("encoder", "")):
+                continue
+            encoder = encoder or attrs["encoder"]
+            slides.append(str(attrs.get("slide_id") or path.stem))
+            if attrs.get("patch_size") and attrs.get("mpp"):
+                geometries[(int(attrs["patch_size"]), float(attrs["mpp"]))] += 1
+            if attrs.get("source_file"):
+                sources[str(Path(attrs["source_file"]).parent)] = None
+            if attrs.get("source_format"):
+                formats[str(attrs["source_format"])] = None
+        if encoder:
+            out.append(ImportedSet(encoder, folder, tuple(slides), tuple(g for g, _ in geometries.most_common()),
+                                   tuple(sources), tuple(formats), tuple(unreadable)))
+    return sorted(out, key=lambda s: s.encoder)
+
+
 # ------------------------------------------------------------------------------------------------- export
 EXPORT_FORMATS = ("h5", "pt")
 
@@ -488,6 +573,6 @@ def export_features(feature_dir: str | os.PathLike[str], out_dir: str | os.PathL
 
 
 __all__ = ["EXPORT_FORMATS", "FOREIGN_SUFFIXES", "IMPORTED_PREFIX", "ForeignFeatures", "ImportPlan",
-           "InteropError", "companion_h5", "expand_sources", "export_bag", "export_features", "import_features",
-           "imported_bags", "imported_encoder", "is_imported", "match_slide", "plan_import", "read_foreign",
-           "read_h5", "read_pt"]
+           "ImportedSet", "InteropError", "companion_h5", "expand_sources", "export_bag", "export_features",
+           "import_features", "imported_bags", "imported_encoder", "imported_sets", "is_imported", "match_slide",
+           "plan_import", "read_foreign", "read_h5", "read_pt"]

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..settings import add_device_argument
+
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
@@ -31,7 +33,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--patches-per-epoch", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    add_device_argument(p)
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_pretrain)
 
@@ -46,7 +48,7 @@ def register(subparsers: Any) -> None:
                    help="share of benign tissue the model may call tumour (default 0.001)")
     p.add_argument("--cohort", default=None, metavar="CSV",
                    help="the cohort or project the run was trained on (default: the one run.json names)")
-    p.add_argument("--device", default="auto")
+    add_device_argument(p)
     p.set_defaults(func=cmd_calibrate)
 
 

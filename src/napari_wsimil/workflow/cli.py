@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..settings import add_device_argument
+
 def register(subparsers: Any) -> None:
     """Add ``train``, ``predict``, ``evaluate`` and ``methods`` to ``subparsers`` (an argparse sub-parser action)."""
     p = subparsers.add_parser(
@@ -55,7 +57,7 @@ def register(subparsers: Any) -> None:
                    help="class names in index order (default: the project's, or the CSV's labels sorted)")
     p.add_argument("--val-fraction", type=float, default=0.25, metavar="F",
                    help="share of each class held out for validation when there is no split (default 0.25)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps ...")
+    add_device_argument(p)
     p.add_argument("--resume", action="store_true", help="continue RUN from its last checkpoint")
     g = p.add_argument_group(
         "tile labels (ms-clam)",
@@ -85,7 +87,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, metavar="PRED", help="folder to write")
     p.add_argument("--weights", choices=("best", "last"), default="best",
                    help="best (by validation loss, default) or last checkpoint")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps ...")
+    add_device_argument(p)
     p.add_argument("--no-heatmaps", dest="heatmaps", action="store_false",
                    help="skip PRED/heatmaps/<slide_id>.tif (attention percentiles aligned with the slide)")
     p.add_argument("--heatmap-overlap", type=float, default=0.0, metavar="F",

@@ -137,6 +137,11 @@ def encoder_problem(encoder: str, weights: str | Path | None = None, specs: Any 
 
     if not encoder:
         return "Choose an encoder."
+    from ..features.interop import is_imported
+
+    if is_imported(encoder):  # bags made elsewhere: no network, so no weights; the run checks the bags
+        return (f"The {encoder} features were imported from files and take no weights file: clear the "
+                "weights." if weights not in (None, "") else None)
     spec = (available_encoders() if specs is None else specs).get(encoder)
     timm = _timm_family(encoder)
     if spec is None and not timm:  # any timm:ARCH is built on request, listed or not
