@@ -801,6 +801,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="keep OUT/results.jsonl and skip the cases in it")
     ap.add_argument("--retry-bad", action="store_true",
                     help="with --resume: run again the cases whose outcome was bad (e.g. a hang under load)")
+    ap.add_argument("--rerun", default=None, metavar="TEXT",
+                    help="with --resume: run again the cases whose id contains TEXT (e.g. after a fix to one reader)")
     ap.add_argument("--no-real", action="store_true", help="only the synthetic slide (no ../shared/data)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--domain", default="slide", help=argparse.SUPPRESS)
@@ -826,8 +828,9 @@ def main(argv: list[str] | None = None) -> int:
     elif results_path.exists():
         results_path.unlink()
     retried = []
-    if args.retry_bad:
-        retried = [k for k, r in done.items() if r["outcome"] in BAD_OUTCOMES]
+    if args.retry_bad or args.rerun:
+        retried = [k for k, r in done.items() if (args.retry_bad and r["outcome"] in BAD_OUTCOMES)
+                   or (args.rerun and args.rerun in k)]
         for k in retried:
             done.pop(k)
     reference = _reference_digests(sources, out)
@@ -864,7 +867,7 @@ def main(argv: list[str] | None = None) -> int:
         for w in workers.values():
             w.close()
     summary = summarise([done[c["id"]] for c in cases if c["id"] in done])
-    summary.update(retried=retried, seed=args.seed, per_slide=per_slide, per_input=per_input, ci=args.ci,
+    summary.update(retried=retried if len(retried) <= 20 else f"{len(retried)} cases", seed=args.seed, per_slide=per_slide, per_input=per_input, ci=args.ci,
                    time_limit_s=TIME_LIMIT, memory_limit_mb=MEMORY_LIMIT >> 20,
                    wall_s=round(time.perf_counter() - t0, 1))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

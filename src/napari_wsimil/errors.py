@@ -41,6 +41,12 @@ def short(exc: BaseException | str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters written as ``\\xNN``: a value quoted from a damaged file (a NUL in a
+    CSV cell, bytes in a DICOM tag) must not break the one line a person reads."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
 def human_bytes(n: int) -> str:
     """1536 -> '1.5 KB': sizes in messages to a person."""
     size = float(n)
@@ -57,7 +63,7 @@ class SlideError(WsimilError):
     def __init__(self, path: str | Path | None, reason: str):
         self.path = None if path is None else Path(path)
         # a reader's message may quote damaged bytes (libdicom: "cannot have VR '\x13Q'"): no control characters
-        reason = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(reason))
+        reason = printable(str(reason))
         self.reason = reason if len(reason) <= 500 else reason[:499] + "…"
         where = f"{self.path.name} ({self.path})" if self.path is not None else "slide"
         super().__init__(f"Cannot read {where}: {self.reason}")

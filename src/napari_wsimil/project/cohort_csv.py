@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 
+from ..errors import printable
 from ..io.atomic import atomic_write
 from .classes import build_classes
 from .errors import ProjectError, problems_error
@@ -149,7 +150,7 @@ def parse_rows(csv_path: Path, slide_classes: Sequence[str] | None, problems: li
             continue
         path = (base / raw_path).resolve()
         slide_id = d.get("slide_id") or id_from_path(path)
-        where = f"line {line} ({slide_id})"
+        where = f"line {line} ({printable(slide_id)})"
         if strict:
             try:
                 check_slide_id(slide_id)
@@ -196,12 +197,12 @@ def parse_rows(csv_path: Path, slide_classes: Sequence[str] | None, problems: li
     paths: dict[Path, int] = {}
     for row in out:
         if row.slide_id in ids:
-            problems.append(f"line {row.line} ({row.slide_id}): slide_id {row.slide_id!r} is also used on line "
+            problems.append(f"line {row.line} ({printable(row.slide_id)}): slide_id {row.slide_id!r} is also used on line "
                             f"{ids[row.slide_id]}")
         else:
             ids[row.slide_id] = row.line
         if strict and row.path in paths:
-            problems.append(f"line {row.line} ({row.slide_id}): {row.path.name} is also listed on line "
+            problems.append(f"line {row.line} ({printable(row.slide_id)}): {row.path.name} is also listed on line "
                             f"{paths[row.path]}")
         else:
             paths[row.path] = row.line
@@ -226,7 +227,7 @@ def check_rows(rows: list[CohortRow], label_mpp: float, class_names: dict[int, s
     missing: dict[str, str | None] = {}
     checked: dict[str, _Checked] = {}
     for row in rows:
-        where = f"line {row.line} ({row.slide_id})"
+        where = f"line {row.line} ({printable(row.slide_id)})"
         if not row.path.exists():
             continue
         try:

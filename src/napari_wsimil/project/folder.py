@@ -66,6 +66,7 @@ class ProjectFolder(PixelLabelAccess, AnnotationAccess):
         self._mutex = threading.RLock()
         self._stores = {}  # open label stores, see PixelLabelAccess
         self._closed = False
+        self.damage: list = []  # filled by open() from the cheap check (see project/check.py)
         self._load(data)
 
     @classmethod
@@ -150,8 +151,6 @@ class ProjectFolder(PixelLabelAccess, AnnotationAccess):
 
     # ------------------------------------------------------------------------------------ state
     _owner: LockOwner | None = None
-    #: what the cheap check at open found (project.json, label store metadata); ``project.check`` finds all
-    damage: list = []
 
     @property
     def readonly(self) -> bool:

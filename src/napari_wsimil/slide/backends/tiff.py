@@ -138,7 +138,11 @@ def check_ifd_chain(path: Path) -> None:
             big = head[2:4] in (b"+\x00", b"\x00+")
             if big and len(head) < 16:
                 raise SlideError(path, "the file is truncated inside its TIFF header")
-            offset = struct.unpack(bo + ("Q" if big else "I"), head[8:16] if big else head[4:8])[0]
+            # NDPI is classic TIFF with 64-bit IFD offsets (tifffile reads it so when the name ends in .ndpi)
+            ndpi = not big and bo == "<" and path.suffix.lower() == ".ndpi"
+            wide = big or ndpi
+            offset = struct.unpack(bo + ("Q" if wide else "I"), head[8:16] if big else head[4:12] if ndpi
+                                   else head[4:8])[0]
             seen: set[int] = set()
             while offset:
                 if offset in seen:
@@ -146,7 +150,7 @@ def check_ifd_chain(path: Path) -> None:
                                            f"{offset:,} is listed twice): the file is damaged")
                 if len(seen) >= MAX_IFDS:
                     raise SlideError(path, f"the TIFF lists more than {MAX_IFDS:,} images: the file is damaged")
-                count_size, entry, ptr = (8, 20, 8) if big else (2, 12, 4)
+                count_size, entry, ptr = (8, 20, 8) if big else (2, 12, 8 if ndpi else 4)
                 if offset + count_size > size:
                     raise SlideError(path, f"the file is truncated: an image directory at byte {offset:,} lies past "
                                            f"its end ({size:,} bytes)")
@@ -158,7 +162,7 @@ def check_ifd_chain(path: Path) -> None:
                     raise SlideError(path, f"the file is truncated or damaged: the image directory at byte "
                                            f"{offset:,} claims {n:,} entries, past the end of the file")
                 fh.seek(end)
-                offset = struct.unpack(bo + ("Q" if big else "I"), fh.read(ptr))[0]
+                offset = struct.unpack(bo + ("Q" if wide else "I"), fh.read(ptr))[0]
     except OSError as exc:
         raise SlideError(path, f"the file cannot be read ({exc.strerror or exc})") from exc
 
