@@ -77,6 +77,9 @@ def test_extraction_on_the_cluster_writes_the_single_process_bags(handle, slides
     # one BLAS thread per one-thread worker; no MALLOC_TRIM_THRESHOLD_ (it doubled the system CPU time)
     env = handle.client.run(lambda: (os.environ.get("OMP_NUM_THREADS"), os.environ.get("MALLOC_TRIM_THRESHOLD_")))
     assert set(env.values()) == {("1", None)}
+    import dask
+
+    assert set(handle.client.run(lambda: dask.config.get("distributed.worker.profile.enabled")).values()) == {False}
 
 
 def test_a_worker_killed_mid_slide_is_retried_and_nothing_is_half_written(handle, slides, reference,

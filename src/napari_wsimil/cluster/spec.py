@@ -111,6 +111,9 @@ def local_cluster(n_workers: int | None = None, *, gpus: int | None = None) -> C
     import distributed  # noqa: F401 - loads its config first: set() would otherwise drop it all on exit
 
     unset = {f"distributed.nanny.pre-spawn-environ.{k}": None for k in UNSET_WORKER_ENV}
+    # the worker's statistical profiler samples every thread's stack each 10 ms (for the dashboard's profile page):
+    # about 5 % of a slide's CPU in tasks whose reader threads are many (measured, docs/scale.md)
+    unset["distributed.worker.profile.enabled"] = False
     with dask.config.set(unset):  # each nanny reads it once, when it is made, and keeps it for its restarts
         return _local_cluster(n_workers, gpus)
 
