@@ -99,7 +99,7 @@ def slide_auc(pred_dir: Path, test_rows: list[dict]) -> float:
 def _train(csv_path: Path, out: Path, epochs: int, args: argparse.Namespace) -> Path:
     if not (out / "best.safetensors").is_file():
         wsimil("train", csv_path, "--method", "abmil", "--out", out, "--epochs", epochs, "--patch", args.patch,
-               "--mpp", args.mpp, "--seed", args.seed, "--device", "cpu", "--encoder", "handcrafted",
+               "--mpp", args.mpp, "--seed", args.seed, "--device", "cpu", "--encoder", args.encoder,
                "--set", "early_stopping=false")
     return out
 
@@ -114,7 +114,7 @@ def _federate(site_csvs: dict[str, Path], run: Path, work: Path, args: argparse.
     from napari_wsimil.federated.rounds import LocalTransport, ServerSettings, run_server
 
     cfg = HistoFLConfig(classes=["0", "1"], mpp=args.mpp, patch=args.patch, rounds=args.rounds, seed=args.seed,
-                        alpha=args.alpha, **extra)
+                        alpha=args.alpha, encoder=args.encoder, **extra)
     method = HistoFL()
     trainers = {}
     for name, path in site_csvs.items():
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--splits", nargs="+", default=["even", "skewed"], choices=["even", "skewed"])
     ap.add_argument("--flower-rounds", type=int, default=0, help="time this many rounds over real Flower")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--encoder", default="handcrafted", help="patch encoder of every model (as wsimil train's)")
     ap.add_argument("--textures", type=Path, default=PCAM)
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     (work / "features").mkdir(exist_ok=True)
     test_csv = _write(test_rows, work / "test.csv")
     print(f"cohort: {len(rows)} slides of {args.size}² (real PCam tissue), {len(test_rows)} test; "
-          f"ABMIL on handcrafted features, {args.patch} px at {args.mpp} µm/px; {args.rounds} rounds = epochs",
+          f"ABMIL on {args.encoder} features, {args.patch} px at {args.mpp} µm/px; {args.rounds} rounds = epochs",
           flush=True)
     results: dict = {}
     table_rows = []
@@ -224,6 +225,7 @@ def flower_timing(work: Path, args: argparse.Namespace) -> dict:
     t = time.perf_counter()
     wsimil("federate", "simulate", cohort, "--rounds", args.flower_rounds, "--out", run,
            "--set", f"mpp={args.mpp}", "--set", f"patch={args.patch}", "--set", 'classes=["0","1"]',
+           "--set", f"encoder={args.encoder}",
            "--round-timeout", 900)
     total = time.perf_counter() - t
     info = json.loads((run / "run.json").read_text())

@@ -75,8 +75,9 @@ def serve(method_name: str, out: Path, rounds: int, min_sites: int, address: str
             if security.auth and security.keys is not None:
                 say(f"registered {register_sites(security.keys, env, log)} site key(s)")
             write_text(home / READY, str(port))  # sites may join now (simulate waits for this)
-            res = subprocess.run([bin_path("flwr"), "run", str(app), "--stream"], env=env, stdout=open(log, "ab"),
-                                 stderr=subprocess.STDOUT)
+            with open(log, "ab") as sink:
+                res = subprocess.run([bin_path("flwr"), "run", str(app), "--stream"], env=env, stdout=sink,
+                                     stderr=subprocess.STDOUT)
             status = _status(out)
             if status is None:
                 raise WsimilError(f"the federation stopped without finishing (flwr run exit {res.returncode}); "

@@ -83,6 +83,13 @@ def check_update(update: SiteUpdate, reference: Arrays) -> str | None:
     return None
 
 
+def _mean_loss(updates: list[SiteUpdate]) -> float | None:
+    """The sites' mean local training loss (``train_loss``, or FedMix's ``loss``); None when none reported."""
+    values = [u.metrics.get("train_loss", u.metrics.get("loss")) for u in updates]
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
 def _weighted(values: list[tuple[float, float]]) -> float | None:
     total = sum(w for _, w in values)
     return None if not values or total <= 0 else sum(v * w for v, w in values) / total
@@ -133,8 +140,8 @@ def run_server(method: FederatedMethod, config: Any, out: Path, transport: Trans
         info["sites"] = sorted({s for rr in info["rounds"] for s in rr["sites"]})
         method.write_round(out, arrays, r, config, history)
         write_text(out / "run.json", json.dumps(info, indent=1))
-        say(f"round {r}/{settings.rounds}: {len(updates)} site(s), mean loss "
-            f"{row['losses'].get('total', float('nan')):.4f}, {row['seconds']:.1f} s, "
+        loss_text = "n/a" if row["losses"]["total"] is None else f"{row['losses']['total']:.4f}"
+        say(f"round {r}/{settings.rounds}: {len(updates)} site(s), mean loss {loss_text}, {row['seconds']:.1f} s, "
             f"{row['bytes_sent'] + row['bytes_received']} bytes")
     if settings.evaluate_last and done < settings.rounds:
         replies = transport.exchange(transport.sites(), "evaluate", arrays, cfg_json, settings.rounds,
@@ -179,8 +186,7 @@ def _one_round(method: FederatedMethod, config: Any, cfg_json: dict[str, Any], a
                    "sites": {name: {"num_examples": u.num_examples, "weight": float(w), **u.metrics}
                              for (name, u), w in zip(good, weights)},
                    "rejected": rejected, "silent": silent,
-                   "losses": {"total": float(np.mean([u.metrics["train_loss"] for _, u in good
-                                                      if "train_loss" in u.metrics] or [math.nan]))}}
+                   "losses": {"total": _mean_loss([u for _, u in good])}}
             return row, [u for _, u in good]
         say(f"round {r}: only {len(good)} valid update(s), {settings.min_sites} needed; trying the round again "
             f"({attempt}/{settings.max_retries})")

@@ -1,0 +1,52 @@
+"""What the server accepts from a site, on Flower's own Message objects: weights, numbers and the site's name;
+a record or key beyond that is refused with the reason (the real federations' audit is in test_flower_rounds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+flwr_app = pytest.importorskip("flwr.app")
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from napari_wsimil.federated.flower_apps import describe_message, parse_reply  # noqa: E402
+
+
+@pytest.fixture
+def request_msg(monkeypatch):
+    # Messages are normally made inside a Flower app process, which sets these identities.
+    for attr in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 7)
+    return Message(RecordDict({"config": ConfigRecord({"round": 1})}), dst_node_id=7, message_type="train")
+
+
+def _reply(request_msg, **records):
+    return Message(RecordDict(records), reply_to=request_msg)
+
+
+def test_weights_numbers_and_a_name_are_accepted(request_msg):
+    reply = _reply(request_msg, arrays=ArrayRecord({"w": Array(np.ones((2, 3), np.float32))}),
+                   metrics=MetricRecord({"num-examples": 3, "train_loss": 0.5}), site=ConfigRecord({"name": "lyon"}))
+    name, update, error = parse_reply(reply)
+    assert (name, error, update.num_examples, update.metrics) == ("lyon", None, 3, {"train_loss": 0.5})
+    assert describe_message(reply) == {"arrays": {"kind": "arrays", "keys": {"w": [[2, 3], "float32"]}},
+                                       "metrics": {"kind": "metrics", "keys": ["num-examples", "train_loss"]},
+                                       "site": {"kind": "config", "keys": ["name"]}}
+
+
+@pytest.mark.parametrize("records, words", [
+    ({"features": ArrayRecord({"f": Array(np.ones(4, np.float32))})}, "records the protocol does not allow"),
+    ({"metrics": ConfigRecord({"slides": "s1,s2"})}, "records the protocol does not allow"),
+    ({"site": ConfigRecord({"name": "lyon", "labels": "0,1,1"})}, "more than its name"),
+    ({"metrics": MetricRecord({"num-examples": 3, "per_slide": [0.1, 0.9]})}, "not single numbers"),
+])
+def test_anything_else_is_refused(request_msg, records, words):
+    name, update, error = parse_reply(_reply(request_msg, site=ConfigRecord({"name": "lyon"}), **records)
+                                      if "site" not in records else _reply(request_msg, **records))
+    assert update is None and words in error
+
+
+def test_a_failed_site_says_only_its_error_class(request_msg):
+    _, update, error = parse_reply(_reply(request_msg, site=ConfigRecord({"name": "lyon", "failed": "CohortError"})))
+    assert update is None and "CohortError" in error and "site's own log" in error
