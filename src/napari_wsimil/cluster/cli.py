@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .progress import SlideBar
+
 SPEC_HELP = ("run one task per slide on dask.distributed: local (one worker process per core, or per GPU), "
              "local:N, tcp://HOST:PORT (a running scheduler) or a dask-jobqueue YAML file (jobqueue: slurm, jobs: N, "
              "cores, memory, gpus ..., the cluster class's own options). The dashboard address is printed")
