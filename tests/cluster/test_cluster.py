@@ -222,3 +222,29 @@ def test_prediction_of_new_slides_matches_the_single_process_and_lists_failures(
     assert "slide_000: up to date, skipped" in capsys.readouterr().err
     assert all(p.stat().st_mtime_ns == m for p, m in stamps.items())
     assert table(single) == table(clustered)
+
+
+@pytest.mark.slow
+def test_segmentation_maps_and_masks_on_the_cluster_match_the_single_process(handle, synth_cohort, tmp_path) -> None:
+    """`wsimil predict --masks` of a segmentation run: maps, masks and outlines as the single process writes them."""
+    import tifffile
+
+    small = ["--mpp", "4", "--patch", "32", "--set", "width=8", "--set", "depth=3", "--set", "patches_per_epoch=32",
+             "--set", "batch_size=8", "--set", "map_tile=128", "--set", "val_patches=4", "--set", "read_workers=2",
+             "--device", "cpu"]
+    cohort, run = synth_cohort / "cohort.csv", tmp_path / "run"
+    assert main(["train", str(cohort), "--method", "pinchaud", "--out", str(run), "--epochs", "1", *small]) == 0
+    single, clustered = tmp_path / "single", tmp_path / "cluster"
+    common = ["predict", str(run), "--cohort", str(cohort), "--device", "cpu", "--masks"]
+    assert main([*common, "--out", str(single)]) == 0
+    assert main([*common, "--out", str(clustered), "--cluster", handle.client.scheduler.address]) == 0
+    with open(single / "predictions.csv") as a, open(clustered / "predictions.csv") as b:
+        assert [r.split(",")[:-1] for r in a] == [r.split(",")[:-1] for r in b]
+    names = sorted(p.relative_to(single).as_posix() for p in single.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(clustered).as_posix() for p in clustered.rglob("*")
+                           if p.is_file() and not p.relative_to(clustered).parts[0].startswith("."))
+    for name in names:
+        if name.endswith(".tif"):
+            assert np.array_equal(tifffile.imread(single / name), tifffile.imread(clustered / name)), name
+        elif name.endswith(".geojson"):
+            assert (single / name).read_text() == (clustered / name).read_text(), name

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .progress import SlideBar
+
 SPEC_HELP = ("run one task per slide on dask.distributed: local (one worker process per core, or per GPU), "
              "local:N, tcp://HOST:PORT (a running scheduler) or a dask-jobqueue YAML file (jobqueue: slurm, jobs: N, "
              "cores, memory, gpus ..., the cluster class's own options). The dashboard address is printed")
@@ -54,9 +56,26 @@ def _open(spec: str) -> Any:
     return handle
 
 
+class _Bar:
+    """The runner's ``progress(done, total, result)`` drawn as a :class:`SlideBar` (made at the first call, which
+    brings the total)."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int, result: dict[str, Any] | None) -> None:
+    
+        self.bar = self.bar or SlideBar(total)
+        if result is not None:
+            self.bar.update(result)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _features(args: argparse.Namespace) -> int:
     from .cohorts import extract_on_cluster
-    from .progress import SlideBar
 
     source: Any = args.source[0] if len(args.source) == 1 and Path(args.source[0]).is_dir() else args.source
     if args.out is None and not isinstance(source, str):
@@ -67,19 +86,11 @@ def _features(args: argparse.Namespace) -> int:
              "--cluster (it trains and caches them under PROJECT/features/ssl) and pass that file with --weights")
         return 2
     with _open(args.cluster) as handle:
-        bar: SlideBar | None = None
-
-        def progress(done: int, total: int, result: dict[str, Any] | None) -> None:
-            nonlocal bar
-            bar = bar or SlideBar(total)
-            if result is not None:
-                bar.update(result)
-
+        bar = _Bar()
         results = extract_on_cluster(handle, source, args.out, args.encoder, weights=args.weights, patch=args.patch,
                                      mpp=args.mpp, batch=args.batch, device=args.device, min_tissue=args.min_tissue,
-                                     overwrite=args.overwrite, reader_threads=args.reader_threads, progress=progress)
-        if bar is not None:
-            bar.close()
+                                     overwrite=args.overwrite, reader_threads=args.reader_threads, progress=bar)
+        bar.close()
     failed = [r for r in results if r["status"] == "failed"]
     done = sum(r["status"] == "done" for r in results)
     _say(f"{done} computed, {len(results) - done - len(failed)} up to date, {len(failed)} failed")
@@ -88,23 +99,14 @@ def _features(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from .cohorts import FAILURES_FILE, predict_on_cluster
-    from .progress import SlideBar
 
     options = {k: getattr(args, k) for k in ("heatmaps", "heatmap_overlap", "slide_score", "top_k", "masks")
                if hasattr(args, k)}
     with _open(args.cluster) as handle:
-        bar: SlideBar | None = None
-
-        def progress(done: int, total: int, result: dict[str, Any] | None) -> None:
-            nonlocal bar
-            bar = bar or SlideBar(total)
-            if result is not None:
-                bar.update(result)
-
+        bar = _Bar()
         results = predict_on_cluster(handle, args.run, args.cohort, args.out, weights=args.weights,
-                                     device=args.device, options=options, progress=progress)
-        if bar is not None:
-            bar.close()
+                                     device=args.device, options=options, progress=bar)
+        bar.close()
     failed = [r for r in results if r["status"] == "failed"]
     _say(f"predictions: {Path(args.out) / 'predictions.csv'} ({len(results) - len(failed)} slides)")
     if failed:

@@ -101,7 +101,7 @@ def _dashboard_address() -> str | None:
 #: ``MALLOC_TRIM_THRESHOLD_`` (65536 by default) makes long-lived workers hand freed memory back to the system, but it
 #: also turns off glibc's adaptive mmap threshold, so every patch batch's large arrays are mmap'ed and unmapped
 #: again: on this package's extraction it doubled the *system* CPU time (+1.3 s per 4 slides of resnet18 features,
-#: about +18 % of all CPU; see docs/scale.md). A slide task frees its memory when it ends, so glibc's default is right.
+#: about +19 % of all CPU; see docs/scale.md). A slide task frees its memory when it ends, so glibc's default is right.
 UNSET_WORKER_ENV = ("MALLOC_TRIM_THRESHOLD_",)
 
 
