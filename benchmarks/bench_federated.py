@@ -167,7 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {}
     table_rows = []
     for how in args.splits:
-        sites = deal(rows, how, args.seed)
+        # each site (and the pooled run) carves its own stratified validation slides from what it holds: the
+        # cohort's val slides could otherwise take a small site's only tumour slide out of its training set
+        sites = {k: [{**r, "split": ""} for r in v] for k, v in deal(rows, how, args.seed).items()}
         site_csvs = {s: _write(r, work / how / f"site_{s}.csv") for s, r in sites.items()}
         pooled = _write([r for s in SITES for r in sites[s]], work / how / "pooled.csv")
         desc = ", ".join(f"{s}: {len(r)} ({sum(x['label'] == '1' for x in r)} tumour)" for s, r in sites.items())

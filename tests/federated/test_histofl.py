@@ -126,3 +126,19 @@ def test_dp_sgd_spends_at_most_its_budget_and_reports_it_each_round(site_csvs, t
     again = method.site_trainer(site_csvs[0], cfg, tmp_path / "w0")
     upd = again.fit(method.read_round(tmp_path / "run")[0], 3)
     assert upd.metrics["dp_epsilon"] > info["rounds"][1]["sites"]["site0"]["dp_epsilon"]
+
+
+def test_a_site_keeps_its_adam_state_across_rounds_but_starts_each_from_the_global_weights(site_csvs, tmp_path):
+    import json as _json
+
+    from safetensors.numpy import load_file
+
+    method, cfg = HistoFL(), _config()
+    site = method.site_trainer(site_csvs[0], cfg, tmp_path / "w")
+    g = method.initial_arrays(cfg)
+    site.fit(g, 1)
+    site.fit(g, 2)  # the same global weights again: only the optimiser remembers round 1
+    state = _json.loads((tmp_path / "w" / "local" / "last.json").read_text())
+    assert state["epoch"] == 2
+    steps = load_file(str(tmp_path / "w" / "local" / state["tensors"]))["optim.0.step"]
+    assert float(steps) == 2 * site.n_train  # one step per slide and epoch (balanced sampler), both rounds

@@ -48,6 +48,27 @@ class _FromGlobal:
         return self.method.evaluate(model, device)
 
 
+def _inject_global(local_dir: Path, model: torch.nn.Module) -> int:
+    """Put ``model``'s (global) weights into the site's last engine checkpoint, keeping its optimiser state;
+    returns the epochs the site has trained so far (0 when it has no checkpoint yet)."""
+    import json
+
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from ..io.atomic import write_bytes
+
+    last = local_dir / "last.json"
+    if not last.is_file():
+        return 0
+    state = json.loads(last.read_text())
+    path = local_dir / state["tensors"]
+    tensors = {k: v for k, v in st_load(path.read_bytes()).items() if not k.startswith("model.")}
+    tensors.update({f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    write_bytes(path, st_save(tensors, metadata={"epoch": str(state["epoch"])}))
+    return int(state["epoch"])
+
+
 class HistoFLSite(SiteTrainer):
     """One site's data and local training (see the module doc)."""
 
@@ -102,22 +123,27 @@ class HistoFLSite(SiteTrainer):
         device = pick_device(cfg.device)
         model = self._model(global_arrays).to(device)
         metrics = {f"global_{k}": v for k, v in self._measure(model, device).items()}
-        seed = cfg.seed * 100_003 + server_round
         if cfg.dp_epsilon:
-            metrics.update(self._fit_dp(model, server_round, seed, device))
+            metrics.update(self._fit_dp(model, server_round, cfg.seed * 100_003 + server_round, device))
         else:
-            metrics.update(self._fit_engine(model, seed))
+            metrics.update(self._fit_engine(model))
         arrays = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
         metrics = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}  # AUC of one class: none
         return SiteUpdate(arrays, self.n_train, {**metrics, "n_train": float(self.n_train),
                                                  "n_val": float(self.n_val)})
 
-    def _fit_engine(self, model: torch.nn.Module, seed: int) -> dict[str, float]:
+    def _fit_engine(self, model: torch.nn.Module) -> dict[str, float]:
+        """``local_epochs`` epochs of the training engine from the global weights. As in HistoFL, the site's
+        Adam state carries over from round to round: the engine's own checkpoint in ``WORKDIR/local`` keeps it,
+        and its model tensors are replaced by the global weights before the engine resumes from it."""
         from ..train.engine import train
 
-        local = replace(self.method.config, epochs=self.config.local_epochs, seed=seed, early_stopping=False)
+        local_dir = self.workdir / "local"
+        done = _inject_global(local_dir, model)
+        local = replace(self.method.config, epochs=done + self.config.local_epochs, seed=self.config.seed,
+                        early_stopping=False)
         out: dict[str, float] = {}
-        for ev in train(_FromGlobal(self.method, model, local), None):
+        for ev in train(_FromGlobal(self.method, model, local), local_dir, resume=True):
             if ev.kind == "epoch":
                 out["train_loss"] = float(ev.losses.get("total", math.nan))
             elif ev.kind == "validation":
