@@ -142,3 +142,16 @@ def test_a_site_keeps_its_adam_state_across_rounds_but_starts_each_from_the_glob
     assert state["epoch"] == 2
     steps = load_file(str(tmp_path / "w" / "local" / state["tensors"]))["optim.0.step"]
     assert float(steps) == 2 * site.n_train  # one step per slide and epoch (balanced sampler), both rounds
+
+
+def test_arrays_keep_their_shapes_through_flower_records_and_checkpoints(tmp_path):
+    """BatchNorm's num_batches_tracked is 0-d: np.ascontiguousarray would make it (1,), and every site's update
+    would then be rejected by the shape check (FedMix's U-Net has BatchNorm)."""
+    import numpy as np
+
+    from napari_wsimil.federated.flower_apps import from_record, to_record
+
+    arrays = {"bn.num_batches_tracked": np.array(7, dtype=np.int64), "w": np.ones((2, 3), np.float32).T}
+    back = from_record(to_record(arrays))
+    assert {k: v.shape for k, v in back.items()} == {"bn.num_batches_tracked": (), "w": (3, 2)}
+    assert int(back["bn.num_batches_tracked"]) == 7 and np.array_equal(back["w"], arrays["w"])

@@ -38,7 +38,7 @@ client_app = ClientApp()
 
 
 def to_record(arrays: Arrays) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in arrays.items()})
 
 
 def from_record(record: ArrayRecord) -> Arrays:

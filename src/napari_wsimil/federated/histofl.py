@@ -121,7 +121,7 @@ class HistoFL(FederatedMethod):
         from ..io.atomic import write_bytes
 
         write_bytes(out / "best.safetensors", st_save(
-            {f"model.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},
+            {f"model.{k}": torch.from_numpy(np.array(v, order="C")) for k, v in arrays.items()},
             metadata={"epoch": str(server_round)}))
 
 

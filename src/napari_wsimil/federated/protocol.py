@@ -92,7 +92,7 @@ def write_model_round(out: Path, arrays: Arrays, server_round: int, state: dict[
 
     out.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{server_round:04d}.safetensors"
-    tensors = {f"model.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    tensors = {f"model.{k}": torch.from_numpy(np.array(v, order="C")) for k, v in arrays.items()}
     write_bytes(out / name, st_save(tensors, metadata={"round": str(server_round)}))
     write_text(out / "last.json", json.dumps({"format": 1, **state, "epoch": server_round, "round": server_round,
                                               "tensors": name}, indent=1))
