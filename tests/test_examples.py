@@ -15,6 +15,7 @@ EXPECT = {
     "03_train_clam_attention.py": "attention map of slide_000",
     "04_pinchaud_masks.py": "slide_005.ome.tif",
     "05_zoommil.py": "patches encoded in",
+    "06_federated_histofl.py": "from the federated model",
 }
 
 
