@@ -41,7 +41,7 @@ from napari_wsimil._qt.training_widget import TrainingWidget
 pm = npe2.PluginManager.instance()
 pm.discover()
 manifest = pm.get_manifest("napari-wsimil")
-assert len(manifest.contributions.widgets) == 4, manifest.contributions.widgets
+assert len(manifest.contributions.widgets) == 5, manifest.contributions.widgets
 print("napari", napari.__version__)
 """
 

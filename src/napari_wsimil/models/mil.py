@@ -65,6 +65,9 @@ class _AttentionMIL(nn.Module):
         self.input_mean.copy_(mean)
         self.input_std.copy_(std)
 
+    #: Buffers that checkpoints saved before they existed lack; _load_from_state_dict fills them.
+    OPTIONAL_BUFFERS = ("input_mean", "input_std")
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         # Runs trained before the scaling existed have no such buffers: they were trained unscaled (identity).
         for name, fill in (("input_mean", 0.0), ("input_std", 1.0)):

@@ -217,13 +217,19 @@ def check_state_dict(sd: Any, model: nn.Module, path: Path) -> None:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{name} does not hold model weights (a mapping of names to tensors)")
     expected = model.state_dict()
-    missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    # Buffers a module fills itself when an older checkpoint lacks them (``OPTIONAL_BUFFERS``, e.g. the MIL
+    # models' input scaling, which runs saved before it existed load as the identity) are not "missing".
+    optional = {f"{name}.{b}" if name else b for name, mod in model.named_modules()
+                for b in getattr(mod, "OPTIONAL_BUFFERS", ())}
+    missing, extra = sorted(set(expected) - set(sd) - optional), sorted(set(sd) - set(expected))
     if missing or extra:
         raise CheckpointError(f"{name} does not fit this model: {len(missing)} weights missing "
                               f"({', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}), {len(extra)} unknown "
                               f"({', '.join(extra[:3])}{' …' if len(extra) > 3 else ''}); was it trained with "
                               "another method or settings?")
     for key, ref in expected.items():
+        if key not in sd:
+            continue  # optional, filled by the module itself
         t = sd[key]
         if tuple(t.shape) != tuple(ref.shape):
             raise CheckpointError(f"{name}: weight {key} is {tuple(t.shape)}, the model needs {tuple(ref.shape)}")
