@@ -50,9 +50,15 @@ def train_predict(method: str, cohort: Path, work: Path, tag: str, *, epochs: in
         _quiet(wsimil, "train", cohort, "--method", method, "--out", run, "--epochs", epochs, "--patch", patch,
                "--mpp", mpp, "--seed", seed, "--device", "cpu", "--encoder", encoder, *extra)
     _quiet(wsimil, "predict", run, "--cohort", cohort, "--out", pred, "--device", "cpu", "--no-heatmaps")
+    # validation first (kept as metrics_val.json): the only AUC a setting may be chosen on
+    _quiet(wsimil, "evaluate", pred, "--cohort", cohort, "--split", "val", "--no-localisation")
+    val = json.loads((pred / "metrics.json").read_text())
+    (pred / "metrics_val.json").write_text(json.dumps(val, indent=1))
     _quiet(wsimil, "evaluate", pred, "--cohort", cohort, "--split", "test")
     metrics = json.loads((pred / "metrics.json").read_text())
-    return {"run": run, "pred": pred, "auc": metrics["auc"], "accuracy": metrics["accuracy"]}
+    attention = (metrics.get("localisation") or {}).get("attention_auc")
+    return {"run": run, "pred": pred, "auc": metrics["auc"], "accuracy": metrics["accuracy"],
+            "val_auc": val["auc"], "attention_auc": attention}
 
 
 def _flops(fn) -> tuple[float, object]:
@@ -128,6 +134,10 @@ def _mean(rows: list[dict], key: str) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+def _opt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
 def _g(v: float | None) -> str:
     return "n/a" if v is None else f"{v / 1e9:.3g}"
 
@@ -173,9 +183,10 @@ def main(argv: list[str] | None = None) -> dict:
                          seed=args.seed, encoder=args.encoder, options=[])
     clam_rows = clam_per_slide(clam["run"], test, args.patch, fine)
     print(f"(CLAM-SB trained and measured in {time.perf_counter() - t:.0f} s)", flush=True)
-    results = {"clam-sb": {"auc": clam["auc"], "per_slide": clam_rows}}
+    results = {"clam-sb": {"auc": clam["auc"], "val_auc": clam["val_auc"], "attention_auc": clam["attention_auc"],
+                           "per_slide": clam_rows}}
     base_p, base_s = _mean(clam_rows, "patches"), _mean(clam_rows, "seconds")
-    rows = [["clam-sb", "-", clam["auc"], f"{base_p:.0f}", "1", f"{base_s:.2f}", "1",
+    rows = [["clam-sb", "-", clam["val_auc"], clam["auc"], _opt(clam["attention_auc"]), f"{base_p:.0f}", "1", f"{base_s:.2f}", "1",
              _g(_mean(clam_rows, "model_flops")), _g(_mean(clam_rows, "encoder_flops"))]]
     for k in args.k:
         t = time.perf_counter()
@@ -184,11 +195,12 @@ def main(argv: list[str] | None = None) -> dict:
                              options=[f"levels={args.levels}", f"k={k}"])
         zrows = zoom_per_slide(zoom["run"], test)
         print(f"(ZoomMIL K={k} trained and measured in {time.perf_counter() - t:.0f} s)", flush=True)
-        results[f"zoommil_k{k}"] = {"auc": zoom["auc"], "per_slide": zrows}
+        results[f"zoommil_k{k}"] = {"auc": zoom["auc"], "val_auc": zoom["val_auc"],
+                                    "attention_auc": zoom["attention_auc"], "per_slide": zrows}
         p, s = _mean(zrows, "patches"), _mean(zrows, "seconds")
-        rows.append(["zoommil", k, zoom["auc"], f"{p:.0f}", f"{base_p / p:.1f}x fewer", f"{s:.2f}",
+        rows.append(["zoommil", k, zoom["val_auc"], zoom["auc"], _opt(zoom["attention_auc"]), f"{p:.0f}", f"{base_p / p:.1f}x fewer", f"{s:.2f}",
                      f"{base_s / s:.1f}x faster", _g(_mean(zrows, "model_flops")), _g(_mean(zrows, "encoder_flops"))])
-    print(table(rows, ["method", "K", "test slide AUC", "patches / slide", "vs CLAM-SB", "s / slide",
+    print(table(rows, ["method", "K", "val slide AUC", "test slide AUC", "test attention AUC", "patches / slide", "vs CLAM-SB", "s / slide",
                        "vs CLAM-SB", "model GFLOPs", "encoder GFLOPs"]))
     out = work / "zoommil.json"
     out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
