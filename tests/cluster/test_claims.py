@@ -85,3 +85,25 @@ def test_two_extractions_on_one_cohort_do_each_slide_once(synth_cohort: Path, tm
     alone = extract_features(slides[0], "handcrafted", 64, 0.5, 32, device="cpu")
     shared = read_bag(out / f"{Path(slides[0]).stem}.npz")
     assert (alone.features == shared.features).all() and (alone.coords == shared.coords).all()
+
+
+def test_stale_claims_are_swept_and_live_ones_kept(tmp_path) -> None:
+    """A process killed between writing a bag and releasing its claim leaves the claim behind; the rerun skips
+    that finished slide, so the sweep at the end of a run is what removes it. A live owner's claim stays."""
+    import json as _json
+
+    from napari_wsimil.io.claims import claim_path, sweep_stale, try_claim
+
+    import socket
+    import time
+
+    live = try_claim(tmp_path, "a.npz")
+    dead = claim_path(tmp_path, "b.npz")
+    dead.write_text(_json.dumps({"pid": 2 ** 22 + 12345, "host": socket.gethostname(), "token": "gone",
+                                 "since": time.time(), "lease_s": 120.0}))  # this host, a pid above pid_max
+    try:
+        assert sweep_stale(tmp_path) == 1
+        assert not dead.exists() and claim_path(tmp_path, "a.npz").exists()
+        assert sweep_stale(tmp_path / "nowhere") == 0
+    finally:
+        live.release()

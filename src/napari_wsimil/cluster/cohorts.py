@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WsimilError
+from ..io.claims import sweep_stale
 from .runner import Progress, run_slides
 from .spec import ClusterHandle
 from .tasks import ExtractJob, PredictJob, extract_task, predict_task, warm_worker
@@ -44,7 +45,9 @@ def extract_on_cluster(handle: ClusterHandle, source: Any, out_dir: str | os.Pat
             for sid, path, _opener, slide_mpp in slides]
     if jobs:
         warm_up(handle, encoder, weights, device, mpp)
-    return run_slides(handle, extract_task, jobs, progress)
+    results = run_slides(handle, extract_task, jobs, progress)
+    sweep_stale(out)  # claims of slides a killed run finished but never released
+    return results
 
 
 def warm_up(handle: ClusterHandle, encoder: str, weights: str | None, device: str, mpp: float) -> dict[str, float]:
@@ -75,6 +78,7 @@ def predict_on_cluster(handle: ClusterHandle, run: str | os.PathLike[str], cohor
     jobs = [PredictJob(s.slide_id, str(s.path), str(Path(run).resolve()), str(cohort_path), str(pred), weights,
                        device, dict(options or {})) for s in items]
     results = run_slides(handle, predict_task, jobs, progress)
+    sweep_stale(pred)
     ok = [r for r in results if r["status"] in ("done", "skipped")]
     failed = [r for r in results if r["status"] == "failed"]
     if ok:

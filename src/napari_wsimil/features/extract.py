@@ -237,6 +237,9 @@ def extract_cohort(
             else:
                 results[index] = result
         deferred = still
+    from ..io.claims import sweep_stale
+
+    sweep_stale(out)  # claims of bags a killed run finished but never released
     return results
 
 

@@ -180,5 +180,23 @@ def claimed(folder: str | os.PathLike[str], key: str, lease_s: float = DEFAULT_L
             got.release()
 
 
-__all__ = ["CLAIMS_DIR", "Claim", "ClaimOwner", "DEFAULT_LEASE_S", "claim_path", "claimed", "is_stale",
+def sweep_stale(folder: str | os.PathLike[str]) -> int:
+    """Remove the stale claims in ``folder`` (owners that died between finishing an item and releasing its claim:
+    a rerun skips that finished item and would otherwise never touch the claim again); returns how many. Each is
+    taken over through :func:`try_claim` and released, so a live owner's claim is never removed."""
+    claims = Path(folder) / CLAIMS_DIR
+    if not claims.is_dir():
+        return 0
+    swept = 0
+    for path in sorted(claims.glob(f"*{CLAIM_SUFFIX}")):
+        if not is_stale(path, read_owner(path)):
+            continue
+        got = try_claim(folder, path.name[: -len(CLAIM_SUFFIX)])
+        if isinstance(got, Claim):
+            got.release()
+            swept += 1
+    return swept
+
+
+__all__ = ["CLAIMS_DIR", "Claim", "ClaimOwner", "DEFAULT_LEASE_S", "claim_path", "claimed", "is_stale", "sweep_stale",
            "read_owner", "try_claim"]
