@@ -27,9 +27,7 @@ from ..seg.family import SegmentationFamily
 from ..train.registry import MethodInfo
 from .fedmix_config import FedMixConfig
 from .fedmix_weights import adaptive_weights, weighted_average
-from .protocol import Arrays, FederatedMethod, SiteTrainer, SiteUpdate
-
-FORMAT = 1
+from .protocol import Arrays, FederatedMethod, SiteTrainer, SiteUpdate, write_model_round
 
 
 class FedMix(FederatedMethod):
@@ -81,27 +79,14 @@ class FedMix(FederatedMethod):
     @staticmethod
     def write_round(out: Path, arrays: Arrays, server_round: int, config: FedMixConfig,
                     history: list[dict[str, Any]]) -> Path:
-        """Checkpoint the global nets after ``server_round`` (tensors first, ``last.json`` last and atomically:
-        the commit point, as the training engine's checkpoints)."""
-        import torch
-        from safetensors.torch import save as st_save
+        """Checkpoint the global nets after ``server_round`` as any federated round (net A under ``model.``, the
+        model predict loads; net B under ``net_b.``)."""
+        def name(key: str) -> str:
+            prefix, rest = key.split(".", 1)
+            return ("model." if prefix == "a" else "net_b.") + rest
 
-        from ..io.atomic import write_bytes, write_text
-
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for k, v in arrays.items():
-            prefix, name = k.split(".", 1)
-            tensors[("model." if prefix == "a" else "net_b.") + name] = torch.from_numpy(np.array(v, order="C"))  # keeps 0-d tensors 0-d
-        name = f"ckpt-{server_round:04d}.safetensors"
-        write_bytes(out / name, st_save(tensors, metadata={"round": str(server_round), "method": "fedmix"}))
-        state = {"format": FORMAT, "epoch": server_round, "round": server_round, "config": asdict(config),
-                 "tensors": name, "history": history}
-        write_text(out / "last.json", json.dumps(state, indent=1))
-        for old in out.glob("ckpt-*.safetensors"):
-            if old.name != name:
-                old.unlink(missing_ok=True)
-        return out / name
+        return write_model_round(out, arrays, server_round, {"config": asdict(config), "history": history},
+                                 name=name, metadata={"method": "fedmix"})
 
     @staticmethod
     def read_round(out: Path) -> tuple[Arrays, int, list[dict[str, Any]]]:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .histofl_config import HistoFLConfig, mil_config
-from .protocol import Arrays, FederatedMethod, SiteTrainer, SiteUpdate, write_model_round
+from .protocol import Arrays, FederatedMethod, SiteTrainer, SiteUpdate, tensor_file_bytes, write_model_round
 
 #: Buffers of the MIL models: the input standardisation, averaged without noise (they are not weights).
 UNNOISED_SUFFIXES = ("bias", "input_mean", "input_std")
@@ -115,14 +115,9 @@ class HistoFL(FederatedMethod):
     @staticmethod
     def write_best(out: Path, arrays: Arrays, server_round: int) -> None:
         """``best.safetensors``: the global model with the lowest validation loss over the sites so far."""
-        import torch
-        from safetensors.torch import save as st_save
-
         from ..io.atomic import write_bytes
 
-        write_bytes(out / "best.safetensors", st_save(
-            {f"model.{k}": torch.from_numpy(np.array(v, order="C")) for k, v in arrays.items()},
-            metadata={"epoch": str(server_round)}))
+        write_bytes(out / "best.safetensors", tensor_file_bytes(arrays, {"epoch": str(server_round)}))
 
 
 __all__ = ["HistoFL", "HistoFLConfig", "build_network", "mil_config", "noisy_average", "site_weights"]

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -82,24 +83,36 @@ class FederatedMethod(ABC):
         return read_model_round(out)
 
 
-def write_model_round(out: Path, arrays: Arrays, server_round: int, state: dict[str, Any]) -> Path:
-    """``ckpt-RRRR.safetensors`` with the arrays under ``model.``, then ``last.json`` (``epoch`` = round, so
-    the runs list and ``wsimil predict`` read it as any run); older tensor files are removed."""
+def model_name(key: str) -> str:
+    """A global array's name in a run's tensor file: the model's weights under ``model.``, as the engine saves."""
+    return f"model.{key}"
+
+
+def tensor_file_bytes(arrays: Arrays, metadata: dict[str, str], name: Callable[[str], str] = model_name) -> bytes:
+    """The arrays as safetensors bytes. ``np.array(order="C")``, not ``np.ascontiguousarray``: the latter makes 0-d
+    arrays (BatchNorm's ``num_batches_tracked``) 1-d, and the checkpoint check then refuses them."""
     import torch
     from safetensors.torch import save as st_save
 
+    return st_save({name(k): torch.from_numpy(np.array(v, order="C")) for k, v in arrays.items()}, metadata=metadata)
+
+
+def write_model_round(out: Path, arrays: Arrays, server_round: int, state: dict[str, Any],
+                      name: Callable[[str], str] = model_name, metadata: dict[str, str] | None = None) -> Path:
+    """``ckpt-RRRR.safetensors`` with each array under ``name(key)`` (default ``model.``), then ``last.json``
+    (``epoch`` = round, so the runs list and ``wsimil predict`` read it as any run; written last and atomically:
+    the commit point); older tensor files are removed."""
     from ..io.atomic import write_bytes, write_text
 
     out.mkdir(parents=True, exist_ok=True)
-    name = f"ckpt-{server_round:04d}.safetensors"
-    tensors = {f"model.{k}": torch.from_numpy(np.array(v, order="C")) for k, v in arrays.items()}
-    write_bytes(out / name, st_save(tensors, metadata={"round": str(server_round)}))
+    tensors = f"ckpt-{server_round:04d}.safetensors"
+    write_bytes(out / tensors, tensor_file_bytes(arrays, {"round": str(server_round), **(metadata or {})}, name))
     write_text(out / "last.json", json.dumps({"format": 1, **state, "epoch": server_round, "round": server_round,
-                                              "tensors": name}, indent=1))
+                                              "tensors": tensors}, indent=1))
     for old in out.glob("ckpt-*.safetensors"):
-        if old.name != name:
+        if old.name != tensors:
             old.unlink(missing_ok=True)
-    return out / name
+    return out / tensors
 
 
 def read_model_round(out: Path) -> tuple[Arrays, int, list[dict[str, Any]]]:
