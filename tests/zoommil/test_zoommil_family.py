@@ -47,7 +47,7 @@ def test_zoommil_trains_from_the_cli_with_its_levels(trained) -> None:
     assert [len(c) for c in bag.coords][1:] == [len(bag) * 4, len(bag) * 16]
 
 
-def test_prediction_reads_only_what_it_zooms_into(trained, cohort_csv, tmp_path) -> None:
+def test_prediction_reads_only_what_it_zooms_into(trained, cohort_csv, tmp_path, capsys) -> None:
     from napari_wsimil.cli import main
     from napari_wsimil.infer.predictions import read_predictions
 
@@ -71,7 +71,21 @@ def test_prediction_reads_only_what_it_zooms_into(trained, cohort_csv, tmp_path)
         for name in (sid, f"{sid}.level1", f"{sid}.level2"):  # --ome-zarr: each map also as NGFF
             assert (pred / "heatmaps" / f"{name}.ome.zarr" / ".zattrs").is_file()
     assert main(["evaluate", str(pred), "--cohort", str(cohort_csv)]) == 0
-    assert "auc" in json.loads((pred / "metrics.json").read_text())
+    metrics = json.loads((pred / "metrics.json").read_text())
+    assert "auc" in metrics
+    # localisation is scored on the zoom path's finest patches (32 µm): the lowest level's 128 µm patches are
+    # never half tumour on these slides (tumour is 0.2-2 % of 1 mm of tissue), so scored there no slide had any
+    loc = metrics["localisation"]
+    assert loc["scored_on"] == "zoom path, finest level"
+    assert loc["n_slides_with_tumour_patches"] >= 1 and loc["n_tumour_patches"] > 0
+    assert loc["attention_auc"] is not None and 0.0 <= loc["attention_auc"] <= 1.0
+    # predictions from before the zoom path was scored: one clear message, nothing half-written
+    (pred / "zoom_localisation").rename(pred / "old")
+    (pred / "metrics.json").unlink()
+    assert main(["evaluate", str(pred), "--cohort", str(cohort_csv)]) == 2
+    err = capsys.readouterr().err
+    assert "run 'wsimil predict' again" in err and "Traceback" not in err
+    assert not (pred / "metrics.json").exists()
 
 
 def test_prediction_from_the_slide_equals_the_bag_path(trained, cohort_csv) -> None:
@@ -89,6 +103,35 @@ def test_prediction_from_the_slide_equals_the_bag_path(trained, cohort_csv) -> N
     assert np.allclose(pred.probs, probs, atol=1e-4)
     for a, b in zip(path.coords, from_bag.coords):
         assert np.array_equal(a, b)
+
+
+def test_evaluate_scores_what_the_zoom_path_and_its_maps_show(trained, cohort_csv) -> None:
+    """The scored grid is every finest-level tissue patch under the lowest grid; the patches read at the finest
+    level rank above all others, in the order of their attention, which is the order of the zoom-path boxes
+    (napari) and of the finest level's heatmap; the unread rest ranks by its deepest read ancestor."""
+    from napari_wsimil.train.cohort import load_cohort
+    from napari_wsimil.zoommil.localisation import finest_coords
+    from napari_wsimil.zoommil.predict import load_zoom_run, predict_slide
+    from napari_wsimil.zoommil.zoom_path import regions
+
+    run = load_zoom_run(trained, device="cpu")
+    item = [s for s in load_cohort(cohort_csv).slides if s.label == "1"][0]
+    pred, path = predict_slide(run, run.encoder(), item)
+    loc = path.localisation
+    assert loc.size_level0 == pytest.approx(path.size_level0(2)) and np.allclose(loc.probs, pred.probs)
+    every = {tuple(c) for c in finest_coords(path)}
+    assert len(every) == len(path.coords[0]) * 16
+    scored = {tuple(c): float(s) for c, s in zip(loc.coords, loc.attention)}
+    assert set(scored) <= every and len(scored) > len(path.coords[2])
+    read = [(tuple(c), float(a)) for c, a in zip(path.coords[2], path.attention[2]) if tuple(c) in scored]
+    assert read and min(scored[c] for c, _ in read) >= 2.0
+    assert max(s for c, s in scored.items() if c not in dict(read)) < 2.0
+    by_score = sorted(read, key=lambda r: scored[r[0]])
+    assert [a for _, a in by_score] == sorted(a for _, a in read)
+    boxes = regions(path)
+    top = boxes[(boxes[:, 4] == 2) & (boxes[:, 6] == 1)]
+    box_value = {(int(b[0]), int(b[1])): b[5] for b in top}
+    assert [box_value[c] for c, _ in by_score] == sorted(box_value[c] for c, _ in read)
 
 
 def test_live_map_carries_the_zoom_path(trained, cohort_csv) -> None:

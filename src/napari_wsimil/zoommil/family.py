@@ -155,6 +155,7 @@ class ZoomMILFamily(MethodFamily):
         from ..infer.predictions import write_attention, write_predictions
         from ..io.atomic import write_text
         from ..train.cohort import load_cohort
+        from .localisation import LOCALISATION_DIR
         from .predict import load_zoom_run, predict_slide
 
         say = report or _quiet
@@ -171,6 +172,7 @@ class ZoomMILFamily(MethodFamily):
             pred, path = predict_slide(run, encoder, item, project=cohort.source if cohort.is_project else None)
             pred.seconds = time.perf_counter() - t0
             write_attention(pred, out / "attention" / f"{item.slide_id}.npz")
+            write_attention(path.localisation, out / LOCALISATION_DIR / f"{item.slide_id}.npz")
             if request.options.get("heatmaps", True):
                 from .zoom_path import write_level_heatmaps
 
@@ -187,6 +189,31 @@ class ZoomMILFamily(MethodFamily):
         write_text(out / "prediction.json", json.dumps(meta, indent=1))
         say(f"predictions: {out / 'predictions.csv'}")
         return meta
+
+    def evaluate(self, pred_dir: Path, truth: list, meta: dict[str, Any],
+                 threshold: float | None = None) -> tuple[str, dict[str, Any]] | None:
+        """The attention AUC and FROC of the zoom path on the finest level's tissue grid
+        (:mod:`.localisation` says how the patches the model did not zoom into are ranked), with the same
+        definitions as every other attention method's, so the numbers compare with CLAM-SB's at that level."""
+        from ..infer.evaluation import localisation_metrics
+        from ..infer.predictions import RunError
+        from .localisation import LOCALISATION_DIR
+
+        if not truth:
+            return None
+        folder = Path(pred_dir) / LOCALISATION_DIR
+        if not folder.is_dir():
+            raise RunError(f"{pred_dir} holds no zoom paths to score ({LOCALISATION_DIR}/): it predates their "
+                           "scoring; run 'wsimil predict' again")
+        metrics = localisation_metrics(truth, folder)
+        if metrics:
+            metrics["scored_on"] = "zoom path, finest level"
+        return "localisation", metrics
+
+    def report(self, name: str, metrics: dict[str, Any], say: Report) -> None:
+        super().report(name, metrics, say)
+        say("(ZoomMIL: scored on the finest level's tissue patches; those it read rank above those it did not "
+            "zoom into)")
 
     # ------------------------------------------------------------------------ the interactive loop
     def _bag(self, run_dir: Path, slide_id: str, source: Path) -> Path:

@@ -76,8 +76,9 @@ def load_zoom_run(run_dir: str | os.PathLike[str], device: str = "auto", weights
 
 @dataclass
 class ZoomPath:
-    """Where a slide's prediction looked: per level the µm/px, the level-0 corners of the patches read there
-    and their attention; per zoom step the corners of the patches chosen to zoom into."""
+    """Where a slide's prediction looked: per level the µm/px, the level-0 corners of the patches read there,
+    their rows in that level's depth-first numbering (:mod:`.bags`) and their attention; per zoom step the
+    corners of the patches chosen to zoom into."""
 
     slide_id: str
     slide_path: str
@@ -88,6 +89,9 @@ class ZoomPath:
     coords: list[np.ndarray]
     attention: list[np.ndarray]
     chosen: list[np.ndarray]
+    rows: list[np.ndarray]
+    #: the finest-level tissue patches and the scores ``wsimil evaluate`` ranks (set by :func:`predict_slide`)
+    localisation: SlidePrediction | None = None
 
     def size_level0(self, level: int) -> float:
         """A level's patch side in level-0 pixels."""
@@ -100,20 +104,24 @@ def path_of(out: Any, slide_id: str, slide: Any, mpps: Any, patch: int, coords: 
     att = [a.detach().cpu().numpy().astype(np.float32) for a in out.attention]
     chosen = [coords[step][s.detach().cpu().numpy()] for step, s in enumerate(out.selected)]
     return ZoomPath(slide_id, str(slide.path), slide.mpp, tuple(slide.dimensions), tuple(mpps), int(patch),
-                    [coords[level][r] for level, r in enumerate(rows)], att, chosen)
+                    [coords[level][r] for level, r in enumerate(rows)], att, chosen, rows)
 
 
 def predict_slide(run: ZoomRun, encoder: Any, item: Any, project: Path | None = None
                   ) -> tuple[SlidePrediction, ZoomPath]:
     """Probabilities of one cohort slide, reading the lowest level's grid and then only the children of
-    the patches the model chooses; ``patches_encoded`` counts every patch read and encoded."""
+    the patches the model chooses; ``patches_encoded`` counts every patch read and encoded. The path's
+    :attr:`ZoomPath.localisation` is what ``wsimil evaluate`` scores (:mod:`.localisation`)."""
     import torch
 
     from ..slide import open_slide
+    from ..slide.tissue import tissue_mask
     from .bags import encode_coords, level_coords
+    from .localisation import path_localisation
 
     with open_slide(item.path, mpp=item.mpp) as slide:
-        coords = level_coords(slide, run.levels, run.patch)
+        tissue = tissue_mask(slide)  # once: the lowest grid and the scored finest grid both use it
+        coords = level_coords(slide, run.levels, run.patch, tissue)
         x0 = torch.from_numpy(np.asarray(encode_coords(slide, encoder, coords[0], run.levels[0], run.patch,
                                                        device=str(run.device)), np.float32)).to(run.device)
 
@@ -126,6 +134,7 @@ def predict_slide(run: ZoomRun, encoder: Any, item: Any, project: Path | None = 
             out = run.model(x0, fetch)
         probs = torch.softmax(out.logits, 0).double().cpu().numpy()
         path = path_of(out, item.slide_id, slide, run.levels, run.patch, coords)
+    path.localisation = path_localisation(path, probs, tissue)
     att0 = path.attention[0]
     pred = SlidePrediction(item.slide_id, probs, coords[0], att0, att0[None], path.size_level0(0), path.slide_mpp,
                            path.slide_path, patches_encoded=int(len(coords[0]) + out.fetched))
