@@ -443,3 +443,28 @@ def test_aggregate_share_is_checked(tmp_path, capsys):
     assert main(["synth", str(tmp_path / "bad"), "--aggregate-share", "0.9"]) == 2
     err = capsys.readouterr().err
     assert "lymphoid aggregates' share must be between 0 and 0.5" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ tumour share
+
+
+def test_tumour_share_range_sets_the_tumour_area_and_none_is_the_default():
+    a = SlideModel((SIZE, SIZE), seed=5, malignant=True)
+    b = SlideModel((SIZE, SIZE), seed=5, malignant=True, tumour_share=(0.005, 0.08))
+    big = SlideModel((SIZE, SIZE), seed=5, malignant=True, tumour_share=(0.25, 0.25))
+    assert a.target_fraction == b.target_fraction and 0.005 <= a.target_fraction <= 0.08
+    assert np.array_equal(a.ground_truth(), b.ground_truth())
+    assert big.target_fraction == pytest.approx(0.25)
+    tissue = big.tissue_mask_gt()
+    measured = big.ground_truth().sum() / tissue.sum()
+    assert 0.15 < measured < 0.35 and measured > 3 * a.ground_truth().sum() / a.tissue_mask_gt().sum()
+    assert np.array_equal(tissue, a.tissue_mask_gt())  # the tissue layout does not move
+
+
+def test_tumour_share_is_checked_with_one_line(tmp_path, capsys):
+    assert main(["synth", str(tmp_path / "bad"), "--tumour-share", "0.3,0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "tumour share must satisfy" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(WsimilError, match="range of two numbers"):
+        SlideModel((SIZE, SIZE), seed=5, malignant=True, tumour_share=0.2)

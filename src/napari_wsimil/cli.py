@@ -74,6 +74,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregate-share", type=float, default=0.0, metavar="F",
                    help="share of every slide's tissue covered by lymphoid aggregates, 0-0.5 (default 0): "
                         "dense, dark normal tissue that mimics tumour; ground truth: normal")
+    p.add_argument("--tumour-share", type=_share_range, default=None, metavar="LO,HI",
+                   help="range of each malignant slide's tumour share of its tissue, drawn log-uniformly "
+                        "(default 0.005,0.08; at most 0.5)")
     t = p.add_argument_group(
         "real tissue",
         "fill the tissue with real labelled H&E tiles instead of drawing it; same layout and ground truth. Adds "
@@ -121,6 +124,14 @@ def _size(text: str) -> tuple[int, int]:
     raise argparse.ArgumentTypeError(f"expected PX or HxW in pixels, got {text!r}")
 
 
+def _share_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI shares of the tissue, e.g. 0.05,0.3; got {text!r}") from None
+    return low, high
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from napari_wsimil.slide.synthetic import synthesize_cohort
 
@@ -143,7 +154,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
                                  workers=args.workers, tumour_contrast=args.tumour_contrast,
                                  mucinous_share=args.mucinous_share, aggregate_share=args.aggregate_share,
                                  textures=args.textures, tumour_class=args.tumour_class, tile_mpp=args.tile_mpp,
-                                 split=args.split)
+                                 split=args.split, tumour_share=args.tumour_share)
     print(f"cohort: {csv_path}")
     return 0
 

@@ -23,6 +23,7 @@ from napari_wsimil.slide.synthetic.params import (
     check_contrast,
     check_mpp,
     check_share,
+    check_tumour_share,
     parse_size,
 )
 from napari_wsimil.slide.synthetic.texture_folders import cohort_splits, tile_split_for
@@ -48,6 +49,7 @@ def synthesize_slide(
     mucinous_share: float = 0.0,
     aggregate_share: float = 0.0,
     textures: Pools | None = None,
+    tumour_share: tuple[float, float] | None = None,
 ) -> SlideTruth:
     """Write one synthetic slide (pyramidal JPEG TIFF) and its ground-truth mask.
 
@@ -66,7 +68,7 @@ def synthesize_slide(
     path = Path(path)
     gt_path = gt_path_for(path) if gt_path is None else Path(gt_path)
     model = SlideModel(shape, seed, malignant, mpp, tumour_contrast=tumour_contrast,
-                       mucinous_share=mucinous_share, aggregate_share=aggregate_share)
+                       mucinous_share=mucinous_share, aggregate_share=aggregate_share, tumour_share=tumour_share)
     render_tile = model.render_tile
     what = "napari-wsimil synthetic slide"
     if textures is not None:
@@ -108,6 +110,7 @@ def synthesize_cohort(
     tumour_class: str | None = None,
     tile_mpp: float | None = None,
     split: str | None = None,
+    tumour_share: tuple[float, float] | None = None,
 ) -> Path:
     """Write ``n_slides`` slides, their masks and ``cohort.csv`` into ``out_dir``; return the CSV path.
 
@@ -120,6 +123,8 @@ def synthesize_cohort(
     same layout and ground truth. ``mucinous_share`` (0-1, default 0) is the share of every tumour drawn
     in the mucinous pattern, also with the same layout and ground truth; ``aggregate_share`` (0-1, default
     0) the share of every slide's tissue covered by lymphoid aggregates (normal tissue that mimics tumour).
+    ``tumour_share`` (low, high; default 0.005-0.08) is the range each malignant slide's tumour share of its
+    tissue is drawn from (log-uniform); it changes the layout only, so it goes with textures too.
 
     ``textures`` (a folder of labelled tiles, one folder per class) fills the tissue with real H&E: tumour
     with the tumour class (``tumour_class``, else the folder whose name contains "tum"), normal tissue with the
@@ -139,6 +144,7 @@ def synthesize_cohort(
     tumour_contrast = check_contrast(tumour_contrast)
     mucinous_share = check_share(mucinous_share)
     aggregate_share = check_share(aggregate_share, "lymphoid aggregates' share", top=0.5)
+    check_tumour_share(tumour_share)
     n = int(n_slides)
     n_malignant = int(math.floor(n * float(malignant_fraction) + 0.5))
     labels = np.zeros(n, np.int64)
@@ -172,7 +178,7 @@ def synthesize_cohort(
         pools = None if tex is None else tex.pools[tile_split_for(splits[i])]
         truth = synthesize_slide(out / f"{slide_id}.tiff", shape, slide_seed, bool(labels[i]), mpp,
                                  workers=workers, tumour_contrast=tumour_contrast, mucinous_share=mucinous_share,
-                                 aggregate_share=aggregate_share, textures=pools)
+                                 aggregate_share=aggregate_share, textures=pools, tumour_share=tumour_share)
         log.info("%s: %s, tumour %.2f %% of tissue", slide_id, "malignant" if labels[i] else "benign",
                  100 * truth.tumour_fraction)
         row = [slide_id, truth.path.name, int(labels[i]), truth.gt_mask.name, truth.gt_downsample]

@@ -47,17 +47,18 @@ def sections(rng: np.random.Generator, shape: tuple[int, int], cell: float, k: i
 
 
 def place_tumour(rng: np.random.Generator, pot: np.ndarray, cell: float, scale_px: float,
-                 shape: tuple[int, int], um: float, rough: Grid, quantile: Quantile
-                 ) -> tuple[Field, float, Cull]:
+                 shape: tuple[int, int], um: float, rough: Grid, quantile: Quantile,
+                 share: tuple[float, float] = (0.005, 0.08)) -> tuple[Field, float, Cull]:
     """1-3 tumour regions inside tissue, irregular, sized to a target share of the tissue area.
 
     ``pot`` is the tissue potential on cells of ``cell`` px (``scale_px`` px per unit of it), ``um``
-    pixels per micrometre, ``rough`` the tissue edge's roughness. Returns the tumour field (tumour where it
+    pixels per micrometre, ``rough`` the tissue edge's roughness, ``share`` the range the target share is drawn
+    from (log-uniform; the default is the generator's original range, the same draw). Returns the tumour field (tumour where it
     is > 0), the target share of the tissue, and where the field can be positive.
     """
     inside = pot * scale_px  # approximate distance into tissue, px
     tissue_area = float((inside > 0).sum()) * cell * cell
-    target = float(np.exp(rng.uniform(np.log(0.005), np.log(0.08))))
+    target = float(np.exp(rng.uniform(np.log(share[0]), np.log(share[1]))))
     n = int(rng.integers(1, 4))
     shares = rng.dirichlet(np.full(n, 2.0))
     sigmas = np.sqrt(target * tissue_area * shares / (2 * np.pi * np.log(2)))

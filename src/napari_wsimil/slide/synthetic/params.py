@@ -43,6 +43,24 @@ def check_contrast(contrast: float) -> float:
     return value
 
 
+#: The tumour's share of a malignant slide's tissue is drawn log-uniformly from this range unless told otherwise.
+DEFAULT_TUMOUR_SHARE = (0.005, 0.08)
+
+
+def check_tumour_share(share: tuple[float, float] | None) -> tuple[float, float]:
+    """``(low, high)``: the range a malignant slide's tumour share of its tissue is drawn from (log-uniform),
+    with 0 < low <= high <= 0.5; None is the default range. Else a one-line ``WsimilError``."""
+    if share is None:
+        return DEFAULT_TUMOUR_SHARE
+    try:
+        low, high = (float(v) for v in share)
+    except (TypeError, ValueError):
+        raise WsimilError(f"the tumour share is a range of two numbers, e.g. 0.05,0.3; got {share!r}") from None
+    if not (0.0 < low <= high <= 0.5):
+        raise WsimilError(f"the tumour share must satisfy 0 < low <= high <= 0.5 (of the tissue); got {low:g},{high:g}")
+    return (low, high)
+
+
 def parse_size(size: Size) -> tuple[int, int]:
     """A slide size (an int for a square, or height and width) as (h, w): a tile to 2^20 px a side.
 
