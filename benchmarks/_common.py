@@ -89,17 +89,20 @@ def add_texture_options(ap: Any) -> None:
 
 
 def make_textured_cohort(work: Path, n_slides: int, size: int, seed: int, textures: Path,
-                         tile_mpp: float | None) -> Path:
+                         tile_mpp: float | None, tumour_share: tuple[float, float] | None = None) -> Path:
     """A cohort whose regions are filled with real labelled tissue (``wsimil synth --textures``), made once
     per (n, size, seed, textures) and reused. Its CSV already holds the split: training and validation slides
-    are drawn from the textures' training tiles, test slides from held-out tiles."""
+    are drawn from the textures' training tiles, test slides from held-out tiles. ``tumour_share`` (low, high):
+    the range of the malignant slides' tumour share of their tissue (``wsimil synth --tumour-share``; None: the
+    generator's default, and the folder name of the caches made before the option)."""
     from napari_wsimil.slide.synthetic import SAMPLE_VERSION, TEXTURES_VERSION
 
     textures = Path(textures)
     if not textures.is_dir():
         raise SystemExit(f"no textures at {textures}: ../shared/data must be beside the checkout "
                          "(or pass --textures DIR)")
-    folder = work / f"textured_v{SAMPLE_VERSION}.{TEXTURES_VERSION}_{textures.name}_{n_slides}x{size}_s{seed}"
+    tag = "" if tumour_share is None else f"_t{tumour_share[0]:g}-{tumour_share[1]:g}"
+    folder = work / f"textured_v{SAMPLE_VERSION}.{TEXTURES_VERSION}_{textures.name}_{n_slides}x{size}_s{seed}{tag}"
     csv_path = folder / "cohort.csv"
     if not csv_path.is_file():
         t = time.perf_counter()
@@ -107,6 +110,8 @@ def make_textured_cohort(work: Path, n_slides: int, size: int, seed: int, textur
                               "--textures", textures]
         if tile_mpp:
             args += ["--tile-mpp", tile_mpp]
+        if tumour_share is not None:
+            args += ["--tumour-share", f"{tumour_share[0]:g},{tumour_share[1]:g}"]
         wsimil(*args)
         print(f"(synthesised {n_slides} slides of {size}² from {textures.name} in {time.perf_counter() - t:.0f} s)",
               flush=True)

@@ -17,7 +17,7 @@ Goal (issue #17): ≥ 10× fewer patches encoded and ≥ 5× less wall time per 
 AUC within 0.02 of CLAM-SB's.
 
 python benchmarks/bench_zoommil.py [--quick] [--slides 40] [--size 6144] [--levels 4,2,0.5] [--patch 128]
-    [--epochs 50] [--k 4 8 12 16] [--encoder handcrafted] [--seed 1] [--workdir DIR]
+    [--epochs 50] [--k 4 8 12 16] [--encoder handcrafted] [--seed 1] [--tumour-share LO HI] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--k", type=int, nargs="+", default=[4, 8, 12, 16])
     ap.add_argument("--encoder", default="handcrafted")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--tumour-share", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="range of a malignant slide's tumour share of its tissue (real-tissue cohorts; default: "
+                         "the generator's 0.005-0.08)")
     add_texture_options(ap)
     ap.add_argument("--workdir", type=Path, default=None, help="keeps cohort, features and runs between runs")
     args = ap.parse_args(argv)
@@ -167,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
         look = "procedural look"
     else:
         tile_mpp = args.tile_mpp or (PCAM_MPP if args.textures.resolve() == PCAM.resolve() else None)
-        cohort = make_textured_cohort(base, args.slides, args.size, args.seed, args.textures, tile_mpp)
+        cohort = make_textured_cohort(base, args.slides, args.size, args.seed, args.textures, tile_mpp,
+                                      tuple(args.tumour_share) if args.tumour_share else None)
         look = f"real tissue from {args.textures.name}"
     levels = [float(v) for v in args.levels.split(",")]
     fine = levels[-1]

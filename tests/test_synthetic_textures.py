@@ -104,9 +104,10 @@ def _rows(csv_path: Path) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------------- pixels and truth
 
 
-def test_tumour_tiles_fill_exactly_the_ground_truth(tmp_path):
+@pytest.mark.parametrize("share", [None, (0.2, 0.3)])  # a larger tumour (--tumour-share) is filled the same way
+def test_tumour_tiles_fill_exactly_the_ground_truth(tmp_path, share):
     tex = open_textures(_flat_textures(tmp_path / "tex"), splits=[TRAIN], tile_mpp=0.5)
-    model = SlideModel((1024, 1024), seed=6, malignant=True)
+    model = SlideModel((1024, 1024), seed=6, malignant=True, tumour_share=share)
     slide = TexturedSlide(model, tex.pools[TRAIN])
     img = _render(slide)
     ds = model.gt_downsample

@@ -128,7 +128,8 @@ def _share_range(text: str) -> tuple[float, float]:
     try:
         low, high = (float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI shares of the tissue, e.g. 0.05,0.3; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected LO,HI shares of the tissue, e.g. 0.05,0.3; "
+                                         f"got {text!r}") from None
     return low, high
 
 

@@ -52,8 +52,9 @@ def place_tumour(rng: np.random.Generator, pot: np.ndarray, cell: float, scale_p
     """1-3 tumour regions inside tissue, irregular, sized to a target share of the tissue area.
 
     ``pot`` is the tissue potential on cells of ``cell`` px (``scale_px`` px per unit of it), ``um``
-    pixels per micrometre, ``rough`` the tissue edge's roughness, ``share`` the range the target share is drawn
-    from (log-uniform; the default is the generator's original range, the same draw). Returns the tumour field (tumour where it
+    pixels per micrometre, ``rough`` the tissue edge's roughness, ``share`` the range the target share is
+    drawn from (log-uniform; the default is the generator's original range, the same draw). Returns the
+    tumour field (tumour where it
     is > 0), the target share of the tissue, and where the field can be positive.
     """
     inside = pot * scale_px  # approximate distance into tissue, px

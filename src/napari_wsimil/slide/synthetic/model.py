@@ -34,8 +34,8 @@ class SlideModel:
     layout, the random draws and the ground truth are the same at every contrast. ``mucinous_share``
     (0-1) is the share of the tumour drawn in the mucinous pattern and ``aggregate_share`` (0-0.5) the share
     of the tissue covered by lymphoid aggregates; 0 is the original look, bit for bit, for both.
-    ``tumour_share`` (low, high) is the range a malignant slide's tumour share of the tissue is drawn from
-    (None: 0.5-8 %, the original, bit for bit).
+    ``tumour_share`` (low, high; kept as ``tumour_share_range``) is the range a malignant slide's tumour
+    share of the tissue is drawn from (None: 0.5-8 %, the original, bit for bit).
     """
 
     def __init__(self, shape: tuple[int, int], seed: int, malignant: bool, mpp: float = 0.5, *,
@@ -44,7 +44,7 @@ class SlideModel:
         self.contrast = check_contrast(tumour_contrast)
         self.mucinous_share = check_share(mucinous_share)
         self.aggregate_share = check_share(aggregate_share, "lymphoid aggregates' share", top=0.5)
-        self.tumour_share = check_tumour_share(tumour_share)
+        self.tumour_share_range = check_tumour_share(tumour_share)
         self.shape = (int(shape[0]), int(shape[1]))
         self.seed = int(seed)
         self.malignant = bool(malignant)
@@ -110,7 +110,8 @@ class SlideModel:
     def _place_tumour(self, rng: np.random.Generator, pot: np.ndarray, cell: float, scale_px: float) -> None:
         """1-3 tumour regions inside tissue, irregular, sized to a target share of the tissue area."""
         self.tumour, self.target_fraction, self._tumour_possible = place_tumour(
-            rng, pot, cell, scale_px, self.shape, self._um, self.rough, self._tissue_quantile, self.tumour_share)
+            rng, pot, cell, scale_px, self.shape, self._um, self.rough, self._tissue_quantile,
+            self.tumour_share_range)
 
     def _place_mucin(self) -> None:
         """Which parts of the tumour are mucinous (``mucinous_share`` of its area), from a random stream

@@ -57,7 +57,8 @@ def check_tumour_share(share: tuple[float, float] | None) -> tuple[float, float]
     except (TypeError, ValueError):
         raise WsimilError(f"the tumour share is a range of two numbers, e.g. 0.05,0.3; got {share!r}") from None
     if not (0.0 < low <= high <= 0.5):
-        raise WsimilError(f"the tumour share must satisfy 0 < low <= high <= 0.5 (of the tissue); got {low:g},{high:g}")
+        raise WsimilError(f"the tumour share must satisfy 0 < low <= high <= 0.5 (of the tissue); "
+                          f"got {low:g},{high:g}")
     return (low, high)
 
 
