@@ -31,7 +31,8 @@ def extend(subparsers: Any) -> None:
             parser.add_argument("--reader-threads", type=int, default=2, metavar="T",
                                 help="with --cluster: tile-decoding threads per slide in each worker (default 2)")
         plain = parser.get_default("func")
-        parser.set_defaults(func=_either(plain, runner))
+        # predict always runs here: without --cluster too, a bad slide must not stop the others
+        parser.set_defaults(func=_either(plain, runner) if name == "features" else runner)
 
 
 def _either(plain: Any, clustered: Any) -> Any:
@@ -97,19 +98,32 @@ def _features(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _predict(args: argparse.Namespace) -> int:
-    from .cohorts import FAILURES_FILE, predict_on_cluster
+#: the ``wsimil predict`` options a family reads from ``PredictRequest.options``
+PREDICT_OPTIONS = ("heatmaps", "heatmap_overlap", "slide_score", "top_k", "masks", "ome_zarr")
 
-    options = {k: getattr(args, k) for k in ("heatmaps", "heatmap_overlap", "slide_score", "top_k", "masks")
-               if hasattr(args, k)}
-    with _open(args.cluster) as handle:
-        bar = _Bar()
-        results = predict_on_cluster(handle, args.run, args.cohort, args.out, weights=args.weights,
-                                     device=args.device, options=options, progress=bar)
-        bar.close()
+
+def _predict(args: argparse.Namespace) -> int:
+    """``wsimil predict``, with or without ``--cluster``: either way a slide that cannot be read is listed in
+    ``PRED/failures.csv`` with its reason (one line each here), the others are predicted, and the exit status is 1."""
+    from .cohorts import FAILURES_FILE, predict_here, predict_on_cluster
+
+    options = {k: getattr(args, k) for k in PREDICT_OPTIONS if hasattr(args, k)}
+    if args.cluster:
+        with _open(args.cluster) as handle:
+            bar = _Bar()
+            results = predict_on_cluster(handle, args.run, args.cohort, args.out, weights=args.weights,
+                                         device=args.device, options=options, progress=bar)
+            bar.close()
+    else:
+        results = predict_here(args.run, args.cohort, args.out, weights=args.weights, device=args.device,
+                               options=options, report=_say)
     failed = [r for r in results if r["status"] == "failed"]
-    _say(f"predictions: {Path(args.out) / 'predictions.csv'} ({len(results) - len(failed)} slides)")
+    if args.cluster:  # the family says it itself in one process
+        _say(f"predictions: {Path(args.out) / 'predictions.csv'} ({len(results) - len(failed)} slides)")
     if failed:
+        if not args.cluster:  # the cluster's bar already named each one
+            for r in failed:
+                _say(f"{r['slide_id']}: FAILED: {r.get('message', '')}")
         _say(f"{len(failed)} slides could not be predicted: see {Path(args.out) / FAILURES_FILE}")
         return 1
     return 0

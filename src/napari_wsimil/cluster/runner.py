@@ -20,10 +20,14 @@ Progress = Callable[[int, int, "dict[str, Any] | None"], None]
 BUSY_RETRY_S = 1.0
 
 
-def run_slides(handle: ClusterHandle, fn: Callable[[Any], dict[str, Any]], jobs: Sequence[Any],
+def run_slides(handle: ClusterHandle | None, fn: Callable[[Any], dict[str, Any]], jobs: Sequence[Any],
                progress: Progress | None = None, *, busy_retry_s: float = BUSY_RETRY_S) -> list[dict[str, Any]]:
     """``fn(job)`` for every job on the cluster, in the jobs' order; a job whose task fails for good (its worker
-    died too often, or it raised) is a "failed" result with the reason, never an exception."""
+    died too often, or it raised) is a "failed" result with the reason, never an exception. ``handle`` None runs
+    the same tasks one after the other in this process (``wsimil predict`` without ``--cluster`` when a slide
+    failed), with the same claims, commits and results."""
+    if handle is None:
+        return _run_here(fn, jobs, progress, busy_retry_s)
     from distributed import as_completed
 
     client = handle.client
@@ -60,6 +64,36 @@ def run_slides(handle: ClusterHandle, fn: Callable[[Any], dict[str, Any]], jobs:
         finished += 1
         if progress is not None:
             progress(finished, len(jobs), res)
+    return [r for r in results if r is not None]
+
+
+def _run_here(fn: Callable[[Any], dict[str, Any]], jobs: Sequence[Any], progress: Progress | None,
+              busy_retry_s: float) -> list[dict[str, Any]]:
+    """The tasks in this process, in order; a slide another process holds is asked for again after the others."""
+    results: list[dict[str, Any] | None] = [None] * len(jobs)
+    if progress is not None:
+        progress(0, len(jobs), None)
+    todo = list(range(len(jobs)))
+    finished = 0
+    while todo:
+        busy = []
+        for i in todo:
+            try:
+                res = fn(jobs[i])
+            except Exception as exc:  # noqa: BLE001 - as a cluster task's exception: that slide failed
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                res = {"slide_id": jobs[i].slide_id, "path": getattr(jobs[i], "path", ""), "status": "failed",
+                       "message": reason}
+            if res.get("status") == "busy":
+                busy.append(i)
+                continue
+            results[i] = res
+            finished += 1
+            if progress is not None:
+                progress(finished, len(jobs), res)
+        if busy:
+            time.sleep(busy_retry_s)
+        todo = busy
     return [r for r in results if r is not None]
 
 
