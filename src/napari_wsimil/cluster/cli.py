@@ -20,6 +20,11 @@ SPEC_HELP = ("run one task per slide on dask.distributed: local (one worker proc
              "cores, memory, gpus ..., the cluster class's own options). The dashboard address is printed")
 
 
+#: default ``--region-patches``: a 40x resection has 5,000-20,000 patches of 224 px at 0.5 µm/px; above 20,000 a
+#: slide alone would keep one worker busy for minutes while others idle at the end of a run
+REGION_PATCHES = 20000
+
+
 def extend(subparsers: Any) -> None:
     """Add ``--cluster`` to the ``features`` and ``predict`` subcommands already in ``subparsers``."""
     for name, runner in (("features", _features), ("predict", _predict)):
@@ -30,6 +35,10 @@ def extend(subparsers: Any) -> None:
         if name == "features":
             parser.add_argument("--reader-threads", type=int, default=2, metavar="T",
                                 help="with --cluster: tile-decoding threads per slide in each worker (default 2)")
+            parser.add_argument("--region-patches", type=int, default=REGION_PATCHES, metavar="N",
+                                help="with --cluster: a slide with more than N tissue patches is encoded as "
+                                     f"region tasks of about N patches on several workers at once, merged into "
+                                     f"the same bag (default {REGION_PATCHES}; 0: one task per slide)")
         plain = parser.get_default("func")
         # predict always runs here: without --cluster too, a bad slide must not stop the others
         parser.set_defaults(func=_either(plain, runner) if name == "features" else runner)
@@ -90,7 +99,8 @@ def _features(args: argparse.Namespace) -> int:
         bar = _Bar()
         results = extract_on_cluster(handle, source, args.out, args.encoder, weights=args.weights, patch=args.patch,
                                      mpp=args.mpp, batch=args.batch, device=args.device, min_tissue=args.min_tissue,
-                                     overwrite=args.overwrite, reader_threads=args.reader_threads, progress=bar)
+                                     overwrite=args.overwrite, reader_threads=args.reader_threads,
+                                     region_patches=args.region_patches, progress=bar)
         bar.close()
     failed = [r for r in results if r["status"] == "failed"]
     done = sum(r["status"] == "done" for r in results)

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,12 @@ FAILURES_FILE = "failures.csv"
 def extract_on_cluster(handle: ClusterHandle, source: Any, out_dir: str | os.PathLike[str] | None, encoder: str, *,
                        weights: str | None = None, patch: int = 256, mpp: float = 0.5, batch: int = 64,
                        device: str = "auto", min_tissue: float = 0.5, overwrite: bool = False,
-                       reader_threads: int = 2, progress: Progress | None = None) -> list[dict[str, Any]]:
+                       reader_threads: int = 2, region_patches: int = 0, progress: Progress | None = None,
+                       cancel: threading.Event | None = None) -> list[dict[str, Any]]:
     """One bag per slide of ``source`` (a project, its folder, slide paths or id → path), as ``extract_cohort``
-    would write them; returns each slide's result (status "done", "skipped" or "failed" with a message)."""
+    would write them (``handle`` None: the same tasks in this process); returns each slide's result (status "done", "skipped" or "failed" with a message). A slide
+    with more than ``region_patches`` tissue patches (0: none) is encoded as region tasks of about that many
+    patches, on several workers at once, and merged into the same bag (``features.regions``)."""
     from ..features.extract import cohort_slides, safe_dirname
 
     slides, features_dir = cohort_slides(source)
@@ -42,12 +46,15 @@ def extract_on_cluster(handle: ClusterHandle, source: Any, out_dir: str | os.Pat
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     jobs = [ExtractJob(sid, str(Path(path).resolve()), slide_mpp, str(out), encoder, weights, patch, mpp, batch,
-                       device, min_tissue, reader_threads, overwrite)
+                       device, min_tissue, reader_threads, overwrite, max(0, int(region_patches)))
             for sid, path, _opener, slide_mpp in slides]
-    if jobs:
+    if jobs and handle is not None:
         warm_up(handle, encoder, weights, device, mpp)
-    results = run_slides(handle, extract_task, jobs, progress)
+    results = run_slides(handle, extract_task, jobs, progress, cancel=cancel)
     sweep_stale(out)  # claims of slides a killed run finished but never released
+    from ..features.regions import remove_empty_regions
+
+    remove_empty_regions(out)
     return results
 
 
@@ -63,8 +70,8 @@ def warm_up(handle: ClusterHandle, encoder: str, weights: str | None, device: st
 def predict_on_cluster(handle: ClusterHandle | None, run: str | os.PathLike[str], cohort: str | os.PathLike[str],
                        out: str | os.PathLike[str], *, weights: str = "best", device: str = "auto",
                        options: dict[str, Any] | None = None, progress: Progress | None = None,
-                       only: Sequence[str] | None = None, failed_before: Sequence[dict[str, Any]] = ()
-                       ) -> list[dict[str, Any]]:
+                       only: Sequence[str] | None = None, failed_before: Sequence[dict[str, Any]] = (),
+                       cancel: threading.Event | None = None) -> list[dict[str, Any]]:
     """``wsimil predict`` with one task per slide; writes ``predictions.csv`` (cohort order), ``prediction.json``
     and, when some slides failed, ``failures.csv``. A slide finished by an earlier (killed) run with the same
     weights and options is not predicted again. ``handle`` None runs the tasks in this process; ``only`` limits
@@ -82,7 +89,7 @@ def predict_on_cluster(handle: ClusterHandle | None, run: str | os.PathLike[str]
     pred.mkdir(parents=True, exist_ok=True)
     jobs = [PredictJob(s.slide_id, str(s.path), str(Path(run).resolve()), str(cohort_path), str(pred), weights,
                        device, {k: v for k, v in (options or {}).items() if k != "slides"}) for s in items]
-    results = run_slides(handle, predict_task, jobs, progress)
+    results = run_slides(handle, predict_task, jobs, progress, cancel=cancel)
     sweep_stale(pred)
     ok = [r for r in results if r["status"] in ("done", "skipped")]
     if ok:
