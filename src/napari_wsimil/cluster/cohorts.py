@@ -27,15 +27,16 @@ from .tasks import ExtractJob, PredictJob, extract_task, predict_task, warm_work
 FAILURES_FILE = "failures.csv"
 
 
-def extract_on_cluster(handle: ClusterHandle, source: Any, out_dir: str | os.PathLike[str] | None, encoder: str, *,
+def extract_on_cluster(handle: ClusterHandle | None, source: Any, out_dir: str | os.PathLike[str] | None, encoder: str, *,
                        weights: str | None = None, patch: int = 256, mpp: float = 0.5, batch: int = 64,
                        device: str = "auto", min_tissue: float = 0.5, overwrite: bool = False,
                        reader_threads: int = 2, region_patches: int = 0, progress: Progress | None = None,
                        cancel: threading.Event | None = None) -> list[dict[str, Any]]:
     """One bag per slide of ``source`` (a project, its folder, slide paths or id → path), as ``extract_cohort``
-    would write them (``handle`` None: the same tasks in this process); returns each slide's result (status "done", "skipped" or "failed" with a message). A slide
-    with more than ``region_patches`` tissue patches (0: none) is encoded as region tasks of about that many
-    patches, on several workers at once, and merged into the same bag (``features.regions``)."""
+    would write them (``handle`` None: the same tasks in this process); returns each slide's result (status
+    "done", "skipped" or "failed" with a message). A slide with more than ``region_patches`` tissue patches (0:
+    none) is encoded as region tasks of about that many patches, on several workers at once, and merged into the
+    same bag (``features.regions``)."""
     from ..features.extract import cohort_slides, safe_dirname
 
     slides, features_dir = cohort_slides(source)

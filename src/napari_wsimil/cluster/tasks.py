@@ -283,4 +283,5 @@ def predict_task(job: PredictJob) -> dict[str, Any]:
     return _result(job, "done", seconds=time.perf_counter() - t0, row=rows[1], header=rows[0], meta=meta)
 
 
-__all__ = ["ExtractJob", "MergeJob", "PredictJob", "RegionJob", "done_marker", "extract_task", "predict_task", "read_done", "warm_worker"]
+__all__ = ["ExtractJob", "MergeJob", "PredictJob", "RegionJob", "done_marker", "extract_task", "predict_task",
+           "read_done", "warm_worker"]

@@ -146,7 +146,9 @@ class CohortResult:
 SlideSource = Union["Project", str, os.PathLike, Mapping[str, Any], Iterable[Any]]
 
 
-_Entry = tuple[str, Path, Callable[[], "Slide"], Union[float, None]]
+#: one slide of a cohort: (slide id, path, opener, µm/px set by the project or None)
+SlideEntry = tuple[str, Path, Callable[[], "Slide"], Union[float, None]]
+_Entry = SlideEntry
 
 
 def cohort_slides(source: SlideSource) -> tuple[list[_Entry], Path | None]:
@@ -312,5 +314,5 @@ def extract_slide(entry: _Entry, out: Path, enc: Encoder, patch_size: int, mpp: 
     return CohortResult(sid, path, bag_path, "done", len(bag), seconds)
 
 
-__all__ = ["CohortEvent", "CohortResult", "ExtractionCancelled", "bag_is_current", "cohort_slides", "extract_cohort", "extract_features",
-           "extract_slide"]
+__all__ = ["CohortEvent", "CohortResult", "ExtractionCancelled", "SlideEntry", "bag_is_current", "cohort_slides",
+           "extract_cohort", "extract_features", "extract_slide"]

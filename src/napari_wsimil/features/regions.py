@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import WsimilError
 from .bags import BAG_SUFFIX, Bag, read_bag, stale_reasons
 from .encoders import Encoder
-from .extract import CohortResult, _Entry, bag_is_current, extract_features
+from .extract import CohortResult, SlideEntry, bag_is_current, extract_features
 
 REGIONS_DIR = ".regions"
 
@@ -49,7 +49,7 @@ def part_path(out: Path, slide_id: str, start: int, stop: int) -> Path:
     return region_dir(out, slide_id) / f"{start}-{stop}{BAG_SUFFIX}"
 
 
-def slide_grid(entry: _Entry, patch_size: int, mpp: float, min_tissue: float) -> Any:
+def slide_grid(entry: SlideEntry, patch_size: int, mpp: float, min_tissue: float) -> Any:
     """The slide's patch grid, as :func:`extract_features` computes it (the slide opened and closed again)."""
     from ..slide import patch_grid
 
@@ -62,7 +62,8 @@ def slide_grid(entry: _Entry, patch_size: int, mpp: float, min_tissue: float) ->
             close()
 
 
-def _part_current(path: Path, enc: Encoder, entry: _Entry, patch_size: int, mpp: float, coords: np.ndarray) -> bool:
+def _part_current(path: Path, enc: Encoder, entry: SlideEntry, patch_size: int, mpp: float,
+                  coords: np.ndarray) -> bool:
     if not path.exists() or stale_reasons(path, enc, entry[1], patch_size, mpp, entry[3]):
         return False
     try:
@@ -71,7 +72,7 @@ def _part_current(path: Path, enc: Encoder, entry: _Entry, patch_size: int, mpp:
         return False
 
 
-def extract_region(entry: _Entry, out: Path, enc: Encoder, patch_size: int, mpp: float, batch_size: int,
+def extract_region(entry: SlideEntry, out: Path, enc: Encoder, patch_size: int, mpp: float, batch_size: int,
                    start: int, stop: int, *, min_tissue: float = 0.5, num_workers: int = 2) -> CohortResult:
     """Encode patches ``start:stop`` of the slide's grid into their part (status "done", "skipped" when the part
     or the whole bag is already current, "busy" when another process holds this range, or "failed")."""
@@ -119,7 +120,7 @@ def extract_region(entry: _Entry, out: Path, enc: Encoder, patch_size: int, mpp:
     return CohortResult(sid, path, part, "done", stop - start, time.perf_counter() - t0)
 
 
-def merge_regions(entry: _Entry, out: Path, enc: Encoder, patch_size: int, mpp: float,
+def merge_regions(entry: SlideEntry, out: Path, enc: Encoder, patch_size: int, mpp: float,
                   ranges: list[tuple[int, int]]) -> CohortResult:
     """The slide's bag from its parts, in grid order, written atomically under the bag's claim; then the parts
     are removed. "skipped" when the bag is already current (another client merged it), "busy", or "failed" when a
