@@ -38,10 +38,11 @@ from napari_wsimil._qt.slide_widget import SlideWidget
 from napari_wsimil._qt.project_widget import ProjectWidget
 from napari_wsimil._qt.labelling_widget import LabellingWidget
 from napari_wsimil._qt.training_widget import TrainingWidget
+from napari_wsimil._qt.batch_panel import BatchPanel
 pm = npe2.PluginManager.instance()
 pm.discover()
 manifest = pm.get_manifest("napari-wsimil")
-assert len(manifest.contributions.widgets) == 5, manifest.contributions.widgets
+assert len(manifest.contributions.widgets) == 6, manifest.contributions.widgets
 print("napari", napari.__version__)
 """
 

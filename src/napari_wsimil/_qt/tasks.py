@@ -128,9 +128,10 @@ class TaskRunner(QObject):
 
     def run_generator(self, what: str, func: Callable[[], Generator[Any, Any, Any]],
                       yielded: Callable[[Any], Any], done: Callable[[Any], Any] | None = None, *,
-                      failed: Callable[[BaseException], Any] | None = None) -> Any:
+                      failed: Callable[[BaseException], Any] | None = None, progress: bool = True) -> Any:
         """Iterate ``func()`` in a worker, ``yielded(value)`` on the main thread for each value; the worker
-        can be paused, resumed and quit (it stops at its next yield)."""
+        can be paused, resumed and quit (it stops at its next yield). ``progress`` False: no indeterminate bar in
+        the activity dock (the caller shows a determinate one of its own, advanced from ``yielded``)."""
 
         def work() -> Generator[Any, Any, Any]:
             try:
@@ -138,10 +139,11 @@ class TaskRunner(QObject):
             except Exception as exc:  # noqa: BLE001 - handed to the main thread as a value
                 return Failure(exc)
 
-        return self._start(what, work, done, failed, yielded)
+        return self._start(what, work, done, failed, yielded, progress)
 
     def _start(self, what: str, work: Callable[[], Any], done: Callable[[Any], Any] | None,
-               failed: Callable[[BaseException], Any] | None, yielded: Callable[[Any], Any] | None) -> Any:
+               failed: Callable[[BaseException], Any] | None, yielded: Callable[[Any], Any] | None,
+               progress: bool = True) -> Any:
         from napari.qt.threading import create_worker
 
         def returned(result: Any) -> None:
@@ -159,7 +161,7 @@ class TaskRunner(QObject):
             except Exception as exc:  # noqa: BLE001
                 self._failed(what, exc, failed)
 
-        worker = create_worker(work, _progress={"desc": what})
+        worker = create_worker(work, _progress={"desc": what} if progress else None)
         worker.returned.connect(returned)
         if yielded is not None:
             worker.yielded.connect(each)

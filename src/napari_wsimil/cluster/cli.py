@@ -20,6 +20,11 @@ SPEC_HELP = ("run one task per slide on dask.distributed: local (one worker proc
              "cores, memory, gpus ..., the cluster class's own options). The dashboard address is printed")
 
 
+#: default ``--region-patches``: a 40x resection has 5,000-20,000 patches of 224 px at 0.5 µm/px; above 20,000 a
+#: slide alone would keep one worker busy for minutes while others idle at the end of a run
+REGION_PATCHES = 20000
+
+
 def extend(subparsers: Any) -> None:
     """Add ``--cluster`` to the ``features`` and ``predict`` subcommands already in ``subparsers``."""
     for name, runner in (("features", _features), ("predict", _predict)):
@@ -30,8 +35,13 @@ def extend(subparsers: Any) -> None:
         if name == "features":
             parser.add_argument("--reader-threads", type=int, default=2, metavar="T",
                                 help="with --cluster: tile-decoding threads per slide in each worker (default 2)")
+            parser.add_argument("--region-patches", type=int, default=REGION_PATCHES, metavar="N",
+                                help="with --cluster: a slide with more than N tissue patches is encoded as "
+                                     f"region tasks of about N patches on several workers at once, merged into "
+                                     f"the same bag (default {REGION_PATCHES}; 0: one task per slide)")
         plain = parser.get_default("func")
-        parser.set_defaults(func=_either(plain, runner))
+        # predict always runs here: without --cluster too, a bad slide must not stop the others
+        parser.set_defaults(func=_either(plain, runner) if name == "features" else runner)
 
 
 def _either(plain: Any, clustered: Any) -> Any:
@@ -89,7 +99,8 @@ def _features(args: argparse.Namespace) -> int:
         bar = _Bar()
         results = extract_on_cluster(handle, source, args.out, args.encoder, weights=args.weights, patch=args.patch,
                                      mpp=args.mpp, batch=args.batch, device=args.device, min_tissue=args.min_tissue,
-                                     overwrite=args.overwrite, reader_threads=args.reader_threads, progress=bar)
+                                     overwrite=args.overwrite, reader_threads=args.reader_threads,
+                                     region_patches=args.region_patches, progress=bar)
         bar.close()
     failed = [r for r in results if r["status"] == "failed"]
     done = sum(r["status"] == "done" for r in results)
@@ -97,19 +108,32 @@ def _features(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _predict(args: argparse.Namespace) -> int:
-    from .cohorts import FAILURES_FILE, predict_on_cluster
+#: the ``wsimil predict`` options a family reads from ``PredictRequest.options``
+PREDICT_OPTIONS = ("heatmaps", "heatmap_overlap", "slide_score", "top_k", "masks", "ome_zarr")
 
-    options = {k: getattr(args, k) for k in ("heatmaps", "heatmap_overlap", "slide_score", "top_k", "masks")
-               if hasattr(args, k)}
-    with _open(args.cluster) as handle:
-        bar = _Bar()
-        results = predict_on_cluster(handle, args.run, args.cohort, args.out, weights=args.weights,
-                                     device=args.device, options=options, progress=bar)
-        bar.close()
+
+def _predict(args: argparse.Namespace) -> int:
+    """``wsimil predict``, with or without ``--cluster``: either way a slide that cannot be read is listed in
+    ``PRED/failures.csv`` with its reason (one line each here), the others are predicted, and the exit status is 1."""
+    from .cohorts import FAILURES_FILE, predict_here, predict_on_cluster
+
+    options = {k: getattr(args, k) for k in PREDICT_OPTIONS if hasattr(args, k)}
+    if args.cluster:
+        with _open(args.cluster) as handle:
+            bar = _Bar()
+            results = predict_on_cluster(handle, args.run, args.cohort, args.out, weights=args.weights,
+                                         device=args.device, options=options, progress=bar)
+            bar.close()
+    else:
+        results = predict_here(args.run, args.cohort, args.out, weights=args.weights, device=args.device,
+                               options=options, report=_say)
     failed = [r for r in results if r["status"] == "failed"]
-    _say(f"predictions: {Path(args.out) / 'predictions.csv'} ({len(results) - len(failed)} slides)")
+    if args.cluster:  # the family says it itself in one process
+        _say(f"predictions: {Path(args.out) / 'predictions.csv'} ({len(results) - len(failed)} slides)")
     if failed:
+        if not args.cluster:  # the cluster's bar already named each one
+            for r in failed:
+                _say(f"{r['slide_id']}: FAILED: {r.get('message', '')}")
         _say(f"{len(failed)} slides could not be predicted: see {Path(args.out) / FAILURES_FILE}")
         return 1
     return 0

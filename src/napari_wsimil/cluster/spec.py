@@ -22,9 +22,17 @@ from ..errors import WsimilError
 
 #: how long to try reaching a scheduler before saying it is unreachable
 CONNECT_TIMEOUT_S = 10.0
-#: dask-jobqueue cluster classes by the ``jobqueue:`` key of a YAML spec
-JOBQUEUE_CLASSES = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster",
-                    "htcondor": "HTCondorCluster", "moab": "MoabCluster", "oar": "OARCluster"}
+#: dask-jobqueue cluster classes (module, class) by the ``jobqueue:`` key of a YAML spec. ``local`` is dask-jobqueue's
+#: own ``JobQueueCluster`` whose "jobs" are subprocesses of this machine running the generated job script: the way
+#: to try a YAML file (every key but the batch system's own directives) before submitting to SLURM
+JOBQUEUE_CLASSES = {"slurm": ("dask_jobqueue", "SLURMCluster"), "pbs": ("dask_jobqueue", "PBSCluster"),
+                    "sge": ("dask_jobqueue", "SGECluster"), "lsf": ("dask_jobqueue", "LSFCluster"),
+                    "htcondor": ("dask_jobqueue", "HTCondorCluster"), "moab": ("dask_jobqueue", "MoabCluster"),
+                    "oar": ("dask_jobqueue", "OARCluster"), "local": ("dask_jobqueue.local", "LocalCluster")}
+#: keys a YAML spec must give (dask-jobqueue's classes need the size of a job; the rest have defaults)
+JOBQUEUE_REQUIRED = ("jobqueue", "cores", "memory")
+#: the worker preload that gives each worker process of a multi-GPU job its own GPU (see :mod:`.gpu_pin`)
+GPU_PIN_PRELOAD = "napari_wsimil.cluster.gpu_pin"
 
 
 class ClusterError(WsimilError):
@@ -141,31 +149,91 @@ def _local_cluster(n_workers: int | None, gpus: int | None) -> ClusterHandle:
 
 
 def _jobqueue_cluster(path: Path) -> ClusterHandle:
+    cluster, kind, jobs, gpus = jobqueue_cluster(path)
+    try:
+        cluster.scale(jobs=jobs)
+        from distributed import Client
+
+        client = Client(cluster)
+    except Exception:
+        cluster.close()
+        raise
+    return ClusterHandle(client, cluster, f"{kind}:{jobs} jobs", gpus)
+
+
+def jobqueue_cluster(path: Path) -> tuple[Any, str, int, int]:
+    """The dask-jobqueue cluster a YAML spec describes, not scaled yet (no job submitted: ``job_script()`` shows
+    what would be), with the batch system's name, the number of jobs and the GPUs per job.
+
+    Beside ``jobqueue`` and ``jobs``, ``gpus: N`` (per job) is this package's: each worker process then advertises
+    the resource ``GPU`` (``--resources GPU=<N / processes>``, so tasks never share a GPU), SLURM jobs ask for
+    ``--gres=gpu:N`` (unless ``job_extra_directives`` already asks for GPUs), ``processes`` defaults to ``gpus``
+    (one worker process per GPU), and with several worker processes
+    per job each one is pinned to its own GPU by setting ``CUDA_VISIBLE_DEVICES`` in the worker at start (the
+    :mod:`.gpu_pin` preload: the batch system gives the job its GPUs, not each process). Every other key goes to
+    the cluster class unchanged."""
     import yaml
 
     try:
         conf = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise ClusterError(f"cannot read the cluster file {path}: {exc}") from None
+        reason = " ".join(str(exc).split())
+        raise ClusterError(f"cannot read the cluster file {path}: {reason}") from None
     if not isinstance(conf, dict):
         raise ClusterError(f"{path} should be a mapping such as 'jobqueue: slurm', 'jobs: 10', 'cores: 8' ...")
-    conf = dict(conf)
-    kind = str(conf.pop("jobqueue", "slurm")).lower()
-    jobs = int(conf.pop("jobs", 1))
+    conf = {str(k).replace("-", "_"): v for k, v in conf.items()}
+    missing = [k for k in JOBQUEUE_REQUIRED if conf.get(k) in (None, "")]
+    if missing:
+        raise ClusterError(f"{path}: missing {', '.join(missing)} (e.g. 'jobqueue: slurm', 'cores: 8', "
+                           "'memory: 32GB')")
+    kind = str(conf.pop("jobqueue")).lower()
     if kind not in JOBQUEUE_CLASSES:
         raise ClusterError(f"{path}: jobqueue {kind!r} is not one of {', '.join(JOBQUEUE_CLASSES)}")
+    jobs, gpus = _whole(path, conf, "jobs", 1, 1), _whole(path, conf, "gpus", 0, 0)
+    if gpus and "processes" not in conf:
+        conf["processes"] = gpus  # one worker process per GPU (dask-jobqueue would pick about √cores)
+    processes = _whole(path, conf, "processes", 1, 1)
+    conf.pop("jobs", None)
+    conf.pop("gpus", None)
+    if gpus:
+        if gpus % processes:
+            raise ClusterError(f"{path}: gpus ({gpus}) must be a multiple of processes ({processes}): each worker "
+                               "process gets the same number of GPUs")
+        extra = list(conf.get("worker_extra_args") or [])
+        extra += ["--resources", f"GPU={gpus // processes}"]
+        if processes > 1:
+            extra += ["--preload", GPU_PIN_PRELOAD]
+        conf["worker_extra_args"] = extra
+        directives = list(conf.get("job_extra_directives") or [])
+        if kind == "slurm" and not any("gpu" in str(d).lower() for d in directives):
+            conf["job_extra_directives"] = [*directives, f"--gres=gpu:{gpus}"]
+    if "scheduler_options" not in conf:
+        conf["scheduler_options"] = {"dashboard_address": _dashboard_address() or ":0"}
+    module, name = JOBQUEUE_CLASSES[kind]
     try:
-        import dask_jobqueue
+        from importlib import import_module
+
+        cls = getattr(import_module(module), name)
     except ImportError:
         raise ClusterError("a YAML cluster spec needs dask-jobqueue: pip install dask-jobqueue") from None
-    from distributed import Client
-
     try:
-        cluster = getattr(dask_jobqueue, JOBQUEUE_CLASSES[kind])(**conf)
+        cluster = cls(**conf)
     except (TypeError, ValueError) as exc:
-        raise ClusterError(f"{path}: {exc}") from None
-    cluster.scale(jobs=jobs)
-    return ClusterHandle(Client(cluster), cluster, f"{kind}:{jobs} jobs", int(conf.get("gpus", 0) or 0))
+        import re
+
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        if unknown:
+            raise ClusterError(f"{path}: {unknown.group(1)!r} is not an option of a {kind} cluster (dask-jobqueue's "
+                               f"{name} lists them)") from None
+        raise ClusterError(f"{path}: {' '.join(str(exc).split())}") from None
+    return cluster, kind, jobs, gpus
+
+
+def _whole(path: Path, conf: dict[str, Any], key: str, default: int, least: int) -> int:
+    value = conf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ClusterError(f"{path}: {key} must be a whole number ≥ {least}, not {value!r}")
+    return value
 
 
 def connect(spec: str, *, timeout: float | None = None) -> ClusterHandle:
@@ -200,4 +268,4 @@ def connect(spec: str, *, timeout: float | None = None) -> ClusterHandle:
     raise ClusterError(f"--cluster {spec!r}: expected local, local:N, tcp://HOST:PORT or a dask-jobqueue .yaml file")
 
 
-__all__ = ["ClusterError", "ClusterHandle", "connect", "local_cluster"]
+__all__ = ["ClusterError", "ClusterHandle", "connect", "jobqueue_cluster", "local_cluster"]

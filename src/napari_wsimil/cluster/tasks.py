@@ -50,6 +50,41 @@ class ExtractJob:
     min_tissue: float = 0.5
     reader_threads: int = 2
     overwrite: bool = False
+    #: a slide with more tissue patches than this is extracted as region tasks (0: never; see features.regions)
+    region_patches: int = 0
+
+
+@dataclass(frozen=True)
+class RegionJob:
+    """Patches ``start:stop`` of a huge slide's grid: one region task (``features.regions.extract_region``)."""
+
+    slide: ExtractJob
+    start: int
+    stop: int
+
+    @property
+    def slide_id(self) -> str:
+        return self.slide.slide_id
+
+    @property
+    def path(self) -> str:
+        return self.slide.path
+
+
+@dataclass(frozen=True)
+class MergeJob:
+    """A huge slide's bag from its region parts (``features.regions.merge_regions``), once every region is done."""
+
+    slide: ExtractJob
+    ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def slide_id(self) -> str:
+        return self.slide.slide_id
+
+    @property
+    def path(self) -> str:
+        return self.slide.path
 
 
 @dataclass(frozen=True)
@@ -95,29 +130,70 @@ def _result(job: Any, status: str, **extra: Any) -> dict[str, Any]:
             "pid": os.getpid(), **extra}
 
 
-def extract_task(job: ExtractJob) -> dict[str, Any]:
-    """Extract one slide's bag into ``job.out`` (see the module docstring); "busy" when another client holds it."""
-    from ..features.extract import extract_slide
+def extract_task(job: ExtractJob | RegionJob | MergeJob) -> dict[str, Any]:
+    """Extract one slide's bag into ``job.out`` (see the module docstring); "busy" when another client holds it.
+
+    With ``job.region_patches`` set, a slide whose grid has more patches than that is not extracted here: the
+    result is "split", carrying its :class:`RegionJob` s and the :class:`MergeJob` to run once they are all done
+    (``runner.run_slides`` runs them; region and merge jobs come back to this function)."""
+    from ..features.extract import bag_is_current, extract_slide
     from ..slide import open_slide
     from ..train.cohort import cohort_encoder
 
     _one_thread()
     t0, c0 = time.perf_counter(), time.process_time()
-    enc = cohort_encoder(job.encoder, job.weights, job.device, job.mpp)
+    one = job if isinstance(job, ExtractJob) else job.slide
+    enc = cohort_encoder(one.encoder, one.weights, one.device, one.mpp)
     t_enc = time.perf_counter() - t0
-    path = Path(job.path)
-    entry = (job.slide_id, path, lambda: open_slide(path, mpp=job.slide_mpp), job.slide_mpp)
-    out = Path(job.out)
+    path = Path(one.path)
+    entry = (one.slide_id, path, lambda: open_slide(path, mpp=one.slide_mpp), one.slide_mpp)
+    out = Path(one.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not isinstance(job, ExtractJob):
+        return _region_or_merge(job, entry, out, enc, t0, c0)
+    options: dict[str, Any] = {"min_tissue": job.min_tissue, "num_workers": job.reader_threads}
+    if job.region_patches > 0 and (job.overwrite or not bag_is_current(entry, out, enc, job.patch, job.mpp)):
+        from ..errors import WsimilError
+        from ..features.regions import region_ranges, slide_grid
+
+        try:
+            grid = slide_grid(entry, job.patch, job.mpp, job.min_tissue)
+        except (WsimilError, OSError) as exc:
+            return _result(job, "failed", seconds=time.perf_counter() - t0, message=str(exc))
+        if len(grid) > job.region_patches:
+            ranges = tuple(region_ranges(len(grid), job.batch, job.region_patches))
+            return _result(job, "split", n_patches=len(grid), parts=[RegionJob(job, a, b) for a, b in ranges],
+                           merge=MergeJob(job, ranges), seconds=time.perf_counter() - t0,
+                           cpu_s=time.process_time() - c0)
+        options["grid"] = grid  # computed once: extract_slide would tile the slide again
     deadline = time.monotonic() + BUSY_WAIT_S
     while True:
-        r = extract_slide(entry, out, enc, job.patch, job.mpp, job.batch, overwrite=job.overwrite,
-                          options={"min_tissue": job.min_tissue, "num_workers": job.reader_threads})
+        r = extract_slide(entry, out, enc, job.patch, job.mpp, job.batch, overwrite=job.overwrite, options=options)
         if r.status != "busy" or time.monotonic() > deadline:
             break
         time.sleep(0.25)
     return _result(job, r.status, n_patches=r.n_patches, seconds=time.perf_counter() - t0, encoder_s=t_enc,
                    cpu_s=time.process_time() - c0, message=r.message)
+
+
+def _region_or_merge(job: RegionJob | MergeJob, entry: Any, out: Path, enc: Any, t0: float, c0: float
+                     ) -> dict[str, Any]:
+    from ..features.regions import extract_region, merge_regions
+
+    one = job.slide
+    deadline = time.monotonic() + BUSY_WAIT_S
+    while True:
+        if isinstance(job, RegionJob):
+            r = extract_region(entry, out, enc, one.patch, one.mpp, one.batch, job.start, job.stop,
+                               min_tissue=one.min_tissue, num_workers=one.reader_threads)
+        else:
+            r = merge_regions(entry, out, enc, one.patch, one.mpp, [tuple(x) for x in job.ranges])
+        if r.status != "busy" or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    extra = {"region": (job.start, job.stop)} if isinstance(job, RegionJob) else {}
+    return _result(job, r.status, n_patches=r.n_patches, seconds=time.perf_counter() - t0,
+                   cpu_s=time.process_time() - c0, message=r.message, **extra)
 
 
 def warm_worker(encoder: str, weights: str | None, device: str, mpp: float) -> float:
@@ -207,4 +283,5 @@ def predict_task(job: PredictJob) -> dict[str, Any]:
     return _result(job, "done", seconds=time.perf_counter() - t0, row=rows[1], header=rows[0], meta=meta)
 
 
-__all__ = ["ExtractJob", "PredictJob", "done_marker", "extract_task", "predict_task", "read_done", "warm_worker"]
+__all__ = ["ExtractJob", "MergeJob", "PredictJob", "RegionJob", "done_marker", "extract_task", "predict_task",
+           "read_done", "warm_worker"]

@@ -146,7 +146,9 @@ class CohortResult:
 SlideSource = Union["Project", str, os.PathLike, Mapping[str, Any], Iterable[Any]]
 
 
-_Entry = tuple[str, Path, Callable[[], "Slide"], Union[float, None]]
+#: one slide of a cohort: (slide id, path, opener, µm/px set by the project or None)
+SlideEntry = tuple[str, Path, Callable[[], "Slide"], Union[float, None]]
+_Entry = SlideEntry
 
 
 def cohort_slides(source: SlideSource) -> tuple[list[_Entry], Path | None]:
@@ -243,6 +245,13 @@ def extract_cohort(
     return results
 
 
+def bag_is_current(entry: _Entry, out: Path, enc: Encoder, patch_size: int, mpp: float) -> bool:
+    """Whether ``out/<slide id>.npz`` exists and was made by ``enc`` from this unchanged slide at these settings."""
+    sid, path, _opener, slide_mpp = entry
+    bag_path = out / f"{sid}{BAG_SUFFIX}"
+    return bag_path.exists() and not stale_reasons(bag_path, enc, path, patch_size, mpp, slide_mpp)
+
+
 def extract_slide(entry: _Entry, out: Path, enc: Encoder, patch_size: int, mpp: float, batch_size: int, *,
                   index: int = 0, count: int = 1, emit: Callable[[CohortEvent], None] | None = None,
                   overwrite: bool = False, cancel: threading.Event | None = None,
@@ -261,7 +270,7 @@ def extract_slide(entry: _Entry, out: Path, enc: Encoder, patch_size: int, mpp: 
     bag_path = out / f"{sid}{BAG_SUFFIX}"
 
     def current() -> bool:
-        return bag_path.exists() and not stale_reasons(bag_path, enc, path, patch_size, mpp, slide_mpp)
+        return bag_is_current(entry, out, enc, patch_size, mpp)
 
     if not overwrite and current():
         say(CohortEvent("skipped", sid, index, count, message="up to date"))
@@ -305,5 +314,5 @@ def extract_slide(entry: _Entry, out: Path, enc: Encoder, patch_size: int, mpp: 
     return CohortResult(sid, path, bag_path, "done", len(bag), seconds)
 
 
-__all__ = ["CohortEvent", "CohortResult", "ExtractionCancelled", "cohort_slides", "extract_cohort", "extract_features",
-           "extract_slide"]
+__all__ = ["CohortEvent", "CohortResult", "ExtractionCancelled", "SlideEntry", "bag_is_current", "cohort_slides",
+           "extract_cohort", "extract_features", "extract_slide"]
