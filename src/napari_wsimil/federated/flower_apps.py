@@ -29,6 +29,7 @@ from .launch import SITE_HISTORY
 from .methods import load_method
 from .protocol import Arrays, SiteUpdate
 from .rounds import Reply, ServerSettings, run_server
+from .site_model import save_global_model
 
 #: What a site's reply may hold: record name -> record type.
 REPLY_RECORDS = {"arrays": ArrayRecord, "metrics": MetricRecord, "site": ConfigRecord}
@@ -174,6 +175,9 @@ def _site_work(msg: Message, node: Any, kind: str) -> SiteUpdate:
     trainer = method.site_trainer(Path(str(node["source"])), config, Path(str(node["workdir"])))
     try:
         arrays = from_record(msg.content["arrays"])
+        # kept at the site for its own look at the global model's maps (the Federation panel)
+        save_global_model(method, config, arrays, int(cfg["round"]), Path(str(node["workdir"])),
+                          getattr(trainer, "classes", None))
         if kind == "train":
             return trainer.fit(arrays, int(cfg["round"]))
         return SiteUpdate({}, 1, trainer.evaluate(arrays))
