@@ -7,7 +7,9 @@
 :func:`run_local` drives the same protocol without Flower, every site in this process: for tests, the
 benchmark and a quick look. It writes a run folder the segmentation family reads (``run.json`` of kind
 "segmentation", method "fedmix"; ``ckpt-RRRR.safetensors`` + ``last.json`` per round, net A under ``model.*``,
-net B under ``net_b.*``), so ``wsimil predict`` / ``evaluate`` work on it. The method is registered with the
+net B under ``net_b.*``), so ``wsimil predict`` / ``evaluate`` work on it. The sites' own validation numbers
+choose ``best.safetensors`` and set ``operating_point.json`` (:mod:`.fedmix_validation`), in ``run_local`` as in
+the server's round loop. The method is registered with the
 segmentation family for that reason, under a family whose ``prepare`` refuses ``wsimil train``: FedMix trains
 across sites, through ``wsimil federate``.
 """
