@@ -46,6 +46,10 @@ def test_join_needs_a_project_and_a_server_then_runs_the_site_and_shows_its_roun
                                 "dp_epsilon": 1.25}) + "\n")
         qtbot.waitUntil(lambda: panel.table.rowCount() == 1, timeout=5_000)
         assert [panel.table.item(0, j).text() for j in range(5)] == ["1", "train", "0.6931", "0.5", "1.25"]
+        with (panel.workdir / "rounds.jsonl").open("a") as f:  # a FedMix site's names for the same columns
+            f.write(json.dumps({"round": 2, "kind": "train", "loss": 0.25, "global_val_slide_auc": 0.75}) + "\n")
+        qtbot.waitUntil(lambda: panel.table.rowCount() == 2, timeout=5_000)
+        assert [panel.table.item(1, j).text() for j in range(5)] == ["2", "train", "0.25", "0.75", ""]
     finally:
         panel.leave_btn.click()
     assert panel.proc.poll() is not None and "left" in panel.status.text()

@@ -31,6 +31,9 @@ from ._common import session_for
 from .tasks import TaskRunner
 
 COLUMNS = ("round", "kind", "train_loss", "global_val_auc", "dp_epsilon")
+#: the same columns under FedMix's names (its local loss; the global model's validation: slide AUC, or the
+#: AUC an evaluate message reports); HistoFL's name wins when both are there
+ALIASES = {"train_loss": ("loss",), "global_val_auc": ("global_val_slide_auc", "val_slide_auc", "val_auc")}
 
 
 class FederationPanel(QWidget):
@@ -175,7 +178,7 @@ class FederationPanel(QWidget):
         self.table.setRowCount(len(rows))
         for i, r in enumerate(rows):
             for j, key in enumerate(COLUMNS):
-                v = r.get(key, "")
+                v = next((r[k] for k in (key, *ALIASES.get(key, ())) if k in r), "")
                 self.table.setItem(i, j, QTableWidgetItem(f"{v:.4g}" if isinstance(v, float) else str(v)))
         self.map_btn.setEnabled(self.session.slide is not None)
         self._auto_map()
