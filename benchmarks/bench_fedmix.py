@@ -9,7 +9,11 @@ procedural generator (split stratified and seeded here: 30 % test, 15 % val per 
   round-robin by class to three site CSVs. Site 0's malignant training slides are painted from the ground
   truth (1 tumour, 2 the rest), site 1's get a tumour box around each lesion, site 2 keeps slide labels.
 * **FedMix**: ``run_local`` (every site in this process, the same protocol the Flower apps run), ``--rounds``
-  rounds of ``--patches-per-round`` patches per site; the last round's global net A is the model.
+  rounds of ``--patches-per-round`` patches per site. The sites measure each round's global net A on their
+  own validation slides and send counts; the server keeps the best round (pooled pixel Dice where a site has
+  painted validation slides, ``--paint-val`` paints the pixel site's malignant ones; else the validation loss)
+  and sets its operating threshold from the sites' summed benign-tissue histograms
+  (:mod:`napari_wsimil.federated.fedmix_validation`). Its last round is scored too.
 * **Centralised Hybrid**: ``wsimil train --method hybrid`` on all the sites' slides together, with site 0's
   paint (Hybrid cannot use boxes: site 1's slides count as slide-labelled), the paper's checkpoint choice
   (pixel Dice on one painted malignant validation slide, as in bench_quality_seg; its stage-2 slide loss
@@ -17,8 +21,7 @@ procedural generator (split stratified and seeded here: 30 % test, 15 % val per 
   epoch is scored too.
 
 Both are scored by ``wsimil predict`` (test slides) → ``wsimil evaluate --split test``: Dice per malignant
-test slide, averaged, at the run's threshold (FedMix has no operating threshold: its server holds no data to
-set one, so 0.5) and at 0.5. Same U-Net, patch, µm/px and seed. Training patches: Hybrid ``--epochs`` ×
+test slide, averaged, at the run's threshold (FedMix's: set from the sites' numbers) and at 0.5. Same U-Net, patch, µm/px and seed. Training patches: Hybrid ``--epochs`` ×
 ``--patches-per-epoch``; FedMix rounds × sites × patches per round (each trains two nets).
 
 python benchmarks/bench_fedmix.py [--synthetic] [--slides 24] [--size 3072] [--rounds 12] [--epochs 12]
@@ -118,6 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--skip-hybrid", action="store_true", help="FedMix only (e.g. to try settings)")
     ap.add_argument("--alone", action="store_true", help="also the pixel site trained by itself")
+    ap.add_argument("--paint-val", action="store_true",
+                    help="paint the pixel site's malignant validation slides (FedMix then picks its round by "
+                         "pooled pixel Dice; Hybrid gets the same painted slides)")
     ap.add_argument("--workdir", type=Path, default=None, help="keeps the cohort between runs")
     ap.add_argument("--verbose", action="store_true")
     add_texture_options(ap)
@@ -142,11 +148,12 @@ def main(argv: list[str] | None = None) -> dict:
         look = f"real tissue ({args.textures.name})"
     tag = (f"{look.split()[0]}_{args.slides}x{args.size}_s{args.seed}_{args.mpp:g}mpp_{args.patch}_{args.width}x"
            f"{args.depth}")
-    out = work / f"fedmix_{tag}_r{args.rounds}x{args.patches_per_round}_l{args.lam:g}_b{args.beta:g}"
+    out = work / (f"fedmix_{tag}_r{args.rounds}x{args.patches_per_round}_l{args.lam:g}_b{args.beta:g}"
+                  + ("_pv" if args.paint_val else ""))
     out.mkdir(parents=True, exist_ok=True)
     base = _split(raw, out / "cohort.csv", args.seed)
     test_csv = _test_rows(base, out / "test.csv")
-    sites = make_sites(base, out / "sites")
+    sites = make_sites(base, out / ("sites_paint_val" if args.paint_val else "sites"), paint_val=args.paint_val)
     union = _union(base, sites, out / "union.csv")
     with open(base, newline="") as fh:
         allrows = list(csv.DictReader(fh))
@@ -171,7 +178,17 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.perf_counter()
     with contextlib.redirect_stdout(sink) if not args.verbose else contextlib.nullcontext():
         results["FedMix (pixel + box + slide sites)"] = _score(run_fed, test_csv, base, out / "pred_fedmix")
+        results["FedMix, last round at 0.5"] = _score(run_fed, test_csv, base, out / "pred_fedmix_last", "last")
     times["fedmix predict"] = time.perf_counter() - t
+    fed_info = json.loads((run_fed / "run.json").read_text())
+    point = fed_info.get("operating_point") or {}
+    print(f"FedMix checkpoint: {fed_info.get('best')}; operating point: "
+          + (", ".join(f"{k} {point.get(k)}" for k in ("threshold", "benign_fpr", "benign_pixels", "n_slides",
+                                                        "sites")) if point else "none (masks at 0.5)"))
+    for r in fed_info.get("rounds", []):
+        v = r.get("validation") or {}
+        print(f"  round {r['round']}: val loss {_f(v.get('val_loss'))}, pooled val pixel Dice "
+              f"{_f(v.get('val_pixel_dice'))}" + (f", threshold {v['threshold']:.3f}" if "threshold" in v else ""))
     if args.alone:  # the pixel site by itself: what the other two sites add
         run_a = out / "run_pixel_site_alone"
         t = time.perf_counter()
@@ -207,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
                                      f" loss {s['loss']:.3f} weight {s['weight']:.2f}" for s in last))
     print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
           + f"; total {time.perf_counter() - t0:.0f} s")
-    summary = {"results": results, "times": times, "sites_last_round": last, "args": {
+    summary = {"results": results, "times": times, "sites_last_round": last, "best": fed_info.get("best"),
+               "operating_point": fed_info.get("operating_point"), "args": {
         k: str(v) for k, v in vars(args).items()}}
     if not args.skip_hybrid:
         fed = results["FedMix (pixel + box + slide sites)"].get("dice")

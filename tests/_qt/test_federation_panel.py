@@ -46,7 +46,69 @@ def test_join_needs_a_project_and_a_server_then_runs_the_site_and_shows_its_roun
                                 "dp_epsilon": 1.25}) + "\n")
         qtbot.waitUntil(lambda: panel.table.rowCount() == 1, timeout=5_000)
         assert [panel.table.item(0, j).text() for j in range(5)] == ["1", "train", "0.6931", "0.5", "1.25"]
+        with (panel.workdir / "rounds.jsonl").open("a") as f:  # a FedMix site's names for the same columns
+            f.write(json.dumps({"round": 2, "kind": "train", "loss": 0.25, "global_val_slide_auc": 0.75}) + "\n")
+        qtbot.waitUntil(lambda: panel.table.rowCount() == 2, timeout=5_000)
+        assert [panel.table.item(1, j).text() for j in range(5)] == ["2", "train", "0.25", "0.75", ""]
     finally:
         panel.leave_btn.click()
     assert panel.proc.poll() is not None and "left" in panel.status.text()
+    viewer.close()
+
+
+def test_the_global_models_map_of_the_open_slide(make_napari_viewer, qtbot, tmp_path):
+    """A tiny in-process FedMix run; the panel pointed at its folder maps the slide open in the viewer in a
+    worker thread: a layer over the slide at the slide's µm scale, with content on screen. Then the site's own
+    copy of a newer global model (``PROJECT/federated/global``) is mapped by itself after the round."""
+    import numpy as np
+
+    from napari_wsimil.federated.fedmix import FedMix, run_local
+    from napari_wsimil.federated.fedmix_config import FedMixConfig
+    from napari_wsimil.federated.fedmix_sites import make_sites
+    from napari_wsimil.federated.site_model import save_global_model
+    from napari_wsimil.project import Project
+    from napari_wsimil.slide.synthetic import synthesize_cohort
+
+    cohort = synthesize_cohort(tmp_path / "cohort", 6, seed=5, size=1024, workers=1)
+    cfg = FedMixConfig(mpp=4.0, patch=32, width=8, depth=2, batch_size=8, patches_per_round=16, val_patches=4,
+                       read_workers=1, device="cpu", seed=3)
+    run_local(make_sites(cohort, tmp_path / "sites"), cfg, 1, tmp_path / "run", evaluate=False)
+    Project.create_from_csv(tmp_path / "proj", cohort).close()
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1000, 800)
+    _, pw = viewer.window.add_plugin_dock_widget("napari-wsimil", "Labelling project")
+    _, panel = viewer.window.add_plugin_dock_widget("napari-wsimil", "Federation")
+    pw.open_project(tmp_path / "proj")
+    s = panel.session
+    sid, slide = s.slide_id, s.slide
+    assert sid is not None and slide.mpp is not None
+    name = f"global model {sid}"
+
+    panel.global_path.setText(str(tmp_path / "run"))
+    panel.map_btn.click()
+    assert panel.tasks.busy  # the map is computed in a worker, not in the window's thread
+    qtbot.waitUntil(lambda: name in viewer.layers and not panel.tasks.busy, timeout=60_000)
+    layer = viewer.layers[name]
+    meta = layer.metadata["wsimil"]
+    assert (meta["round"], meta["map_kind"], meta["federated"]) == (1, "probability", True)
+    ds = meta["downsample"]
+    assert layer.data.ndim == 2 and float(layer.data.max()) > 0
+    assert np.allclose(layer.scale, (slide.mpp * ds, slide.mpp * ds))  # the slide's µm, not pixels
+    assert np.allclose(layer.extent.world, s.image_layer.extent.world, atol=ds * slide.mpp * 1.01)
+    for other in viewer.layers:  # on screen: the map alone
+        other.visible = other is layer
+    viewer.reset_view()
+    shot = np.asarray(viewer.screenshot(canvas_only=True, flash=False))[..., :3].astype(int)
+    background = shot[0, 0]
+    # the map's tissue (p > 0; off tissue the map is 0, inferno's black) covers part of the canvas
+    assert (np.abs(shot - background).sum(-1) > 30).mean() > 0.05
+
+    # the site keeps the global model of each message it answers; ticked, the panel maps a new round by itself
+    arrays, _, _ = FedMix.read_round(tmp_path / "run")
+    save_global_model(FedMix(), cfg, arrays, 2, panel.workdir, ["0", "1"])
+    panel.global_path.setText("")
+    panel.auto_map.setChecked(True)
+    qtbot.waitUntil(lambda: layer.metadata["wsimil"]["round"] == 2 and not panel.tasks.busy, timeout=60_000)
+    assert layer.metadata["wsimil"]["run"] == str(panel.workdir / "global")
     viewer.close()

@@ -50,3 +50,22 @@ def test_anything_else_is_refused(request_msg, records, words):
 def test_a_failed_site_says_only_its_error_class(request_msg):
     _, update, error = parse_reply(_reply(request_msg, site=ConfigRecord({"name": "lyon", "failed": "CohortError"})))
     assert update is None and "CohortError" in error and "site's own log" in error
+
+
+def test_fedmix_validation_counts_travel_as_single_numbers(request_msg):
+    """A FedMix site's measure of the global model: counts per map level (numbers, named by level only) and its
+    validation loss are accepted; the same counts as one list are not."""
+    from napari_wsimil.federated.fedmix_validation import histogram_numbers, summarise
+
+    counts = {**histogram_numbers("val_tumour", np.arange(256)), **histogram_numbers("val_normal", np.ones(256)),
+              **histogram_numbers("benign", np.r_[np.full(250, 10), np.zeros(6)]), "val_loss": 0.4, "n_val": 2.0,
+              "benign_slides": 1.0}
+    reply = _reply(request_msg, metrics=MetricRecord({"num-examples": 1, **counts}), site=ConfigRecord({"name": "lyon"}))
+    name, update, error = parse_reply(reply)
+    assert error is None and update.metrics == counts
+    assert set(describe_message(reply)["metrics"]["keys"]) == {"num-examples", *counts}  # keys, never values
+    summary = summarise([update.metrics, update.metrics], operating_fpr=0.01)  # the server sums two such sites
+    assert summary["val_slides"] == 4 and summary["benign_pixels"] == 2 * 2500
+    listed = _reply(request_msg, metrics=MetricRecord({"num-examples": 1, "benign": [10.0] * 256}),
+                    site=ConfigRecord({"name": "lyon"}))
+    assert parse_reply(listed)[1] is None and "not single numbers" in parse_reply(listed)[2]

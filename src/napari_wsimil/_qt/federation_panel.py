@@ -4,6 +4,11 @@ The site runs as its own process (``wsimil federate site PROJECT``: Flower's Sup
 it starts), so training rounds never block the window and leaving stops them all. The panel only starts and
 stops that process and shows the site's own record of its rounds (``PROJECT/federated/rounds.jsonl``: round,
 local loss, validation AUC of the global model, privacy spent), read every second.
+
+It also shows the global model's map of the slide open in the viewer (HistoFL: attention; FedMix: tumour
+probability), computed here in a worker thread from the global model the site last received
+(``PROJECT/federated/global``, :mod:`napari_wsimil.federated.site_model`) or from any federated run folder
+named in the form: on the button, or after each new round when "after each round" is ticked.
 """
 
 from __future__ import annotations
@@ -19,10 +24,16 @@ from qtpy.QtWidgets import (QCheckBox, QFormLayout, QHBoxLayout, QLabel, QLineEd
                             QTableWidgetItem, QVBoxLayout, QWidget)
 
 from ..federated.launch import SITE_HISTORY, start, stop
+from ..federated.site_model import GLOBAL_DIR, global_map, global_round
+from ..layers import attention_layer_data
 from ._autosave import notify
 from ._common import session_for
+from .tasks import TaskRunner
 
 COLUMNS = ("round", "kind", "train_loss", "global_val_auc", "dp_epsilon")
+#: the same columns under FedMix's names (its local loss; the global model's validation: slide AUC, or the
+#: AUC an evaluate message reports); HistoFL's name wins when both are there
+ALIASES = {"train_loss": ("loss",), "global_val_auc": ("global_val_slide_auc", "val_slide_auc", "val_auc")}
 
 
 class FederationPanel(QWidget):
@@ -58,6 +69,22 @@ class FederationPanel(QWidget):
         buttons.addWidget(self.leave_btn)
         self.status = QLabel("not joined")
         self.status.setWordWrap(True)
+        self.global_path = QLineEdit()
+        self.global_path.setPlaceholderText("(the global model this site last received)")
+        self.global_path.setToolTip("A run folder with a federated model; empty: PROJECT/federated/global, the "
+                                    "global model as this site last received it.")
+        self.map_btn = QPushButton("Show the global model's map")
+        self.map_btn.setToolTip("Map the slide open in the viewer with the global model, on this computer: the "
+                                "map never leaves the site.")
+        self.map_btn.clicked.connect(self.show_global_map)
+        self.auto_map = QCheckBox("after each round")
+        self.map_status = QLabel("")
+        self.map_status.setWordWrap(True)
+        self.tasks = TaskRunner(self, self.map_status)
+        self._mapped: tuple[str, int] | None = None  # (slide, round) of the map last asked for automatically
+        maps = QHBoxLayout()
+        maps.addWidget(self.map_btn)
+        maps.addWidget(self.auto_map)
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(["round", "message", "local loss", "global val AUC", "ε spent"])
         layout = QVBoxLayout(self)
@@ -65,11 +92,17 @@ class FederationPanel(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.status)
         layout.addWidget(self.table)
+        form2 = QFormLayout()
+        form2.addRow("Global model", self.global_path)
+        layout.addLayout(form2)
+        layout.addLayout(maps)
+        layout.addWidget(self.map_status)
         self.timer = QTimer(self)
         self.timer.setInterval(1000)
         self.timer.timeout.connect(self.refresh)
         self.timer.start()
         self.session.project_changed.connect(self.refresh)
+        self.session.slide_changed.connect(self.refresh)
         self.refresh()
 
     # ------------------------------------------------------------------------------------------ state
@@ -145,8 +178,60 @@ class FederationPanel(QWidget):
         self.table.setRowCount(len(rows))
         for i, r in enumerate(rows):
             for j, key in enumerate(COLUMNS):
-                v = r.get(key, "")
+                v = next((r[k] for k in (key, *ALIASES.get(key, ())) if k in r), "")
                 self.table.setItem(i, j, QTableWidgetItem(f"{v:.4g}" if isinstance(v, float) else str(v)))
+        self.map_btn.setEnabled(self.session.slide is not None)
+        self._auto_map()
+
+    # ------------------------------------------------------------------------------ the global model's map
+    def model_dir(self) -> Path | None:
+        """Where the global model is: the form's run folder, else the site's last received one."""
+        text = self.global_path.text().strip()
+        if text:
+            return Path(text).expanduser()
+        return None if self.workdir is None else self.workdir / GLOBAL_DIR
+
+    def show_global_map(self) -> Any:
+        """Compute the global model's map of the open slide in a worker; the layer appears when it is done."""
+        s = self.session
+        run = self.model_dir()
+        if s.project is None or s.slide_id is None or run is None:
+            notify("open a project and a slide first: the map is of the slide open in the viewer", "warning")
+            return None
+        sid, root, rnd = s.slide_id, Path(s.project.root), global_round(run)
+        self._mapped = (sid, rnd) if rnd is not None else self._mapped
+        return self.tasks.run(f"Global model's map of {sid}", lambda: global_map(run, sid, root),
+                              lambda ev: self.show_map(ev, run, rnd))
+
+    def show_map(self, ev: Any, run: Path | None = None, server_round: int | None = None) -> Any:
+        """Put a map (:class:`~napari_wsimil.train.events.MapEvent`) of the open slide into its layer, aligned
+        with the slide (the layer helpers' µm scale)."""
+        s, viewer = self.session, self.session.viewer
+        if s.slide is None or ev.slide_id != s.slide_id:
+            return None  # the user moved on to another slide meanwhile
+        name = f"global model {ev.slide_id}"
+        data, kw, _ = attention_layer_data(s.slide, ev.heatmap, ev.downsample, name)
+        kw["metadata"]["wsimil"].update(federated=True, slide_id=ev.slide_id, run=str(run), round=server_round,
+                                        map_kind=ev.kind)
+        if name in viewer.layers:
+            layer = viewer.layers[name]
+            layer.metadata = kw["metadata"]
+            layer.scale, layer.translate = kw["scale"], kw["translate"]
+            layer.data = data
+        else:
+            layer = viewer.add_image(data, **kw)
+        self.map_status.setText(f"{name}: round {server_round if server_round is not None else '?'} "
+                                f"({'tumour probability' if ev.kind == 'probability' else 'attention'})")
+        return layer
+
+    def _auto_map(self) -> None:
+        """After a new round, the new global model's map of the open slide (when asked for)."""
+        if not self.auto_map.isChecked() or self.tasks.busy or self.session.slide_id is None:
+            return
+        run = self.model_dir()
+        rnd = None if run is None else global_round(run)
+        if rnd is not None and self._mapped != (self.session.slide_id, rnd):
+            self.show_global_map()
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt's name
         self.timer.stop()

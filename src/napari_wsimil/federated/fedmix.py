@@ -7,7 +7,9 @@
 :func:`run_local` drives the same protocol without Flower, every site in this process: for tests, the
 benchmark and a quick look. It writes a run folder the segmentation family reads (``run.json`` of kind
 "segmentation", method "fedmix"; ``ckpt-RRRR.safetensors`` + ``last.json`` per round, net A under ``model.*``,
-net B under ``net_b.*``), so ``wsimil predict`` / ``evaluate`` work on it. The method is registered with the
+net B under ``net_b.*``), so ``wsimil predict`` / ``evaluate`` work on it. The sites' own validation numbers
+choose ``best.safetensors`` and set ``operating_point.json`` (:mod:`.fedmix_validation`), in ``run_local`` as in
+the server's round loop. The method is registered with the
 segmentation family for that reason, under a family whose ``prepare`` refuses ``wsimil train``: FedMix trains
 across sites, through ``wsimil federate``.
 """
@@ -81,12 +83,24 @@ class FedMix(FederatedMethod):
                     history: list[dict[str, Any]]) -> Path:
         """Checkpoint the global nets after ``server_round`` as any federated round (net A under ``model.``, the
         model predict loads; net B under ``net_b.``)."""
-        def name(key: str) -> str:
-            prefix, rest = key.split(".", 1)
-            return ("model." if prefix == "a" else "net_b.") + rest
-
         return write_model_round(out, arrays, server_round, {"config": asdict(config), "history": history},
-                                 name=name, metadata={"method": "fedmix"})
+                                 name=_tensor_name, metadata={"method": "fedmix"})
+
+    @staticmethod
+    def write_best(out: Path, arrays: Arrays, server_round: int) -> None:
+        """``best.safetensors``: the global nets of the round the sites' summed validation chose
+        (:class:`.fedmix_validation.BestRound`); what ``wsimil predict`` loads by default."""
+        from ..io.atomic import write_bytes
+        from .protocol import tensor_file_bytes
+
+        write_bytes(out / "best.safetensors", tensor_file_bytes(arrays, {"epoch": str(server_round),
+                                                                         "method": "fedmix"}, _tensor_name))
+
+    @staticmethod
+    def read_best(out: Path) -> Arrays:
+        from safetensors.numpy import load_file
+
+        return _from_tensor_names(load_file(str(out / "best.safetensors")))
 
     @staticmethod
     def read_round(out: Path) -> tuple[Arrays, int, list[dict[str, Any]]]:
@@ -94,9 +108,25 @@ class FedMix(FederatedMethod):
         from safetensors.numpy import load_file
 
         state = json.loads((out / "last.json").read_text())
-        tensors = load_file(str(out / state["tensors"]))
-        arrays = {("a." + k[6:] if k.startswith("model.") else "b." + k[6:]): v for k, v in tensors.items()}
+        arrays = _from_tensor_names(load_file(str(out / state["tensors"])))
         return arrays, int(state["round"]), list(state.get("history", []))
+
+    @staticmethod
+    def best_round(out: Path, config: FedMixConfig, prior: dict[str, Any] | None = None) -> Any:
+        """What chooses the run's checkpoint and threshold from the sites' numbers (:mod:`.fedmix_validation`)."""
+        from .fedmix_validation import BestRound
+
+        return BestRound(out, FedMix, config, prior)
+
+
+def _tensor_name(key: str) -> str:
+    """Net A under ``model.`` (what predict loads), net B under ``net_b.``."""
+    prefix, rest = key.split(".", 1)
+    return ("model." if prefix == "a" else "net_b.") + rest
+
+
+def _from_tensor_names(tensors: dict[str, np.ndarray]) -> Arrays:
+    return {("a." + k[6:] if k.startswith("model.") else "b." + k[6:]): v for k, v in tensors.items()}
 
 
 class FedMixFamily(SegmentationFamily):
@@ -121,6 +151,8 @@ def run_local(sites: Sequence[str | Path], config: FedMixConfig, rounds: int, ou
     """Run ``rounds`` FedMix rounds with every site in this process; write the run folder ``out`` (see the
     module doc). ``resume`` continues from the last committed round. Returns run.json plus the history."""
     from ..io.atomic import write_text
+    from ..seg.operating_point import describe
+    from .fedmix_validation import numbers_only
 
     say = report or (lambda _m: None)
     if rounds < 1:
@@ -142,27 +174,57 @@ def run_local(sites: Sequence[str | Path], config: FedMixConfig, rounds: int, ou
                                   f"{trainers[0].source.name} {', '.join(classes)}: set classes=BENIGN,MALIGNANT")
         info = method.run_info(config, [str(Path(s).resolve()) for s in sites], classes)
         info["site_supervision"] = [t.kind for t in trainers]
+        prior: dict[str, Any] = {}
         if resume and (out / "last.json").exists():
             arrays, done, history = method.read_round(out)
+            prior = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
         else:
             arrays, done, history = method.initial_arrays(config), 0, []
+        info["rounds"] = [r for r in prior.get("rounds", []) if r["round"] <= done]
+        best = method.best_round(out, config, prior.get("best"))
+        info["best"] = best.best
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "run.json", json.dumps(info, indent=1))
         rng = np.random.default_rng(config.seed)
         for r in range(done + 1, rounds + 1):
             updates = [t.fit(arrays, r) for t in trainers]
             w = method.weights(updates, config)
-            arrays = method.aggregate(arrays, updates, config, rng)
+            previous, arrays = arrays, method.aggregate(arrays, updates, config, rng)
             row: dict[str, Any] = {"epoch": r, "round": r,
                                    "losses": {"total": float(np.mean([u.metrics["loss"] for u in updates]))},
                                    "sites": [{"site": t.source.name, "supervision": t.kind, "weight": float(wi),
-                                              "num_examples": u.num_examples, **u.metrics}
+                                              "num_examples": u.num_examples, **numbers_only(u.metrics)}
                                              for t, u, wi in zip(trainers, updates, w)]}
-            if evaluate and r == rounds:
-                for t, site_row in zip(trainers, row["sites"]):
-                    site_row.update({f"global_{k}": v for k, v in t.evaluate(arrays).items()})
+            # the sites measured the global model they started from (round r-1's): the sums choose the best
+            validation = best.after_round(previous, r, [u.metrics for u in updates])
+            if validation is not None and info["rounds"] and history:
+                info["rounds"][-1]["validation"] = history[-1]["validation"] = validation
+            info["rounds"].append({"round": r, "sites": {s["site"]: {k: s[k] for k in ("weight", "num_examples",
+                                                                                       "loss")}
+                                                         for s in row["sites"]}})
             history.append(row)
+            if evaluate and r == rounds:
+                last: list[list[dict[str, float]]] = []
+
+                def measure(a: Any, final: Any = arrays) -> list[dict[str, float]]:
+                    if a is not final:
+                        return [t.evaluate(a) for t in trainers]
+                    if not last:  # the last model is measured once, for the choice and for the history
+                        last.append([t.evaluate(a) for t in trainers])
+                    return last[0]
+
+                validation, point = best.finish(arrays, r, measure)
+                for site_row, m in zip(row["sites"], measure(arrays)):
+                    site_row.update({f"global_{k}": v for k, v in numbers_only(m).items()})
+                if validation is not None:
+                    info["rounds"][-1]["validation"] = row["validation"] = validation
+                info["operating_point"] = point
+                why = best.best["select_by"] or "no site validates: the last round"
+                say(f"checkpoint: round {best.best['round']} (by {why}); " + (
+                    describe(point) if point else "no benign tissue at any site: masks are cut at 0.5"))
+            info["best"] = best.best
             method.write_round(out, arrays, r, config, history)
+            write_text(out / "run.json", json.dumps(info, indent=1))
             say(f"round {r}/{rounds}: " + ", ".join(
                 f"{s['site']} ({s['supervision']}) loss {s['loss']:.3f} kept {s['num_examples']}/"
                 f"{int(s['offered'])} w {s['weight']:.2f}" for s in row["sites"]))

@@ -167,6 +167,9 @@ class FedMixSite(SiteTrainer):
         torch.manual_seed(cfg.seed * 100_003 + server_round * 101 + self._site_seed)
         rng = np.random.default_rng([cfg.seed, server_round, self._site_seed])
         glob = {p: load_net(cfg, global_arrays, p).to(self.device).eval() for p in NETS}
+        # the global model this round starts from (round r-1's), measured on this site's held-out slides: the
+        # server sums these numbers over sites to choose the run's checkpoint (:mod:`.fedmix_validation`)
+        measured = {f"global_{k}": v for k, v in self.validate(glob["a"]).items()} if server_round > 1 else {}
         local = {p: load_net(cfg, global_arrays, p).to(self.device).train() for p in NETS}
         params = [q for p in NETS for q in local[p].parameters()]
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -200,20 +203,27 @@ class FedMixSite(SiteTrainer):
         metrics = {"loss": float(np.mean(losses)), "selected": float(kept), "offered": float(offered),
                    "supervision_code": float(("pixel", "box", "slide").index(self.kind))}
         metrics.update({f"selected_{k}": float(v) for k, v in by_kind.items()})
+        metrics.update(measured)
         return SiteUpdate(arrays, kept, metrics)
+
+    def validate(self, net: torch.nn.Module, benign: bool = False) -> dict[str, float]:
+        """Numbers only: ``net`` (a global net A) on this site's held-out slides (:func:`.fedmix_validation.
+        site_numbers`); with ``benign``, the map levels of its benign slides' tissue too, for the threshold."""
+        from .fedmix_validation import site_numbers
+
+        was = net.training
+        net.eval()  # the maps of the benign slides are computed as predict computes them
+        try:
+            return site_numbers(self.seg, net, self.device, benign=benign)
+        finally:
+            net.train(was)
 
     def evaluate(self, global_arrays: Arrays) -> dict[str, float]:
         """Global net A on the site's validation slides: slide AUC (max pixel), the segmentation family's
-        validation loss and, with painted validation slides, pixel Dice. Empty without validation slides."""
-        if not self.seg.val_slides:
-            return {}
+        validation loss, with painted validation slides the pixel Dice and its level histograms, and the map
+        levels of its benign slides' tissue (:mod:`.fedmix_validation`). Numbers only."""
         net = load_net(self.config, global_arrays, "a").to(self.device)
-        res = self.seg.evaluate(net, self.device)
-        if res is None:
-            return {}
-        losses, metrics = res
-        out = {"val_loss": float(losses["total"]), **{k: float(v) for k, v in metrics.items()}}
-        return {k: v for k, v in out.items() if math.isfinite(v)}
+        return self.validate(net, benign=True)
 
     def close(self) -> None:
         self.seg.close()

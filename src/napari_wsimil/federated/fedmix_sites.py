@@ -4,7 +4,8 @@ experiments, the benchmark and the tests, where the real thing would be hospital
 The slides (test rows left out) are dealt round-robin by class to the sites; the malignant training slides
 of a ``pixel`` site get their ground truth painted (1 tumour, 2 everything else, as a pathologist's full
 painting), those of a ``box`` site a tumour box around each lesion (QuPath GeoJSON), a ``slide`` site keeps
-its slide labels only. Validation rows stay unlabelled below the slide level.
+its slide labels only. Validation rows stay unlabelled below the slide level, unless ``paint_val`` paints
+a pixel site's.
 """
 
 from __future__ import annotations
@@ -64,8 +65,12 @@ def boxes(row: dict, out: Path) -> int:
     return len(anns)
 
 
-def make_sites(csv_path: Path, out: Path, kinds: Sequence[str] = ("pixel", "box", "slide")) -> list[Path]:
-    """One site CSV per entry of ``kinds`` (see the module doc), written to ``out/site<k>.csv``."""
+def make_sites(csv_path: Path, out: Path, kinds: Sequence[str] = ("pixel", "box", "slide"), *,
+               paint_val: bool = False) -> list[Path]:
+    """One site CSV per entry of ``kinds`` (see the module doc), written to ``out/site<k>.csv``. ``paint_val``:
+    a pixel site's malignant validation slides are painted too, so that the federation can choose its
+    checkpoint by pooled pixel Dice (:mod:`.fedmix_validation`), as a centralised run with a painted
+    validation slide does."""
     bad = set(kinds) - {"pixel", "box", "slide"}
     if bad:
         raise ValueError(f"site kinds are pixel, box or slide, not {sorted(bad)}")
@@ -83,7 +88,9 @@ def make_sites(csv_path: Path, out: Path, kinds: Sequence[str] = ("pixel", "box"
     for k, site in enumerate(sites):
         for r in site:
             r.update(pixel_labels="", pixel_labels_downsample="", annotations="")  # only what the kind gives
-            if r["label"] == "1" and (r.get("split") or "train") == "train":
+            if r["label"] == "1" and paint_val and kinds[k] == "pixel" and r.get("split") == "val":
+                paint(r, out / f"paint_{r['slide_id']}.tif")
+            elif r["label"] == "1" and (r.get("split") or "train") == "train":
                 if kinds[k] == "pixel":
                     paint(r, out / f"paint_{r['slide_id']}.tif")
                 elif kinds[k] == "box":

@@ -29,6 +29,8 @@ from .launch import SITE_HISTORY
 from .methods import load_method
 from .protocol import Arrays, SiteUpdate
 from .rounds import Reply, ServerSettings, run_server
+from .fedmix_validation import numbers_only
+from .site_model import save_global_model
 
 #: What a site's reply may hold: record name -> record type.
 REPLY_RECORDS = {"arrays": ArrayRecord, "metrics": MetricRecord, "site": ConfigRecord}
@@ -158,12 +160,13 @@ def _site_reply(msg: Message, context: Context, kind: str) -> Message:
     content = RecordDict({"metrics": metrics, "site": ConfigRecord({"name": name})})
     if update.arrays:
         content["arrays"] = to_record(update.arrays)
+    shown = numbers_only(update.metrics)  # without FedMix's per-level counts (they go to the server only)
     print(f"[wsimil site {name}] {kind} round {int(cfg['round'])}: " + ", ".join(
-        f"{k} {v:.4g}" for k, v in update.metrics.items()), flush=True)
+        f"{k} {v:.4g}" for k, v in shown.items()), flush=True)
     # the site's own history (rounds, local loss, privacy spent), for its operator and the napari panel
     with open(Path(str(node["workdir"])) / SITE_HISTORY, "a") as f:
         f.write(json.dumps({"time": time.time(), "round": int(cfg["round"]), "kind": kind,
-                            "num_examples": int(update.num_examples), **update.metrics}) + "\n")
+                            "num_examples": int(update.num_examples), **shown}) + "\n")
     return Message(content, reply_to=msg)
 
 
@@ -174,6 +177,9 @@ def _site_work(msg: Message, node: Any, kind: str) -> SiteUpdate:
     trainer = method.site_trainer(Path(str(node["source"])), config, Path(str(node["workdir"])))
     try:
         arrays = from_record(msg.content["arrays"])
+        # kept at the site for its own look at the global model's maps (the Federation panel)
+        save_global_model(method, config, arrays, int(cfg["round"]), Path(str(node["workdir"])),
+                          getattr(trainer, "classes", None))
         if kind == "train":
             return trainer.fit(arrays, int(cfg["round"]))
         return SiteUpdate({}, 1, trainer.evaluate(arrays))

@@ -120,6 +120,8 @@ def run_server(method: FederatedMethod, config: Any, out: Path, transport: Trans
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "run.json", json.dumps(info, indent=1))
     cfg_json = asdict(config)
+    # a method that chooses its checkpoint and threshold from the sites' summed numbers (FedMix)
+    chooser = method.best_round(out, config, info.get("best")) if hasattr(method, "best_round") else None
     best = min((r["global_val_loss"] for r in info["rounds"] if r.get("global_val_loss") is not None), default=None)
     previous = arrays
     for r in range(done + 1, settings.rounds + 1):
@@ -129,6 +131,12 @@ def run_server(method: FederatedMethod, config: Any, out: Path, transport: Trans
         # the sites measured the global model they received (round r-1's) on their validation slides
         loss = _weighted([(u.metrics["global_val_bag"], u.metrics.get("n_val", 1.0)) for u in updates
                           if "global_val_bag" in u.metrics and u.metrics.get("n_val", 1.0) > 0])
+        if chooser is not None:
+            validation = chooser.after_round(previous, r, [u.metrics for u in updates])
+            if validation is not None and info["rounds"]:
+                info["rounds"][-1]["validation"] = validation
+            info["best"] = chooser.best
+            row["sites"] = {k: _numbers_only(v) for k, v in row["sites"].items()}
         if loss is not None and r > 1:
             info["rounds"][-1]["global_val_loss"] = loss
             if (best is None or loss < best) and hasattr(method, "write_best"):
@@ -143,7 +151,23 @@ def run_server(method: FederatedMethod, config: Any, out: Path, transport: Trans
         loss_text = "n/a" if row["losses"]["total"] is None else f"{row['losses']['total']:.4f}"
         say(f"round {r}/{settings.rounds}: {len(updates)} site(s), mean loss {loss_text}, {row['seconds']:.1f} s, "
             f"{row['bytes_sent'] + row['bytes_received']} bytes")
-    if settings.evaluate_last and done < settings.rounds:
+    if chooser is not None and settings.evaluate_last and done < settings.rounds:
+        final: dict[str, Any] = {}
+
+        def measure(a: Arrays) -> list[dict[str, float]]:
+            replies = transport.exchange(transport.sites(), "evaluate", a, cfg_json, settings.rounds,
+                                         settings.round_timeout)
+            got = {rep.site: rep.update.metrics for rep in replies if rep.update is not None}
+            final.setdefault("last", got)
+            return list(got.values())
+
+        validation, point = chooser.finish(arrays, settings.rounds, measure)
+        info["rounds"][-1]["final_evaluation"] = {k: _numbers_only(v) for k, v in final.get("last", {}).items()}
+        if validation is not None:
+            info["rounds"][-1]["validation"] = validation
+        info["best"], info["operating_point"] = chooser.best, point
+        write_text(out / "run.json", json.dumps(info, indent=1))
+    elif settings.evaluate_last and done < settings.rounds:
         replies = transport.exchange(transport.sites(), "evaluate", arrays, cfg_json, settings.rounds,
                                      settings.round_timeout)
         final = {rep.site: rep.update.metrics for rep in replies if rep.update is not None}
@@ -155,6 +179,14 @@ def run_server(method: FederatedMethod, config: Any, out: Path, transport: Trans
                 method.write_best(out, arrays, settings.rounds)
         write_text(out / "run.json", json.dumps(info, indent=1))
     return info
+
+
+def _numbers_only(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A site's metrics without the histograms a method may send for the server to sum (FedMix's
+    :mod:`.fedmix_validation`): run.json keeps the sums, not 768 numbers per site and round."""
+    from .fedmix_validation import numbers_only
+
+    return numbers_only(metrics)
 
 
 def _one_round(method: FederatedMethod, config: Any, cfg_json: dict[str, Any], arrays: Arrays, r: int,

@@ -149,7 +149,7 @@ class SegmentationFamily(MethodFamily):
         from .live import checkpoint_map
 
         state = json.loads((Path(run_dir) / "last.json").read_text())
-        m = checkpoint_map(Path(run_dir), slide_id, int(state.get("epoch", 0)), weights=weights)
+        m = checkpoint_map(Path(run_dir), slide_id, int(state.get("epoch", 0)), weights=weights, source=source)
         if m is None:
             raise WsimilError(f"slide {slide_id} is not in the run's cohort")
         return m

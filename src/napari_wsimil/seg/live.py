@@ -34,18 +34,23 @@ def read_map(zarr_path: Path, slide_id: str, epoch: int, slide_mpp: float | None
     return MapEvent(slide_id, epoch, heat, ds, slide_mpp, np.array([1.0 - p, p]), kind="probability")
 
 
-def checkpoint_map(run_dir: Path, slide_id: str, epoch: int, weights: str = "best") -> MapEvent | None:
-    """Map ``slide_id`` with the run's checkpoint into ``RUN/maps`` and return it."""
+def checkpoint_map(run_dir: Path, slide_id: str, epoch: int, weights: str = "best",
+                   source: str | Path | None = None) -> MapEvent | None:
+    """Map ``slide_id`` with the run's checkpoint into ``RUN/maps`` and return it. The slide is looked up in the
+    run's cohort, else in ``source`` (a federated run has no cohort: its slides stay at the sites)."""
     from ..train.cohort import load_cohort
     from .data import open_seg_slides
     from .predict import load_seg_run, map_slide
 
     run = load_seg_run(run_dir, device="cpu", weights=weights)
-    cohort = load_cohort(run.info["cohort"])
+    where = run.info.get("cohort") or source
+    if where is None:
+        return None
+    cohort = load_cohort(where)
     items = [s for s in cohort.slides if s.slide_id == slide_id]
     if not items:
         return None
-    slide, = open_seg_slides(cohort, items, run.info["classes"], with_labels=False)
+    slide, = open_seg_slides(cohort, items, run.info.get("classes") or ["0", "1"], with_labels=False)
     try:
         m = map_slide(run, slide, Path(run_dir), tiff=False)
         return read_map(m.zarr_path, slide_id, epoch, slide.slide_mpp)

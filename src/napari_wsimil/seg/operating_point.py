@@ -122,14 +122,14 @@ def calibrate_run(run_dir: str | os.PathLike[str], slides: Sequence[SegSlide], f
     point = {"format": 1, "threshold": threshold, "operating_fpr": fpr, "benign_fpr": achieved,
              "benign_fpr_at_0.5": hist.share_at_or_above(FLOOR_LEVEL), "benign_pixels": hist.total,
              "slides": [s.slide_id for s in benign], "source": source, "weights": weights,
-             "weights_sha256": _weights_digest(Path(run_dir)),
+             "weights_sha256": weights_digest(Path(run_dir)),
              "why": "the lowest threshold (never below 0.5) at which at most operating_fpr of these benign "
                     "slides' tissue is called tumour"}
     write_text(Path(run_dir) / FILENAME, json.dumps(point, indent=1))
     return point
 
 
-def _weights_digest(run: Path) -> str | None:
+def weights_digest(run: Path) -> str | None:
     """SHA-256 of the run's best weights: a threshold belongs to the weights it was set with."""
     import hashlib
 
@@ -151,17 +151,19 @@ def read_operating_point(run_dir: str | os.PathLike[str]) -> dict[str, Any] | No
         float(point["threshold"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if point.get("weights_sha256") != _weights_digest(Path(run_dir)):
+    if point.get("weights_sha256") != weights_digest(Path(run_dir)):
         return None
     return point
 
 
 def describe(point: dict[str, Any]) -> str:
     """One line for logs and the GUI."""
+    n = point.get("n_slides", len(point["slides"]))  # a federated run names no slide: they stay at the sites
     return (f"operating threshold {point['threshold']:.3f}: {100 * point['benign_fpr']:.2g} % of "
-            f"{len(point['slides'])} benign {point['source']} slides' tissue called tumour (target ≤ "
+            f"{n} benign {point['source']} slides' tissue"
+            + (f" at {point['sites']} sites" if point.get("sites") else "") + " called tumour (target ≤ "
             f"{100 * point['operating_fpr']:.2g} %; {100 * point['benign_fpr_at_0.5']:.2g} % at 0.5)")
 
 
 __all__ = ["FILENAME", "LevelHistogram", "benign_histogram", "calibrate_run", "choose_benign_slides", "describe",
-           "level_threshold", "read_operating_point", "threshold_for_fpr", "threshold_level"]
+           "level_threshold", "read_operating_point", "threshold_for_fpr", "threshold_level", "weights_digest"]

@@ -280,6 +280,31 @@ class SegMethod:
     def painted_val_dice(self, model: nn.Module, device: torch.device) -> float | None:
         """Pooled tumour Dice at p ≥ 0.5 over the painted pixels of validation slides plus the tissue of
         benign validation slides (all normal: a benign slide has no tumour); None without painted ones."""
+        counts = self.painted_val_counts(model, device)
+        if counts is None:
+            return None
+        tp, fp, fn = counts
+        return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+
+    def painted_val_counts(self, model: nn.Module, device: torch.device) -> tuple[int, int, int] | None:
+        """(TP, FP, FN) tumour pixels at p ≥ 0.5 on what :meth:`painted_val_dice` pools; None without painted
+        validation slides."""
+        levels = self.painted_val_levels(model, device)
+        if levels is None:
+            return None
+        from ..operating_point import FLOOR_LEVEL
+
+        tumour, normal = levels  # level >= 128 is exactly p >= 0.5 (see operating_point)
+        tp, fn = int(tumour.counts[FLOOR_LEVEL:].sum()), int(tumour.counts[:FLOOR_LEVEL].sum())
+        return tp, int(normal.counts[FLOOR_LEVEL:].sum()), fn
+
+    def painted_val_levels(self, model: nn.Module, device: torch.device) -> tuple[Any, Any] | None:
+        """Stored map levels (p · 255, :class:`~..operating_point.LevelHistogram`) of the known tumour pixels and
+        of the known normal pixels that :meth:`painted_val_dice` pools: TP/FP/FN at any threshold follow from
+        them. Why histograms: a federated site sends these counts (numbers only) and the server sums them over
+        sites (:mod:`napari_wsimil.federated.fedmix_validation`). None without painted validation slides."""
+        from ..operating_point import LevelHistogram
+
         painted = self._painted_val_set()
         if not painted:
             return None
@@ -287,22 +312,21 @@ class SegMethod:
         benign = [p for label, pats in self._val_set() if label == 0 for p in pats]
         if benign and self._stage_slides() is self.val_slides:
             groups.append((_stack(benign), True))
-        tp = fp = fn = 0
+        tumour, normal = LevelHistogram(), LevelHistogram()
         was = model.training
         model.eval()
         with torch.no_grad():
             for batch, all_tissue_normal in groups:
                 b = _to_tensors(batch, device)
-                pred = torch.softmax(self.forward_eval(model, b["x"]).float(), 1)[:, 1] >= 0.5
+                p = torch.softmax(self.forward_eval(model, b["x"]).float(), 1)[:, 1]
                 if all_tissue_normal:
-                    known, truth = b["tissue"].bool(), torch.zeros_like(pred)
+                    known, truth = b["tissue"].bool(), torch.zeros_like(p, dtype=torch.bool)
                 else:
                     known, truth = b["labels"] >= 0, b["labels"] == 1
-                tp += int((pred & truth & known).sum())
-                fp += int((pred & ~truth & known).sum())
-                fn += int((~pred & truth & known).sum())
+                tumour.add(p[known & truth].cpu().numpy())
+                normal.add(p[known & ~truth].cpu().numpy())
         model.train(was)
-        return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+        return tumour, normal
 
     def _with_pixel_dice(self, result: tuple[dict[str, float], dict[str, float]], model: nn.Module,
                          device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
