@@ -53,6 +53,8 @@ def main() -> int:
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     rows = []
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)  # pytest makes the basetemp itself, not its parent
     for i, test in enumerate(args.tests):
         keep = [f"--basetemp={args.keep}/{i}"] if args.keep else []
         rows.append((test, *run_one(test, [*args.pytest_arg, *keep])))
