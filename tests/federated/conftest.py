@@ -23,11 +23,16 @@ def split_sites(cohort_csv: Path, n_sites: int = 3) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def site_csvs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def fed_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 synthetic slides of 1024² (6 malignant, with ground truth), ``cohort.csv``."""
     from napari_wsimil.slide.synthetic import synthesize_cohort
 
-    root = tmp_path_factory.mktemp("fedcohort")
-    return split_sites(Path(synthesize_cohort(root, 12, seed=0, size=1024, workers=1)))
+    return Path(synthesize_cohort(tmp_path_factory.mktemp("fedcohort"), 12, seed=0, size=1024, workers=1))
+
+
+@pytest.fixture(scope="session")
+def site_csvs(fed_cohort: Path) -> list[Path]:
+    return split_sites(fed_cohort)
 
 
 @pytest.fixture(autouse=True)

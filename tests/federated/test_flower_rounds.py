@@ -17,7 +17,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from napari_wsimil.cli import main
-from napari_wsimil.federated.launch import free_port, start, stop
+from napari_wsimil.federated.launch import free_port, start, stop, stop_all
 
 pytestmark = pytest.mark.slow
 SETTINGS = ["--set", 'classes=["0","1"]', "--set", 'mil={"hidden": 16, "attn_hidden": 8}']
@@ -98,8 +98,7 @@ def test_a_site_killed_mid_round_is_left_out_and_rejoins_and_a_broken_site_is_re
                             str(tmp_path / "b")], env, None)  # and back
         assert server.wait(240) == 0, (tmp_path / "server.out").read_text()[-3000:]
     finally:
-        for p in [*sites.values(), server]:
-            stop(p, grace=40)  # each stops its own Flower processes first
+        stop_all([*sites.values(), server], grace=40)  # each stops its own Flower processes first
     info = json.loads((run / "run.json").read_text())
     assert [r["round"] for r in info["rounds"]] == [1, 2]
     log = (run / "server.log").read_text()
@@ -130,8 +129,7 @@ def test_the_server_killed_mid_run_resumes_from_its_last_round_and_the_sites_rej
         server = start([*server_cmd, "--resume"], env, tmp_path / "server2.out")
         assert server.wait(240) == 0, (tmp_path / "server2.out").read_text()[-3000:]
     finally:
-        for p in [*sites, server]:
-            stop(p, grace=40)
+        stop_all([*sites, server], grace=40)
     info = json.loads((run / "run.json").read_text())
     assert [r["round"] for r in info["rounds"]] == [1, 2]
     assert set(info["rounds"][1]["sites"]) == {"a", "b"}  # both came back to the restarted server

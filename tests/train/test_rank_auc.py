@@ -67,3 +67,15 @@ def test_memory_is_linear_in_the_scores() -> None:
     tracemalloc.stop()
     assert 0.7 < value < 0.8  # a one-sigma shift: AUC = Φ(1/√2) ≈ 0.76
     assert peak < 40 * n * 8  # tens of float64 arrays of N, never N_pos × N_neg
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_average_ranks_are_scipys(seed: int) -> None:
+    from scipy.stats import rankdata
+
+    from napari_wsimil.infer.metrics import average_ranks
+
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 9, int(rng.integers(1, 300))).astype(float)  # many ties
+    np.testing.assert_array_equal(average_ranks(values), rankdata(values))
+    np.testing.assert_array_equal(average_ranks(np.array([2.0])), [1.0])

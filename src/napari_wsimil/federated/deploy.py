@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,12 +23,15 @@ from typing import Any
 from ..errors import WsimilError
 from ..io.atomic import write_text
 from .launch import (bin_path, flower_env, free_port, register_sites, server_security, split_address, start, stop,
-                     superlink_cmd, supernode_cmd, terminated_on_signal, wait_for_port, write_app, write_connection)
+                     stop_all, superlink_cmd, supernode_cmd, terminated_on_signal, wait_for_port, write_app,
+                     write_connection)
 from .methods import load_method
 
 Report = Callable[[str], None]
 FLOWER_DIR = ".flower"
 READY = "ready"
+#: Seconds a site waits before starting a new SuperNode when its last one gave up on the server.
+REJOIN_S = 2.0
 
 
 def federation_config(method_name: str, settings: dict[str, Any], rounds: int) -> tuple[Any, dict[str, Any]]:
@@ -69,7 +73,8 @@ def serve(method_name: str, out: Path, rounds: int, min_sites: int, address: str
     say(f"federation server on {host}:{port} ({'TLS, registered sites only' if security.tls else 'NO TLS'}); "
         f"{method_name}, {rounds} rounds, at least {min_sites} sites -> {out} (log: {log})")
     with terminated_on_signal():
-        link = start(superlink_cmd(host, port, security), env, log)
+        # the SuperLink dies with this process, even one killed by SIGKILL, so its port is not left taken
+        link = start(superlink_cmd(host, port, security), env, log, die_with_parent=signal.SIGTERM)
         try:
             wait_for_port(host, port, link)
             if security.auth and security.keys is not None:
@@ -83,7 +88,7 @@ def serve(method_name: str, out: Path, rounds: int, min_sites: int, address: str
                 raise WsimilError(f"the federation stopped without finishing (flwr run exit {res.returncode}); "
                                   f"see {log}")
         finally:
-            stop(link, home=home)
+            stop(link, grace=1.0, home=home)  # its state is in memory and done with: no long goodbye
     if not status.get("ok"):
         raise WsimilError(status.get("error", "the federation failed"))
     info = json.loads((out / "run.json").read_text())
@@ -120,7 +125,7 @@ def join(source: Path, server: str, *, name: str | None, workdir: Path | None, r
     with terminated_on_signal():
         while True:
             offset = log.stat().st_size if log.exists() else 0
-            proc = start(cmd, flower_env(home), log)
+            proc = start(cmd, flower_env(home), log, die_with_parent=signal.SIGTERM)  # no orphaned site
             write_text(workdir / "supernode.pid", str(proc.pid))
             try:
                 rc = proc.wait()
@@ -134,8 +139,9 @@ def join(source: Path, server: str, *, name: str | None, workdir: Path | None, r
                                   "is not ready yet); ask the server's operator to add sites/<name>.pub")
             if not rejoin or rc < 0:
                 return rc
-            say(f"site {name}: the server is gone (exit {rc}); joining again in 5 s (Ctrl-C stops the site)")
-            time.sleep(5)
+            say(f"site {name}: the server is gone (exit {rc}); joining again in {REJOIN_S:g} s (Ctrl-C stops the "
+                "site)")
+            time.sleep(REJOIN_S)  # the SuperNode has already backed off while it tried to reconnect
 
 
 def _wait_ready(marker: Path, server: subprocess.Popen, timeout: float) -> None:
@@ -215,8 +221,7 @@ def simulate(csv_path: Path, column: str, method_name: str, out: Path, rounds: i
                 procs.append(start(cmd, env, None))
             rc = srv.wait()
         finally:
-            for p in reversed(procs):
-                stop(p)
+            stop_all(procs[::-1])
     if rc != 0:
         raise WsimilError(f"the federation server failed (exit {rc}); see {out / 'server.log'}")
     return json.loads((out / "run.json").read_text())
