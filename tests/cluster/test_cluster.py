@@ -80,6 +80,17 @@ def test_extraction_on_the_cluster_writes_the_single_process_bags(handle, slides
     import dask
 
     assert set(handle.client.run(lambda: dask.config.get("distributed.worker.profile.enabled")).values()) == {False}
+    # idle processes wake up less often (benchmarks/bench_cluster_idle.py): the periodic callbacks of the workers,
+    # their nannies and the scheduler, in ms (dask's defaults: tick 20, monitor 500, memory_monitor 100)
+    def every(server):
+        return {k: server.periodic_callbacks[k].callback_time for k in ("tick", "monitor", "memory_monitor")
+                if k in server.periodic_callbacks}
+
+    calm = {"tick": 1000, "monitor": 2000, "memory_monitor": 1000}
+    assert list(handle.client.run(lambda dask_worker: every(dask_worker)).values()) == [calm] * 2
+    assert [every(n) for n in handle.cluster.workers.values()] == [calm] * 2
+    assert handle.client.run_on_scheduler(lambda dask_scheduler: every(dask_scheduler)) == \
+        {"tick": 1000, "monitor": 2000}
 
 
 def test_a_worker_killed_mid_slide_is_retried_and_nothing_is_half_written(handle, slides, reference,

@@ -113,6 +113,14 @@ def _dashboard_address() -> str | None:
 UNSET_WORKER_ENV = ("MALLOC_TRIM_THRESHOLD_",)
 
 
+#: dask settings that wake idle processes less often (default → this): the event-loop blocking monitor (20 ms: it
+#: only warns about a blocked loop), the system monitor's sampling for the dashboard (500 ms) and the memory check of
+#: workers and nannies (100 ms: a worker over its memory limit is now stopped within a second rather than 0.1 s).
+#: Set them in the dask configuration of a tcp:// or jobqueue cluster for the same effect.
+CALM_CONFIG = {"distributed.admin.tick.interval": "1s", "distributed.admin.system-monitor.interval": "2s",
+               "distributed.worker.memory.monitor-interval": "1s"}
+
+
 def local_cluster(n_workers: int | None = None, *, gpus: int | None = None) -> ClusterHandle:
     """A LocalCluster of one-thread worker processes on this machine (see the module docstring)."""
     import dask
@@ -122,6 +130,10 @@ def local_cluster(n_workers: int | None = None, *, gpus: int | None = None) -> C
     # the worker's statistical profiler samples every thread's stack each 10 ms (for the dashboard's profile page):
     # about 5 % of a slide's CPU in tasks whose reader threads are many (measured, docs/scale.md)
     unset["distributed.worker.profile.enabled"] = False
+    # the periodic wake-ups of idle processes: a warmed, idle local:1 used 27 CPU-ms per second with dask's
+    # defaults and 7 with these (benchmarks/bench_cluster_idle.py) — most of the per-slide overhead left outside
+    # the tasks, since it is paid for every second a run lasts
+    unset.update(CALM_CONFIG)
     with dask.config.set(unset):  # each nanny reads it once, when it is made, and keeps it for its restarts
         return _local_cluster(n_workers, gpus)
 
