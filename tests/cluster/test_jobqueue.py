@@ -126,13 +126,15 @@ def test_features_on_a_local_jobqueue_cluster_write_the_single_process_bags(synt
     slides = sorted(map(str, synth_cohort.glob("slide_*[0-9].tiff")))[:4]
     yaml = spec(tmp_path, "jobqueue: local\njobs: 2\ncores: 1\nmemory: 2GB\nprocesses: 1\n")
     args = ["--out", "X", "--patch", "64", "--mpp", "1", "--batch", "32", "--device", "cpu"]
+    split = ["--region-patches", "40"]  # 86-100 patches a slide: 3 or 4 region tasks each, over the two jobs
     single, clustered = tmp_path / "single", tmp_path / "cluster"
     assert main(["features", *slides, *[str(single) if a == "X" else a for a in args]]) == 0
     r = subprocess.run([sys.executable, "-m", "napari_wsimil.cli", "features", *slides,
-                        *[str(clustered) if a == "X" else a for a in args], "--cluster", str(yaml)],
+                        *[str(clustered) if a == "X" else a for a in args], *split, "--cluster", str(yaml)],
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "cluster local:2 jobs" in r.stderr and f"{len(slides)} computed" in r.stderr, r.stderr[-3000:]
+    assert len(re.findall(r"done in [\d.]+ s as [34] region tasks", r.stderr)) == len(slides), r.stderr[-3000:]
     for s in slides:
         a, b = read_bag(single / f"{Path(s).stem}.npz"), read_bag(clustered / f"{Path(s).stem}.npz")
         assert np.array_equal(a.coords, b.coords) and np.array_equal(a.features, b.features) and a.attrs == b.attrs
