@@ -28,6 +28,8 @@ def spec(tmp_path: Path, text: str, name: str = "cluster.yaml") -> Path:
 def script(path: Path) -> tuple[str, str, int, int]:
     cluster, kind, jobs, gpus = jobqueue_cluster(path)
     try:
+        tick = cluster.scheduler.periodic_callbacks["tick"].callback_time
+        assert tick == 1000  # the scheduler (in this process) is as calm as its workers
         return cluster.job_script(), kind, jobs, gpus
     finally:
         cluster.close()

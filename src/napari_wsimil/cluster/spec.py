@@ -232,7 +232,10 @@ def jobqueue_cluster(path: Path) -> tuple[Any, str, int, int]:
     except ImportError:
         raise ClusterError("a YAML cluster spec needs dask-jobqueue: pip install dask-jobqueue") from None
     try:
-        cluster = cls(**conf)
+        import dask
+
+        with dask.config.set(CALM_CONFIG):  # the scheduler, in this process, reads them when it is made
+            cluster = cls(**conf)
     except (TypeError, ValueError) as exc:
         import re
 
