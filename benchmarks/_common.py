@@ -179,3 +179,18 @@ def wsimil(*argv: object) -> None:
     code = main([str(a) for a in argv])
     if code != 0:
         raise SystemExit(f"wsimil {' '.join(map(str, argv))} failed with status {code}")
+
+
+def tree_cpu() -> float:
+    """CPU seconds of this process and every process under it (worker processes, nannies): CPU time, unlike wall
+    time, hardly changes when other jobs load the machine, so the overhead is measured in it too."""
+    import psutil
+
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total

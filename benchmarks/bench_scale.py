@@ -23,29 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import tree_cpu  # noqa: E402
+
 
 def _spread(xs: list[float]) -> str:
     return f"{min(xs):7.2f} s  (min; max {max(xs):.2f}, n={len(xs)})"
-
-
-def _tree_cpu() -> float:
-    """CPU seconds of this process and every process under it (worker processes, nannies): CPU time, unlike wall
-    time, hardly changes when other jobs load the machine, so the overhead is measured in it too."""
-    import psutil
-
-    me = psutil.Process()
-    total = sum(me.cpu_times()[:2])
-    for child in me.children(recursive=True):
-        try:
-            total += sum(child.cpu_times()[:2])
-        except psutil.Error:
-            pass
-    return total
 
 
 _CEILING_JOB = """
@@ -116,10 +105,10 @@ def _clustered(handle: Any, slides: list[Path], out: Path, args: argparse.Namesp
     from napari_wsimil.cluster.cohorts import extract_on_cluster
 
     shutil.rmtree(out, ignore_errors=True)
-    c0, t0 = _tree_cpu(), time.perf_counter()  # this process (client, scheduler) and the worker processes
+    c0, t0 = tree_cpu(), time.perf_counter()  # this process (client, scheduler) and the worker processes
     res = extract_on_cluster(handle, slides, out, args.encoder, patch=args.patch, mpp=args.mpp, batch=args.batch,
                              device="cpu", reader_threads=args.reader_threads)
-    wall, cpu = time.perf_counter() - t0, _tree_cpu() - c0
+    wall, cpu = time.perf_counter() - t0, tree_cpu() - c0
     assert all(r["status"] == "done" for r in res), res
     return wall, cpu, res
 

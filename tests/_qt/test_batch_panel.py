@@ -85,6 +85,8 @@ def test_features_then_a_cluster_prediction_with_progress(make_napari_viewer, qt
 
 def test_cancel_stops_after_the_running_slide(make_napari_viewer, qtbot, cohort, tmp_path, monkeypatch) -> None:
     viewer, panel = _panel(make_napari_viewer)
+    project = panel.session.create_project(str(tmp_path / "proj"))  # what the Project widget's "New" does
+    assert panel.slides.text() == str(project.root)  # the open project is the default batch
     panel.slides.setText(str(cohort))
     panel.out.setText(str(tmp_path / "bags"))
     panel.patch.setValue(32)  # about 400 patches a slide: a second or so each

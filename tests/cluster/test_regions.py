@@ -12,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from napari_wsimil.cluster.runner import run_slides
@@ -20,6 +19,8 @@ from napari_wsimil.cluster.tasks import ExtractJob, MergeJob, RegionJob, extract
 from napari_wsimil.features import read_bag
 from napari_wsimil.features.extract import extract_cohort
 from napari_wsimil.features.regions import REGIONS_DIR, region_ranges
+
+from .test_cluster import same_bags
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::ResourceWarning")
 
@@ -44,13 +45,6 @@ def jobs_for(slides: list[Path], out: Path, encoder: str = "handcrafted", region
     s = {**SMALL, **kw}
     return [ExtractJob(p.stem, str(p), None, str(out), encoder, None, s["patch"], s["mpp"], s["batch"], "cpu", 0.5, 2,
                        False, region_patches) for p in slides]
-
-
-def same_bags(a: Path, b: Path, ids: list[str]) -> None:
-    for sid in ids:
-        x, y = read_bag(a / f"{sid}.npz"), read_bag(b / f"{sid}.npz")
-        assert np.array_equal(x.coords, y.coords) and np.array_equal(x.features, y.features), sid
-        assert x.attrs == y.attrs, sid
 
 
 def no_leftovers(out: Path) -> None:

@@ -50,7 +50,9 @@ class SlideBar:
         self.counts[status] = self.counts.get(status, 0) + 1
         if status == "done":
             self.computed += 1
-        what = {"done": f"done in {float(result.get('seconds') or 0):.1f} s", "skipped": "up to date, skipped",
+        regions = f" as {result['regions']} region tasks" if result.get("regions") else ""
+        what = {"done": f"done in {float(result.get('seconds') or 0):.1f} s{regions}",
+                "skipped": "up to date, skipped",
                 "failed": f"FAILED: {result.get('message', '')}"}.get(status, status)
         print(f"\r{result.get('slide_id')}: {what}".ljust(len(self.line()) + 1), file=self.stream)
         print(self.line(), end="", file=self.stream, flush=True)

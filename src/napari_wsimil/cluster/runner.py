@@ -52,8 +52,9 @@ def run_slides(handle: ClusterHandle | None, fn: Callable[[Any], dict[str, Any]]
             engine.submit(i, job, after_s=busy_retry_s)
             continue
         if status == "split":
-            split[i] = {"left": len(res["parts"]), "merge": res["merge"], "failed": None,
-                        "seconds": float(res.get("seconds") or 0), "cpu_s": float(res.get("cpu_s") or 0)}
+            split[i] = {"left": len(res["parts"]), "regions": len(res["parts"]), "merge": res["merge"],
+                        "failed": None, "seconds": float(res.get("seconds") or 0),
+                        "cpu_s": float(res.get("cpu_s") or 0)}
             for part in res["parts"]:
                 engine.submit(i, part)
             continue
@@ -72,7 +73,7 @@ def run_slides(handle: ClusterHandle | None, fn: Callable[[Any], dict[str, Any]]
                     continue
                 res = state["failed"]
             del split[i]
-            res = {**res, "seconds": state["seconds"], "cpu_s": state["cpu_s"]}
+            res = {**res, "seconds": state["seconds"], "cpu_s": state["cpu_s"], "regions": state["regions"]}
             res.pop("region", None)
         results[i] = res
         finished += 1

@@ -182,8 +182,9 @@ def jobqueue_cluster(path: Path) -> tuple[Any, str, int, int]:
     ``--gres=gpu:N`` (unless ``job_extra_directives`` already asks for GPUs), ``processes`` defaults to ``gpus``
     (one worker process per GPU), and with several worker processes
     per job each one is pinned to its own GPU by setting ``CUDA_VISIBLE_DEVICES`` in the worker at start (the
-    :mod:`.gpu_pin` preload: the batch system gives the job its GPUs, not each process). Every other key goes to
-    the cluster class unchanged."""
+    :mod:`.gpu_pin` preload: the batch system gives the job its GPUs, not each process). The job script exports the
+    dask settings ``local_cluster`` uses (:func:`worker_config_exports`). Every other key goes to the cluster class
+    unchanged."""
     import yaml
 
     try:
@@ -219,6 +220,8 @@ def jobqueue_cluster(path: Path) -> tuple[Any, str, int, int]:
         directives = list(conf.get("job_extra_directives") or [])
         if kind == "slurm" and not any("gpu" in str(d).lower() for d in directives):
             conf["job_extra_directives"] = [*directives, f"--gres=gpu:{gpus}"]
+    if kind != "local":  # dask-jobqueue runs a local job's script as one command line, without its prologue
+        conf["job_script_prologue"] = [*(conf.get("job_script_prologue") or []), *worker_config_exports()]
     if "scheduler_options" not in conf:
         conf["scheduler_options"] = {"dashboard_address": _dashboard_address() or ":0"}
     module, name = JOBQUEUE_CLASSES[kind]
@@ -229,7 +232,10 @@ def jobqueue_cluster(path: Path) -> tuple[Any, str, int, int]:
     except ImportError:
         raise ClusterError("a YAML cluster spec needs dask-jobqueue: pip install dask-jobqueue") from None
     try:
-        cluster = cls(**conf)
+        import dask
+
+        with dask.config.set(CALM_CONFIG):  # the scheduler, in this process, reads them when it is made
+            cluster = cls(**conf)
     except (TypeError, ValueError) as exc:
         import re
 
@@ -239,6 +245,15 @@ def jobqueue_cluster(path: Path) -> tuple[Any, str, int, int]:
                                f"{name} lists them)") from None
         raise ClusterError(f"{path}: {' '.join(str(exc).split())}") from None
     return cluster, kind, jobs, gpus
+
+
+def worker_config_exports() -> list[str]:
+    """``export DASK_...=...`` lines that give a batch job's workers the settings ``local_cluster`` uses: the calmer
+    periodic callbacks (:data:`CALM_CONFIG`) and no statistical profiler. (``MALLOC_TRIM_THRESHOLD_`` cannot be
+    unset this way: dask lower-cases the keys of its environment variables, and that key is upper-case.)"""
+    settings = {**CALM_CONFIG, "distributed.worker.profile.enabled": False}
+    return [f"export DASK_{key.upper().replace('.', '__').replace('-', '_')}={value}"
+            for key, value in settings.items()]
 
 
 def _whole(path: Path, conf: dict[str, Any], key: str, default: int, least: int) -> int:

@@ -55,12 +55,10 @@ class ExtractJob:
 
 
 @dataclass(frozen=True)
-class RegionJob:
-    """Patches ``start:stop`` of a huge slide's grid: one region task (``features.regions.extract_region``)."""
+class _SlidePart:
+    """A job on part of one slide's extraction: it names the slide as a whole job does (the runner's results)."""
 
     slide: ExtractJob
-    start: int
-    stop: int
 
     @property
     def slide_id(self) -> str:
@@ -72,19 +70,18 @@ class RegionJob:
 
 
 @dataclass(frozen=True)
-class MergeJob:
+class RegionJob(_SlidePart):
+    """Patches ``start:stop`` of a huge slide's grid: one region task (``features.regions.extract_region``)."""
+
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class MergeJob(_SlidePart):
     """A huge slide's bag from its region parts (``features.regions.merge_regions``), once every region is done."""
 
-    slide: ExtractJob
     ranges: tuple[tuple[int, int], ...]
-
-    @property
-    def slide_id(self) -> str:
-        return self.slide.slide_id
-
-    @property
-    def path(self) -> str:
-        return self.slide.path
 
 
 @dataclass(frozen=True)
