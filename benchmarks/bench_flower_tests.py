@@ -21,6 +21,20 @@ import time
 PR_SET_CHILD_SUBREAPER = 36
 
 
+def _orphans() -> list[str]:
+    """Processes re-parented to this runner (left running by the test): pid and command line."""
+    me, out = os.getpid(), []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            status = open(f"/proc/{entry}/status").read() if entry.isdigit() else ""
+            if f"PPid:\t{me}\n" in status and "State:\tZ" not in status:  # zombies are already dead
+                cmd = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+                out.append(f"{entry} {cmd[:150]}")
+        except OSError:
+            continue
+    return out
+
+
 def _reap_all() -> None:
     while True:
         try:
@@ -38,7 +52,13 @@ def run_one(test: str, extra: list[str]) -> tuple[int, float, float]:
     if rc != 0:
         print(f"{test}: pytest exit {rc}", flush=True)
     wall = time.perf_counter() - t0
+    left = _orphans()
+    if left:
+        print(f"{test}: {len(left)} process(es) still running after the test:", *left, sep="\n  ", flush=True)
+    t1 = time.perf_counter()
     _reap_all()  # orphans left by Flower (killed by the test's clean-up) count too
+    if left:
+        print(f"  ... they ended {time.perf_counter() - t1:.1f} s later", flush=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return rc, wall, cpu

@@ -241,19 +241,34 @@ def flower_processes(home: Path) -> list[int]:
 def stop(proc: subprocess.Popen, grace: float = 5.0, home: Path | None = None) -> None:
     """SIGTERM to the child's process group, SIGKILL after ``grace`` seconds; with ``home``, also every
     process Flower started for that ``FLWR_HOME`` (its detached SuperExec and app processes)."""
-    if proc.poll() is None:
+    stop_all([proc], grace, home)
+
+
+def stop_all(procs: Sequence[subprocess.Popen], grace: float = 5.0, home: Path | None = None) -> None:
+    """:func:`stop` for several children at once: each process group gets one SIGTERM, all at the same time,
+    so that their goodbyes (a site stops its SuperNode, a SuperNode leaves the SuperLink) overlap instead of
+    adding up; whatever still runs ``grace`` seconds later gets SIGKILL. One SIGTERM only: a second one would
+    interrupt a ``wsimil federate`` process in the middle of stopping its own Flower processes."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+    deadline = time.monotonic() + grace
+    for proc in procs:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(grace)
+            proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
             proc.wait()
-        except ProcessLookupError:
+        try:  # anything left in the group
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
             pass
-    try:  # anything left in the group
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
     for pid in flower_processes(home) if home is not None else []:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -261,24 +276,16 @@ def stop(proc: subprocess.Popen, grace: float = 5.0, home: Path | None = None) -
             pass
 
 
-def stop_all(procs: Sequence[subprocess.Popen], grace: float = 5.0) -> None:
-    """:func:`stop` for several children at once: all are sent SIGTERM first, then each is waited for, so that
-    their goodbyes (a site stops its SuperNode, a SuperNode leaves the SuperLink) overlap instead of adding up."""
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-    for p in procs:
-        stop(p, grace=grace)
-
-
 @contextmanager
 def terminated_on_signal() -> Iterator[None]:
     """SIGTERM raises KeyboardInterrupt here, so that ``finally`` blocks stop the children."""
+    fired = False
+
     def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        nonlocal fired
+        if not fired:  # once: a second SIGTERM must not cut short the clean-up the first one started
+            fired = True
+            raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, handler)
     try:
