@@ -61,7 +61,7 @@ def test_a_server_killed_with_sigkill_frees_its_port(tmp_path: Path) -> None:
         freed = _until(lambda: _port_free(port), 10)
         assert freed is not None, "the SuperLink still holds the port 10 s after its server was killed"
         print(f"port free {freed:.1f} s after the server's SIGKILL")
-        assert _until(lambda: not [p for p in flower_processes(home) if _alive(p)], 10) is not None
+        assert _until(lambda: not [p for p in flower_processes(home) if _alive(p)], 20) is not None
     finally:
         stop(server, home=home)
 
@@ -78,7 +78,7 @@ def test_a_site_killed_with_sigkill_takes_its_supernode_along(site_csvs: list[Pa
         time.sleep(1)
         os.kill(site.pid, signal.SIGKILL)
         site.wait(10)
-        assert _until(lambda: not _alive(node), 10) is not None, "the SuperNode outlived its site process"
-        assert _until(lambda: not [p for p in flower_processes(work / ".flower") if _alive(p)], 10) is not None
+        assert _until(lambda: not _alive(node), 20) is not None, "the SuperNode outlived its site process"
+        assert _until(lambda: not [p for p in flower_processes(work / ".flower") if _alive(p)], 20) is not None
     finally:
         stop(site, home=work / ".flower")
