@@ -33,9 +33,10 @@ def run_slides(handle: ClusterHandle | None, fn: Callable[[Any], dict[str, Any]]
 
     A task may answer "split" (a huge slide): its ``parts`` jobs are then run (on any worker, in parallel), and
     once all of them are done or skipped its ``merge`` job, whose result is the slide's; a failed part fails the
-    slide (the merge is not run). A split that also names a ``then`` job (a prediction waiting for the huge slide's
-    bag) runs that job once the merge is done, and its result is the slide's. Setting ``cancel`` stops it: tasks not started are dropped (cancelled on the
-    cluster), those running finish or are abandoned, and the slides finished so far are returned."""
+    slide (the merge is not run). A split that also names a ``then`` job (a prediction waiting for the huge
+    slide's bag) runs that job once the merge is done, and its result is the slide's. Setting ``cancel`` stops
+    it: tasks not started are dropped (cancelled on the cluster), those running finish or are abandoned, and the
+    slides finished so far are returned."""
     engine: _Engine = _Here(fn) if handle is None else _Dask(handle, fn)
     results: list[dict[str, Any] | None] = [None] * len(jobs)
     split: dict[int, dict[str, Any]] = {}  # slide index → parts left, merge job, first failure, seconds
