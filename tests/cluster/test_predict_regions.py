@@ -124,3 +124,25 @@ def test_predict_on_a_cluster_with_region_tasks_matches_the_single_process(run, 
     assert "region tasks" not in capsys.readouterr().err
     assert all(p.stat().st_mtime_ns == m for p, m in stamps.items())
     assert table(single) == table(clustered)
+
+
+def test_a_region_that_cannot_be_decoded_fails_its_slide_alone(run, synth_cohort, tmp_path) -> None:
+    """A slide whose full-resolution tiles are noise tiles fine (tissue is found on a lower level) but its regions
+    cannot be decoded: it is in failures.csv with the reason, the other slide is predicted."""
+    from napari_wsimil.cluster.cohorts import predict_on_cluster
+
+    from .test_plain_failures import corrupt_tiles
+
+    new = new_slides(synth_cohort, tmp_path / "new", "bad")
+    source = sorted(synth_cohort.glob("slide_*[0-9].tiff"))[2]
+    (new / "bad_1.tiff").unlink()
+    corrupt_tiles(source)(new / "bad_1.tiff")
+    pred = tmp_path / "pred"
+    res = predict_on_cluster(None, run, new, pred, device="cpu", region_patches=REGION_PATCHES)
+    assert {r["slide_id"]: r["status"] for r in res} == {"bad_0": "done", "bad_1": "failed"}
+    assert all(r["regions"] == 2 for r in res)  # both were split; bad_1 failed in its regions, not before
+    with open(pred / "failures.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["slide_id"] for r in rows] == ["bad_1"] and rows[0]["reason"], rows
+    assert [row[0] for row in table(pred)[1:]] == ["bad_0"]
+    assert not (store_of(run) / "bad_1.npz").exists() and (store_of(run) / "bad_0.npz").exists()
