@@ -27,11 +27,8 @@ def good(synth_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(synth_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("work") / "run"
-    assert main(["train", str(synth_cohort / "cohort.csv"), "--method", "abmil", "--out", str(out), "--epochs", "1",
-                 "--encoder", "handcrafted", "--patch", "128", "--mpp", "0.5", "--device", "cpu"]) == 0
-    return out
+def run(abmil_run: Path) -> Path:
+    return abmil_run
 
 
 @pytest.fixture(scope="module")

@@ -102,7 +102,8 @@ def _work(req: BatchRequest, emit: Any, cancel: threading.Event) -> list[dict[st
                                       mpp=req.mpp, batch=req.batch, device=req.device,
                                       region_patches=req.region_patches, progress=progress, cancel=cancel)
         return predict_on_cluster(handle, str(req.run), req.source, str(req.out), weights=req.weights,
-                                  device=req.device, options=dict(req.options), progress=progress, cancel=cancel)
+                                  device=req.device, options=dict(req.options), region_patches=req.region_patches,
+                                  progress=progress, cancel=cancel)
     finally:
         if handle is not None:
             handle.close()

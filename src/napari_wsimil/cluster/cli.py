@@ -35,10 +35,11 @@ def extend(subparsers: Any) -> None:
         if name == "features":
             parser.add_argument("--reader-threads", type=int, default=2, metavar="T",
                                 help="with --cluster: tile-decoding threads per slide in each worker (default 2)")
-            parser.add_argument("--region-patches", type=int, default=REGION_PATCHES, metavar="N",
-                                help="with --cluster: a slide with more than N tissue patches is encoded as "
-                                     f"region tasks of about N patches on several workers at once, merged into "
-                                     f"the same bag (default {REGION_PATCHES}; 0: one task per slide)")
+        parser.add_argument("--region-patches", type=int, default=REGION_PATCHES, metavar="N",
+                            help="with --cluster: a slide with more than N tissue patches is encoded as "
+                                 f"region tasks of about N patches on several workers at once, merged into "
+                                 f"the same bag{' (then predicted from it)' if name == 'predict' else ''} "
+                                 f"(default {REGION_PATCHES}; 0: one task per slide)")
         plain = parser.get_default("func")
         # predict always runs here: without --cluster too, a bad slide must not stop the others
         parser.set_defaults(func=_either(plain, runner) if name == "features" else runner)
@@ -122,7 +123,8 @@ def _predict(args: argparse.Namespace) -> int:
         with _open(args.cluster) as handle:
             bar = _Bar()
             results = predict_on_cluster(handle, args.run, args.cohort, args.out, weights=args.weights,
-                                         device=args.device, options=options, progress=bar)
+                                         device=args.device, options=options, progress=bar,
+                                         region_patches=args.region_patches)
             bar.close()
     else:
         results = predict_here(args.run, args.cohort, args.out, weights=args.weights, device=args.device,

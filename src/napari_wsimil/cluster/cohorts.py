@@ -72,11 +72,14 @@ def predict_on_cluster(handle: ClusterHandle | None, run: str | os.PathLike[str]
                        out: str | os.PathLike[str], *, weights: str = "best", device: str = "auto",
                        options: dict[str, Any] | None = None, progress: Progress | None = None,
                        only: Sequence[str] | None = None, failed_before: Sequence[dict[str, Any]] = (),
-                       cancel: threading.Event | None = None) -> list[dict[str, Any]]:
+                       region_patches: int = 0, cancel: threading.Event | None = None) -> list[dict[str, Any]]:
     """``wsimil predict`` with one task per slide; writes ``predictions.csv`` (cohort order), ``prediction.json``
     and, when some slides failed, ``failures.csv``. A slide finished by an earlier (killed) run with the same
     weights and options is not predicted again. ``handle`` None runs the tasks in this process; ``only`` limits
-    them to those slide ids, and ``failed_before`` (results of slides already known to fail) joins the failures."""
+    them to those slide ids, and ``failed_before`` (results of slides already known to fail) joins the failures.
+    A slide with more than ``region_patches`` tissue patches (0: none) whose bag is not made yet has it encoded
+    as region tasks first (``features.regions``, as ``extract_on_cluster``), then is predicted from that bag
+    (families that predict from the bag store: attention MIL)."""
     from ..train.cohort import load_cohort
 
     cohort_path = Path(cohort).resolve()
@@ -89,9 +92,12 @@ def predict_on_cluster(handle: ClusterHandle | None, run: str | os.PathLike[str]
     pred = Path(out).resolve()
     pred.mkdir(parents=True, exist_ok=True)
     jobs = [PredictJob(s.slide_id, str(s.path), str(Path(run).resolve()), str(cohort_path), str(pred), weights,
-                       device, {k: v for k, v in (options or {}).items() if k != "slides"}) for s in items]
+                       device, {k: v for k, v in (options or {}).items() if k != "slides"},
+                       max(0, int(region_patches))) for s in items]
     results = run_slides(handle, predict_task, jobs, progress, cancel=cancel)
     sweep_stale(pred)
+    if any(r.get("regions") for r in results):
+        _tidy_bag_store(jobs)
     ok = [r for r in results if r["status"] in ("done", "skipped")]
     if ok:
         from ..io.atomic import write_text
@@ -101,6 +107,21 @@ def predict_on_cluster(handle: ClusterHandle | None, run: str | os.PathLike[str]
         write_text(pred / "prediction.json", json.dumps(ok[0]["meta"], indent=1))
     write_failures(pred, [*failed_before, *(r for r in results if r["status"] == "failed")])
     return [*failed_before, *results]
+
+
+def _tidy_bag_store(jobs: Sequence[PredictJob]) -> None:
+    """The bag store's stale claims and empty ``.regions`` folder, after region tasks (as ``extract_on_cluster``).
+    Only then: finding the store loads the run's family (torch) in this client process."""
+    from ..features.regions import remove_empty_regions
+    from .tasks import bag_job
+
+    try:
+        ej = bag_job(jobs[0]) if jobs else None
+    except (WsimilError, OSError, ValueError):
+        return
+    if ej is not None and Path(ej.out).is_dir():
+        sweep_stale(Path(ej.out))
+        remove_empty_regions(Path(ej.out))
 
 
 def write_failures(pred: Path, failed: Sequence[dict[str, Any]]) -> None:

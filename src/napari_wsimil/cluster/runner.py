@@ -33,8 +33,10 @@ def run_slides(handle: ClusterHandle | None, fn: Callable[[Any], dict[str, Any]]
 
     A task may answer "split" (a huge slide): its ``parts`` jobs are then run (on any worker, in parallel), and
     once all of them are done or skipped its ``merge`` job, whose result is the slide's; a failed part fails the
-    slide (the merge is not run). Setting ``cancel`` stops it: tasks not started are dropped (cancelled on the
-    cluster), those running finish or are abandoned, and the slides finished so far are returned."""
+    slide (the merge is not run). A split that also names a ``then`` job (a prediction waiting for the huge
+    slide's bag) runs that job once the merge is done, and its result is the slide's. Setting ``cancel`` stops
+    it: tasks not started are dropped (cancelled on the cluster), those running finish or are abandoned, and the
+    slides finished so far are returned."""
     engine: _Engine = _Here(fn) if handle is None else _Dask(handle, fn)
     results: list[dict[str, Any] | None] = [None] * len(jobs)
     split: dict[int, dict[str, Any]] = {}  # slide index → parts left, merge job, first failure, seconds
@@ -53,7 +55,7 @@ def run_slides(handle: ClusterHandle | None, fn: Callable[[Any], dict[str, Any]]
             continue
         if status == "split":
             split[i] = {"left": len(res["parts"]), "regions": len(res["parts"]), "merge": res["merge"],
-                        "failed": None, "seconds": float(res.get("seconds") or 0),
+                        "then": res.get("then"), "failed": None, "seconds": float(res.get("seconds") or 0),
                         "cpu_s": float(res.get("cpu_s") or 0)}
             for part in res["parts"]:
                 engine.submit(i, part)
@@ -72,6 +74,10 @@ def run_slides(handle: ClusterHandle | None, fn: Callable[[Any], dict[str, Any]]
                     engine.submit(i, state["merge"])
                     continue
                 res = state["failed"]
+            elif job is state["merge"] and state["then"] is not None and status in ("done", "skipped"):
+                then, state["then"] = state["then"], None
+                engine.submit(i, then)  # the bag is there: now the slide's own task (a prediction) runs
+                continue
             del split[i]
             res = {**res, "seconds": state["seconds"], "cpu_s": state["cpu_s"], "regions": state["regions"]}
             res.pop("region", None)

@@ -96,6 +96,9 @@ class PredictJob:
     weights: str = "best"
     device: str = "auto"
     options: dict[str, Any] = field(default_factory=dict)
+    #: a slide with more tissue patches than this whose bag is not made yet has it extracted as region tasks
+    #: first (families with a :meth:`~napari_wsimil.train.family.MethodFamily.bag_store` only; 0: never)
+    region_patches: int = 0
 
     def signature(self) -> dict[str, Any]:
         """What a finished slide's prediction depends on: a resumed run with another signature redoes it."""
@@ -151,18 +154,14 @@ def extract_task(job: ExtractJob | RegionJob | MergeJob) -> dict[str, Any]:
     options: dict[str, Any] = {"min_tissue": job.min_tissue, "num_workers": job.reader_threads}
     if job.region_patches > 0 and (job.overwrite or not bag_is_current(entry, out, enc, job.patch, job.mpp)):
         from ..errors import WsimilError
-        from ..features.regions import region_ranges, slide_grid
 
         try:
-            grid = slide_grid(entry, job.patch, job.mpp, job.min_tissue)
+            plan = _split_plan(job, entry)
         except (WsimilError, OSError) as exc:
             return _result(job, "failed", seconds=time.perf_counter() - t0, message=str(exc))
-        if len(grid) > job.region_patches:
-            ranges = tuple(region_ranges(len(grid), job.batch, job.region_patches))
-            return _result(job, "split", n_patches=len(grid), parts=[RegionJob(job, a, b) for a, b in ranges],
-                           merge=MergeJob(job, ranges), seconds=time.perf_counter() - t0,
-                           cpu_s=time.process_time() - c0)
-        options["grid"] = grid  # computed once: extract_slide would tile the slide again
+        if isinstance(plan, dict):
+            return _result(job, "split", **plan, seconds=time.perf_counter() - t0, cpu_s=time.process_time() - c0)
+        options["grid"] = plan  # computed once: extract_slide would tile the slide again
     deadline = time.monotonic() + BUSY_WAIT_S
     while True:
         r = extract_slide(entry, out, enc, job.patch, job.mpp, job.batch, overwrite=job.overwrite, options=options)
@@ -171,6 +170,18 @@ def extract_task(job: ExtractJob | RegionJob | MergeJob) -> dict[str, Any]:
         time.sleep(0.25)
     return _result(job, r.status, n_patches=r.n_patches, seconds=time.perf_counter() - t0, encoder_s=t_enc,
                    cpu_s=time.process_time() - c0, message=r.message)
+
+
+def _split_plan(job: ExtractJob, entry: Any) -> Any:
+    """The slide's region jobs and merge job (``{"n_patches", "parts", "merge"}``) when its grid has more than
+    ``job.region_patches`` patches, else the grid itself (the caller extracts the slide whole)."""
+    from ..features.regions import region_ranges, slide_grid
+
+    grid = slide_grid(entry, job.patch, job.mpp, job.min_tissue)
+    if len(grid) <= job.region_patches:
+        return grid
+    ranges = tuple(region_ranges(len(grid), job.batch, job.region_patches))
+    return {"n_patches": len(grid), "parts": [RegionJob(job, a, b) for a, b in ranges], "merge": MergeJob(job, ranges)}
 
 
 def _region_or_merge(job: RegionJob | MergeJob, entry: Any, out: Path, enc: Any, t0: float, c0: float
@@ -231,8 +242,56 @@ def _move_outputs(part: Path, out: Path) -> None:
         os.replace(src, dst)
 
 
-def predict_task(job: PredictJob) -> dict[str, Any]:
-    """Predict one slide with the run's family into ``job.out`` (see the module docstring)."""
+def bag_job(job: PredictJob) -> ExtractJob | None:
+    """The extraction of the slide's bag exactly as the run's family would do it when predicting (its bag store,
+    encoder and settings; ``ensure_features``'s batch and tissue threshold, which are ``ExtractJob``'s defaults),
+    or None when the family does not predict from the bag store or the bags are imported (nothing to encode)."""
+    from ..features.interop import is_imported
+    from ..train.cohort import load_cohort
+    from ..train.registry import run_family
+
+    family, _info = run_family(job.run)
+    cohort = load_cohort(Path(job.cohort)).only([job.slide_id])
+    store = family.bag_store(Path(job.run), cohort)
+    if store is None or is_imported(store.encoder) or not cohort.slides:
+        return None
+    s = cohort.slides[0]
+    return ExtractJob(s.slide_id, str(s.path), s.mpp, str(store.folder), store.encoder, store.weights, store.patch,
+                      store.mpp, device=job.device, region_patches=job.region_patches)
+
+
+def _split_for_regions(job: PredictJob, t0: float) -> dict[str, Any] | None:
+    """A "split" result when the slide is huge and its bag is not there yet: its region jobs, their merge, and
+    then this prediction again (``then``), which finds the merged bag in the store. None: predict it whole (a
+    slide that cannot even be tiled is left to the family, whose own error goes to failures.csv)."""
+    from ..errors import WsimilError
+    from ..features.extract import bag_is_current
+    from ..slide import open_slide
+    from ..train.cohort import cohort_encoder
+
+    try:
+        ej = bag_job(job)
+        if ej is None:
+            return None
+        enc = cohort_encoder(ej.encoder, ej.weights, ej.device, ej.mpp)
+        path = Path(ej.path)
+        entry = (ej.slide_id, path, lambda: open_slide(path, mpp=ej.slide_mpp), ej.slide_mpp)
+        if bag_is_current(entry, Path(ej.out), enc, ej.patch, ej.mpp):
+            return None
+        plan = _split_plan(ej, entry)
+    except (WsimilError, OSError, ValueError):
+        return None
+    if not isinstance(plan, dict):
+        return None
+    Path(ej.out).mkdir(parents=True, exist_ok=True)
+    return _result(job, "split", **plan, then=job, seconds=time.perf_counter() - t0)
+
+
+def predict_task(job: PredictJob | RegionJob | MergeJob) -> dict[str, Any]:
+    """Predict one slide with the run's family into ``job.out`` (see the module docstring).
+
+    With ``job.region_patches`` set, a huge slide whose bag is not made yet answers "split" (see
+    :func:`_split_for_regions`); its region and merge jobs come back here and run as :func:`extract_task`."""
     import csv
 
     from ..io.atomic import write_text
@@ -240,12 +299,16 @@ def predict_task(job: PredictJob) -> dict[str, Any]:
     from ..train.family import PredictRequest
     from ..train.registry import run_family
 
+    if not isinstance(job, PredictJob):
+        return extract_task(job)
     _one_thread()
     t0 = time.perf_counter()
     out = Path(job.out)
     signature = job.signature()
     if (done := read_done(out, job.slide_id, signature)) is not None:
         return _result(job, "skipped", seconds=0.0, row=done["row"], header=done["header"], meta=done["meta"])
+    if job.region_patches > 0 and (split := _split_for_regions(job, t0)) is not None:
+        return split
     deadline = time.monotonic() + BUSY_WAIT_S
     while not isinstance(claim := try_claim(out, job.slide_id), Claim):
         if time.monotonic() > deadline:
@@ -280,5 +343,5 @@ def predict_task(job: PredictJob) -> dict[str, Any]:
     return _result(job, "done", seconds=time.perf_counter() - t0, row=rows[1], header=rows[0], meta=meta)
 
 
-__all__ = ["ExtractJob", "MergeJob", "PredictJob", "RegionJob", "done_marker", "extract_task", "predict_task",
+__all__ = ["ExtractJob", "MergeJob", "PredictJob", "RegionJob", "bag_job", "done_marker", "extract_task", "predict_task",
            "read_done", "warm_worker"]

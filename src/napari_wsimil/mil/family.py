@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import WsimilError
 from ..train.engine import TrainConfig, TrainingError
-from ..train.family import MapMaker, MethodFamily, PredictRequest, Report, RunSpecs
+from ..train.family import BagStore, MapMaker, MethodFamily, PredictRequest, Report, RunSpecs
 from ..train.run import PreparedRun, RunSpec, check_spec, labelled_slides, split_and_check_resume
 from .training import BagDataset, MILMethod
 
@@ -149,7 +149,7 @@ class MILFamily(MethodFamily):
     def predict(self, request: PredictRequest, report: Report | None = None) -> dict[str, Any]:
         from ..infer.predictions import write_attention, write_predictions
         from ..io.atomic import write_text
-        from ..train.cohort import ensure_features, features_dir_for, load_cohort
+        from ..train.cohort import ensure_features, load_cohort
         from .predict import load_run, predict_bag
 
         say = report or _quiet
@@ -166,11 +166,11 @@ class MILFamily(MethodFamily):
                 raise WsimilError(f"{Path(request.run) / 'run.json'} is missing or lacks {key!r}: was RUN written "
                                   "by 'wsimil train'?")
         cohort = load_cohort(request.cohort).only(request.options.get("slides"))  # one slide: a cluster task
-        encoder, mpp, patch = run.info["encoder"], float(run.info["mpp"]), int(run.info["patch"])
-        feat_dir = features_dir_for(cohort, request.run, encoder)
-        say(f"features: {len(cohort.slides)} slides, encoder {encoder}, {patch} px at {mpp:g} µm/px -> {feat_dir}")
-        bags = ensure_features(cohort.slides, feat_dir, encoder, patch, mpp, report=say, device=request.device,
-                               weights=run.info.get("weights"),
+        store = self._store(request.run, cohort, run.info)
+        say(f"features: {len(cohort.slides)} slides, encoder {store.encoder}, {store.patch} px at {store.mpp:g} "
+            f"µm/px -> {store.folder}")
+        bags = ensure_features(cohort.slides, store.folder, store.encoder, store.patch, store.mpp, report=say,
+                               device=request.device, weights=store.weights,
                                project=cohort.source if cohort.is_project else None)
         out = Path(request.out)
         (out / "attention").mkdir(parents=True, exist_ok=True)
@@ -193,6 +193,20 @@ class MILFamily(MethodFamily):
         write_text(out / "prediction.json", json.dumps(meta, indent=1))
         say(f"predictions: {out / 'predictions.csv'}")
         return meta
+
+    def bag_store(self, run_dir: Path, cohort: Any) -> BagStore | None:
+        from ..train.run import read_run_info
+
+        return self._store(run_dir, cohort, read_run_info(run_dir))
+
+    @staticmethod
+    def _store(run_dir: Path, cohort: Any, info: dict[str, Any]) -> BagStore:
+        """The one place :meth:`predict` and ``predict --cluster``'s region tasks agree on the bags' folder and
+        settings (the folder training used)."""
+        from ..train.cohort import features_dir_for
+
+        return BagStore(features_dir_for(cohort, run_dir, info["encoder"]), info["encoder"], info.get("weights"),
+                        int(info["patch"]), float(info["mpp"]))
 
     @staticmethod
     def _heatmap(run: Any, slide_id: str, bag: Path, pred: Any, out: Path, overlap: float,

@@ -43,6 +43,19 @@ class PredictRequest:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class BagStore:
+    """Where and how a family's ``predict`` finds (or extracts) each slide's feature bag: the folder and the
+    extraction settings it passes to ``train.cohort.ensure_features``. ``wsimil predict --cluster`` uses it to
+    extract a huge slide's bag as region tasks (``features.regions``) before the family predicts from it."""
+
+    folder: Path
+    encoder: str
+    weights: str | None
+    patch: int
+    mpp: float
+
+
 class RunSpecs(Protocol):
     """What a family needs from the caller to plan a retraining: specs of runs in the same place."""
 
@@ -90,6 +103,12 @@ class MethodFamily(ABC):
     def predict(self, request: PredictRequest, report: Report | None = None) -> dict[str, Any]:
         """Write ``PRED/predictions.csv`` (slide_id, prob_0 ...), the family's maps and
         ``PRED/prediction.json``; returns what prediction.json holds."""
+
+    def bag_store(self, run_dir: Path, cohort: Any) -> BagStore | None:
+        """The bag store :meth:`predict` reads the slides of ``cohort`` (a ``train.cohort.Cohort``) from, or None
+        when this family does not predict from the standard feature bags (default): ``predict --cluster`` then
+        runs each slide as one task, without region tasks."""
+        return None
 
     def evaluate(self, pred_dir: Path, truth: list[TruthItem], meta: dict[str, Any],
                  threshold: float | None = None) -> tuple[str, dict[str, Any]] | None:
