@@ -167,8 +167,13 @@ def read_low_res(slide: Slide, downsample: float, *, at_least: bool = False) -> 
     Reads a level at least as fine as needed, then averages whole blocks of it chunk by chunk with
     dask, so a big slide is never held at full resolution. ``at_least`` rounds the factor up (the
     image is at most the requested size) instead of down (at least as fine as requested).
+
+    The scheduler is dask's threaded ``get`` itself, not the name ``"threads"``: given a name, dask imports
+    ``distributed`` to look for a client (1 s of CPU in each Flower site process, which reads a mask per
+    message); the function is the very scheduler that name selects.
     """
     import dask.array as da
+    from dask.threaded import get as threads
 
     level, factor = _level_and_factor(slide, downsample, at_least)
     arr = slide.levels[level]
@@ -176,9 +181,9 @@ def read_low_res(slide: Slide, downsample: float, *, at_least: bool = False) -> 
     factor = max(1, min(factor, h, w))
     if factor > 1:
         arr = da.coarsen(np.mean, arr, {0: factor, 1: factor}, trim_excess=True, dtype=np.float32)
-        img = np.clip(np.rint(arr.compute(scheduler="threads")), 0, 255).astype(np.uint8)
+        img = np.clip(np.rint(arr.compute(scheduler=threads)), 0, 255).astype(np.uint8)
     else:
-        img = np.asarray(arr.compute(scheduler="threads"))
+        img = np.asarray(arr.compute(scheduler=threads))
     return img, float(slide.downsamples[level]) * factor
 
 
