@@ -1,7 +1,7 @@
 """What a Flower site process imports (issue 18). Flower 1.42 starts a fresh ClientApp process for every
 message to every site, so each import is paid per message. A site reads tissue masks (the first message
 of a HistoFL site, which extracts its features; every FedMix message); through ``dask.array``, which imported
-``distributed`` too, that cost each such process 0.6 s of CPU. Now neither is imported.
+``distributed`` too, that cost each such process 0.3-0.6 s of CPU. Now neither is imported.
 
 The site's first message is run here as Flower runs it, in a fresh Python: import the ClientApp module and
 answer a ``train`` message (HistoFL: the site extracts its features first, reading each slide's tissue mask
