@@ -261,3 +261,22 @@ def test_synthetic_slide_matches_its_ground_truth(tmp_path: Path) -> None:
     outer = ndi.binary_dilation(gt_at_mask, iterations=2)
     assert tm.mask[inner].mean() > 0.97  # lumens inside tissue are fine either way; they are small
     assert tm.mask[~outer].mean() < 0.005
+
+
+@pytest.mark.parametrize("name", ["CMU-1-Small-Region.svs", "test3-DAPI-2-387.ndpi"])
+def test_low_res_blocks_are_the_numbers_dask_coarsen_gave(name: str) -> None:
+    """read_low_res averages blocks itself (a Flower site process then never imports dask.array); its pixels
+    must stay those of the dask.array.coarsen it replaced, the excess rows and columns left out alike."""
+    import dask.array as da
+
+    from napari_wsimil.slide.tissue import _level_and_factor
+
+    with open_slide(real_slide(name)) as slide:
+        for downsample, at_least in [(1.0, False), (3.0, False), (5.5, True), (7.0, False), (33.0, True)]:
+            level, factor = _level_and_factor(slide, downsample, at_least)
+            ref = da.coarsen(np.mean, slide.levels[level], {0: factor, 1: factor}, trim_excess=True,
+                             dtype=np.float32).compute() if factor > 1 else slide.levels[level].compute()
+            ref = np.clip(np.rint(ref), 0, 255).astype(np.uint8)
+            img, ds = read_low_res(slide, downsample, at_least=at_least)
+            assert ds == slide.downsamples[level] * factor and img.dtype == np.uint8
+            assert np.array_equal(img, ref), (downsample, at_least)
