@@ -122,14 +122,23 @@ def _warm(handle: Any, args: argparse.Namespace) -> float:
     return time.perf_counter() - t0
 
 
-def _predict_single(run: Path, cohort: Path, out: Path, feats: Path) -> float:
+def _predict_single(run: Path, cohort: Path, out: Path, feats: Path, threads: int | None = None) -> float:
+    """``wsimil predict`` in this process; ``threads=1`` is what one one-thread worker does, the overhead's baseline."""
+    import torch
+
     from napari_wsimil.cli import main
 
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(feats, ignore_errors=True)  # new slides: their bags are not cached
-    t0 = time.perf_counter()
-    assert main(["predict", str(run), "--cohort", str(cohort), "--out", str(out), "--device", "cpu"]) == 0
-    return time.perf_counter() - t0
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        t0 = time.perf_counter()
+        assert main(["predict", str(run), "--cohort", str(cohort), "--out", str(out), "--device", "cpu"]) == 0
+        return time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(before)
 
 
 def _predict_cluster(handle: Any, run: Path, cohort: Path, out: Path, feats: Path) -> float:
@@ -202,11 +211,12 @@ def main() -> None:
                             "--encoder", args.encoder, "--patch", str(args.patch), "--mpp", str(args.mpp),
                             "--device", "cpu"]) == 0
                 feats = tmp / "work" / "features"
-                pred = {"single": [], "local:1": [], "local:2": []}
+                pred = {"single/1t": [], "single": [], "local:1": [], "local:2": []}
                 for n in (1, 2):
                     handles[n] = connect(f"local:{n}")
                     _warm(handles[n], args)
                 for _ in range(args.repeats):
+                    pred["single/1t"].append(_predict_single(run, csv_path, tmp / "p0", feats, threads=1))
                     pred["single"].append(_predict_single(run, csv_path, tmp / "p0", feats))
                     for n in (1, 2):
                         pred[f"local:{n}"].append(_predict_cluster(handles[n], run, csv_path, tmp / f"p{n}", feats))
@@ -246,8 +256,8 @@ def main() -> None:
             for k, v in pred.items():
                 print(f"  {k:10s} {_spread(v)}   {min(v) / n:.2f} s/slide")
             print(f"  local:2 vs local:1 {min(pred['local:1']) / min(pred['local:2']):.2f}x, local:2 vs single "
-                  f"{min(pred['single']) / min(pred['local:2']):.2f}x, local:1 vs single "
-                  f"{(min(pred['local:1']) - min(pred['single'])) / min(pred['single']) * 100:+.1f} %")
+                  f"{min(pred['single']) / min(pred['local:2']):.2f}x, overhead local:1 vs single/1t "
+                  f"{(min(pred['local:1']) - min(pred['single/1t'])) / min(pred['single/1t']) * 100:+.1f} %")
         if args.json:
             Path(args.json).write_text(json.dumps({"times": times, "cpu": cpus, "ceiling": ceilings, "setup": setup, "parts": parts, "predict": pred,
                                                    "slides": n, "args": vars(args)}, indent=1))
