@@ -57,6 +57,12 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _out(msg: str) -> None:
+    """The family's own lines (slides and their probabilities) go to stdout, as ``wsimil predict`` always printed
+    them, so scripts that read them keep working; failures and the cluster's progress go to stderr."""
+    print(msg, flush=True)
+
+
 def _open(spec: str) -> Any:
     from .spec import connect
 
@@ -128,7 +134,7 @@ def _predict(args: argparse.Namespace) -> int:
             bar.close()
     else:
         results = predict_here(args.run, args.cohort, args.out, weights=args.weights, device=args.device,
-                               options=options, report=_say)
+                               options=options, report=_out)
     failed = [r for r in results if r["status"] == "failed"]
     if args.cluster:  # the family says it itself in one process
         _say(f"predictions: {Path(args.out) / 'predictions.csv'} ({len(results) - len(failed)} slides)")
