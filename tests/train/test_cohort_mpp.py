@@ -224,6 +224,25 @@ def test_real_svs_without_pixel_size_takes_the_row_mpp(tmp_path: Path) -> None:
     assert attrs["slide_mpp"] == 0.25 and attrs["mpp"] == 4.0 and attrs["slide_id"] == "tcga"
 
 
+def test_encoding_time_is_reported_for_the_slides_a_call_extracts(tmp_path: Path) -> None:
+    """``timings`` names every slide this call encoded, and none whose bag was current (a prediction's `seconds`
+    then counts its own encoding of new slides, nothing for cached bags)."""
+    from conftest import real_slide
+
+    from napari_wsimil.train.cohort import ensure_features
+
+    svs = real_slide("CMU-1-Small-Region.svs")
+    rows = [{"slide_id": sid, "path": str(svs), "label": "1"} for sid in ("a", "b")]
+    first = load_cohort(_write_csv(tmp_path / "a.csv", rows[:1])).slides
+    both = load_cohort(_write_csv(tmp_path / "b.csv", rows)).slides
+    t1: dict[str, float] = {}
+    ensure_features(first, tmp_path / "f", "handcrafted", 128, 4.0, device="cpu", timings=t1)
+    assert list(t1) == ["a"] and t1["a"] > 0
+    t2: dict[str, float] = {}
+    bags = ensure_features(both, tmp_path / "f", "handcrafted", 128, 4.0, device="cpu", timings=t2)
+    assert list(t2) == ["b"] and sorted(bags) == ["a", "b"]  # "a" was current: not encoded again
+
+
 def test_self_supervised_encoder_without_weights_is_refused_not_random(tmp_path) -> None:
     """`wsimil train --encoder ssl-simclr` without weights would otherwise train on an untrained random net."""
     from napari_wsimil.train.cohort import CohortError, ensure_features

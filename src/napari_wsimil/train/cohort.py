@@ -275,8 +275,12 @@ def extract_missing(slides: Sequence[SlideItem], out_dir: Path, suffix: str,
 
 def ensure_features(slides: Sequence[SlideItem], out_dir: Path, encoder: str, patch: int, mpp: float,
                     report: Callable[[str], None] | None = None, device: str = "auto",
-                    weights: str | None = None, project: Path | None = None) -> dict[str, Path]:
+                    weights: str | None = None, project: Path | None = None,
+                    timings: dict[str, float] | None = None) -> dict[str, Path]:
     """Extract the bags of ``slides`` that are missing or stale; returns slide id → bag path.
+
+    ``timings``, when given, receives slide id → seconds spent encoding it, for the slides this call extracted
+    (none for bags that were current): a prediction on new slides then reports what reading and encoding cost.
 
     With an ``imported:NAME`` encoder nothing is extracted: every slide must already have its imported bag
     at this patch size and µm/px (:func:`napari_wsimil.features.interop.imported_bags`).
@@ -295,9 +299,17 @@ def ensure_features(slides: Sequence[SlideItem], out_dir: Path, encoder: str, pa
             report(f"features: {len(bags)} imported {encoder} bags")
         return bags
     enc = cohort_encoder(encoder, weights, device, mpp)
+
+    def compute(slide: Any, item: SlideItem) -> Any:
+        t0 = time.perf_counter()
+        bag = extract_features(slide, enc, patch, mpp, device=enc.device)
+        if timings is not None:
+            timings[item.slide_id] = time.perf_counter() - t0
+        return bag
+
     return extract_missing(
         slides, out_dir, BAG_SUFFIX, lambda path, s: not stale_reasons(path, enc, s.path, patch, mpp, s.mpp),
-        lambda slide, _s: extract_features(slide, enc, patch, mpp, device=enc.device), report, project)
+        compute, report, project)
 
 
 def imported_geometry(source: str | os.PathLike[str], run_dir: str | os.PathLike[str], encoder: str
