@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -97,15 +98,18 @@ def _failed(job: Any, exc: BaseException) -> dict[str, Any]:
     return {"slide_id": job.slide_id, "path": getattr(job, "path", ""), "status": "failed", "message": reason}
 
 
-class _Engine:
+class _Engine(ABC):
     """Where tasks run: ``submit(index, job)``, then ``completed()`` yields ``(index, job, result)`` as they end,
-    until none is left (jobs submitted meanwhile included)."""
+    until none is left (jobs submitted meanwhile included). Two engines: dask (``--cluster``) and this process
+    (plain ``wsimil predict`` falling back to one slide at a time)."""
 
+    @abstractmethod
     def submit(self, index: int, job: Any, after_s: float = 0.0) -> None:
-        raise NotImplementedError
+        """Queue ``job`` (slide ``index``), to start no sooner than ``after_s`` seconds from now."""
 
+    @abstractmethod
     def completed(self) -> Iterator[tuple[int, Any, dict[str, Any]]]:
-        raise NotImplementedError
+        """The finished tasks, as they finish."""
 
     def cancel(self) -> bool:
         """Drop every task not finished yet; True (the caller stops waiting)."""
