@@ -20,7 +20,6 @@ import pytest
 
 from napari_wsimil.cli import main
 from napari_wsimil.features import read_bag
-from napari_wsimil.features.extract import extract_cohort
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::ResourceWarning")
 
@@ -38,15 +37,6 @@ def handle():
 @pytest.fixture(scope="module")
 def slides(synth_cohort: Path) -> list[Path]:
     return sorted(synth_cohort.glob("slide_*[0-9].tiff"))
-
-
-@pytest.fixture(scope="module")
-def reference(slides: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bags the single-process path writes."""
-    out = tmp_path_factory.mktemp("single")
-    res = extract_cohort(slides, out, "handcrafted", 64, 0.5, 32, device="cpu")
-    assert all(r.status == "done" for r in res)
-    return out
 
 
 def same_bags(a: Path, b: Path, ids: list[str]) -> None:

@@ -32,14 +32,6 @@ def slides(synth_cohort: Path) -> list[Path]:
     return sorted(synth_cohort.glob("slide_*[0-9].tiff"))[:3]
 
 
-@pytest.fixture(scope="module")
-def reference(slides: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("single")
-    res = extract_cohort(slides, out, "handcrafted", 64, 0.5, 32, device="cpu")
-    assert all(r.status == "done" for r in res)
-    return out
-
-
 def jobs_for(slides: list[Path], out: Path, encoder: str = "handcrafted", region_patches: int = 100,
              **kw) -> list[ExtractJob]:
     s = {**SMALL, **kw}

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from napari_wsimil.cli import main
+from napari_wsimil.project.cohort_csv import write_rows
 
 SMALL = ["--mpp", "4", "--patch", "32", "--set", "width=8", "--set", "depth=3", "--set", "patches_per_epoch=32",
          "--set", "batch_size=8", "--set", "map_tile=128", "--set", "val_patches=4", "--set", "read_workers=2",
@@ -32,15 +33,6 @@ def _rows(csv_path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def _write(rows: list[dict], path: Path) -> Path:
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, cols)
-        w.writeheader()
-        w.writerows(rows)
-    return path
-
-
 def _painted_cohort(cohort: Path, out: Path) -> Path:
     """The cohort with a pixel_labels mask (1 tumour, 2 normal) on its first malignant slide, made from
     the ground truth: what a pathologist's painting of one slide amounts to."""
@@ -56,7 +48,7 @@ def _painted_cohort(cohort: Path, out: Path) -> Path:
     tifffile.imwrite(out / "paint.tif", paint)
     first["pixel_labels"] = str(out / "paint.tif")
     first["pixel_labels_downsample"] = first["gt_downsample"]
-    return _write(rows, out / "painted.csv")
+    return write_rows(rows, out / "painted.csv")
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -426,7 +418,7 @@ def _painted_val_cohort(cohort: Path, out: Path) -> Path:
     benign = next(r for r in rows if r["label"] == "0")
     for r in rows:
         r["split"] = "val" if r["pixel_labels"] or r is benign else "train"
-    return _write(rows, out / "painted_val.csv")
+    return write_rows(rows, out / "painted_val.csv")
 
 
 def test_painted_validation_slides_choose_the_checkpoint(cohort: Path, tmp_path: Path) -> None:
@@ -479,7 +471,7 @@ def test_all_benign_cohort_is_refused_before_training(cohort: Path, tmp_path: Pa
     rows = [r for r in _rows(cohort) if r["label"] == "0"]
     for r in rows:
         r["path"] = str(cohort.parent / r["path"])
-    benign = _write(rows + [{**rows[0], "slide_id": "x", "label": "1", "split": "test"}], tmp_path / "benign.csv")
+    benign = write_rows(rows + [{**rows[0], "slide_id": "x", "label": "1", "split": "test"}], tmp_path / "benign.csv")
     assert main(["train", str(benign), "--method", "pinchaud", "--out", str(tmp_path / "r"), *SMALL]) == 2
     assert "malignant" in capsys.readouterr().err
     assert not (tmp_path / "r" / "last.json").exists()
@@ -492,7 +484,7 @@ def _train_with_extra_slide(cohort: Path, tmp_path: Path, name: str, capsys) -> 
     for r in rows:
         r["path"] = str(cohort.parent / r["path"])
     rows.append({"slide_id": name, "path": str(tmp_path / f"{name}.tif"), "label": "0"})
-    bad = _write(rows, tmp_path / f"{name}.csv")
+    bad = write_rows(rows, tmp_path / f"{name}.csv")
     assert main(["train", str(bad), "--method", "pinchaud", "--out", str(tmp_path / "r"), *SMALL]) == 2
     assert not (tmp_path / "r" / "last.json").exists()
     return capsys.readouterr().err
@@ -514,7 +506,7 @@ def test_pixel_label_mask_of_the_wrong_shape_is_refused(cohort: Path, tmp_path: 
     rows = _rows(painted)
     for r in rows:
         r.pop("pixel_labels_downsample", None)
-    bad = _write(rows, tmp_path / "bad.csv")
+    bad = write_rows(rows, tmp_path / "bad.csv")
     assert main(["train", str(bad), "--method", "hybrid", "--out", str(tmp_path / "r"), *SMALL]) == 2
     err = capsys.readouterr().err
     assert "paint.tif" in err or "mask" in err

@@ -10,32 +10,13 @@ a pixel site's.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-
-def rows(csv_path: Path) -> list[dict]:
-    """A cohort CSV's rows with absolute slide and ground-truth paths."""
-    with open(csv_path, newline="") as fh:
-        out = list(csv.DictReader(fh))
-    for r in out:
-        for k in ("path", "gt_mask"):
-            if r.get(k):
-                r[k] = str((csv_path.parent / r[k]).resolve())
-    return out
-
-
-def write(rows_: list[dict], path: Path) -> Path:
-    """Rows to a CSV with every column any row has."""
-    cols = list(dict.fromkeys(k for r in rows_ for k in r))
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, cols)
-        w.writeheader()
-        w.writerows(rows_)
-    return path
+from ..project.cohort_csv import read_rows as rows  # noqa: F401  (the site tools' names)
+from ..project.cohort_csv import write_rows as write
 
 
 def paint(row: dict, out: Path) -> None:

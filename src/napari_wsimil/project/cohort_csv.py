@@ -395,3 +395,26 @@ def export_csv(project: ProjectFolder, path: str | os.PathLike[str], masks: bool
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def read_rows(csv_path: Path) -> list[dict[str, str]]:
+    """A cohort CSV's rows as plain dicts, its ``path`` and ``gt_mask`` made absolute: for tools that deal a
+    cohort's rows out to new CSVs elsewhere (federated sites, benchmark splits), where relative paths would
+    no longer resolve. No checks: :func:`parse_rows` validates when the rows are used."""
+    with open(csv_path, newline="") as fh:
+        out = list(csv.DictReader(fh))
+    for r in out:
+        for k in ("path", "gt_mask"):
+            if r.get(k):
+                r[k] = str((Path(csv_path).parent / r[k]).resolve())
+    return out
+
+
+def write_rows(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """``rows`` as a CSV with every column any row has (in first-seen order), written atomically."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with atomic_write(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, cols, restval="")
+        w.writeheader()
+        w.writerows(rows)
+    return path
