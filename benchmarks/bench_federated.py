@@ -243,7 +243,7 @@ def flower_timing(work: Path, args: argparse.Namespace) -> dict:
     t = time.perf_counter()
     wsimil("federate", "simulate", cohort, "--rounds", args.flower_rounds, "--out", run,
            "--set", f"mpp={args.mpp}", "--set", f"patch={args.patch}", "--set", 'classes=["0","1"]',
-           "--set", f"encoder={args.encoder}",
+           "--set", f"encoder={args.encoder}", "--set", f"mil_method={args.mil_method}",
            "--round-timeout", 900)
     total = time.perf_counter() - t
     info = json.loads((run / "run.json").read_text())
