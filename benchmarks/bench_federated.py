@@ -1,7 +1,9 @@
 """HistoFL across 3 sites against centralised training and each site alone, on the real-tissue benchmark.
 
 The cohort is ``wsimil synth --textures`` with PatchCamelyon tiles (../shared/data/pcam): its train and val
-slides are dealt to 3 sites, its test slides (held-out PCam tiles) are the test set of every model. Two splits:
+slides are dealt to 3 sites, its test slides (held-out PCam tiles) are the test set of every model. Other labelled
+tiles: ``--textures DIR --tile-mpp MPP`` (e.g. ../shared/data/crc_val_he_7k at 0.5 µm/px), with ``--tumour-share LO
+HI`` for larger tumours (``wsimil synth --tumour-share``). Two splits:
 
 * **even**: each site a third of the slides, stratified by label;
 * **skewed**: site A holds 60 % of the slides, site C almost no tumour (one malignant slide at most).
@@ -14,7 +16,8 @@ from run.json). ``--flower-rounds N`` times N rounds of the even split over real
 (``wsimil federate simulate``, TLS and site keys on): seconds and bytes per round.
 
 python benchmarks/bench_federated.py [--quick] [--slides 36] [--size 3072] [--rounds 20] [--dp 8 2]
-    [--flower-rounds 2] [--workdir DIR] [--seed 1]
+    [--flower-rounds 2] [--workdir DIR] [--seed 1] [--mil-method abmil|clam-sb] [--encoder ENC]
+    [--textures DIR --tile-mpp MPP] [--tumour-share LO HI]
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def slide_auc(pred_dir: Path, test_rows: list[dict]) -> float:
 
 def _train(csv_path: Path, out: Path, epochs: int, args: argparse.Namespace) -> Path:
     if not (out / "best.safetensors").is_file():
-        wsimil("train", csv_path, "--method", "abmil", "--out", out, "--epochs", epochs, "--patch", args.patch,
+        wsimil("train", csv_path, "--method", args.mil_method, "--out", out, "--epochs", epochs, "--patch", args.patch,
                "--mpp", args.mpp, "--seed", args.seed, "--device", "cpu", "--encoder", args.encoder,
                "--set", "early_stopping=false")
     return out
@@ -114,7 +117,7 @@ def _federate(site_csvs: dict[str, Path], run: Path, work: Path, args: argparse.
     from napari_wsimil.federated.rounds import LocalTransport, ServerSettings, run_server
 
     cfg = HistoFLConfig(classes=["0", "1"], mpp=args.mpp, patch=args.patch, rounds=args.rounds, seed=args.seed,
-                        alpha=args.alpha, encoder=args.encoder, **extra)
+                        alpha=args.alpha, encoder=args.encoder, mil_method=args.mil_method, **extra)
     method = HistoFL()
     trainers = {}
     for name, path in site_csvs.items():
@@ -146,23 +149,36 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--flower-rounds", type=int, default=0, help="time this many rounds over real Flower")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--encoder", default="handcrafted", help="patch encoder of every model (as wsimil train's)")
+    ap.add_argument("--mil-method", default="abmil", choices=["abmil", "clam-sb"],
+                    help="the attention-MIL network of every model (HistoFL's sites, centralised, each site alone)")
     ap.add_argument("--textures", type=Path, default=PCAM)
+    ap.add_argument("--tile-mpp", type=float, default=None,
+                    help=f"µm/px of the textures' tiles (default {PCAM_MPP} for PCam; wsimil synth's own otherwise)")
+    ap.add_argument("--tumour-share", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="range of the malignant slides' tumour share of their tissue (wsimil synth --tumour-share; "
+                         "default: the generator's)")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.quick:
         args.slides, args.size, args.rounds = 24, 2048, 10
     base = args.workdir or Path(tempfile.gettempdir()) / "wsimil-bench" / "federated"
     base.mkdir(parents=True, exist_ok=True)
-    cohort = make_textured_cohort(base, args.slides, args.size, args.seed, args.textures,
-                                  PCAM_MPP if args.textures.resolve() == PCAM.resolve() else None)
+    tile_mpp = args.tile_mpp or (PCAM_MPP if args.textures.resolve() == PCAM.resolve() else None)
+    cohort = make_textured_cohort(base, args.slides, args.size, args.seed, args.textures, tile_mpp,
+                                  tuple(args.tumour_share) if args.tumour_share else None)
     rows = _rows(cohort)
     test_rows = [r for r in rows if r.get("split") == "test"]
-    work = base / f"run_{args.slides}x{args.size}_s{args.seed}_r{args.rounds}"
+    # the defaults keep the folder name of the runs made before these options
+    tag = "" if args.mil_method == "abmil" else f"_{args.mil_method}"
+    tag += "" if args.patch == 256 else f"_p{args.patch}"
+    tag += "" if args.textures.resolve() == PCAM.resolve() else f"_{args.textures.name}_{args.encoder}"
+    tag += "" if not args.tumour_share else f"_t{args.tumour_share[0]:g}-{args.tumour_share[1]:g}"
+    work = base / f"run_{args.slides}x{args.size}_s{args.seed}_r{args.rounds}{tag}"
     work.mkdir(parents=True, exist_ok=True)
     (work / "features").mkdir(exist_ok=True)
     test_csv = _write(test_rows, work / "test.csv")
-    print(f"cohort: {len(rows)} slides of {args.size}² (real PCam tissue), {len(test_rows)} test; "
-          f"ABMIL on {args.encoder} features, {args.patch} px at {args.mpp} µm/px; {args.rounds} rounds = epochs",
+    print(f"cohort: {len(rows)} slides of {args.size}² (real tissue: {args.textures.name}), {len(test_rows)} test; "
+          f"{args.mil_method} on {args.encoder} features, {args.patch} px at {args.mpp} µm/px; {args.rounds} rounds = epochs",
           flush=True)
     results: dict = {}
     table_rows = []
@@ -227,7 +243,7 @@ def flower_timing(work: Path, args: argparse.Namespace) -> dict:
     t = time.perf_counter()
     wsimil("federate", "simulate", cohort, "--rounds", args.flower_rounds, "--out", run,
            "--set", f"mpp={args.mpp}", "--set", f"patch={args.patch}", "--set", 'classes=["0","1"]',
-           "--set", f"encoder={args.encoder}",
+           "--set", f"encoder={args.encoder}", "--set", f"mil_method={args.mil_method}",
            "--round-timeout", 900)
     total = time.perf_counter() - t
     info = json.loads((run / "run.json").read_text())
