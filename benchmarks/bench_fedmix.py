@@ -24,9 +24,15 @@ Both are scored by ``wsimil predict`` (test slides) → ``wsimil evaluate --spli
 test slide, averaged, at the run's threshold (FedMix's: set from the sites' numbers) and at 0.5. Same U-Net, patch, µm/px and seed. Training patches: Hybrid ``--epochs`` ×
 ``--patches-per-epoch``; FedMix rounds × sites × patches per round (each trains two nets).
 
+``--val`` also predicts the validation slides with every run and prints their Dice: settings are chosen on
+those numbers, never on the test slides. ``--tumour-share LO HI`` is ``wsimil synth --tumour-share`` (the
+range of the malignant slides' tumour share of their tissue; with ``--textures ../shared/data/crc_val_he_7k
+--tile-mpp 0.5 --tumour-share 0.05 0.3`` the colorectal cohorts that MIL learns, docs/benchmarks.md).
+
 python benchmarks/bench_fedmix.py [--synthetic] [--slides 24] [--size 3072] [--rounds 12] [--epochs 12]
     [--mpp 2] [--patch 64] [--width 16] [--depth 3] [--patches-per-round 128] [--patches-per-epoch 256]
-    [--batch-size 16] [--lam 10] [--beta 1.5] [--seed 1] [--threads 1] [--alone] [--workdir DIR]
+    [--batch-size 16] [--lam 10] [--beta 1.5] [--seed 1] [--threads 1] [--alone] [--val | --val-only] [--skip-fedmix]
+    [--textures DIR --tile-mpp M [--tumour-share LO HI]] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -85,15 +91,17 @@ def _union(base: Path, sites: list[Path], out: Path) -> Path:
     return write(rs, out)
 
 
-def _test_rows(base: Path, out: Path) -> Path:
+def _test_rows(base: Path, out: Path, split: str = "test") -> Path:
     from napari_wsimil.federated.fedmix_sites import rows, write
 
-    return write([r for r in rows(base) if r["split"] == "test"], out)
+    return write([r for r in rows(base) if r["split"] == split], out)
 
 
-def _score(run: Path, test_csv: Path, cohort_csv: Path, pred: Path, weights: str = "best") -> dict:
-    wsimil("predict", run, "--cohort", test_csv, "--out", pred, "--device", "cpu", "--weights", weights)
-    wsimil("evaluate", pred, "--cohort", cohort_csv, "--split", "test")
+def _score(run: Path, test_csv: Path, cohort_csv: Path, pred: Path, weights: str = "best",
+           split: str = "test") -> dict:
+    if not (pred / "metrics.json").is_file():  # a rerun with other runs added scores only what is new
+        wsimil("predict", run, "--cohort", test_csv, "--out", pred, "--device", "cpu", "--weights", weights)
+        wsimil("evaluate", pred, "--cohort", cohort_csv, "--split", split)
     return json.loads((pred / "metrics.json").read_text()).get("segmentation") or {}
 
 
@@ -120,6 +128,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tumour-contrast", type=float, default=1.0, help="--synthetic only")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--skip-hybrid", action="store_true", help="FedMix only (e.g. to try settings)")
+    ap.add_argument("--skip-fedmix", action="store_true",
+                    help="centralised Hybrid only (e.g. to check that it learns the cohort at all)")
+    ap.add_argument("--val", action="store_true",
+                    help="also predict the validation slides and print their Dice: the numbers to choose "
+                         "settings on (never the test slides)")
+    ap.add_argument("--val-only", action="store_true",
+                    help="score the validation slides only (while choosing settings, the test slides stay unseen)")
+    ap.add_argument("--tumour-share", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                    help="textured cohorts: range of the malignant slides' tumour share of their tissue "
+                         "(wsimil synth --tumour-share; default: the generator's)")
     ap.add_argument("--alone", action="store_true", help="also the pixel site trained by itself")
     ap.add_argument("--paint-val", action="store_true",
                     help="paint the pixel site's malignant validation slides (FedMix then picks its round by "
@@ -144,15 +162,21 @@ def main(argv: list[str] | None = None) -> dict:
         look = "synthetic"
     else:
         tile_mpp = args.tile_mpp or (PCAM_MPP if args.textures.resolve() == PCAM.resolve() else None)
-        raw = make_textured_cohort(work, args.slides, args.size, args.seed, args.textures, tile_mpp)
+        share = tuple(args.tumour_share) if args.tumour_share else None
+        raw = make_textured_cohort(work, args.slides, args.size, args.seed, args.textures, tile_mpp, share)
         look = f"real tissue ({args.textures.name})"
     tag = (f"{look.split()[0]}_{args.slides}x{args.size}_s{args.seed}_{args.mpp:g}mpp_{args.patch}_{args.width}x"
            f"{args.depth}")
+    if not args.synthetic:
+        tag = tag.replace("real_", f"{args.textures.name}_", 1)
+        if args.tumour_share:
+            tag += f"_t{args.tumour_share[0]:g}-{args.tumour_share[1]:g}"
     out = work / (f"fedmix_{tag}_r{args.rounds}x{args.patches_per_round}_l{args.lam:g}_b{args.beta:g}"
                   + ("_pv" if args.paint_val else ""))
     out.mkdir(parents=True, exist_ok=True)
     base = _split(raw, out / "cohort.csv", args.seed)
     test_csv = _test_rows(base, out / "test.csv")
+    val_csv = _test_rows(base, out / "val.csv", "val")
     sites = make_sites(base, out / ("sites_paint_val" if args.paint_val else "sites"), paint_val=args.paint_val)
     union = _union(base, sites, out / "union.csv")
     with open(base, newline="") as fh:
@@ -169,36 +193,48 @@ def main(argv: list[str] | None = None) -> dict:
                        beta=args.beta, seed=args.seed, device="cpu", read_workers=2)
     run_fed = out / "run_fedmix"
     t = time.perf_counter()
-    if not (run_fed / "last.json").is_file() or json.loads((run_fed / "last.json").read_text())["round"] < args.rounds:
+    if args.skip_fedmix:
+        res = None
+    elif not (run_fed / "last.json").is_file() or json.loads((run_fed / "last.json").read_text())["round"] < args.rounds:
         res = run_local(sites, cfg, args.rounds, run_fed, resume=(run_fed / "last.json").is_file(),
                         report=lambda m: print(m, flush=True))
     else:
         res = {"history": json.loads((run_fed / "last.json").read_text())["history"]}
-    times["fedmix train"] = time.perf_counter() - t
-    t = time.perf_counter()
-    with contextlib.redirect_stdout(sink) if not args.verbose else contextlib.nullcontext():
-        results["FedMix (pixel + box + slide sites)"] = _score(run_fed, test_csv, base, out / "pred_fedmix")
-        results["FedMix, last round at 0.5"] = _score(run_fed, test_csv, base, out / "pred_fedmix_last", "last")
-    times["fedmix predict"] = time.perf_counter() - t
-    fed_info = json.loads((run_fed / "run.json").read_text())
-    point = fed_info.get("operating_point") or {}
-    print(f"FedMix checkpoint: {fed_info.get('best')}; operating point: "
-          + (", ".join(f"{k} {point.get(k)}" for k in ("threshold", "benign_fpr", "benign_pixels", "n_slides",
-                                                        "sites")) if point else "none (masks at 0.5)"))
-    for r in fed_info.get("rounds", []):
-        v = r.get("validation") or {}
-        print(f"  round {r['round']}: val loss {_f(v.get('val_loss'))}, pooled val pixel Dice "
-              f"{_f(v.get('val_pixel_dice'))}" + (f", threshold {v['threshold']:.3f}" if "threshold" in v else ""))
+    val: dict[str, dict] = {}
+
+    def score(name: str, run: Path, tag: str, weights: str = "best") -> None:
+        """Test slides into ``results``; with --val, the validation slides into ``val`` (best weights only)."""
+        with contextlib.redirect_stdout(sink) if not args.verbose else contextlib.nullcontext():
+            if not args.val_only:
+                results[name] = _score(run, test_csv, base, out / f"pred_{tag}", weights)
+            if (args.val or args.val_only) and weights == "best":
+                val[name] = _score(run, val_csv, base, out / f"pred_{tag}_val", weights, "val")
+
+    fed_info: dict = {}
+    if not args.skip_fedmix:
+        times["fedmix train"] = time.perf_counter() - t
+        t = time.perf_counter()
+        score("FedMix (pixel + box + slide sites)", run_fed, "fedmix")
+        score("FedMix, last round at 0.5", run_fed, "fedmix_last", "last")
+        times["fedmix predict"] = time.perf_counter() - t
+        fed_info = json.loads((run_fed / "run.json").read_text())
+        point = fed_info.get("operating_point") or {}
+        print(f"FedMix checkpoint: {fed_info.get('best')}; operating point: "
+              + (", ".join(f"{k} {point.get(k)}" for k in ("threshold", "benign_fpr", "benign_pixels", "n_slides",
+                                                            "sites")) if point else "none (masks at 0.5)"))
+        for r in fed_info.get("rounds", []):
+            v = r.get("validation") or {}
+            print(f"  round {r['round']}: val loss {_f(v.get('val_loss'))}, pooled val pixel Dice "
+                  f"{_f(v.get('val_pixel_dice'))}" + (f", threshold {v['threshold']:.3f}" if "threshold" in v else ""))
     if args.alone:  # the pixel site by itself: what the other two sites add
         run_a = out / "run_pixel_site_alone"
         t = time.perf_counter()
         if not (run_a / "last.json").is_file():
             run_local(sites[:1], cfg, args.rounds, run_a, evaluate=False)
         times["pixel site alone train"] = time.perf_counter() - t
-        with contextlib.redirect_stdout(sink) if not args.verbose else contextlib.nullcontext():
-            results["pixel site alone (FedMix, 1 site)"] = _score(run_a, test_csv, base, out / "pred_alone")
+        score("pixel site alone (FedMix, 1 site)", run_a, "alone")
     if not args.skip_hybrid:
-        run_h = out / "run_hybrid"
+        run_h = out / f"run_hybrid_e{args.epochs}x{args.patches_per_epoch}"
         sets = {"width": args.width, "depth": args.depth, "patches_per_epoch": args.patches_per_epoch,
                 "batch_size": args.batch_size, "read_workers": 2}
         set_args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
@@ -207,35 +243,44 @@ def main(argv: list[str] | None = None) -> dict:
             if not (run_h / "best.safetensors").is_file():
                 wsimil("train", union, "--method", "hybrid", "--out", run_h, "--epochs", args.epochs, "--patch",
                        args.patch, "--mpp", args.mpp, "--seed", args.seed, "--device", "cpu", *set_args)
-            times["hybrid train"] = time.perf_counter() - t
-            t = time.perf_counter()
-            results["centralised Hybrid (pixel site's paint)"] = _score(run_h, test_csv, base, out / "pred_hybrid")
-            results["centralised Hybrid, last epoch"] = _score(run_h, test_csv, base, out / "pred_hybrid_last",
-                                                              "last")
-            times["hybrid predict"] = time.perf_counter() - t
+        times["hybrid train"] = time.perf_counter() - t
+        t = time.perf_counter()
+        score("centralised Hybrid (pixel site's paint)", run_h, run_h.name[4:])
+        score("centralised Hybrid, last epoch", run_h, run_h.name[4:] + "_last", "last")
+        times["hybrid predict"] = time.perf_counter() - t
 
     rows_ = []
     for name, m in results.items():
         rows_.append([name, _f(m.get("dice")), _f(m.get("dice_at_0.5", m.get("dice"))), _f(m.get("iou")),
                       _f(m.get("dice_pooled")), _f(m.get("benign_positive_fraction")), _f(m.get("threshold"))])
     print(table(rows_, ["method", "Dice", "Dice at 0.5", "IoU", "Dice pooled", "benign px", "threshold"]))
-    last = res["history"][-1]["sites"]
-    print("last round: " + "; ".join(f"{s['site']} ({s['supervision']}) kept {s['num_examples']}/{int(s['offered'])}"
-                                     f" loss {s['loss']:.3f} weight {s['weight']:.2f}" for s in last))
+    if val:
+        print("VALIDATION slides (choose settings on these):")
+        print(table([[name, _f(m.get("dice")), _f(m.get("dice_at_0.5", m.get("dice"))), _f(m.get("iou")),
+                      _f(m.get("benign_positive_fraction")), _f(m.get("threshold"))] for name, m in val.items()],
+                    ["method", "val Dice", "val Dice at 0.5", "IoU", "benign px", "threshold"]))
+    last = res["history"][-1]["sites"] if res else []
+    if last:
+        print("last round: " + "; ".join(f"{s['site']} ({s['supervision']}) kept {s['num_examples']}/"
+                                         f"{int(s['offered'])} loss {s['loss']:.3f} weight {s['weight']:.2f}"
+                                         for s in last))
     print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
           + f"; total {time.perf_counter() - t0:.0f} s")
-    summary = {"results": results, "times": times, "sites_last_round": last, "best": fed_info.get("best"),
+    summary = {"results": results, "val": val, "times": times, "sites_last_round": last, "best": fed_info.get("best"),
                "operating_point": fed_info.get("operating_point"), "args": {
         k: str(v) for k, v in vars(args).items()}}
-    if not args.skip_hybrid:
+    if not args.skip_hybrid and not args.skip_fedmix and not args.val_only:
         fed = results["FedMix (pixel + box + slide sites)"].get("dice")
+        fed05 = results["FedMix (pixel + box + slide sites)"].get("dice_at_0.5", fed)
         hyb = results["centralised Hybrid (pixel site's paint)"].get("dice")
         hyb05 = results["centralised Hybrid (pixel site's paint)"].get("dice_at_0.5", hyb)
         if fed is not None and hyb:
             ratio = float(fed) / float(hyb)
             summary["ratio"] = ratio
+            if fed05 is not None and hyb05:
+                summary["ratio_at_0.5"] = float(fed05) / float(hyb05)
             print(f"FedMix / centralised Hybrid Dice: {ratio:.2f} (goal ≥ 0.90: {'met' if ratio >= 0.9 else 'NOT met'})"
-                  + (f"; against Hybrid at 0.5: {float(fed) / float(hyb05):.2f}" if hyb05 else ""))
+                  + (f"; both at 0.5: {summary['ratio_at_0.5']:.2f}" if "ratio_at_0.5" in summary else ""))
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
 
