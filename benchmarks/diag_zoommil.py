@@ -140,6 +140,8 @@ def grad_stats(run_dir: Path, items: list, bags: dict, n: int = 8, seed: int = 0
     run = load_zoom_run(run_dir, device="cpu")
     model = run.model
     model.train()
+    for p in model.parameters():  # a run loaded for prediction is frozen
+        p.requires_grad_(True)
     classes = run.classes
     torch.manual_seed(seed)
     cos, zn, an, differ, rel_sigma = [], [], [], [], []
@@ -151,10 +153,12 @@ def grad_stats(run_dir: Path, items: list, bags: dict, n: int = 8, seed: int = 0
             model.zero_grad()
             out = model(levels[0], full_bag_fetch(levels))
             F.cross_entropy(out.logits[None], label).backward()
-            g = torch.cat([p.grad.reshape(-1) for p in model.zoom[0].parameters() if p.grad is not None])
+            g = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
+                           for p in model.zoom[0].parameters()])
             grads.append(g.clone())
             zn.append(float(g.norm()))
-            an.append(float(torch.cat([p.grad.reshape(-1) for p in model.att[0].parameters()]).norm()))
+            an.append(float(torch.cat([p.grad.reshape(-1) for p in model.att[0].parameters()
+                                       if p.grad is not None] or [torch.zeros(1)]).norm()))
         if grads[0].norm() > 0 and grads[1].norm() > 0:
             cos.append(float(F.cosine_similarity(grads[0], grads[1], 0)))
         with torch.no_grad():
