@@ -20,6 +20,14 @@ class ZoomMILConfig(TrainConfig):
     num_samples: int = doc_field("Noise draws of the differentiable top-K while training.", default=100)
     sigma: float = doc_field("Noise scale of the differentiable top-K (on the softmax of the zoom scores).",
                              default=0.002)
+    sigma_spread: float = doc_field("If > 0, the top-K's noise scale is this many standard deviations of each "
+                                    "bag's zoom scores instead of `sigma` (so it suits bags of any size).",
+                                    default=0.0)
+    baseline: bool = doc_field("Subtract a leave-one-out baseline in the top-K's gradient estimate (same "
+                               "expected gradient, less noise).", default=False)
+    zoom_on: str = doc_field("Scores that choose where to zoom: 'zoom' (an extra attention head per lower level, "
+                             "as the reference code) or 'attention' (the level's own attention, as the poster "
+                             "describes).", default="zoom")
     hidden: int = doc_field("Width of each level's Linear(D, hidden).", default=512)
     attn_hidden: int = doc_field("Width of the gated attention's hidden layer.", default=256)
     dropout: float = doc_field("Dropout after each level's trunk and inside the attention.", default=0.25)

@@ -19,7 +19,7 @@ from ..infer.metrics import weighted_f1
 from ..train.engine import StepOutput, TrainingError, classification_metrics
 from .bags import read_zoom_bag
 from .configs import ZoomMILConfig
-from .network import ZoomMILNet, full_bag_fetch
+from .network import ZOOM_ON, ZoomMILNet, full_bag_fetch
 
 
 def bag_tensors(path: Path, device: torch.device | str = "cpu") -> list[torch.Tensor]:
@@ -65,6 +65,8 @@ class ZoomMILMethod:
             raise TrainingError("ZoomMIL needs at least one training slide")
         if self.config.select_by not in SELECT_BY:
             raise TrainingError(f"select_by must be one of {', '.join(SELECT_BY)}, not {self.config.select_by!r}")
+        if self.config.zoom_on not in ZOOM_ON:
+            raise TrainingError(f"zoom_on must be one of {', '.join(ZOOM_ON)}, not {self.config.zoom_on!r}")
         if not self.n_classes:
             self.n_classes = max(2, max(self.train_labels) + 1)
         total, total_sq, count = None, None, 0
@@ -95,7 +97,8 @@ class ZoomMILMethod:
     def build_model(self) -> ZoomMILNet:
         c = self.config
         model = ZoomMILNet(self.in_dim, self.n_classes, self.ratios, hidden=c.hidden, attn_hidden=c.attn_hidden,
-                           dropout=c.dropout, k=c.k, num_samples=c.num_samples, sigma=c.sigma)
+                           dropout=c.dropout, k=c.k, num_samples=c.num_samples, sigma=c.sigma,
+                       sigma_spread=c.sigma_spread, baseline=c.baseline, zoom_on=c.zoom_on)
         if self.scaling is not None:
             model.set_input_scaling(*self.scaling)
         return model

@@ -26,6 +26,10 @@ from ..models.attention import GatedAttention
 from .topk import perturbed_topk
 
 Fetch = Callable[[int, torch.Tensor], torch.Tensor]
+#: Which scores choose the patches to zoom into: "zoom", the auxiliary zoom head of each lower level (the
+#: reference code), or "attention", the level's own attention (the poster: "the K patches with the highest
+#: attention weights"), which the slide loss trains directly.
+ZOOM_ON = ("zoom", "attention")
 
 
 @dataclass
@@ -46,14 +50,18 @@ class ZoomMILNet(nn.Module):
 
     def __init__(self, in_dim: int, n_classes: int, ratios: Sequence[int], hidden: int = 512,
                  attn_hidden: int = 256, dropout: float = 0.25, k: int = 12, num_samples: int = 100,
-                 sigma: float = 0.002):
+                 sigma: float = 0.002, sigma_spread: float = 0.0, baseline: bool = False,
+                 zoom_on: str = "zoom"):
         super().__init__()
         if n_classes < 2:
             raise ValueError("a slide classifier needs at least 2 classes")
         if k < 1:
             raise ValueError(f"K (patches to zoom into per level) must be at least 1, got {k}")
         self.in_dim, self.n_classes, self.ratios = in_dim, n_classes, [int(r) for r in ratios]
+        if zoom_on not in ZOOM_ON:
+            raise ValueError(f"zoom_on must be one of {', '.join(ZOOM_ON)}, not {zoom_on!r}")
         self.k, self.num_samples, self.sigma = int(k), int(num_samples), float(sigma)
+        self.sigma_spread, self.baseline, self.zoom_on = float(sigma_spread), bool(baseline), zoom_on
         n_levels = len(self.ratios) + 1
         self.fc = nn.ModuleList(nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
                                 for _ in range(n_levels))
@@ -67,6 +75,16 @@ class ZoomMILNet(nn.Module):
         """Standardise every level's features with the training bags' moments (saved with the weights)."""
         self.input_mean.copy_(mean.reshape(-1))
         self.input_std.copy_(torch.clamp(std.reshape(-1), min=1e-6))
+
+    def noise_scale(self, scores: torch.Tensor) -> float:
+        """The top-K's sigma for one bag's (softmaxed) zoom scores: ``sigma``, or with ``sigma_spread`` > 0 that
+        many standard deviations of the scores. Why: softmax scores of a bag of N patches are about 1/N, so a
+        fixed sigma (0.002, set for the reference's bags) is far below the gaps between the scores of a small
+        bag (N ≈ 16 gives gaps of ~0.01–0.05): every draw then picks the same patches and the zoom head gets no
+        signal. Tied to the spread, the perturbation always reaches the patches around the K-th score."""
+        if self.sigma_spread <= 0 or scores.numel() < 2:
+            return self.sigma
+        return max(self.sigma_spread * float(scores.detach().std()), 1e-8)
 
     def _pool(self, level: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.fc[level]((x - self.input_mean) / self.input_std)
@@ -86,9 +104,10 @@ class ZoomMILNet(nn.Module):
         ids = torch.arange(n0, device=dev)
         for step, ratio in enumerate(self.ratios):
             r = ratio * ratio
-            z = torch.softmax(self.zoom[step](h)[0], 0)
-            sel = perturbed_topk(z, self.k, num_samples=self.num_samples, sigma=self.sigma,
-                                 training=self.training)  # (K, n_rows)
+            # the zoom scores: the auxiliary zoom head's (the reference's), or the level's own attention
+            z = torch.softmax(self.zoom[step](h)[0], 0) if self.zoom_on == "zoom" else a
+            sel = perturbed_topk(z, self.k, num_samples=self.num_samples, sigma=self.noise_scale(z),
+                                 training=self.training, baseline=self.baseline)  # (K, n_rows)
             over = sel if weights is None else sel @ weights  # (K, len(ids)): over bag rows of this level
             used = torch.nonzero(over.detach().abs().sum(0) > 0).reshape(-1)
             parents = ids[used]
@@ -119,4 +138,4 @@ def full_bag_fetch(levels: Sequence[torch.Tensor]) -> Fetch:
     return fetch
 
 
-__all__ = ["Fetch", "ZoomMILNet", "ZoomOutput", "full_bag_fetch"]
+__all__ = ["ZOOM_ON", "Fetch", "ZoomMILNet", "ZoomOutput", "full_bag_fetch"]

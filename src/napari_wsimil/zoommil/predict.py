@@ -69,7 +69,8 @@ def load_zoom_run(run_dir: str | os.PathLike[str], device: str = "auto", weights
         raise RunError(f"cannot read {run / 'last.json'}: {exc}") from exc
     cfg = saved_config(name, state)
     model = ZoomMILNet(in_dim, n_classes, ratios, hidden=cfg.hidden, attn_hidden=cfg.attn_hidden,
-                       dropout=cfg.dropout, k=cfg.k, num_samples=cfg.num_samples, sigma=cfg.sigma)
+                       dropout=cfg.dropout, k=cfg.k, num_samples=cfg.num_samples, sigma=cfg.sigma,
+                       sigma_spread=cfg.sigma_spread, baseline=cfg.baseline, zoom_on=cfg.zoom_on)
     dev = load_checkpoint_weights(run, model, weights, device)
     return ZoomRun(model, name, n_classes, info, dev)
 
