@@ -112,3 +112,63 @@ def test_the_global_models_map_of_the_open_slide(make_napari_viewer, qtbot, tmp_
     qtbot.waitUntil(lambda: layer.metadata["wsimil"]["round"] == 2 and not panel.tasks.busy, timeout=60_000)
     assert layer.metadata["wsimil"]["run"] == str(panel.workdir / "global")
     viewer.close()
+
+
+def test_the_histofl_global_models_attention_map_of_the_open_slide(make_napari_viewer, qtbot, tmp_path):
+    """A tiny in-process HistoFL run (two sites, one round); the panel pointed at its folder maps the slide open
+    in the viewer in a worker: the global model's attention, a layer over the slide at the slide's µm scale and
+    extent, with content on screen."""
+    import csv
+
+    import numpy as np
+
+    from napari_wsimil.federated.histofl import HistoFL, HistoFLConfig
+    from napari_wsimil.federated.rounds import LocalTransport, ServerSettings, run_server
+    from napari_wsimil.project import Project
+    from napari_wsimil.slide.synthetic import synthesize_cohort
+
+    cohort = synthesize_cohort(tmp_path / "cohort", 8, seed=0, size=1024, workers=1)
+    rows = list(csv.DictReader(open(cohort)))
+    site_csvs = []
+    for k in range(2):  # two sites, slides dealt round-robin (paths stay relative to the cohort's folder)
+        site_csvs.append(cohort.parent / f"site{k}.csv")
+        with site_csvs[-1].open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows[k::2])
+    method = HistoFL()
+    cfg = HistoFLConfig(classes=["0", "1"], mil={"hidden": 16, "attn_hidden": 8}, lr=1e-3, rounds=1)
+    sites = {f"site{k}": method.site_trainer(p, cfg, tmp_path / f"work{k}") for k, p in enumerate(site_csvs)}
+    run_server(method, cfg, tmp_path / "run", LocalTransport(sites),
+               ServerSettings(rounds=1, min_sites=2, evaluate_last=False))
+    Project.create_from_csv(tmp_path / "proj", cohort).close()
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1000, 800)
+    _, pw = viewer.window.add_plugin_dock_widget("napari-wsimil", "Labelling project")
+    _, panel = viewer.window.add_plugin_dock_widget("napari-wsimil", "Federation")
+    pw.open_project(tmp_path / "proj")
+    s = panel.session
+    sid, slide = s.slide_id, s.slide
+    assert sid is not None and slide.mpp is not None
+    name = f"global model {sid}"
+
+    panel.global_path.setText(str(tmp_path / "run"))
+    panel.map_btn.click()
+    assert panel.tasks.busy  # computed in a worker (the slide's features are extracted there), not the window's
+    qtbot.waitUntil(lambda: name in viewer.layers and not panel.tasks.busy, timeout=60_000)
+    layer = viewer.layers[name]
+    meta = layer.metadata["wsimil"]
+    assert (meta["round"], meta["map_kind"], meta["federated"]) == (1, "map", True)  # attention, round 1
+    assert "attention" in panel.map_status.text()
+    ds = meta["downsample"]
+    assert layer.data.ndim == 2 and float(layer.data.max()) > 0
+    assert np.allclose(layer.scale, (slide.mpp * ds, slide.mpp * ds))  # the slide's µm, not pixels
+    assert np.allclose(layer.extent.world, s.image_layer.extent.world, atol=ds * slide.mpp * 1.01)
+    for other in viewer.layers:  # on screen: the map alone
+        other.visible = other is layer
+    viewer.reset_view()
+    shot = np.asarray(viewer.screenshot(canvas_only=True, flash=False))[..., :3].astype(int)
+    # the attention over the tissue (off tissue the map is 0, the colormap's background) covers part of the canvas
+    assert (np.abs(shot - shot[0, 0]).sum(-1) > 30).mean() > 0.05
+    viewer.close()

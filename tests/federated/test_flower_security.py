@@ -95,3 +95,38 @@ def test_security_is_required_away_from_loopback(tmp_path):
                                          insecure=True)
     with pytest.raises(WsimilError, match="already holds a CA"):
         make_keys(tmp_path / "k", ["a"]) and make_keys(tmp_path / "k", ["a"])
+
+
+def test_a_registered_site_restarted_right_after_a_crash_joins_again(secure_link, tmp_path):
+    """A site whose SuperNode dies and that is started again at once: Flower still counts its key's previous
+    SuperNode as connected (until 2 heartbeat intervals have passed) and refuses to activate the key, with the
+    error an unregistered key gets. The site tries again until Flower lets go, and joins."""
+    import os
+    import signal
+    import sys
+
+    work, source = tmp_path / "good", tmp_path / "cohort.csv"
+    source.write_text("slide_id,path,label\n")  # no message comes: the site never reads it
+    cmd = [sys.executable, "-m", "napari_wsimil.cli", "federate", "site", str(source), "--server",
+           secure_link["address"], "--name", "good", "--workdir", str(work), "--root-cert",
+           str(secure_link["keys"] / "ca.pem"), "--key", str(secure_link["keys"] / "sites" / "good.key")]
+    first = start(cmd, dict(os.environ), tmp_path / "first.out")
+    try:
+        assert _joined(work / "site.log", first, 60), (tmp_path / "first.out").read_text()[-2000:]
+        os.kill(int((work / "supernode.pid").read_text()), signal.SIGKILL)  # the crash
+        assert first.wait(30) != 0
+    finally:
+        stop(first)
+    offset = (work / "site.log").stat().st_size
+    again = start(cmd, dict(os.environ), tmp_path / "again.out")
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 60 and again.poll() is None:
+            if "SuperNode ID" in (work / "site.log").read_text(errors="replace")[offset:]:
+                break
+            time.sleep(0.3)
+        out = (tmp_path / "again.out").read_text(errors="replace")
+        assert "SuperNode ID" in (work / "site.log").read_text(errors="replace")[offset:], out[-2000:]
+        assert "does not accept this site's key yet" in out  # it was refused first, then let in
+    finally:
+        stop(again, home=work / ".flower")

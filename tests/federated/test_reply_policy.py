@@ -69,3 +69,18 @@ def test_fedmix_validation_counts_travel_as_single_numbers(request_msg):
     listed = _reply(request_msg, metrics=MetricRecord({"num-examples": 1, "benign": [10.0] * 256}),
                     site=ConfigRecord({"name": "lyon"}))
     assert parse_reply(listed)[1] is None and "not single numbers" in parse_reply(listed)[2]
+
+
+def test_a_site_flower_lost_is_told_apart_from_a_site_that_failed(request_msg):
+    """The SuperLink answers for a SuperNode whose heartbeats stopped (Flower's own error reply): the server
+    stops waiting for it and counts it as gone, not as a refused update; any other error is the site's."""
+    from flwr.app import Error
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    from napari_wsimil.federated.flower_apps import node_left
+
+    gone = create_message_error_unavailable_res_message(request_msg.metadata, "node_unavail")
+    assert node_left(gone) and gone.metadata.reply_to_message_id == request_msg.metadata.message_id
+    assert not node_left(create_message_error_unavailable_res_message(request_msg.metadata, "msg_unavail"))
+    assert not node_left(Message(Error(code=0, reason="ClientApp exception"), reply_to=request_msg))
+    assert not node_left(_reply(request_msg, site=ConfigRecord({"name": "lyon"})))

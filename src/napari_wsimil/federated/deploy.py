@@ -22,9 +22,9 @@ from typing import Any
 
 from ..errors import WsimilError
 from ..io.atomic import write_text
-from .launch import (bin_path, flower_env, free_port, register_sites, server_security, split_address, start, stop,
-                     stop_all, superlink_cmd, supernode_cmd, terminated_on_signal, wait_for_port, write_app,
-                     write_connection)
+from .launch import (SUPERNODE_HEARTBEAT_S, bin_path, flower_env, free_port, register_sites, server_security,
+                     split_address, start, stop, stop_all, superlink_cmd, supernode_cmd, terminated_on_signal,
+                     wait_for_port, write_app, write_connection)
 from .methods import load_method
 
 Report = Callable[[str], None]
@@ -32,6 +32,11 @@ FLOWER_DIR = ".flower"
 READY = "ready"
 #: Seconds a site waits before starting a new SuperNode when its last one gave up on the server.
 REJOIN_S = 2.0
+#: Seconds a site with a key keeps trying when the server refuses to activate it. Flower refuses an
+#: unregistered key and a key whose previous SuperNode still counts as connected (a site restarted right
+#: after a crash: the SuperLink forgets it 2 heartbeat intervals after its last heartbeat) with the same
+#: error, so the site tries for that long before it concludes that its key is not registered.
+REFUSED_GRACE_S = 2 * SUPERNODE_HEARTBEAT_S + 5.0
 
 
 def federation_config(method_name: str, settings: dict[str, Any], rounds: int) -> tuple[Any, dict[str, Any]]:
@@ -107,8 +112,9 @@ def join(source: Path, server: str, *, name: str | None, workdir: Path | None, r
 
     Flower's SuperNode gives up when the server has been gone for a while (a server restarted with
     ``--resume``); with ``rejoin`` it is started again, so a site stays in the federation until its operator
-    stops it. A site the server refuses (key not registered) stops with that reason; a SuperNode killed by a
-    signal ends the site."""
+    stops it. A site the server refuses (key not registered) stops with that reason, after trying for
+    :data:`REFUSED_GRACE_S` (Flower refuses a key whose previous SuperNode it still counts as connected the
+    same way); a SuperNode killed by a signal ends the site."""
     source = Path(source)
     if not source.exists():
         raise WsimilError(f"{source} does not exist: give the site's project folder or cohort CSV")
@@ -122,6 +128,7 @@ def join(source: Path, server: str, *, name: str | None, workdir: Path | None, r
     say(f"site {name} joins {server} with {source} ({'TLS' if root_cert else 'NO TLS'}); its slides stay here; "
         f"log: {workdir / 'site.log'}")
     log = workdir / "site.log"
+    refused_since: float | None = None
     with terminated_on_signal():
         while True:
             offset = log.stat().st_size if log.exists() else 0
@@ -134,9 +141,18 @@ def join(source: Path, server: str, *, name: str | None, workdir: Path | None, r
             with open(log, "rb") as f:
                 f.seek(offset)
                 text = f.read().decode(errors="replace")
+            if "Exit Code: 305" in text and key is not None:
+                refused_since = refused_since or time.monotonic()
+                if time.monotonic() - refused_since < REFUSED_GRACE_S:
+                    say(f"site {name}: the server does not accept this site's key yet (its SuperNode from before a "
+                        f"restart may still count as connected for up to {2 * SUPERNODE_HEARTBEAT_S:g} s); "
+                        f"trying again in {REJOIN_S:g} s")
+                    time.sleep(REJOIN_S)
+                    continue
             if "Exit Code: 305" in text:
                 raise WsimilError(f"the server refused site {name}: its key is not registered there (or the server "
                                   "is not ready yet); ask the server's operator to add sites/<name>.pub")
+            refused_since = None
             if not rejoin or rc < 0:
                 return rc
             say(f"site {name}: the server is gone (exit {rc}); joining again in {REJOIN_S:g} s (Ctrl-C stops the "
@@ -227,4 +243,4 @@ def simulate(csv_path: Path, column: str, method_name: str, out: Path, rounds: i
     return json.loads((out / "run.json").read_text())
 
 
-__all__ = ["federation_config", "join", "serve", "simulate", "split_by_site"]
+__all__ = ["REFUSED_GRACE_S", "federation_config", "join", "serve", "simulate", "split_by_site"]

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from ..errors import WsimilError
@@ -68,6 +69,12 @@ def describe_message(msg: Message) -> dict[str, Any]:
     return records
 
 
+def node_left(msg: Message) -> bool:
+    """Whether ``msg`` is the SuperLink's own answer for a site that stopped sending heartbeats (Flower's
+    ``NODE_UNAVAILABLE`` error): the site is gone (crashed, killed, cut off), no reply will come from it."""
+    return msg.has_error() and int(msg.error.code) == ErrorCode.NODE_UNAVAILABLE
+
+
 def parse_reply(msg: Message) -> tuple[str, SiteUpdate | None, str | None]:
     """(site name, update, why it is refused) of a site's reply."""
     name = f"node-{msg.metadata.src_node_id}"
@@ -99,6 +106,7 @@ class FlowerTransport:
 
     def __init__(self, grid: Grid, method: str, audit: Path | None):
         self.grid, self.method, self.audit = grid, method, audit
+        self.names: dict[int, str] = {}  # node id -> the name its replies gave (for a node that left since)
 
     def sites(self) -> list[Any]:
         return list(self.grid.get_node_ids())
@@ -110,16 +118,22 @@ class FlowerTransport:
                                                       "round": int(server_round)})})
         msgs = [Message(content, dst_node_id=int(node), message_type=kind) for node in sites]
         replies = []
-        for msg in _send_and_receive(self.grid, msgs, timeout):
+        for node, msg in _send_and_receive(self.grid, msgs, timeout):
             name, update, error = parse_reply(msg)
+            left = node_left(msg)
+            if left:
+                name = self.names.get(node, f"node-{node}")
+                error = "it left the federation: its heartbeats stopped (stopped, crashed or cut off)"
+            elif not msg.has_error():
+                self.names[node] = name
             nbytes = 0 if msg.has_error() else sum(len(a.data) for rec in msg.content.values()
                                                     if isinstance(rec, ArrayRecord) for a in rec.values())
             if self.audit is not None:
                 with self.audit.open("a") as f:
                     f.write(json.dumps({"time": time.time(), "round": server_round, "kind": kind, "site": name,
-                                        "node": int(msg.metadata.src_node_id), "error": error,
+                                        "node": node, "error": error,
                                         "records": {} if msg.has_error() else describe_message(msg)}) + "\n")
-            replies.append(Reply(name, update, error, nbytes))
+            replies.append(Reply(name, update, error, nbytes, left=left))
         return replies
 
 
@@ -128,15 +142,20 @@ class FlowerTransport:
 REPLY_POLL_S = 0.25
 
 
-def _send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+def _send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[tuple[int, Message]]:
     """``Grid.send_and_receive`` with :data:`REPLY_POLL_S` between checks: push, then pull the replies until
-    every message is answered or ``timeout`` seconds have passed."""
-    pending = set(grid.push_messages(messages))
+    every message is answered or ``timeout`` seconds have passed; each reply with the node it was sent to (a
+    reply the SuperLink makes itself names no site). A site that stops sending heartbeats is
+    answered for by the SuperLink itself (a ``NODE_UNAVAILABLE`` error, :func:`node_left`), so the wait ends
+    as soon as Flower knows it is gone, not at the timeout."""
+    ids = list(grid.push_messages(messages))
+    to_node = {mid: int(m.metadata.dst_node_id) for mid, m in zip(ids, messages)}
+    pending = set(ids)
     end = time.monotonic() + timeout
-    out: list[Message] = []
+    out: list[tuple[int, Message]] = []
     while pending:
         got = list(grid.pull_messages(pending))
-        out.extend(got)
+        out.extend((to_node.get(m.metadata.reply_to_message_id, int(m.metadata.src_node_id)), m) for m in got)
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
         if not pending or time.monotonic() >= end:
             break
@@ -220,4 +239,5 @@ def site_evaluate(msg: Message, context: Context) -> Message:
     return _site_reply(msg, context, "evaluate")
 
 
-__all__ = ["SITE_HISTORY", "FlowerTransport", "client_app", "describe_message", "parse_reply", "server_app"]
+__all__ = ["SITE_HISTORY", "FlowerTransport", "client_app", "describe_message", "node_left", "parse_reply",
+           "server_app"]

@@ -35,6 +35,7 @@ class Reply:
     update: SiteUpdate | None = None
     error: str | None = None
     nbytes: int = 0
+    left: bool = False  # the site is gone (no heartbeat): no answer, not a refused update
 
 
 class Transport(Protocol):
@@ -198,6 +199,11 @@ def _one_round(method: FederatedMethod, config: Any, cfg_json: dict[str, Any], a
         replies = transport.exchange(sites, "train", arrays, cfg_json, r, settings.round_timeout)
         good: list[tuple[str, SiteUpdate]] = []
         rejected: dict[str, str] = {}
+        left = sorted(rep.site for rep in replies if rep.left)
+        for name in left:
+            say(f"round {r}: site {name} left the federation during the round (no heartbeat); the round goes on "
+                "without it")
+        replies = [rep for rep in replies if not rep.left]
         for rep in replies:
             reason = rep.error if rep.update is None else check_update(rep.update, arrays)
             if reason is None and rep.update is not None:
@@ -206,7 +212,7 @@ def _one_round(method: FederatedMethod, config: Any, cfg_json: dict[str, Any], a
                 rejected[rep.site] = reason or "no update"
                 say(f"round {r}: the update of site {rep.site} is rejected: {reason}")
         answered = {rep.site for rep in replies}
-        silent = len(sites) - len(answered)
+        silent = len(sites) - len(answered) - len(left)
         if silent > 0:
             say(f"round {r}: {silent} site(s) did not answer within {settings.round_timeout:g} s")
         if len(good) >= settings.min_sites:
@@ -217,7 +223,7 @@ def _one_round(method: FederatedMethod, config: Any, cfg_json: dict[str, Any], a
                    "bytes_sent": sent, "bytes_received": int(sum(rep.nbytes for rep in replies)),
                    "sites": {name: {"num_examples": u.num_examples, "weight": float(w), **u.metrics}
                              for (name, u), w in zip(good, weights)},
-                   "rejected": rejected, "silent": silent,
+                   "rejected": rejected, "silent": silent, "left": left,
                    "losses": {"total": _mean_loss([u for _, u in good])}}
             return row, [u for _, u in good]
         say(f"round {r}: only {len(good)} valid update(s), {settings.min_sites} needed; trying the round again "
