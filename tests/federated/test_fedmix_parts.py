@@ -99,3 +99,27 @@ def test_masked_dice_loss() -> None:
     only_left[..., 4:] = False  # the wrong half is not known: the loss only sees the rest
     half = torch.where(_square(8, 0, 8, 0, 4)[None, None], perfect, wrong)
     assert float(masked_dice_loss(half.detach(), target, only_left)) < 1e-3
+
+
+def test_the_class_under_many_points_is_the_class_under_each(fed_cohort, tmp_path) -> None:
+    """``SegSlide.centre_labels`` (a few mask reads for all points, what a FedMix site and the painted
+    validation set use) gives exactly ``pixel_labels_at`` of each point: painted, boxed and benign slides,
+    with and without benign filling, points inside and outside the slide."""
+    from napari_wsimil.federated.fedmix_config import FedMixConfig
+    from napari_wsimil.federated.fedmix_site import FedMixSite
+    from napari_wsimil.federated.fedmix_sites import make_sites
+
+    cfg = FedMixConfig(mpp=4.0, patch=32, width=8, depth=2, batch_size=8, patches_per_round=16, val_patches=4,
+                       read_workers=1, device="cpu", seed=3)
+    seen = set()
+    for k, source in enumerate(make_sites(fed_cohort, tmp_path / "sites")):
+        site = FedMixSite(source, cfg, tmp_path / f"w{k}")
+        for i, s in enumerate(site.seg.train_slides + site.seg.val_slides):
+            rng = np.random.default_rng(i)
+            pts = np.concatenate([s.labelled_points(cfg.mpp, rng=rng)[:1000],
+                                  np.column_stack([rng.uniform(-50, 1100, 200), rng.uniform(-50, 1100, 200)])])
+            for fill in (True, False):
+                each = np.array([s.pixel_labels_at(x, y, 1, cfg.mpp, fill)[0, 0] for x, y in pts], np.int8)
+                np.testing.assert_array_equal(s.centre_labels(pts, cfg.mpp, fill), each)
+                seen.update(each.tolist())
+    assert seen == {-1, 0, 1}

@@ -33,6 +33,14 @@ def test_patch_samples_reads_the_right_mask_pixels() -> None:
     assert np.array_equal(patch_samples(coords, 64, lookup, 4.0), vals)
     assert len(calls) == 2  # one read per row of patches, not per patch
 
+    # single points (1-px patches) in the same mask row are read together, even with different y
+    rng = np.random.default_rng(0)
+    pts = np.column_stack([rng.uniform(0, 250, 500), rng.uniform(0, 250, 500)])
+    calls.clear()
+    one_by_one = np.concatenate([patch_samples(p[None], 1, mask, 4.0, samples=1) for p in pts])
+    assert np.array_equal(patch_samples(pts, 1, lookup, 4.0, samples=1), one_by_one)
+    assert len(calls) == len(np.unique(np.floor((pts[:, 1] + 0.5) / 4)))  # one read per mask row: 64, not 500
+
 
 def test_tile_rule_positive_wins_then_normal_then_unknown() -> None:
     # 16 samples: tumour id 1 -> tile 1, normal id 2 -> tile 0, id 3 unmapped

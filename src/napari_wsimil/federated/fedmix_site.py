@@ -148,7 +148,7 @@ class FedMixSite(SiteTrainer):
         s = self.seg.train_slides[i]
         if i not in self._points:  # drawn once per slide (seeded), then reused every round
             pts = s.labelled_points(self.config.mpp, rng=np.random.default_rng(i))
-            cls_at = np.asarray([int(s.pixel_labels_at(x, y, 1, self.config.mpp)[0, 0]) for x, y in pts], int)
+            cls_at = s.centre_labels(pts, self.config.mpp).astype(int)
             self._points[i] = {k: pts[cls_at == k] for k in (0, 1)}
         pts = self._points[i][cls]
         if not len(pts):

@@ -109,6 +109,37 @@ class SegSlide:
         mapped = lut[vals].reshape(size, size)
         return np.where(mapped >= 0, mapped, out).astype(np.int8)
 
+    def centre_labels(self, points: np.ndarray, mpp: float, benign_fill: bool = True) -> np.ndarray:
+        """(N,) int8: :meth:`pixel_labels_at` of a 1-pixel patch at each level-0 (x, y) in ``points`` (the
+        class under each point, -1 where nothing says), in a few reads of the masks instead of one per point
+        (4096 points of :meth:`labelled_points` cost 1.5 s of CPU one by one, in every site process)."""
+        from ..slide.mask_sampling import patch_samples
+        from ..train.tile_labels import annotation_samples
+
+        pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        out = np.full(len(pts), -1, np.int8)
+        if not len(pts):
+            return out
+        d = self.downsample(mpp)
+        if self.label == 0 and benign_fill:
+            out[patch_samples(pts, d, self.tissue.mask, self.tissue.downsample, 1)[:, 0].astype(bool)] = 0
+        if not self.annotated:
+            return out
+        vals = np.zeros(len(pts), np.uint8)
+        if self.labels.lookup is not None:
+            vals = patch_samples(pts, d, self.labels.lookup, float(self.labels.downsample or 1.0),
+                                 1)[:, 0].astype(np.uint8)
+        if self.labels.annotations:
+            ann = annotation_samples(pts, d, self.labels.annotations, self.labels.class_ids or {}, 1)[:, 0]
+            vals = np.where(ann > 0, ann, vals)
+        lut = np.full(256, -1, np.int8)
+        for cid, cls in self.id_to_class.items():
+            lut[int(cid)] = int(cls)
+        if self.exhaustive:
+            lut[0] = 0
+        mapped = lut[vals]
+        return np.where(mapped >= 0, mapped, out).astype(np.int8)
+
     def labelled_points(self, mpp: float, max_points: int = 4096,
                         rng: np.random.Generator | None = None) -> np.ndarray:
         """Level-0 (x, y) of up to ``max_points`` painted label pixels whose class maps to 0/1: where

@@ -37,8 +37,9 @@ def patch_samples(coords: np.ndarray, size_level0: float, lookup: Lookup, downsa
     Points map to mask pixel (floor(y/d), floor(x/d)), clipped into the mask so edge patches that reach
     past it read the edge pixel. The clipping needs the mask shape: from the array, from
     ``lookup.__self__.shape`` / ``lookup.shape``, or ``shape=``; without one, only negatives are clipped.
-    Patches sharing a y share their sample rows, so they are read with one call (sorted unique rows and
-    the sorted unique columns of those patches): few calls, and never an index grid over the whole mask.
+    Patches whose sample points fall in the same mask rows (patches sharing a y; or, for single points,
+    every point in one mask row) are read with one call (sorted unique rows and the sorted unique columns of
+    those patches): few calls, and never an index grid over the whole mask.
     """
     xy = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
     n = len(xy)
@@ -64,7 +65,8 @@ def patch_samples(coords: np.ndarray, size_level0: float, lookup: Lookup, downsa
     cols = np.clip(np.floor((xy[:, 0:1] + offsets) / d).astype(np.int64), 0, hi_c)  # (N, s)
 
     out = None
-    _, group = np.unique(xy[:, 1], return_inverse=True)
+    # by the mask rows read, not by y: points a few level-0 px apart in y mostly read the same mask row
+    _, group = np.unique(rows, axis=0, return_inverse=True)
     group = group.reshape(-1)
     order = np.argsort(group, kind="stable")
     starts = np.flatnonzero(np.r_[True, np.diff(group[order]) != 0])

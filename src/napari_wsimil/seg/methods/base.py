@@ -266,8 +266,8 @@ class SegMethod:
                 d = s.downsample(self.mpp)
                 half = self.patch / 2 * d
                 by_class: dict[int, list[PatchRequest]] = {0: [], 1: []}
-                for cx, cy in s.labelled_points(self.mpp, rng=rng):  # up to 4096, so rare tumour shows up
-                    centre = int(s.pixel_labels_at(cx, cy, 1, self.mpp)[0, 0])
+                pts = s.labelled_points(self.mpp, rng=rng)  # up to 4096, so rare tumour shows up
+                for (cx, cy), centre in zip(pts, s.centre_labels(pts, self.mpp).tolist()):
                     if centre in by_class:
                         by_class[centre].append(PatchRequest(0, round((cx - half) / d) * d,
                                                              round((cy - half) / d) * d))
