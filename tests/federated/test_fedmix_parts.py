@@ -123,3 +123,23 @@ def test_the_class_under_many_points_is_the_class_under_each(fed_cohort, tmp_pat
                 np.testing.assert_array_equal(s.centre_labels(pts, cfg.mpp, fill), each)
                 seen.update(each.tolist())
     assert seen == {-1, 0, 1}
+
+
+def test_masked_dice_loss_of_a_batch_without_tumour_measures_the_normal_class() -> None:
+    """A batch whose known target holds no tumour (benign patches only, as on a box or slide-label site
+    before the global nets agree on any tumour): a net that calls it normal at p(tumour) = 0.02 everywhere
+    fits it well, and the loss, which FedMix's aggregation weights sites by, must say so. Without leaving
+    the absent class out, the tumour term 1 − 1 / (Σp + 1) made this loss ≈ 0.5 (Σp ≈ 160 here), the same
+    as for a net that calls every pixel tumour at p = 0.5."""
+    target = torch.zeros(2, 64, 64)
+    known = torch.ones_like(target, dtype=torch.bool)
+    p = torch.full_like(target, 0.02)
+    good = torch.stack([torch.log(1 - p), torch.log(p)], 1)  # logits with softmax p(tumour) = 0.02
+    assert float(masked_dice_loss(good, target, known)) < 0.02
+    bad = torch.stack([torch.zeros_like(target), torch.zeros_like(target)], 1)  # p = 0.5 everywhere
+    assert float(masked_dice_loss(bad, target, known)) > 0.3  # calling tumour still costs, through normal
+    worse = torch.stack([torch.zeros_like(target), torch.full_like(target, 5.0)], 1)  # p ≈ 0.99
+    assert float(masked_dice_loss(worse, target, known)) > 0.95
+    lead = good.clone().requires_grad_()
+    masked_dice_loss(lead, target, known).backward()
+    assert lead.grad is not None and float(lead.grad[:, 1].sum()) > 0  # it still pushes tumour down

@@ -80,20 +80,32 @@ def select(kinds: list[str], labels: torch.Tensor, prob_a: torch.Tensor, prob_b:
 
 def masked_dice_loss(logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor,
                      smooth: float = 1.0) -> torch.Tensor:
-    """Soft Dice loss (mean over the normal and tumour classes), pooled over the batch's ``known`` pixels.
+    """Soft Dice loss (mean over the normal and tumour classes present in the known target), pooled over the
+    batch's ``known`` pixels.
 
     Pooled rather than per patch because most patches hold no tumour: a per-patch tumour Dice is undefined
-    there. 0 (with a gradient path) when no pixel is known."""
+    there. A class with no known target pixel in the whole batch is left out of the mean: its soft Dice would
+    be 1 − smooth / (Σp + smooth), about 1 for any net that gives that class a few per cent probability over a
+    batch of patches, however right the rest of the net is. Such a term has no useful gradient, and it would
+    make the loss that FedMix's aggregation reads (L_i) about 0.5 on every batch without tumour. A site whose
+    kept patches are all benign, as a box or slide-label site's are until the global nets agree on some
+    tumour, would then look like the worst-fitted site and take the largest weight. 0 (with a gradient path)
+    when no pixel is known."""
     k = known.float()
     if not bool(k.sum() > 0):
         return logits.sum() * 0.0
     p = torch.softmax(logits.float(), 1)[:, 1]
     loss = logits.new_zeros((), dtype=torch.float32)
+    present = 0
     for pp, tt in ((p, target), (1 - p, 1 - target)):
+        truth = (tt * k).sum()
+        if not bool(truth > 0):
+            continue
         inter = (pp * tt * k).sum()
-        denom = (pp * k).sum() + (tt * k).sum()
+        denom = (pp * k).sum() + truth
         loss = loss + 1 - (2 * inter + smooth) / (denom + smooth)
-    return loss / 2
+        present += 1
+    return loss / present
 
 
 __all__ = ["KINDS", "Selection", "dice", "masked_dice_loss", "select"]
