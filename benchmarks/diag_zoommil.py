@@ -145,10 +145,11 @@ def grad_stats(run_dir: Path, items: list, bags: dict, n: int = 8, seed: int = 0
     classes = run.classes
     torch.manual_seed(seed)
     cos, zn, an, differ, rel_sigma = [], [], [], [], []
+    cos1, zn1, an1 = [], [], []
     for item in items[:n]:
         levels = tensors(bags[item.slide_id])
         label = torch.tensor([classes.index(item.label)])
-        grads = []
+        grads, grads1 = [], []
         for _ in range(2):
             model.zero_grad()
             out = model(levels[0], full_bag_fetch(levels))
@@ -156,11 +157,19 @@ def grad_stats(run_dir: Path, items: list, bags: dict, n: int = 8, seed: int = 0
             g = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
                            for p in model.zoom[0].parameters()])
             grads.append(g.clone())
+            g1 = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
+                            for p in model.zoom[1].parameters()])
+            grads1.append(g1.clone())
+            zn1.append(float(g1.norm()))
+            an1.append(float(torch.cat([p.grad.reshape(-1) for p in model.att[1].parameters()
+                                        if p.grad is not None] or [torch.zeros(1)]).norm()))
             zn.append(float(g.norm()))
             an.append(float(torch.cat([p.grad.reshape(-1) for p in model.att[0].parameters()
                                        if p.grad is not None] or [torch.zeros(1)]).norm()))
         if grads[0].norm() > 0 and grads[1].norm() > 0:
             cos.append(float(F.cosine_similarity(grads[0], grads[1], 0)))
+        if grads1[0].norm() > 0 and grads1[1].norm() > 0:
+            cos1.append(float(F.cosine_similarity(grads1[0], grads1[1], 0)))
         with torch.no_grad():
             h = model.fc[0]((levels[0] - model.input_mean) / model.input_std)
             z = torch.softmax(model.zoom[0](h)[0].reshape(-1), 0)
@@ -174,7 +183,9 @@ def grad_stats(run_dir: Path, items: list, bags: dict, n: int = 8, seed: int = 0
     return {"zoom0_grad_norm": float(np.mean(zn)), "att0_grad_norm": float(np.mean(an)),
             "zoom0_grad_cos_two_draws": float(np.mean(cos)) if cos else None,
             "draws_changing_topk": float(np.mean(differ)) if differ else None,
-            "kth_gap_over_sigma_median": float(np.median(rel_sigma)) if rel_sigma else None}
+            "kth_gap_over_sigma_median": float(np.median(rel_sigma)) if rel_sigma else None,
+            "zoom1_grad_norm": float(np.mean(zn1)), "att1_grad_norm": float(np.mean(an1)),
+            "zoom1_grad_cos_two_draws": float(np.mean(cos1)) if cos1 else None}
 
 
 def main(argv: list[str] | None = None) -> dict:

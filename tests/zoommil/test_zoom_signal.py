@@ -94,3 +94,26 @@ def test_zoom_on_attention_selects_the_top_k_of_the_attention() -> None:
         assert torch.equal(out.selected[0], expect), zoom_on
     with pytest.raises(ValueError, match="zoom_on"):
         _net(zoom_on="nowhere")
+
+
+def test_a_saved_run_predicts_with_its_zoom_settings(tmp_path) -> None:
+    """zoom_on changes which patches prediction reads, so a run must be rebuilt with its own (not the defaults)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from napari_wsimil.train.registry import make_config
+    from napari_wsimil.zoommil.predict import load_zoom_run
+
+    assert make_config("zoommil").baseline is True and make_config("zoommil").zoom_on == "zoom"
+    net = _net(zoom_on="attention", baseline=False)
+    cfg = {"k": 3, "hidden": 16, "attn_hidden": 8, "dropout": 0.0, "num_samples": 50, "zoom_on": "attention",
+           "baseline": False, "sigma_spread": 0.25}
+    (tmp_path / "run.json").write_text(json.dumps({"format": 1, "family": "zoommil", "method": "zoommil",
+                                                   "levels": [4, 2, 1],
+                                                   "patch": 32, "encoder": "handcrafted", "classes": ["0", "1"]}))
+    (tmp_path / "last.json").write_text(json.dumps({"format": 1, "epoch": 1, "config": cfg, "method": {
+        "name": "zoommil", "in_dim": 8, "n_classes": 2, "ratios": [2, 2]}}))
+    save_file(net.state_dict(), str(tmp_path / "best.safetensors"))
+    model = load_zoom_run(tmp_path, device="cpu").model
+    assert (model.zoom_on, model.baseline, model.sigma_spread) == ("attention", False, 0.25)

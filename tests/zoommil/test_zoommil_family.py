@@ -39,6 +39,12 @@ def test_zoommil_trains_from_the_cli_with_its_levels(trained) -> None:
     state = json.loads((trained / "last.json").read_text())
     assert info["family"] == "zoommil" and info["levels"] == [4.0, 2.0, 1.0] and info["ratios"] == [2, 2]
     assert state["epoch"] == 2 and state["config"]["k"] == 3 and state["method"]["ratios"] == [2, 2]
+    # the top-K's gradient has the leave-one-out baseline by default, and a loaded run keeps its settings
+    from napari_wsimil.zoommil.predict import load_zoom_run
+
+    assert state["config"]["baseline"] is True and state["config"]["zoom_on"] == "zoom"
+    model = load_zoom_run(trained, device="cpu").model
+    assert model.baseline is True and model.zoom_on == "zoom" and model.sigma == 0.05
     bags = sorted((p for p in (trained / "features").rglob("*.zoom.npz")), key=str) if (trained / "features").exists() \
         else []
     if not bags:  # a CSV cohort keeps its features beside the CSV
