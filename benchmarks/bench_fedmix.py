@@ -99,8 +99,9 @@ def _test_rows(base: Path, out: Path, split: str = "test") -> Path:
 
 def _score(run: Path, test_csv: Path, cohort_csv: Path, pred: Path, weights: str = "best",
            split: str = "test") -> dict:
-    if not (pred / "metrics.json").is_file():  # a rerun with other runs added scores only what is new
+    if not (pred / "prediction.json").is_file():  # a rerun with other runs added scores only what is new
         wsimil("predict", run, "--cohort", test_csv, "--out", pred, "--device", "cpu", "--weights", weights)
+    if not (pred / "metrics.json").is_file():
         wsimil("evaluate", pred, "--cohort", cohort_csv, "--split", split)
     return json.loads((pred / "metrics.json").read_text()).get("segmentation") or {}
 

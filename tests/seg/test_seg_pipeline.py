@@ -637,6 +637,34 @@ def test_segmentation_metrics_split_dice_into_precision_and_recall(tmp_path):
     assert strict["dice_at_0.5"] == pytest.approx(seg["dice"])
 
 
+def test_a_run_whose_threshold_calls_nothing_tumour_is_evaluated(tmp_path) -> None:
+    """When more than operating_fpr of benign tissue sits at the top stored level, the operating threshold is
+    level 256's, just above 1: nothing is tumour. Evaluation scores it (Dice 0, and Dice at 0.5) instead of
+    refusing it as if the user had typed a --threshold above 1 (a FedMix run on the colorectal cohort did)."""
+    from napari_wsimil.infer.evaluation import TruthItem
+    from napari_wsimil.infer.heatmap import write_heatmap
+    from napari_wsimil.errors import WsimilError
+    from napari_wsimil.seg.family import FAMILY
+    from napari_wsimil.seg.operating_point import LevelHistogram, threshold_for_fpr
+    from napari_wsimil.slide.tiff_writer import write_image_pyramid
+
+    hist = LevelHistogram()
+    hist.counts[[100, 255]] = [990, 10]  # 1 % of benign tissue at p = 1
+    threshold, achieved = threshold_for_fpr(hist, 0.001)
+    assert threshold > 1.0 and achieved == 0.0
+    truth = np.zeros((64, 64), np.uint8)
+    truth[20:30, 20:30] = 1
+    prob = np.zeros((64, 64), np.float32)
+    prob[20:30, 20:30] = 1.0
+    write_image_pyramid(tmp_path / "s1_gt.tiff", truth, mpp=4.0)
+    write_heatmap(tmp_path / "maps" / "s1.tif", prob, slide_mpp=0.5, downsample=8)
+    items = [TruthItem("s1", tmp_path / "s1_gt.tiff", 8.0)]
+    kind, seg = FAMILY.evaluate(tmp_path, items, {"threshold": threshold})
+    assert kind == "segmentation" and seg["dice"] == 0.0 and seg["dice_at_0.5"] == pytest.approx(1.0)
+    with pytest.raises(WsimilError, match="--threshold is a probability"):
+        FAMILY.evaluate(tmp_path, items, {"threshold": 0.5}, threshold=threshold)  # typed by a user: refused
+
+
 def test_operating_threshold_is_the_lowest_level_within_the_benign_rate() -> None:
     from napari_wsimil.seg.operating_point import LevelHistogram, level_threshold, threshold_for_fpr
 

@@ -116,9 +116,13 @@ class SegmentationFamily(MethodFamily):
 
         if not truth or not (Path(pred_dir) / "maps").is_dir():
             return None
+        if threshold is not None and not 0.0 < threshold <= 1.0:
+            raise WsimilError(f"--threshold is a probability in (0, 1], got {threshold}")
+        # the run's own threshold may be above 1: no stored level kept benign tissue within operating_fpr
+        # (operating_point.threshold_for_fpr's level 256), so nothing is called tumour; Dice at 0.5 is reported too
         t = threshold if threshold is not None else meta.get("threshold", 0.5)
-        if not 0.0 < t <= 1.0:
-            raise WsimilError(f"--threshold is a probability in (0, 1], got {t}")
+        if not t > 0.0:
+            raise WsimilError(f"the recorded threshold {t} is not a probability above 0: predict again")
         return "segmentation", segmentation_metrics(truth, Path(pred_dir) / "maps", threshold=float(t))
 
     def report(self, name: str, metrics: dict[str, Any], say: Report) -> None:
