@@ -280,3 +280,33 @@ def test_low_res_blocks_are_the_numbers_dask_coarsen_gave(name: str) -> None:
             img, ds = read_low_res(slide, downsample, at_least=at_least)
             assert ds == slide.downsamples[level] * factor and img.dtype == np.uint8
             assert np.array_equal(img, ref), (downsample, at_least)
+
+
+def test_a_cached_mask_is_the_detected_one_until_the_slide_changes(tmp_path: Path, two_sections) -> None:
+    """``slide/tissue_cache``: what a federated site reads back instead of detecting again in every message."""
+    import os
+
+    from napari_wsimil.slide.tissue_cache import cache_key, cached_tissue_mask
+
+    path = write_tiff(tmp_path / "two.tif", he_slide(SHAPE, two_sections, [1.0, 1.0]), MPP)
+    cache = tmp_path / "cache"
+    with open_slide(path) as slide:
+        fresh = tissue_mask(slide)
+        first = cached_tissue_mask(slide, path, cache)
+        file = cache / cache_key(path, slide.mpp)
+        assert file.is_file() and len(list(cache.iterdir())) == 1
+        again = cached_tissue_mask(slide, path, cache)  # read back
+        for tm in (first, again):
+            assert np.array_equal(tm.mask, fresh.mask) and tm.mask.dtype == bool
+            assert (tm.downsample, tm.mpp, tm.slide_shape, tm.mode) == (fresh.downsample, fresh.mpp,
+                                                                         fresh.slide_shape, fresh.mode)
+            assert tm.threshold == pytest.approx(fresh.threshold)
+        file.write_bytes(b"not a mask")  # a damaged file is detected again and replaced
+        assert np.array_equal(cached_tissue_mask(slide, path, cache).mask, fresh.mask)
+        assert np.load(file, allow_pickle=False)["mask"].shape == fresh.mask.shape
+        assert cache_key(path, 0.25) != cache_key(path, slide.mpp)  # opened at another µm/px: another mask
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # the slide file changed
+    with open_slide(path) as slide:
+        cached_tissue_mask(slide, path, cache)
+    assert len(list(cache.iterdir())) == 2

@@ -98,8 +98,9 @@ class FedMixSite(SiteTrainer):
         slides = assign_splits(usable, self.classes, cfg.seed, cfg.val_fraction)
         tr = [s for s in slides if s.split == "train"]
         va = [s for s in slides if s.split == "val"]
-        train = open_seg_slides(cohort, tr, self.classes)
-        val = open_seg_slides(cohort, va, self.classes) if va else []
+        cache = self.workdir / "tissue"  # detected once, not in every message's fresh process
+        train = open_seg_slides(cohort, tr, self.classes, tissue_cache=cache)
+        val = open_seg_slides(cohort, va, self.classes, tissue_cache=cache) if va else []
         self.seg = SegMethod(cfg, train, val, mpp=cfg.mpp, patch=cfg.patch)
         try:
             self.seg.check()

@@ -101,13 +101,18 @@ class SegSlide:
         if self.labels.annotations:
             ann = annotation_samples(corner, size0, self.labels.annotations, self.labels.class_ids or {}, size)[0]
             vals = np.where(ann > 0, ann, vals)
+        lut = self._class_lut()
+        mapped = lut[vals].reshape(size, size)
+        return np.where(mapped >= 0, mapped, out).astype(np.int8)
+
+    def _class_lut(self) -> np.ndarray:
+        """Mask class id -> 0/1 (benign/malignant), -1 for ids that map to neither (0 too unless exhaustive)."""
         lut = np.full(256, -1, np.int8)
         for cid, cls in self.id_to_class.items():
             lut[int(cid)] = int(cls)
         if self.exhaustive:
             lut[0] = 0
-        mapped = lut[vals].reshape(size, size)
-        return np.where(mapped >= 0, mapped, out).astype(np.int8)
+        return lut
 
     def centre_labels(self, points: np.ndarray, mpp: float, benign_fill: bool = True) -> np.ndarray:
         """(N,) int8: :meth:`pixel_labels_at` of a 1-pixel patch at each level-0 (x, y) in ``points`` (the
@@ -132,11 +137,7 @@ class SegSlide:
         if self.labels.annotations:
             ann = annotation_samples(pts, d, self.labels.annotations, self.labels.class_ids or {}, 1)[:, 0]
             vals = np.where(ann > 0, ann, vals)
-        lut = np.full(256, -1, np.int8)
-        for cid, cls in self.id_to_class.items():
-            lut[int(cid)] = int(cls)
-        if self.exhaustive:
-            lut[0] = 0
+        lut = self._class_lut()
         mapped = lut[vals]
         return np.where(mapped >= 0, mapped, out).astype(np.int8)
 
@@ -193,11 +194,14 @@ def _painted_points(lookup: Callable[..., np.ndarray] | np.ndarray, downsample: 
 
 def open_seg_slides(cohort: Any, items: Sequence[Any], classes: Sequence[str], *, mapping: str | None = None,
                     exhaustive: bool = False, with_labels: bool = True,
-                    report: Callable[[str], None] | None = None) -> list[SegSlide]:
+                    report: Callable[[str], None] | None = None,
+                    tissue_cache: Path | None = None) -> list[SegSlide]:
     """:class:`SegSlide` records for cohort ``items``: tissue masks, slide labels and painted pixels.
 
     Segmentation is benign (class index 0) against malignant (1); ``classes`` must have two entries.
-    Errors name the slide: no pixel size, no tissue, unreadable masks."""
+    Errors name the slide: no pixel size, no tissue, unreadable masks. With ``tissue_cache`` (a folder),
+    the tissue masks are kept there and read back next time (:mod:`~napari_wsimil.slide.tissue_cache`:
+    a federated site opens its slides again for every message)."""
     from ..slide import open_slide
     from ..slide.tissue import tissue_mask
     from ..train.cohort_labels import DrawingSources
@@ -217,7 +221,12 @@ def open_seg_slides(cohort: Any, items: Sequence[Any], classes: Sequence[str], *
                     if sl.mpp is None:
                         raise SegDataError(f"{s.slide_id}: the slide does not record its pixel size (µm/px); set "
                                            "it in the project, or give it in the cohort CSV's mpp column")
-                    tissue = tissue_mask(sl)
+                    if tissue_cache is not None:
+                        from ..slide.tissue_cache import cached_tissue_mask
+
+                        tissue = cached_tissue_mask(sl, s.path, tissue_cache)
+                    else:
+                        tissue = tissue_mask(sl)
                     slide_mpp, shape0 = float(sl.mpp), tuple(sl.level_shapes[0])
             except SegDataError:
                 raise
