@@ -59,7 +59,7 @@ def test_sites_are_told_apart_by_their_drawings(run: tuple[Path, dict]) -> None:
         assert pixel["num_examples"] == pixel["offered"]  # painted patches need no selection
 
 
-def test_only_weights_and_numbers_leave_a_site(sites: list[Path]) -> None:
+def test_only_weights_and_numbers_leave_a_site(sites: list[Path], tmp_path: Path) -> None:
     from napari_wsimil.federated.fedmix import FedMix
     from napari_wsimil.federated.fedmix_config import FedMixConfig
 
@@ -68,7 +68,7 @@ def test_only_weights_and_numbers_leave_a_site(sites: list[Path]) -> None:
     g = method.initial_arrays(cfg)
     a = {k: v for k, v in g.items() if k.startswith("a.")}
     assert any(not np.array_equal(v, g["b." + k[2:]]) for k, v in a.items())  # two different nets
-    site = method.site_trainer(sites[1], cfg, Path("unused"))
+    site = method.site_trainer(sites[1], cfg, tmp_path / "work")  # (it keeps its slides' tissue masks there)
     try:
         up = site.fit(g, 1)
     finally:
