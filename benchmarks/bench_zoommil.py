@@ -18,7 +18,7 @@ AUC within 0.02 of CLAM-SB's.
 
 python benchmarks/bench_zoommil.py [--quick] [--slides 40] [--size 6144] [--levels 4,2,0.5] [--patch 128]
     [--epochs 50] [--k 4 8 12 16] [--encoder handcrafted] [--seed 1] [--tumour-share LO HI]
-    [--zoom-set OPT=VALUE ...] [--workdir DIR]
+    [--zoom-epochs N] [--zoom-set OPT=VALUE ...] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="range of a malignant slide's tumour share of its tissue (real-tissue cohorts; default: "
                          "the generator's 0.005-0.08)")
     add_texture_options(ap)
+    ap.add_argument("--zoom-epochs", type=int, default=None,
+                    help="ZoomMIL's epochs when not --epochs (CLAM-SB keeps --epochs; the runs are kept apart)")
     ap.add_argument("--zoom-set", action="append", default=[], metavar="OPT=VALUE",
                     help="a ZoomMIL setting for every K (as 'wsimil train --set'), e.g. baseline=false for the "
                          "paper's top-K gradient estimator; the runs are kept apart by these settings")
@@ -198,8 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
              _g(_mean(clam_rows, "model_flops")), _g(_mean(clam_rows, "encoder_flops"))]]
     for k in args.k:
         t = time.perf_counter()
-        suffix = "".join(f"_{o}" for o in args.zoom_set)
-        zoom = train_predict("zoommil", cohort, work, f"zoommil_k{k}{suffix}", epochs=args.epochs,
+        zoom_epochs = args.zoom_epochs or args.epochs
+        suffix = (f"_{zoom_epochs}ep" if zoom_epochs != args.epochs else "") + "".join(f"_{o}" for o in args.zoom_set)
+        zoom = train_predict("zoommil", cohort, work, f"zoommil_k{k}{suffix}", epochs=zoom_epochs,
                              patch=args.patch, mpp=levels[0], seed=args.seed, encoder=args.encoder,
                              options=[f"levels={args.levels}", f"k={k}", *args.zoom_set])
         zrows = zoom_per_slide(zoom["run"], test)
