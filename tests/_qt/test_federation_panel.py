@@ -56,12 +56,47 @@ def test_join_needs_a_project_and_a_server_then_runs_the_site_and_shows_its_roun
     viewer.close()
 
 
+def _map_the_open_slide(make_napari_viewer, qtbot, project, run, kind: str):
+    """A real viewer with the project open and the Federation panel pointed at ``run``: the map of the open
+    slide is computed in a worker; the layer is the global model's ``kind`` of map, over the slide at the
+    slide's µm scale and extent, and a screenshot of the map alone has content. Returns (viewer, panel,
+    layer)."""
+    import numpy as np
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1000, 800)
+    _, pw = viewer.window.add_plugin_dock_widget("napari-wsimil", "Labelling project")
+    _, panel = viewer.window.add_plugin_dock_widget("napari-wsimil", "Federation")
+    pw.open_project(project)
+    s = panel.session
+    sid, slide = s.slide_id, s.slide
+    assert sid is not None and slide.mpp is not None
+    name = f"global model {sid}"
+
+    panel.global_path.setText(str(run))
+    panel.map_btn.click()
+    assert panel.tasks.busy  # the map is computed in a worker, not in the window's thread
+    qtbot.waitUntil(lambda: name in viewer.layers and not panel.tasks.busy, timeout=60_000)
+    layer = viewer.layers[name]
+    meta = layer.metadata["wsimil"]
+    assert (meta["round"], meta["map_kind"], meta["federated"]) == (1, kind, True)
+    ds = meta["downsample"]
+    assert layer.data.ndim == 2 and float(layer.data.max()) > 0
+    assert np.allclose(layer.scale, (slide.mpp * ds, slide.mpp * ds))  # the slide's µm, not pixels
+    assert np.allclose(layer.extent.world, s.image_layer.extent.world, atol=ds * slide.mpp * 1.01)
+    for other in viewer.layers:  # on screen: the map alone
+        other.visible = other is layer
+    viewer.reset_view()
+    shot = np.asarray(viewer.screenshot(canvas_only=True, flash=False))[..., :3].astype(int)
+    # the map over the tissue (off tissue the map is 0, the colormap's black) covers part of the canvas
+    assert (np.abs(shot - shot[0, 0]).sum(-1) > 30).mean() > 0.05
+    return viewer, panel, layer
+
+
 def test_the_global_models_map_of_the_open_slide(make_napari_viewer, qtbot, tmp_path):
     """A tiny in-process FedMix run; the panel pointed at its folder maps the slide open in the viewer in a
     worker thread: a layer over the slide at the slide's µm scale, with content on screen. Then the site's own
     copy of a newer global model (``PROJECT/federated/global``) is mapped by itself after the round."""
-    import numpy as np
-
     from napari_wsimil.federated.fedmix import FedMix, run_local
     from napari_wsimil.federated.fedmix_config import FedMixConfig
     from napari_wsimil.federated.fedmix_sites import make_sites
@@ -75,34 +110,8 @@ def test_the_global_models_map_of_the_open_slide(make_napari_viewer, qtbot, tmp_
     run_local(make_sites(cohort, tmp_path / "sites"), cfg, 1, tmp_path / "run", evaluate=False)
     Project.create_from_csv(tmp_path / "proj", cohort).close()
 
-    viewer = make_napari_viewer(show=True)
-    viewer.window._qt_window.resize(1000, 800)
-    _, pw = viewer.window.add_plugin_dock_widget("napari-wsimil", "Labelling project")
-    _, panel = viewer.window.add_plugin_dock_widget("napari-wsimil", "Federation")
-    pw.open_project(tmp_path / "proj")
-    s = panel.session
-    sid, slide = s.slide_id, s.slide
-    assert sid is not None and slide.mpp is not None
-    name = f"global model {sid}"
-
-    panel.global_path.setText(str(tmp_path / "run"))
-    panel.map_btn.click()
-    assert panel.tasks.busy  # the map is computed in a worker, not in the window's thread
-    qtbot.waitUntil(lambda: name in viewer.layers and not panel.tasks.busy, timeout=60_000)
-    layer = viewer.layers[name]
-    meta = layer.metadata["wsimil"]
-    assert (meta["round"], meta["map_kind"], meta["federated"]) == (1, "probability", True)
-    ds = meta["downsample"]
-    assert layer.data.ndim == 2 and float(layer.data.max()) > 0
-    assert np.allclose(layer.scale, (slide.mpp * ds, slide.mpp * ds))  # the slide's µm, not pixels
-    assert np.allclose(layer.extent.world, s.image_layer.extent.world, atol=ds * slide.mpp * 1.01)
-    for other in viewer.layers:  # on screen: the map alone
-        other.visible = other is layer
-    viewer.reset_view()
-    shot = np.asarray(viewer.screenshot(canvas_only=True, flash=False))[..., :3].astype(int)
-    background = shot[0, 0]
-    # the map's tissue (p > 0; off tissue the map is 0, inferno's black) covers part of the canvas
-    assert (np.abs(shot - background).sum(-1) > 30).mean() > 0.05
+    viewer, panel, layer = _map_the_open_slide(make_napari_viewer, qtbot, tmp_path / "proj", tmp_path / "run",
+                                               "probability")
 
     # the site keeps the global model of each message it answers; ticked, the panel maps a new round by itself
     arrays, _, _ = FedMix.read_round(tmp_path / "run")
@@ -119,8 +128,6 @@ def test_the_histofl_global_models_attention_map_of_the_open_slide(make_napari_v
     in the viewer in a worker: the global model's attention, a layer over the slide at the slide's µm scale and
     extent, with content on screen."""
     import csv
-
-    import numpy as np
 
     from napari_wsimil.federated.histofl import HistoFL, HistoFLConfig
     from napari_wsimil.federated.rounds import LocalTransport, ServerSettings, run_server
@@ -143,32 +150,6 @@ def test_the_histofl_global_models_attention_map_of_the_open_slide(make_napari_v
                ServerSettings(rounds=1, min_sites=2, evaluate_last=False))
     Project.create_from_csv(tmp_path / "proj", cohort).close()
 
-    viewer = make_napari_viewer(show=True)
-    viewer.window._qt_window.resize(1000, 800)
-    _, pw = viewer.window.add_plugin_dock_widget("napari-wsimil", "Labelling project")
-    _, panel = viewer.window.add_plugin_dock_widget("napari-wsimil", "Federation")
-    pw.open_project(tmp_path / "proj")
-    s = panel.session
-    sid, slide = s.slide_id, s.slide
-    assert sid is not None and slide.mpp is not None
-    name = f"global model {sid}"
-
-    panel.global_path.setText(str(tmp_path / "run"))
-    panel.map_btn.click()
-    assert panel.tasks.busy  # computed in a worker (the slide's features are extracted there), not the window's
-    qtbot.waitUntil(lambda: name in viewer.layers and not panel.tasks.busy, timeout=60_000)
-    layer = viewer.layers[name]
-    meta = layer.metadata["wsimil"]
-    assert (meta["round"], meta["map_kind"], meta["federated"]) == (1, "map", True)  # attention, round 1
-    assert "attention" in panel.map_status.text()
-    ds = meta["downsample"]
-    assert layer.data.ndim == 2 and float(layer.data.max()) > 0
-    assert np.allclose(layer.scale, (slide.mpp * ds, slide.mpp * ds))  # the slide's µm, not pixels
-    assert np.allclose(layer.extent.world, s.image_layer.extent.world, atol=ds * slide.mpp * 1.01)
-    for other in viewer.layers:  # on screen: the map alone
-        other.visible = other is layer
-    viewer.reset_view()
-    shot = np.asarray(viewer.screenshot(canvas_only=True, flash=False))[..., :3].astype(int)
-    # the attention over the tissue (off tissue the map is 0, the colormap's background) covers part of the canvas
-    assert (np.abs(shot - shot[0, 0]).sum(-1) > 30).mean() > 0.05
+    viewer, panel, _ = _map_the_open_slide(make_napari_viewer, qtbot, tmp_path / "proj", tmp_path / "run", "map")
+    assert "attention" in panel.map_status.text()  # HistoFL's map is the global model's attention
     viewer.close()
