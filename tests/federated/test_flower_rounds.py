@@ -75,8 +75,11 @@ PY = [sys.executable, "-m", "napari_wsimil.cli", "federate"]
 
 
 def _server(run: Path, address: str, rounds: int, log: Path) -> subprocess.Popen:
-    return start([*PY, "server", "--rounds", str(rounds), "--min-sites", "1", "--out", str(run), "--address",
-                  address, "--round-timeout", "120", "--wait-timeout", "60", *SETTINGS], {**os.environ}, log)
+    # round 1 starts once both sites are connected (--start-sites 2), later rounds go on with one (--min-sites 1):
+    # without it, round 1 could start with whichever site connected first and never ask the other
+    return start([*PY, "server", "--rounds", str(rounds), "--min-sites", "1", "--start-sites", "2", "--out", str(run),
+                  "--address", address, "--round-timeout", "120", "--wait-timeout", "60", *SETTINGS],
+                 {**os.environ}, log)
 
 
 def _site(name: str, source: Path, address: str, workdir: Path) -> subprocess.Popen:

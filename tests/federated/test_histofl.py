@@ -104,6 +104,40 @@ def test_rounds_write_a_predictable_run_reject_nan_and_resume(site_csvs, tmp_pat
     assert json.loads((run / "last.json").read_text())["epoch"] == 3
 
 
+class _LateSite(LocalTransport):
+    """Site b connects only after the server has asked who is there ``late`` times: a hospital whose node
+    comes up a little after the others."""
+
+    def __init__(self, sites, late: int):
+        super().__init__(sites)
+        self.asked, self.late = 0, late
+
+    def sites(self):
+        self.asked += 1
+        return [s for s in super().sites() if s != "b" or self.asked > self.late]
+
+
+def test_the_first_round_waits_for_start_sites_and_later_rounds_for_min_sites(site_csvs, tmp_path):
+    method, cfg = HistoFL(), _config(rounds=2)
+    trainers = {name: method.site_trainer(site_csvs[k], cfg, tmp_path / f"w{k}") for k, name in enumerate("ab")}
+    # min-sites 1 alone: round 1 starts with the site that was there first, and b is never asked in it
+    info = run_server(method, cfg, tmp_path / "early", _LateSite(trainers, late=1),
+                      ServerSettings(rounds=1, min_sites=1))
+    assert set(info["rounds"][0]["sites"]) == {"a"}
+    # --start-sites 2: round 1 waits until b is there too
+    log: list[str] = []
+    info = run_server(method, cfg, tmp_path / "both", _LateSite(trainers, late=2),
+                      ServerSettings(rounds=2, min_sites=1, start_sites=2), log.append)
+    assert [set(r["sites"]) for r in info["rounds"]] == [{"a", "b"}, {"a", "b"}]
+    assert "waiting for 2 site(s) (1 connected)" in log
+    with pytest.raises(WsimilError, match="--start-sites"):  # it cannot ask for fewer than a round needs
+        run_server(method, cfg, tmp_path / "bad", LocalTransport(trainers),
+                   ServerSettings(rounds=1, min_sites=2, start_sites=1))
+    with pytest.raises(WsimilError, match=r"1 site\(s\) connected after 0\.5 s, 2 needed \(--start-sites\)"):
+        run_server(method, cfg, tmp_path / "alone", LocalTransport({"a": trainers["a"]}),
+                   ServerSettings(rounds=1, min_sites=1, start_sites=2, wait_timeout=0.5))
+
+
 def test_too_few_valid_updates_stop_the_run_and_keep_the_last_round(site_csvs, tmp_path):
     method, cfg = HistoFL(), _config()
     trainer = method.site_trainer(site_csvs[0], cfg, tmp_path / "w0")

@@ -41,6 +41,9 @@ def register(sub: Any) -> None:
     s.add_argument("--rounds", type=int, default=10, metavar="N")
     s.add_argument("--min-sites", type=int, default=2, metavar="K",
                    help="rounds wait for K sites and aggregate when K valid updates came back (default 2)")
+    s.add_argument("--start-sites", type=int, default=None, metavar="K",
+                   help="wait for K sites before the first round, so it includes every site you expect; later "
+                        "rounds go on with --min-sites (default: --min-sites)")
     s.add_argument("--out", required=True, metavar="RUN", help="the run folder")
     s.add_argument("--address", default="127.0.0.1:9092", metavar="HOST:PORT",
                    help="where sites connect (default 127.0.0.1:9092; 0.0.0.0:PORT for the network)")
@@ -127,7 +130,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
     serve(args.method, Path(args.out), args.rounds, args.min_sites, args.address, keys=args.keys,
           insecure=args.insecure, settings=_with_dp(args), resume=args.resume, round_timeout=args.round_timeout,
-          wait_timeout=args.wait_timeout, seed=args.seed)
+          wait_timeout=args.wait_timeout, seed=args.seed, start_sites=args.start_sites)
     return 0
 
 

@@ -57,8 +57,13 @@ def federation_config(method_name: str, settings: dict[str, Any], rounds: int) -
 
 def serve(method_name: str, out: Path, rounds: int, min_sites: int, address: str, *, keys: str | None,
           insecure: bool, settings: dict[str, Any], resume: bool = False, round_timeout: float = 600.0,
-          wait_timeout: float = 600.0, seed: int = 0, say: Report = print) -> dict[str, Any]:
-    """Run the federation's server until its rounds are done; returns ``RUN/run.json``."""
+          wait_timeout: float = 600.0, seed: int = 0, start_sites: int | None = None,
+          say: Report = print) -> dict[str, Any]:
+    """Run the federation's server until its rounds are done; returns ``RUN/run.json``. ``start_sites``: sites
+    to wait for before the first round (default ``min_sites``)."""
+    if min_sites < 1 or (start_sites is not None and start_sites < min_sites):
+        raise WsimilError(f"--min-sites must be at least 1 and --start-sites at least --min-sites "
+                          f"(got {min_sites} and {start_sites})")
     host, port = split_address(address)
     security = server_security(host, keys, insecure)
     _method, config = federation_config(method_name, settings, rounds)
@@ -73,7 +78,8 @@ def serve(method_name: str, out: Path, rounds: int, min_sites: int, address: str
     write_connection(home, f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", security)
     app = write_app(home / "app", {"method": method_name, "settings": json.dumps(config), "out": str(out),
                                    "rounds": rounds, "min-sites": min_sites, "round-timeout": float(round_timeout),
-                                   "wait-timeout": float(wait_timeout), "resume": bool(resume), "seed": seed})
+                                   "wait-timeout": float(wait_timeout), "resume": bool(resume), "seed": seed,
+                                   "start-sites": int(start_sites or min_sites)})
     log = out / "server.log"
     say(f"federation server on {host}:{port} ({'TLS, registered sites only' if security.tls else 'NO TLS'}); "
         f"{method_name}, {rounds} rounds, at least {min_sites} sites -> {out} (log: {log})")
@@ -215,7 +221,7 @@ def simulate(csv_path: Path, column: str, method_name: str, out: Path, rounds: i
     address = f"127.0.0.1:{free_port()}"
     py = [sys.executable, "-m", "napari_wsimil.cli", "federate"]
     server = [*py, "server", "--method", method_name, "--rounds", str(rounds), "--min-sites",
-              str(min_sites or len(sites)), "--out", str(out), "--address", address, "--round-timeout",
+              str(min_sites or len(sites)), "--start-sites", str(max(min_sites or 0, len(sites))), "--out", str(out), "--address", address, "--round-timeout",
               str(round_timeout), "--seed", str(seed), *(["--resume"] if resume else []),
               *([f"--set={k}={json.dumps(v)}" for k, v in settings.items()]),
               *(["--keys", str(keys)] if secure else [])]

@@ -170,6 +170,7 @@ def server_main(grid: Grid, context: Context) -> None:
     method = load_method(str(cfg["method"]))
     config = make_config(method, json.loads(str(cfg["settings"])))
     settings = ServerSettings(rounds=int(cfg["rounds"]), min_sites=int(cfg["min-sites"]),
+                              start_sites=int(cfg.get("start-sites", cfg["min-sites"])),
                               round_timeout=float(cfg["round-timeout"]), wait_timeout=float(cfg["wait-timeout"]),
                               resume=bool(cfg["resume"]), seed=int(cfg["seed"]))
     status = out / "server-status.json"

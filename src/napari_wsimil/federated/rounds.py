@@ -50,6 +50,10 @@ class Transport(Protocol):
 class ServerSettings:
     rounds: int
     min_sites: int = 2
+    #: sites to wait for before this server's first round (Flower's ``min_available_nodes``); later rounds and
+    #: the valid updates a round needs are ``min_sites``. None: ``min_sites``. Without it, a federation that may
+    #: go on with fewer sites would start its first round with whichever site connected first.
+    start_sites: int | None = None
     round_timeout: float = 600.0
     wait_timeout: float = 600.0
     max_retries: int = 3
@@ -105,6 +109,9 @@ def run_server(method: FederatedMethod, config: Any, out: Path, transport: Trans
     out = Path(out)
     if settings.rounds < 1 or settings.min_sites < 1:
         raise WsimilError("--rounds and --min-sites must be at least 1")
+    if settings.start_sites is not None and settings.start_sites < settings.min_sites:
+        raise WsimilError(f"--start-sites ({settings.start_sites}) cannot be fewer than --min-sites "
+                          f"({settings.min_sites})")
     if (out / "last.json").exists() and not settings.resume:
         raise WsimilError(f"{out} already holds a federated run; add --resume to continue it or choose another "
                           "--out")
@@ -126,7 +133,8 @@ def run_server(method: FederatedMethod, config: Any, out: Path, transport: Trans
     best = min((r["global_val_loss"] for r in info["rounds"] if r.get("global_val_loss") is not None), default=None)
     previous = arrays
     for r in range(done + 1, settings.rounds + 1):
-        row, updates = _one_round(method, config, cfg_json, arrays, r, transport, settings, say)
+        need = (settings.start_sites or settings.min_sites) if r == done + 1 else settings.min_sites
+        row, updates = _one_round(method, config, cfg_json, arrays, r, transport, settings, say, need)
         rng = np.random.default_rng([settings.seed, r])
         new = method.aggregate(arrays, updates, config, rng)
         # the sites measured the global model they received (round r-1's) on their validation slides
@@ -191,11 +199,11 @@ def _numbers_only(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _one_round(method: FederatedMethod, config: Any, cfg_json: dict[str, Any], arrays: Arrays, r: int,
-               transport: Transport, settings: ServerSettings, say: Report
+               transport: Transport, settings: ServerSettings, say: Report, need: int
                ) -> tuple[dict[str, Any], list[SiteUpdate]]:
     for attempt in range(1, settings.max_retries + 1):
         t0 = time.perf_counter()
-        sites = _wait_for_sites(transport, settings, say)
+        sites = _wait_for_sites(transport, settings, say, need if attempt == 1 else settings.min_sites)
         replies = transport.exchange(sites, "train", arrays, cfg_json, r, settings.round_timeout)
         good: list[tuple[str, SiteUpdate]] = []
         rejected: dict[str, str] = {}
@@ -232,18 +240,21 @@ def _one_round(method: FederatedMethod, config: Any, cfg_json: dict[str, Any], a
                       "the run stops here (its last completed round is kept: --resume continues it)")
 
 
-def _wait_for_sites(transport: Transport, settings: ServerSettings, say: Report) -> list[Any]:
+def _wait_for_sites(transport: Transport, settings: ServerSettings, say: Report, need: int) -> list[Any]:
+    """The connected sites once ``need`` of them are (``--start-sites`` before the first round, else
+    ``--min-sites``)."""
     t0 = time.monotonic()
     told = False
+    flag = "--start-sites" if need != settings.min_sites else "--min-sites"
     while True:
         sites = transport.sites()
-        if len(sites) >= settings.min_sites:
+        if len(sites) >= need:
             return sites
         if time.monotonic() - t0 > settings.wait_timeout:
             raise WsimilError(f"only {len(sites)} site(s) connected after {settings.wait_timeout:g} s, "
-                              f"{settings.min_sites} needed (--min-sites)")
+                              f"{need} needed ({flag})")
         if not told:
-            say(f"waiting for {settings.min_sites} site(s) ({len(sites)} connected)")
+            say(f"waiting for {need} site(s) ({len(sites)} connected)")
             told = True
         time.sleep(0.5)
 
