@@ -73,12 +73,7 @@ def _tissue_on_grid(slide_path: Path, shape: tuple[int, int], downsample: float)
     from napari_wsimil.slide.tissue import tissue_mask
 
     with open_slide(slide_path) as sl:
-        tm = tissue_mask(sl)
-    m = tm.mask
-    def index(n: int, limit: int) -> np.ndarray:
-        return np.clip(((np.arange(n) + 0.5) * downsample / tm.downsample).astype(np.int64), 0, limit - 1)
-
-    return m[np.ix_(index(shape[0], m.shape[0]), index(shape[1], m.shape[1]))].astype(bool)
+        return tissue_mask(sl).on_grid(shape, downsample)
 
 
 def split_cohort_seg(csv_path: Path, out_csv: Path, test_csv: Path, seed: int, annotated_fraction: float,

@@ -40,6 +40,24 @@ def run(sites: list[Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     return out, res
 
 
+def test_the_pixel_site_paints_tissue_and_leaves_glass_unlabelled(sites: list[Path]) -> None:
+    """As a pathologist paints: tumour 1 exactly where the ground truth is, the rest of the tissue 2, glass 0."""
+    import tifffile
+
+    from napari_wsimil.slide import open_slide
+    from napari_wsimil.slide.tissue import tissue_mask
+
+    painted = [r for r in rows(sites[0]) if r["pixel_labels"]]
+    assert painted
+    for r in painted:
+        paint, gt = tifffile.imread(r["pixel_labels"]), tifffile.imread(r["gt_mask"])
+        with open_slide(r["path"]) as sl:
+            tissue = tissue_mask(sl).on_grid(gt.shape, float(r["gt_downsample"]))
+        np.testing.assert_array_equal(paint == 1, gt > 0)
+        np.testing.assert_array_equal(paint == 2, (gt == 0) & tissue)
+        assert (paint == 0).any() and (paint == 2).any()  # glass is left out, normal tissue is painted
+
+
 def test_sites_are_told_apart_by_their_drawings(run: tuple[Path, dict]) -> None:
     out, res = run
     assert res["site_supervision"] == ["pixel", "box", "slide"]

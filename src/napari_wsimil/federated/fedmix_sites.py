@@ -20,11 +20,18 @@ from ..project.cohort_csv import write_rows as write
 
 
 def paint(row: dict, out: Path) -> None:
-    """The slide's ground truth painted: 1 tumour, 2 everything else."""
+    """The slide's ground truth painted as a pathologist paints: 1 tumour, 2 the rest of the tissue, glass left
+    unlabelled (0). Painting glass "normal" too made 95 % of a CRC slide's painted pixels normal, and a net
+    trained on patches centred on painted pixels then hardly ever saw tumour."""
     import tifffile
 
+    from ..slide import open_slide
+    from ..slide.tissue import tissue_mask
+
     gt = tifffile.imread(row["gt_mask"])
-    tifffile.imwrite(out, np.where(gt > 0, 1, 2).astype(np.uint8))
+    with open_slide(row["path"]) as sl:
+        tissue = tissue_mask(sl).on_grid(gt.shape[:2], float(row["gt_downsample"]))
+    tifffile.imwrite(out, np.where(gt > 0, 1, np.where(tissue, 2, 0)).astype(np.uint8))
     row["pixel_labels"], row["pixel_labels_downsample"] = str(out), row["gt_downsample"]
 
 

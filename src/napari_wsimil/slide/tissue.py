@@ -63,6 +63,17 @@ class TissueMask:
         """Tissue area in µm², None when the pixel size is unknown."""
         return None if self.mpp is None else float(self.mask.sum()) * self.mpp**2
 
+    def on_grid(self, shape: tuple[int, int], downsample: float) -> np.ndarray:
+        """The mask at the centres of a grid of ``shape`` whose pixels are ``downsample`` level-0 px wide: the
+        tissue under a label or ground-truth mask of another resolution (e.g. to paint "normal" on tissue and
+        leave glass unlabelled, as a pathologist does)."""
+
+        def index(n: int, limit: int) -> np.ndarray:
+            return np.clip(((np.arange(n) + 0.5) * downsample / self.downsample).astype(np.int64), 0, limit - 1)
+
+        m = self.mask
+        return m[np.ix_(index(shape[0], m.shape[0]), index(shape[1], m.shape[1]))].astype(bool)
+
     @cached_property
     def _integral(self) -> np.ndarray:
         # Zero-padded summed-area table: bilinear interpolation of it gives the exact tissue area of
