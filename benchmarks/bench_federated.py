@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import tempfile
 import time
@@ -37,25 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from _common import PCAM, PCAM_MPP, make_textured_cohort, table, wsimil  # noqa: E402
 
+from napari_wsimil.project.cohort_csv import read_rows, write_rows  # noqa: E402
+
 SITES = ("A", "B", "C")
-
-
-def _rows(csv_path: Path) -> list[dict]:
-    rows = list(csv.DictReader(csv_path.open()))
-    for r in rows:
-        for key in ("path", "gt_mask"):
-            if r.get(key) and not os.path.isabs(r[key]):
-                r[key] = str((csv_path.parent / r[key]).resolve())
-    return rows
 
 
 def _write(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
+    return write_rows(rows, path)
 
 
 def deal(rows: list[dict], how: str, seed: int) -> dict[str, list[dict]]:
@@ -166,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     tile_mpp = args.tile_mpp or (PCAM_MPP if args.textures.resolve() == PCAM.resolve() else None)
     cohort = make_textured_cohort(base, args.slides, args.size, args.seed, args.textures, tile_mpp,
                                   tuple(args.tumour_share) if args.tumour_share else None)
-    rows = _rows(cohort)
+    rows = read_rows(cohort)
     test_rows = [r for r in rows if r.get("split") == "test"]
     # the defaults keep the folder name of the runs made before these options
     tag = "" if args.mil_method == "abmil" else f"_{args.mil_method}"

@@ -84,60 +84,40 @@ class SegSlide:
         """(size, size) int8 of 0/1 where something painted or drawn says so, -1 elsewhere.
 
         Benign slides need no paint: every tissue pixel of a benign slide is benign."""
-        out = np.full((size, size), -1, np.int8)
-        if self.label == 0 and benign_fill:
-            out[self.tissue_at(x0, y0, size, mpp)] = 0
-        if not self.annotated:
-            return out
-        from ..slide.mask_sampling import patch_samples
-        from ..train.tile_labels import annotation_samples
-
-        size0 = size * self.downsample(mpp)
-        corner = np.array([[x0, y0]])
-        vals = np.zeros(size * size, np.uint8)
-        if self.labels.lookup is not None:
-            vals = patch_samples(corner, size0, self.labels.lookup, float(self.labels.downsample or 1.0),
-                                 size)[0].astype(np.uint8)
-        if self.labels.annotations:
-            ann = annotation_samples(corner, size0, self.labels.annotations, self.labels.class_ids or {}, size)[0]
-            vals = np.where(ann > 0, ann, vals)
-        lut = self._class_lut()
-        mapped = lut[vals].reshape(size, size)
-        return np.where(mapped >= 0, mapped, out).astype(np.int8)
-
-    def _class_lut(self) -> np.ndarray:
-        """Mask class id -> 0/1 (benign/malignant), -1 for ids that map to neither (0 too unless exhaustive)."""
-        lut = np.full(256, -1, np.int8)
-        for cid, cls in self.id_to_class.items():
-            lut[int(cid)] = int(cls)
-        if self.exhaustive:
-            lut[0] = 0
-        return lut
+        return self._labels(np.array([[x0, y0]]), size, mpp, benign_fill)[0].reshape(size, size)
 
     def centre_labels(self, points: np.ndarray, mpp: float, benign_fill: bool = True) -> np.ndarray:
         """(N,) int8: :meth:`pixel_labels_at` of a 1-pixel patch at each level-0 (x, y) in ``points`` (the
         class under each point, -1 where nothing says), in a few reads of the masks instead of one per point
         (4096 points of :meth:`labelled_points` cost 1.5 s of CPU one by one, in every site process)."""
+        return self._labels(np.asarray(points, dtype=np.float64).reshape(-1, 2), 1, mpp, benign_fill)[:, 0]
+
+    def _labels(self, corners: np.ndarray, size: int, mpp: float, benign_fill: bool) -> np.ndarray:
+        """(N, size²) int8: the labels of the size × size patches whose level-0 corners are ``corners`` (0/1
+        where paint, drawings or a benign slide's tissue say so, -1 elsewhere), all read in one pass."""
         from ..slide.mask_sampling import patch_samples
         from ..train.tile_labels import annotation_samples
 
-        pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-        out = np.full(len(pts), -1, np.int8)
-        if not len(pts):
+        out = np.full((len(corners), size * size), -1, np.int8)
+        if not len(corners):
             return out
-        d = self.downsample(mpp)
+        size0 = size * self.downsample(mpp)
         if self.label == 0 and benign_fill:
-            out[patch_samples(pts, d, self.tissue.mask, self.tissue.downsample, 1)[:, 0].astype(bool)] = 0
+            out[patch_samples(corners, size0, self.tissue.mask, self.tissue.downsample, size).astype(bool)] = 0
         if not self.annotated:
             return out
-        vals = np.zeros(len(pts), np.uint8)
+        vals = np.zeros(out.shape, np.uint8)
         if self.labels.lookup is not None:
-            vals = patch_samples(pts, d, self.labels.lookup, float(self.labels.downsample or 1.0),
-                                 1)[:, 0].astype(np.uint8)
+            vals = patch_samples(corners, size0, self.labels.lookup, float(self.labels.downsample or 1.0),
+                                 size).astype(np.uint8)
         if self.labels.annotations:
-            ann = annotation_samples(pts, d, self.labels.annotations, self.labels.class_ids or {}, 1)[:, 0]
+            ann = annotation_samples(corners, size0, self.labels.annotations, self.labels.class_ids or {}, size)
             vals = np.where(ann > 0, ann, vals)
-        lut = self._class_lut()
+        lut = np.full(256, -1, np.int8)  # mask class id -> 0/1, -1 for ids that say neither (0 too unless exhaustive)
+        for cid, cls in self.id_to_class.items():
+            lut[int(cid)] = int(cls)
+        if self.exhaustive:
+            lut[0] = 0
         mapped = lut[vals]
         return np.where(mapped >= 0, mapped, out).astype(np.int8)
 
