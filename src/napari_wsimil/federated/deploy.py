@@ -221,8 +221,9 @@ def simulate(csv_path: Path, column: str, method_name: str, out: Path, rounds: i
     address = f"127.0.0.1:{free_port()}"
     py = [sys.executable, "-m", "napari_wsimil.cli", "federate"]
     server = [*py, "server", "--method", method_name, "--rounds", str(rounds), "--min-sites",
-              str(min_sites or len(sites)), "--start-sites", str(max(min_sites or 0, len(sites))), "--out", str(out), "--address", address, "--round-timeout",
-              str(round_timeout), "--seed", str(seed), *(["--resume"] if resume else []),
+              str(min_sites or len(sites)), "--start-sites", str(max(min_sites or 0, len(sites))), "--out", str(out),
+              "--address", address, "--round-timeout", str(round_timeout), "--seed", str(seed),
+              *(["--resume"] if resume else []),
               *([f"--set={k}={json.dumps(v)}" for k, v in settings.items()]),
               *(["--keys", str(keys)] if secure else [])]
     env = dict(os.environ)
