@@ -12,8 +12,10 @@ measures the global nets it is sent, on its own held-out slides, and returns num
 
 The server sums them over sites (:func:`summarise`): pooled pixel Dice at 0.5 (as if all sites' painted pixels
 were one validation set), the slides-weighted validation loss, and from the summed benign histogram the
-operating threshold by the centralised rule (:func:`~napari_wsimil.seg.operating_point.threshold_for_fpr`:
-the lowest threshold, never below 0.5, that calls at most ``operating_fpr`` of benign tissue tumour).
+operating threshold by the centralised rule and the same code
+(:func:`~napari_wsimil.seg.operating_point.choose_threshold`, ``operating_rule``: with 'auto', the threshold
+≥ 0.5 of best pooled Dice on the summed painted validation counts when some is tumour, else the lowest threshold,
+never below 0.5, that calls at most ``operating_fpr`` of the summed benign tissue tumour).
 :class:`BestRound` keeps the round to use (lowest ``select``: 1 − pooled Dice when some site has painted
 validation pixels and ``checkpoint_by`` is 'auto', else the validation loss; the centralised engine's rule),
 writes it as ``best.safetensors`` and, at the end, ``operating_point.json``, where ``wsimil predict``,
@@ -84,15 +86,19 @@ def site_numbers(seg: Any, net: Any, device: Any, *, benign: bool = False,
 
 # ---------------------------------------------------------------------------------------------- the server
 def dice_at(tumour: np.ndarray, normal: np.ndarray, level: int) -> float:
-    tp, fn, fp = float(tumour[level:].sum()), float(tumour[:level].sum()), float(normal[level:].sum())
-    return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+    from ..seg.operating_point import dice_at_level
+
+    return dice_at_level(tumour, normal, level)
 
 
 def summarise(site_metrics: Sequence[Mapping[str, float]], *, operating_fpr: float, checkpoint_by: str = "auto",
-              prefix: str = "") -> dict[str, Any] | None:
+              prefix: str = "", operating_rule: str = "auto") -> dict[str, Any] | None:
     """The sites' numbers (``prefix``-named in their metrics) summed into one validation of a global model, or
-    None when no site measured anything. Holds no histogram: it is what run.json records per round."""
-    from ..seg.operating_point import FLOOR_LEVEL, LevelHistogram, threshold_for_fpr, threshold_level
+    None when no site measured anything. Holds no histogram: it is what run.json records per round. Its
+    threshold follows ``operating_rule`` exactly as a centralised run's
+    (:func:`~napari_wsimil.seg.operating_point.choose_threshold` on the summed counts: pooled Dice on the sites'
+    painted validation pixels when some is tumour and the rule allows it, else the summed benign histogram)."""
+    from ..seg.operating_point import FLOOR_LEVEL, LevelHistogram, choose_threshold, threshold_level
 
     out: dict[str, Any] = {}
     measured = [m for m in site_metrics if prefix + "val_loss" in m]
@@ -112,19 +118,27 @@ def summarise(site_metrics: Sequence[Mapping[str, float]], *, operating_fpr: flo
         out["select_by"] = "1 - val_pixel_dice" if by_dice else "val_loss"
         out["select"] = 1.0 - out["val_pixel_dice"] if by_dice else out["val_loss"]
     benign = [(h, m) for m in site_metrics if (h := read_histogram(m, "benign", prefix)) is not None]
-    if benign and operating_fpr > 0:
-        hist = LevelHistogram()
+    hist = LevelHistogram()
+    if benign:
         hist.counts = np.sum([h for h, _ in benign], 0).round().astype(np.int64)
-        if hist.total:
-            threshold, achieved = threshold_for_fpr(hist, operating_fpr)
-            out.update(threshold=threshold, operating_fpr=operating_fpr, benign_fpr=achieved,
-                       benign_fpr_at_0_5=hist.share_at_or_above(FLOOR_LEVEL), benign_pixels=hist.total,
-                       benign_slides=int(sum(m.get(prefix + "benign_slides", 0.0) for _, m in benign)),
-                       benign_sites=len(benign),
-                       benign_source="validation" if all(m.get(prefix + "benign_from_validation", 0.0) == 1.0
-                                                         for _, m in benign) else "validation or training")
-            if t is not None and n_ is not None:
-                out["val_pixel_dice_at_threshold"] = dice_at(t, n_, threshold_level(threshold))
+    painted = (t, n_) if t is not None and n_ is not None else None
+    if operating_fpr > 0 and (hist.total or (painted is not None and operating_rule != "benign-fpr")):
+        try:  # the centralised rule on the summed counts (seg.operating_point.choose_threshold)
+            point = choose_threshold(operating_rule, operating_fpr, hist if hist.total else None, painted)
+        except ValueError:
+            point = None  # e.g. 'val-dice' asked for and no painted tumour pixel at any site
+        if point is not None:
+            out.update(threshold=point["threshold"], operating_fpr=operating_fpr, rule=point["rule"],
+                       operating_rule=operating_rule, why=point["why"])
+            if hist.total:
+                out.update(benign_fpr=point["benign_fpr"], benign_fpr_at_0_5=point["benign_fpr_at_0.5"],
+                           benign_fpr_threshold=point.get("benign_fpr_threshold"), benign_pixels=hist.total,
+                           benign_slides=int(sum(m.get(prefix + "benign_slides", 0.0) for _, m in benign)),
+                           benign_sites=len(benign),
+                           benign_source="validation" if all(m.get(prefix + "benign_from_validation", 0.0) == 1.0
+                                                             for _, m in benign) else "validation or training")
+            if painted is not None:
+                out["val_pixel_dice_at_threshold"] = dice_at(t, n_, threshold_level(point["threshold"]))
     return out or None
 
 
@@ -147,7 +161,8 @@ class BestRound:
 
     def _summarise(self, metrics: Sequence[Mapping[str, float]], prefix: str = "") -> dict[str, Any] | None:
         return summarise(metrics, operating_fpr=float(self.config.operating_fpr),
-                         checkpoint_by=str(self.config.checkpoint_by), prefix=prefix)
+                         checkpoint_by=str(self.config.checkpoint_by), prefix=prefix,
+                         operating_rule=str(getattr(self.config, "operating_rule", "auto")))
 
     def offer(self, arrays: Any, server_round: int, summary: Mapping[str, Any] | None) -> bool:
         """Keep round ``server_round`` when its summed validation beats the best so far (same criterion only:
@@ -201,14 +216,20 @@ class BestRound:
         path.unlink(missing_ok=True)
         if self.best is None or not summary or "threshold" not in summary:
             return None
-        point = {"format": 1, "threshold": summary["threshold"], "operating_fpr": summary["operating_fpr"],
-                 "benign_fpr": summary["benign_fpr"], "benign_fpr_at_0.5": summary["benign_fpr_at_0_5"],
-                 "benign_pixels": summary["benign_pixels"], "slides": [], "n_slides": summary["benign_slides"],
-                 "source": summary["benign_source"], "sites": summary["benign_sites"],
+        point = {"format": 1, "threshold": summary["threshold"], "rule": summary["rule"],
+                 "operating_rule": summary["operating_rule"], "operating_fpr": summary["operating_fpr"],
+                 "slides": [], "n_slides": summary.get("benign_slides", 0),
+                 "source": summary.get("benign_source", "validation"), "sites": summary.get("benign_sites"),
                  "weights": "best", "round": self.best["round"], "federated": True,
                  "weights_sha256": weights_digest(self.out),
-                 "why": "the lowest threshold (never below 0.5) at which at most operating_fpr of the sites' benign "
-                        "slides' tissue is called tumour; each site counted its own pixels, the server summed them"}
+                 "why": summary["why"] + "; each site counted its own pixels, the server summed them"}
+        for key, name in (("benign_fpr", "benign_fpr"), ("benign_fpr_at_0_5", "benign_fpr_at_0.5"),
+                          ("benign_pixels", "benign_pixels"), ("benign_fpr_threshold", "benign_fpr_threshold"),
+                          ("val_pixel_dice_at_threshold", "val_pixel_dice_at_threshold"),
+                          ("val_pixel_dice", "val_pixel_dice_at_0.5"), ("val_tumour_pixels", "val_tumour_pixels"),
+                          ("val_normal_pixels", "val_normal_pixels")):
+            if key in summary:
+                point[name] = summary[key]
         write_text(path, json.dumps(point, indent=1))
         self.best["threshold"] = summary["threshold"]
         return point

@@ -41,11 +41,17 @@ def register(subparsers: Any) -> None:
         "calibrate", help="set a segmentation run's operating threshold on its benign slides again",
         description="Training ends by setting the threshold that turns the run's maps into tumour masks: the lowest "
                     "(never below 0.5) at which at most OPERATING_FPR of the benign validation slides' tissue (else "
-                    "the benign training slides') is called tumour. This sets it again, e.g. for another rate; it "
+                    "the benign training slides') is called tumour, or, when validation slides are painted, the one "
+                    "(never below 0.5) with the best pooled Dice on their painted pixels (--rule). This sets it "
+                    "again, e.g. for another rate or rule; it "
                     "writes RUN/operating_point.json, which 'wsimil predict' records and 'wsimil evaluate' uses.")
     p.add_argument("run", metavar="RUN", help="a segmentation run folder")
     p.add_argument("--operating-fpr", type=float, default=0.001, metavar="F",
                    help="share of benign tissue the model may call tumour (default 0.001)")
+    p.add_argument("--rule", default=None, choices=("auto", "benign-fpr", "val-dice"),
+                   help="how to set it (default: the run's operating_rule): 'val-dice' the threshold (≥ 0.5) with "
+                        "the best pooled Dice on the painted validation pixels, 'benign-fpr' the OPERATING_FPR "
+                        "rule, 'auto' val-dice when a validation slide is painted with some tumour, else benign-fpr")
     p.add_argument("--cohort", default=None, metavar="CSV",
                    help="the cohort or project the run was trained on (default: the one run.json names)")
     add_device_argument(p)
@@ -78,7 +84,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from ..errors import WsimilError
     from ..train.cohort import load_cohort
+    from ..train.registry import saved_config
     from .data import open_seg_slides
+    from .methods import make_method
     from .operating_point import calibrate_run, describe
     from .predict import is_segmentation_run
 
@@ -89,20 +97,40 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     info = json.loads((Path(args.run) / "run.json").read_text())
     cohort = load_cohort(args.cohort or info["cohort"])
     by_id = {s.slide_id: s for s in cohort.slides}
-    for split, source in (("val_slides", "validation"), ("train_slides", "training")):
-        benign_class = str(info["classes"][0])  # only benign slides are opened (tissue masks cost time)
-        items = [by_id[i] for i in info.get(split, []) if i in by_id and str(by_id[i].label) == benign_class]
-        slides = open_seg_slides(cohort, items, info["classes"]) if items else []
-        benign = [s for s in slides if s.label == 0]
-        try:
-            point = calibrate_run(args.run, benign, args.operating_fpr, source=source,
-                                  device=args.device) if benign else None
-        finally:
-            for s in slides:
-                s.close()
-        if point:
-            _say(describe(point))
-            return 0
+    try:
+        state = json.loads((Path(args.run) / "last.json").read_text())
+    except (OSError, ValueError):
+        state = {}
+    rule = args.rule or str((state.get("config") or {}).get("operating_rule", "auto"))
+    painted, opened = None, []
+    try:
+        painted_ids = set(info.get("pixel_labelled_val_slides") or [])
+        if rule != "benign-fpr" and painted_ids & set(by_id) and not info.get("federated"):
+            # the painted validation pixels, exactly as training measured them (the method's own patches)
+            items = [by_id[i] for i in info.get("val_slides", []) if i in by_id]
+            opened = open_seg_slides(cohort, items, info["classes"])
+            cfg = saved_config(info["method"], state)
+            method = make_method(info["method"], cfg, [], opened, mpp=info["mpp"], patch=info["patch"])
+            painted = lambda net, dev: method.painted_val_levels(net, dev, lambda m, x: m(x))  # noqa: E731
+        for split, source in (("val_slides", "validation"), ("train_slides", "training")):
+            benign_class = str(info["classes"][0])  # only benign slides are opened (tissue masks cost time)
+            items = [by_id[i] for i in info.get(split, []) if i in by_id and str(by_id[i].label) == benign_class]
+            slides = open_seg_slides(cohort, items, info["classes"]) if items else []
+            benign = [s for s in slides if s.label == 0]
+            try:
+                point = calibrate_run(args.run, benign, args.operating_fpr, source=source, device=args.device,
+                                      rule=rule, painted=painted) if benign or painted else None
+            except ValueError as exc:
+                raise WsimilError(f"cannot set the threshold by rule {rule!r}: {exc}") from exc
+            finally:
+                for s in slides:
+                    s.close()
+            if point:
+                _say(describe(point))
+                return 0
+    finally:
+        for s in opened:
+            s.close()
     raise WsimilError(f"none of the slides {args.run} was trained or validated on is a benign slide of "
                       f"{args.cohort or info['cohort']} with tissue: nothing to set the threshold on")
 

@@ -63,8 +63,17 @@ class SegConfig(TrainConfig):
     operating_fpr: float = doc_field("After training, the threshold that turns maps into tumour masks is set so that "
                                 "at most this share of the benign validation slides' tissue (else the benign "
                                 "training slides') is called tumour, and never below 0.5: trained from slide "
-                                "labels, maps rank pixels well but are not calibrated at 0.5. 0: keep 0.5.",
+                                "labels, maps rank pixels well but are not calibrated at 0.5 (operating_rule "
+                                "'benign-fpr', and 'auto' without painted validation pixels). 0: keep 0.5.",
                                 default=0.001)
+    operating_rule: str = doc_field("How the operating threshold is set after training. 'val-dice': the threshold "
+                                    "(≥ 0.5) with the best pooled pixel Dice on the painted validation pixels, "
+                                    "benign validation tissue counting as normal; 'benign-fpr': the operating_fpr "
+                                    "rule above; 'auto': val-dice when some painted validation pixel is tumour, "
+                                    "else benign-fpr. Why: a saturated map (Dice loss, much paint) calls its few "
+                                    "benign false positives tumour at p ≈ 1, so the benign-FPR rule sets 0.99 or "
+                                    "more and discards a map that segments well; painted pixels measure the "
+                                    "threshold's Dice directly.", default="auto")
 
 
 @dataclass

@@ -123,6 +123,10 @@ class SegMethod:
         if not 0.0 <= cfg.operating_fpr < 1.0:
             raise TrainingError(f"operating_fpr is a share of benign tissue, at least 0 and below 1 (got "
                                 f"{cfg.operating_fpr})")
+        from ..operating_point import RULES
+
+        if getattr(cfg, "operating_rule", "auto") not in RULES:
+            raise TrainingError(f"operating_rule is one of {', '.join(RULES)}, not {cfg.operating_rule!r}")
         if cfg.context < -1 or (cfg.context > 0 and (2 * cfg.context) % mult):
             raise TrainingError(f"context is -1 (the net's receptive margin), 0 or a number of pixels whose double "
                                 f"is a multiple of {mult} (got {cfg.context})")
@@ -298,13 +302,18 @@ class SegMethod:
         tp, fn = int(tumour.counts[FLOOR_LEVEL:].sum()), int(tumour.counts[:FLOOR_LEVEL].sum())
         return tp, int(normal.counts[FLOOR_LEVEL:].sum()), fn
 
-    def painted_val_levels(self, model: nn.Module, device: torch.device) -> tuple[Any, Any] | None:
+    def painted_val_levels(self, model: nn.Module, device: torch.device,
+                           forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+                           ) -> tuple[Any, Any] | None:
         """Stored map levels (p · 255, :class:`~..operating_point.LevelHistogram`) of the known tumour pixels and
         of the known normal pixels that :meth:`painted_val_dice` pools: TP/FP/FN at any threshold follow from
         them. Why histograms: a federated site sends these counts (numbers only) and the server sums them over
-        sites (:mod:`napari_wsimil.federated.fedmix_validation`). None without painted validation slides."""
+        sites (:mod:`napari_wsimil.federated.fedmix_validation`). None without painted validation slides.
+        ``forward(model, x)``: the logits (default :meth:`forward_eval`; a run loaded for prediction gives the
+        map's logits directly)."""
         from ..operating_point import LevelHistogram
 
+        forward = forward or self.forward_eval
         painted = self._painted_val_set()
         if not painted:
             return None
@@ -318,7 +327,7 @@ class SegMethod:
         with torch.no_grad():
             for batch, all_tissue_normal in groups:
                 b = _to_tensors(batch, device)
-                p = torch.softmax(self.forward_eval(model, b["x"]).float(), 1)[:, 1]
+                p = torch.softmax(forward(model, b["x"]).float(), 1)[:, 1]
                 if all_tissue_normal:
                     known, truth = b["tissue"].bool(), torch.zeros_like(p, dtype=torch.bool)
                 else:
@@ -388,7 +397,8 @@ class SegMethod:
         return float(self.mapper.wait_seconds / total) if total > 0 else 0.0
 
     def finish(self, out_dir: Path) -> str | None:
-        """Set the run's operating threshold (:mod:`.operating_point`) from its best weights; what to say.
+        """Set the run's operating threshold (:mod:`.operating_point`) from its best weights, by the config's
+        ``operating_rule`` (painted validation pixels' Dice, else benign slides' false-positive rate); what to say.
 
         A threshold that cannot be set does not undo a finished training: the run keeps its weights, says why,
         and has no operating point (maps are then cut at 0.5) until ``wsimil calibrate`` sets one."""
@@ -404,7 +414,8 @@ class SegMethod:
         slides, source = choose_benign_slides(self.train_slides, self.val_slides)
         try:
             point = calibrate_run(out_dir, slides, self.config.operating_fpr, source=source,
-                                  device=self.config.device)
+                                  device=self.config.device, rule=getattr(self.config, "operating_rule", "auto"),
+                                  painted=lambda net, dev: self.painted_val_levels(net, dev, lambda m, x: m(x)))
         except (WsimilError, OSError, ValueError, RuntimeError) as exc:
             return f"no operating threshold ({exc}); masks are cut at 0.5 until 'wsimil calibrate' sets one"
         return describe(point) if point else "no benign tissue to set an operating threshold on; masks are cut at 0.5"
