@@ -259,6 +259,7 @@ def test_pinchaud_train_resume_predict_evaluate(cohort: Path, tmp_path: Path) ->
     labels = {r["slide_id"]: r["label"] for r in _rows(cohort)}
     assert point["slides"] and all(labels[s] == "0" for s in point["slides"])
     assert 0.5 <= point["threshold"] < 1 and point["benign_fpr"] <= point["operating_fpr"] == 0.001
+    assert point["rule"] == "benign-fpr" and point["operating_rule"] == "auto"  # no painted validation pixel
     assert point["benign_fpr"] <= point["benign_fpr_at_0.5"]
     assert main(["predict", str(run), "--cohort", str(cohort), "--out", str(pred), "--device", "cpu",
                  "--masks", "--ome-zarr"]) == 0
@@ -441,6 +442,23 @@ def test_painted_validation_slides_choose_the_checkpoint(cohort: Path, tmp_path:
         want = dice.index(max(dice)) if by == "auto" else total.index(min(total))
         assert state["best_epoch"] == vals[want].epoch
         best[by] = state["best_epoch"]
+
+    # Its operating threshold: painted validation slides, so 'auto' takes the best pooled Dice on their pixels,
+    # from the same counts (the best weights' map levels) that chose the checkpoint.
+    from napari_wsimil.seg.operating_point import read_operating_point, threshold_for_val_dice
+    from napari_wsimil.seg.predict import load_seg_run
+
+    point = read_operating_point(spec.out)
+    assert point is not None and point["rule"] == "val-dice" and point["operating_rule"] == "auto"
+    run = load_seg_run(spec.out, device="cpu")
+    tumour, normal = method.painted_val_levels(run.net, run.device, lambda m, x: m(x))
+    assert point["threshold"] == threshold_for_val_dice(tumour.counts, normal.counts)[0] >= 0.5
+    assert point["val_pixel_dice_at_threshold"] >= point["val_pixel_dice_at_0.5"]
+    assert main(["calibrate", str(spec.out), "--device", "cpu"]) == 0  # the run's rule again: the same point
+    assert json.loads((spec.out / "operating_point.json").read_text()) == point
+    assert main(["calibrate", str(spec.out), "--device", "cpu", "--rule", "benign-fpr"]) == 0
+    benign = json.loads((spec.out / "operating_point.json").read_text())
+    assert benign["rule"] == "benign-fpr" and benign["threshold"] == point["benign_fpr_threshold"]
 
     # The Dice itself: an all-tumour prediction scores 2T / (2T + N) on the painted and benign pixels.
     painted = method._painted_val_set()
