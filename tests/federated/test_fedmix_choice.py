@@ -184,3 +184,11 @@ def test_what_a_site_sends_is_numbers_named_without_its_slides(sites: list[Path]
     assert {"val_loss", "benign_L255", "val_tumour_L000", "val_normal_L128"} <= set(metrics)
     assert {"global_val_loss", "global_val_tumour_L000"} <= set(update.metrics)
     assert sum(v for k, v in metrics.items() if k.startswith("benign_L")) > 0
+    # a site without painted validation slides sends its benign validation tissue as normal pixels, no tumour
+    box = method.site_trainer(sites[1], cfg, tmp_path / "box")
+    try:
+        other = box.evaluate(g)
+    finally:
+        box.close()
+    assert sum(v for k, v in other.items() if k.startswith("val_normal_L")) > 0
+    assert sum(v for k, v in other.items() if k.startswith("val_tumour_L")) == 0

@@ -128,3 +128,18 @@ def test_fedmix_server_without_painted_validation_keeps_the_benign_rule() -> Non
     assert summary["rule"] == "benign-fpr"
     assert summary["threshold"] == threshold_for_fpr(_benign(2 * BENIGN), 0.01)[0]
     assert "val_pixel_dice_at_threshold" not in summary
+
+
+def test_a_site_without_paint_adds_its_benign_tissue_to_the_pooled_normal_pixels() -> None:
+    """A centralised run pools every benign validation slide's tissue as normal; a FedMix site without painted
+    slides sends those counts (tumour all zero), so the server's pooled Dice and threshold see them too. Alone,
+    such sites carry no tumour: Dice then chooses nothing (the validation loss and benign rule stay)."""
+    t, n = _hist({255: 100}), _hist({0: 1000})
+    extra = _hist({0: 3000, 255: 100})  # another site's benign validation tissue, 100 false positives at 255
+    with_it = summarise([_site(t, n), _site(np.zeros(256), extra)], operating_fpr=0.001, operating_rule="val-dice")
+    alone = summarise([_site(t, n)], operating_fpr=0.001, operating_rule="val-dice")
+    assert with_it["val_normal_pixels"] == 4100 and with_it["painted_sites"] == 1
+    assert alone["val_pixel_dice"] == 1.0 and with_it["val_pixel_dice"] == pytest.approx(200 / 300)
+    unpainted = summarise([_site(np.zeros(256), extra, BENIGN)] * 2, operating_fpr=0.01)
+    assert "val_pixel_dice" not in unpainted and unpainted["select_by"] == "val_loss"
+    assert unpainted["rule"] == "benign-fpr"

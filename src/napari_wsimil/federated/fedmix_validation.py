@@ -6,7 +6,10 @@ measures the global nets it is sent, on its own held-out slides, and returns num
 - ``val_loss`` (the segmentation family's validation loss) and ``n_val`` (its validation slides);
 - ``val_tumour_LNNN`` / ``val_normal_LNNN``: how many known tumour / normal pixels of its painted validation
   patches (plus its benign validation patches' tissue, all normal) the global net A puts at each stored map level
-  NNN = round(p · 255); TP, FP and FN at any threshold follow (``p ≥ 0.5`` is exactly level ≥ 128);
+  NNN = round(p · 255); TP, FP and FN at any threshold follow (``p ≥ 0.5`` is exactly level ≥ 128). A site
+  without painted validation slides sends its benign validation patches' levels too (tumour all zero): a
+  centralised run pools every benign validation slide's tissue as normal, so the summed counts must too, or the
+  pooled Dice (and the threshold it chooses) would see only the painted sites' benign tissue;
 - on request (the chosen checkpoint, once): ``benign_LNNN``, the map levels of all tissue pixels of its benign
   validation slides (else benign training slides, the centralised rule), and ``benign_slides``.
 
@@ -70,7 +73,7 @@ def site_numbers(seg: Any, net: Any, device: Any, *, benign: bool = False,
             losses, metrics = res
             out.update(val_loss=float(losses["total"]), n_val=float(len(seg.val_slides)),
                        **{f"val_{k}" if not k.startswith("val_") else k: float(v) for k, v in metrics.items()})
-        levels = seg.painted_val_levels(net, device)
+        levels = seg.painted_val_levels(net, device, benign_alone=True)  # without paint: benign tissue only
         if levels is not None:
             out.update(histogram_numbers("val_tumour", levels[0].counts))
             out.update(histogram_numbers("val_normal", levels[1].counts))
@@ -110,9 +113,9 @@ def summarise(site_metrics: Sequence[Mapping[str, float]], *, operating_fpr: flo
                    val_loss=float(np.average(losses, weights=n)) if sum(n) > 0 else float(np.mean(losses)))
         tumour = [h for m in measured if (h := read_histogram(m, "val_tumour", prefix)) is not None]
         normal = [h for m in measured if (h := read_histogram(m, "val_normal", prefix)) is not None]
-        if tumour and normal:
+        if tumour and normal and float(np.sum(tumour)) > 0:  # Dice needs some known tumour pixel somewhere
             t, n_ = np.sum(tumour, 0), np.sum(normal, 0)
-            out.update(val_pixel_dice=dice_at(t, n_, FLOOR_LEVEL), painted_sites=len(tumour),
+            out.update(val_pixel_dice=dice_at(t, n_, FLOOR_LEVEL), painted_sites=int(sum(bool(h.sum() > 0) for h in tumour)),
                        val_tumour_pixels=int(t.sum()), val_normal_pixels=int(n_.sum()))
         by_dice = "val_pixel_dice" in out and checkpoint_by == "auto"
         out["select_by"] = "1 - val_pixel_dice" if by_dice else "val_loss"

@@ -303,24 +303,29 @@ class SegMethod:
         return tp, int(normal.counts[FLOOR_LEVEL:].sum()), fn
 
     def painted_val_levels(self, model: nn.Module, device: torch.device,
-                           forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
-                           ) -> tuple[Any, Any] | None:
+                           forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None, *,
+                           benign_alone: bool = False) -> tuple[Any, Any] | None:
         """Stored map levels (p · 255, :class:`~..operating_point.LevelHistogram`) of the known tumour pixels and
         of the known normal pixels that :meth:`painted_val_dice` pools: TP/FP/FN at any threshold follow from
         them. Why histograms: a federated site sends these counts (numbers only) and the server sums them over
         sites (:mod:`napari_wsimil.federated.fedmix_validation`). None without painted validation slides.
         ``forward(model, x)``: the logits (default :meth:`forward_eval`; a run loaded for prediction gives the
-        map's logits directly)."""
+        map's logits directly). ``benign_alone``: without painted validation slides, still the levels of the
+        benign validation patches' tissue (tumour then empty), None only without those either: a FedMix site
+        without paint sends them, so that the counts the server sums over sites pool the same kinds of pixels as
+        one centralised run on all their slides (every benign validation slide's tissue counting as normal)."""
         from ..operating_point import LevelHistogram
 
         forward = forward or self.forward_eval
         painted = self._painted_val_set()
-        if not painted:
+        if not painted and not benign_alone:
             return None
-        groups = [(_stack(painted), False)]
+        groups = [(_stack(painted), False)] if painted else []
         benign = [p for label, pats in self._val_set() if label == 0 for p in pats]
         if benign and self._stage_slides() is self.val_slides:
             groups.append((_stack(benign), True))
+        if not groups:
+            return None
         tumour, normal = LevelHistogram(), LevelHistogram()
         was = model.training
         model.eval()
