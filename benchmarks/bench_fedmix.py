@@ -12,8 +12,12 @@ procedural generator (split stratified and seeded here: 30 % test, 15 % val per 
   rounds of ``--patches-per-round`` patches per site. The sites measure each round's global net A on their
   own validation slides and send counts; the server keeps the best round (pooled pixel Dice where a site has
   painted validation slides, ``--paint-val`` paints the pixel site's malignant ones; else the validation loss)
-  and sets its operating threshold from the sites' summed benign-tissue histograms
-  (:mod:`napari_wsimil.federated.fedmix_validation`). Its last round is scored too.
+  and sets its operating threshold by the segmentation family's ``operating_rule`` on the sites' summed counts
+  (:mod:`napari_wsimil.federated.fedmix_validation`): best pooled Dice on the painted validation pixels when
+  there are some, else the summed benign-tissue histograms. Without ``--paint-val`` no FedMix site has painted
+  validation pixels while Hybrid has one painted validation slide, so only ``--paint-val`` compares the two
+  with the same rule (its Dice-loss maps are saturated: the benign rule sets 0.99 or more). Its last round is
+  scored too.
 * **Centralised Hybrid**: ``wsimil train --method hybrid`` on all the sites' slides together, with site 0's
   paint (Hybrid cannot use boxes: site 1's slides count as slide-labelled), the paper's checkpoint choice
   (pixel Dice on one painted malignant validation slide, as in bench_quality_seg; its stage-2 slide loss
