@@ -58,7 +58,8 @@ class TrainConfig:
     epochs: int = doc_field("Maximum number of passes over the training bags.", default=200)
     lr: float = doc_field("Adam learning rate.", default=2e-4)
     weight_decay: float = doc_field("Adam weight decay (L2).", default=1e-5)
-    seed: int = doc_field("Seed for weights, dropout and sampling; same seed + same data = same model on CPU.",
+    seed: int = doc_field("Seed for weights, dropout and sampling; same seed + same data = same model on the "
+                          "same CPU (another CPU can round differently, and some runs then diverge).",
                      default=0)
     early_stopping: bool = doc_field("Stop when the validation loss has not improved for `patience` epochs.",
                                 default=True)
