@@ -58,12 +58,16 @@ def test_a_working_supernode_is_left_alone_and_an_earlier_run_s_line_does_not_co
         stop(proc, grace=1.0)
 
 
+#: A child's last statement: it ends itself as Flower's SuperNode does, with SIGINT and no handler for it.
+SIGINT_ITSELF = "import os, signal; os.kill(os.getpid(), signal.SIGINT); time.sleep(60)"
+
+
 def test_a_supernode_ended_by_its_own_sigint_after_it_left_counts_as_gone(tmp_path: Path) -> None:
     """The same fault when Flower's SIGINT does end the process (seen in a fresh-clone run): an unhandled
     KeyboardInterrupt, so a signal's exit status, which would otherwise end the site instead of rejoining."""
     log = tmp_path / "site.log"
     proc = _child(log, ["INFO: Sent successfully", f"INFO: {LEAVING_LINE}."],
-                  "import os, signal; os.kill(os.getpid(), signal.SIGINT); time.sleep(60)")
+                  SIGINT_ITSELF)
     try:
         assert wait_supernode(proc, log, hang_s=30.0, poll_s=0.2) == 0
         assert proc.returncode in (-signal.SIGINT, 128 + signal.SIGINT)  # what the site would have seen
@@ -76,7 +80,7 @@ def test_a_sigint_without_leaving_is_returned_so_the_site_ends(tmp_path: Path) -
     log.write_text(f"INFO: {LEAVING_LINE}.\n")  # an earlier SuperNode's goodbye does not count
     offset = log.stat().st_size
     proc = _child(log, ["INFO: Receiving: train message"],
-                  "import os, signal; os.kill(os.getpid(), signal.SIGINT); time.sleep(60)")
+                  SIGINT_ITSELF)
     try:
         assert wait_supernode(proc, log, offset, hang_s=30.0, poll_s=0.2) in (-signal.SIGINT, 128 + signal.SIGINT)
     finally:

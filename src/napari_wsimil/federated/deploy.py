@@ -149,9 +149,7 @@ def join(source: Path, server: str, *, name: str | None, workdir: Path | None, r
                 rc = wait_supernode(proc, log, offset)
             finally:
                 stop(proc, home=home)
-            with open(log, "rb") as f:
-                f.seek(offset)
-                text = f.read().decode(errors="replace")
+            text = _output_since(log, offset)
             if "Exit Code: 305" in text and key is not None:
                 refused_since = refused_since or time.monotonic()
                 if time.monotonic() - refused_since < REFUSED_GRACE_S:
@@ -194,7 +192,7 @@ def wait_supernode(proc: subprocess.Popen, log: Path, offset: int = 0, *, hang_s
         except subprocess.TimeoutExpired:
             pass
         else:
-            return 0 if rc in SELF_SIGINT and _said_leaving(log, offset) else rc
+            return 0 if rc in SELF_SIGINT and LEAVING_LINE in _output_since(log, offset) else rc
         if leaving_since is None and log.exists():
             with open(log, "rb") as f:
                 f.seek(pos)
@@ -213,13 +211,13 @@ def wait_supernode(proc: subprocess.Popen, log: Path, offset: int = 0, *, hang_s
 SELF_SIGINT = (-signal.SIGINT, 128 + signal.SIGINT)
 
 
-def _said_leaving(log: Path, offset: int) -> bool:
-    """Whether this SuperNode (its output starts at ``offset`` in ``log``) logged :data:`LEAVING_LINE`."""
+def _output_since(log: Path, offset: int) -> str:
+    """This SuperNode's output: ``log`` from ``offset`` (where it started writing); empty when there is none."""
     if not log.exists():
-        return False
+        return ""
     with open(log, "rb") as f:
         f.seek(offset)
-        return LEAVING_LINE in f.read().decode(errors="replace")
+        return f.read().decode(errors="replace")
 
 
 def _wait_ready(marker: Path, server: subprocess.Popen, timeout: float) -> None:
