@@ -178,6 +178,39 @@ def test_a_site_keeps_its_adam_state_across_rounds_but_starts_each_from_the_glob
     assert float(steps) == 2 * site.n_train  # one step per slide and epoch (balanced sampler), both rounds
 
 
+def test_sites_on_plain_sgd_average_to_a_step_on_the_pooled_gradient(site_csvs, tmp_path):
+    """site_optimizer='sgd': a site's round is plain SGD from the global weights (no Adam state), so averaging
+    one step per site by slide count is one step on the pooled gradient; bad choices are named."""
+    import torch
+    from safetensors.numpy import load_file
+
+    method, cfg = HistoFL(), _config(site_optimizer="sgd", lr=0.05, alpha=0.0)
+    site = method.site_trainer(site_csvs[0], cfg, tmp_path / "w")
+    g = method.initial_arrays(cfg)
+    upd = site.fit(g, 1)
+    state = json.loads((tmp_path / "w" / "local" / "last.json").read_text())
+    assert state["config"]["optimizer"] == "sgd" and state["config"]["lr"] == 0.05
+    assert not any(k.startswith("optim.") for k in load_file(str(tmp_path / "w" / "local" / state["tensors"])))
+    assert any(not np.allclose(upd.arrays[k], g[k]) for k in g)
+    # the linear algebra the option rests on: a slide-weighted mean of per-site SGD steps is the pooled step
+    rng = np.random.default_rng(0)
+    grads, n = [rng.normal(size=5) for _ in range(3)], np.array([7.0, 2.0, 4.0])
+    w0 = torch.zeros(5)
+    steps = []
+    for gr in grads:
+        p = torch.nn.Parameter(w0.clone())
+        opt = torch.optim.SGD([p], lr=0.1)
+        p.grad = torch.as_tensor(gr, dtype=torch.float32)
+        opt.step()
+        steps.append(p.detach().numpy())
+    pooled = -0.1 * sum(k * gr for k, gr in zip(n, grads)) / n.sum()
+    assert np.allclose(sum(k * s for k, s in zip(n, steps)) / n.sum(), pooled, atol=1e-6)
+    with pytest.raises(WsimilError, match="site_optimizer must be 'adam' or 'sgd'"):
+        _config(site_optimizer="adagrad")
+    with pytest.raises(WsimilError, match="lr must be above 0"):
+        _config(lr=0.0)
+
+
 def test_arrays_keep_their_shapes_through_flower_records_and_checkpoints(tmp_path):
     """BatchNorm's num_batches_tracked is 0-d: np.ascontiguousarray would make it (1,), and every site's update
     would then be rejected by the shape check (FedMix's U-Net has BatchNorm)."""

@@ -101,6 +101,26 @@ def test_resume_refuses_another_method(tmp_path):
         run_all(train(build("clam-sb", data, None, small_config("clam-sb", epochs=2)), tmp_path, resume=True))
 
 
+def test_plain_sgd_is_one_option_its_step_is_minus_lr_times_the_gradient_and_resume_keeps_it(tmp_path):
+    from napari_wsimil.train.engine import make_optimizer
+
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = make_optimizer("sgd", [w], 0.1, 0.0)
+    (w ** 2).sum().backward()  # gradient 2w
+    opt.step()
+    assert torch.allclose(w.detach(), torch.tensor([0.8, -1.6]))
+    with pytest.raises(WsimilError, match="optimizer must be one of adam, sgd"):
+        make_optimizer("rmsprop", [w], 0.1, 0.0)
+    data = make_bags(n_bags=6)
+    run_all(train(build("abmil", data, None, small_config("abmil", epochs=1, optimizer="sgd", lr=0.05)), tmp_path))
+    tensors = load_file(str(tmp_path / json.loads((tmp_path / "last.json").read_text())["tensors"]))
+    assert not any(k.startswith("optim.") for k in tensors)  # plain SGD keeps no state (Adam: exp_avg, ...)
+    run_all(train(build("abmil", data, None, small_config("abmil", epochs=2, optimizer="sgd", lr=0.05)), tmp_path,
+                  resume=True))
+    with pytest.raises(WsimilError, match="trained with the sgd optimizer, not adam"):
+        run_all(train(build("abmil", data, None, small_config("abmil", epochs=3)), tmp_path, resume=True))
+
+
 def test_early_stopping_waits_for_min_epochs(tmp_path):
     data, val = make_bags(n_bags=6), make_bags(n_bags=4, seed=1)
     # lr 0: validation loss never improves after epoch 1

@@ -71,14 +71,16 @@ class Ledger:
 
 
 def dp_train(method: Any, model: nn.Module, dp: DPPlan, clip: float, batch: int, lr: float, weight_decay: float,
-             rng: np.random.Generator, device: torch.device) -> dict[str, float]:
+             rng: np.random.Generator, device: torch.device, optimizer: str = "adam") -> dict[str, float]:
     """``dp.steps_per_round`` DP-SGD steps of ``method`` (a MILMethod: its bags and loss) on ``model``; returns
     the mean training loss and the share of slides whose gradient was clipped."""
     from opacus.optimizers import DPOptimizer
 
+    from ..train.engine import make_optimizer
+
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = DPOptimizer(torch.optim.Adam(params, lr=lr, weight_decay=weight_decay),
-                            noise_multiplier=dp.noise_multiplier, max_grad_norm=clip, expected_batch_size=batch)
+    opt = DPOptimizer(make_optimizer(optimizer, params, lr, weight_decay), noise_multiplier=dp.noise_multiplier,
+                      max_grad_norm=clip, expected_batch_size=batch)
     data = method.train_data
     model.train()
     losses: list[float] = []
@@ -99,11 +101,11 @@ def dp_train(method: Any, model: nn.Module, dp: DPPlan, clip: float, batch: int,
             seen += 1
             per_slide.append(grads)
             losses.append(float(total.detach()))
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         for k, p in enumerate(params):  # an empty draw is a zero gradient: the step still adds its noise
             p.grad_sample = (torch.stack([g[k] for g in per_slide]) if per_slide
                              else torch.zeros((1, *p.shape), dtype=p.dtype, device=p.device))
-        optimizer.step()
+        opt.step()
     for p in params:
         p.grad_sample = None
     out = {"dp_clipped_share": clipped / seen if seen else 0.0}

@@ -27,8 +27,12 @@ class HistoFLConfig:
     weighting: str = doc_field("'uniform' (every site the same) or 'slides' (by training-slide count).",
                                default="slides")
     local_epochs: int = doc_field("Local epochs per round.", default=1)
-    lr: float = doc_field("Adam learning rate at the sites.", default=2e-4)
-    weight_decay: float = doc_field("Adam weight decay at the sites.", default=1e-5)
+    site_optimizer: str = doc_field(
+        "'adam' (HistoFL's) or 'sgd' (plain SGD). Averaging Adam steps made from a few slides per site is "
+        "closer to a vote of the sites' directions than to the pooled gradient; with SGD the average is the "
+        "pooled gradient's step. Give SGD a far larger lr (0.1 in docs/federated.md).", default="adam")
+    lr: float = doc_field("Learning rate at the sites (HistoFL: Adam 2e-4).", default=2e-4)
+    weight_decay: float = doc_field("Weight decay at the sites.", default=1e-5)
     mil: dict[str, Any] = doc_field("Further settings of the MIL method (hidden, dropout, ...).",
                                     default_factory=dict)
     standardise: bool = doc_field("Standardise the features: each site fits mean/std on its training patches "
@@ -46,6 +50,10 @@ class HistoFLConfig:
     def __post_init__(self) -> None:
         if self.mil_method not in ("abmil", "clam-sb"):
             raise WsimilError(f"HistoFL trains 'abmil' or 'clam-sb', not {self.mil_method!r}")
+        if self.site_optimizer not in ("adam", "sgd"):
+            raise WsimilError(f"site_optimizer must be 'adam' or 'sgd', not {self.site_optimizer!r}")
+        if not self.lr > 0:
+            raise WsimilError(f"lr must be above 0, got {self.lr}")
         if self.weighting not in ("uniform", "slides"):
             raise WsimilError(f"weighting must be 'uniform' or 'slides', not {self.weighting!r}")
         if self.alpha < 0:
@@ -73,6 +81,7 @@ def mil_config(config: HistoFLConfig) -> Any:
 
     return make_config(config.mil_method, **{**config.mil, "n_classes": len(config.classes), "lr": config.lr,
                                              "weight_decay": config.weight_decay, "seed": config.seed,
+                                             "optimizer": config.site_optimizer,
                                              "device": config.device,
                                              "standardise": config.standardise and not config.dp_epsilon})
 

@@ -158,7 +158,7 @@ class HistoFLSite(SiteTrainer):
         dp = plan(self.n_train, cfg.dp_epsilon, cfg.dp_delta, cfg.dp_batch, cfg.rounds, cfg.local_epochs)
         torch.manual_seed(seed)
         out = dp_train(self.method, model, dp, cfg.dp_clip, cfg.dp_batch, cfg.lr, cfg.weight_decay,
-                       np.random.default_rng(seed), device)
+                       np.random.default_rng(seed), device, cfg.site_optimizer)
         ledger = Ledger(self.workdir / LEDGER)
         ledger.record(dp.noise_multiplier, dp.sample_rate, dp.steps_per_round)
         ledger.save()

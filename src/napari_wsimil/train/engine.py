@@ -56,8 +56,11 @@ class TrainConfig:
     after epoch 50)."""
 
     epochs: int = doc_field("Maximum number of passes over the training bags.", default=200)
-    lr: float = doc_field("Adam learning rate.", default=2e-4)
-    weight_decay: float = doc_field("Adam weight decay (L2).", default=1e-5)
+    lr: float = doc_field("Learning rate.", default=2e-4)
+    weight_decay: float = doc_field("Weight decay (L2).", default=1e-5)
+    optimizer: str = doc_field("'adam' (every method's default, as in its paper) or 'sgd' (plain SGD, no "
+                               "momentum: federated sites whose updates are averaged, see HistoFL's "
+                               "site_optimizer). SGD needs a far larger lr (e.g. 0.1).", default="adam")
     seed: int = doc_field("Seed for weights, dropout and sampling; same seed + same data = same model on the "
                           "same CPU (another CPU can round differently, and some runs then diverge).",
                      default=0)
@@ -131,6 +134,21 @@ def binary_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     from ..infer.metrics import binary_auc as rank_auc
 
     return rank_auc(scores.detach().double().cpu().numpy(), positive.detach().cpu().numpy())
+
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """Adam, or plain SGD. SGD matters for federated sites: averaging Adam updates made from a few slides
+    each averages per-site normalised steps (closer to a vote of the sites' directions than to the pooled
+    gradient), whereas averaging one SGD step per site is exactly a step on the pooled gradient."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise TrainingError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {name!r}")
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
@@ -282,7 +300,7 @@ def _train(method: Method, out_dir: str | Path | None, resume: bool) -> Generato
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = method.build_model().to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
     state: dict[str, Any] = {"format": FORMAT_VERSION, "method": method.describe(), "config": asdict(cfg),
                              "epoch": 0, "seed": cfg.seed,
                              "rng": "per epoch: torch.manual_seed(seed*100003+epoch), "
@@ -449,6 +467,10 @@ def _resume(out: Path, method: Method, model: nn.Module, optimizer: torch.optim.
                             f"not {fresh['method']}. Use another output folder or resume=False.")
     check_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, model,
                      out / saved["tensors"])
+    was = saved.get("config", {}).get("optimizer", "adam")
+    if was != method.config.optimizer:
+        raise TrainingError(f"cannot resume from {out}: it was trained with the {was} optimizer, not "
+                            f"{method.config.optimizer}. Use another output folder or the same optimizer.")
     _restore_state(model, optimizer, tensors, saved.pop("optimizer"))
     saved.pop("tensors", None)
     if saved.get("stopped") == "finished" and saved["epoch"] < method.config.epochs:
