@@ -91,8 +91,9 @@ def add_texture_options(ap: Any) -> None:
 def make_textured_cohort(work: Path, n_slides: int, size: int, seed: int, textures: Path,
                          tile_mpp: float | None, tumour_share: tuple[float, float] | None = None) -> Path:
     """A cohort whose regions are filled with real labelled tissue (``wsimil synth --textures``), made once
-    per (n, size, seed, textures) and reused. Its CSV already holds the split: training and validation slides
-    are drawn from the textures' training tiles, test slides from held-out tiles. ``tumour_share`` (low, high):
+    per (n, size, seed, textures) and reused. Its CSV already holds the split: training slides are drawn from
+    the textures' training tiles, validation slides from validation tiles held back from them (so model
+    selection sees tissue no training slide showed), test slides from held-out tiles. ``tumour_share`` (low, high):
     the range of the malignant slides' tumour share of their tissue (``wsimil synth --tumour-share``; None: the
     generator's default, and the folder name of the caches made before the option)."""
     from napari_wsimil.slide.synthetic import SAMPLE_VERSION, TEXTURES_VERSION

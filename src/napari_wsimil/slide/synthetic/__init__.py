@@ -74,6 +74,7 @@ from napari_wsimil.slide.synthetic.texture_folders import (
     COHORT_SPLITS,
     HELD_OUT,
     TRAIN,
+    VAL,
     TextureClass,
     TextureLayout,
     cohort_splits,
@@ -87,7 +88,7 @@ from napari_wsimil.slide.synthetic.truth import GT_MAX_SIDE, SlideTruth, gt_down
 __all__ = [
     "AGGREGATE_WASH", "COHORT_SPLITS", "GT_MAX_SIDE", "HELD_OUT", "MUCIN_CELLS", "MUCIN_EOSIN",
     "MUCIN_WASH", "PHYSICAL_PERIOD", "SAMPLE_SEED", "SAMPLE_SIZE", "SAMPLE_VERSION", "TEXTURES_VERSION",
-    "TILE", "TONED_DARK", "TONED_SIZE", "TRAIN", "Pool", "Pools", "Progress", "Size", "SlideModel",
+    "TILE", "TONED_DARK", "TONED_SIZE", "TRAIN", "VAL", "Pool", "Pools", "Progress", "Size", "SlideModel",
     "SlideTruth", "TextureClass", "TextureLayout", "TextureSet", "TexturedSlide", "cohort_splits",
     "gt_downsample_for", "gt_path_for", "open_textures", "sample_slide_path", "scan_textures",
     "synthesize_cohort", "synthesize_slide", "tile_split_for", "write_manifest",

@@ -2,7 +2,7 @@
 
 Pools (``open_textures``): every split a cohort needs is decoded once, as uint8 at native size, at most
 ``POOL_MIB`` MiB in all (which files are kept is a hash rank of their names: ~900 of PCam's 96-px tiles per
-class and split). The white point (background) and the stain hue of every tile are evened out towards the
+class and split, with the train, val and held-out splits all used). The white point (background) and the stain hue of every tile are evened out towards the
 pools' median, since a set's tiles come from many slides and scanners and would otherwise outline each
 other; tiles that are stained but featureless (out of focus, ink) are left out, and ``textures.json`` lists
 them.
@@ -25,6 +25,7 @@ from napari_wsimil.slide.synthetic.texture_folders import (
     HELD_OUT,
     SPLIT_FRACTIONS,
     TRAIN,
+    VAL,
     TextureClass,
     TextureLayout,
     name_hash,
@@ -33,7 +34,7 @@ from napari_wsimil.slide.synthetic.texture_folders import (
 
 CROP = 0.9  # a stamp is this share of its tile's shorter side: crops at random offsets differ
 LOOK_SPREAD = 0.2  # share of each look axis a stamp's tile is drawn from around the field's look
-POOL_MIB = 96  # all pools together, uint8 at native size
+POOL_MIB = 144  # all pools together, uint8 at native size (48 MiB per split when train, val and test are used)
 FLAT_DENSITY = 0.4  # a tile this stained (mean OD, summed over RGB) ...
 FLAT_DETAIL = 12.0  # ... with less detail than this (mean |Laplacian|, grey levels) is left out
 MAX_SHRINK = 8.0  # tiles at most this many times finer than the slide (a tile's canvas grows as its square)
@@ -237,6 +238,9 @@ class TextureSet:
             "excluded_classes": list(self.layout.excluded),
             "held_out_by": {c.name: ("split folders" if c.split_folders else "hash of file names (halves)")
                             for c in (self.layout.tumour, *self.layout.normal)},
+            "val_tiles": {c.name: ("training tiles (too few to hold some back)" if c.val_shared else
+                                   "held back from the training tiles (last quarter by name hash)")
+                          for c in (self.layout.tumour, *self.layout.normal)},
             "tile_mpp": self.tile_mpp,
             "tile_mpp_from": self.mpp_source,
             "tiles": {split: {p.name: sorted(rel(f) for f in p.files) for p in (pools.tumour, *pools.normal)}
@@ -262,7 +266,7 @@ def open_textures(root: str | os.PathLike[str], *, splits: Sequence[str], tumour
         if not (0.05 <= tile_mpp <= 10.0):
             raise WsimilError(f"--tile-mpp must be between 0.05 and 10 µm per pixel, got {tile_mpp:g}")
     layout = scan_textures(root, tumour_class)
-    wanted = [s for s in (TRAIN, HELD_OUT) if s in set(splits)]
+    wanted = [s for s in (TRAIN, VAL, HELD_OUT) if s in set(splits)]
     classes = (layout.tumour, *layout.normal)
     for split in wanted:  # a missing split folder is found before decoding thousands of images
         for cls in classes:
