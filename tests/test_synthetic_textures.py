@@ -172,10 +172,10 @@ def test_train_slides_use_training_tiles_and_test_slides_held_out_tiles(tmp_path
     assert {r["split"] for r in rows} == {"train", "test"}  # 2 per label: one train, one test each
     manifest = json.loads((out / "textures.json").read_text())
     assert manifest["tumour_class"] == "tumor" and manifest["normal_classes"] == ["normal"]
-    # one of the 3 training-folder tiles is held back for validation slides (there are none in this cohort)
-    assert len(manifest["tiles"][TRAIN]["tumor"]) == 2 and VAL not in manifest["tiles"]
-    assert set(manifest["tiles"][TRAIN]["tumor"]) < {f"tumor/train/t{i}.png" for i in range(3)}
-    assert manifest["tiles"][HELD_OUT]["normal"] == [f"normal/test/h{i}.png" for i in range(3)]
+    assert manifest["tiles"][TRAIN]["tumor"] == [f"tumor/train/t{i}.png" for i in range(3)]
+    # one of the 3 held-out tiles is kept for validation slides (there are none in this cohort)
+    assert VAL not in manifest["tiles"] and len(manifest["tiles"][HELD_OUT]["normal"]) == 2
+    assert set(manifest["tiles"][HELD_OUT]["normal"]) < {f"normal/test/h{i}.png" for i in range(3)}
     for r in rows:
         assert r["textures"] == str(root.resolve())
         assert r["texture_tiles"] == (HELD_OUT if r["split"] == "test" else TRAIN)
@@ -206,7 +206,7 @@ def test_flat_class_folders_split_by_a_hash_of_the_file_names(tmp_path):
     for cls in (layout.tumour, *layout.normal):
         train, val, held = set(cls.files[TRAIN]), set(cls.files[VAL]), set(cls.files[HELD_OUT])
         assert not (train & held or train & val or val & held)
-        assert (len(train), len(val), len(held)) == (2, 1, 2)  # the training half's last quarter validates
+        assert (len(train), len(val), len(held)) == (3, 1, 1)  # a quarter of the held-out half (at least 1)
         assert train | val | held == set(cls.folder.iterdir())
         assert not cls.split_folders and not cls.val_shared
     assert scan_textures(root).tumour.files == layout.tumour.files  # deterministic
@@ -215,10 +215,11 @@ def test_flat_class_folders_split_by_a_hash_of_the_file_names(tmp_path):
 def test_validation_slides_show_tiles_no_training_slide_shows(tmp_path):
     """Validation slides drawn from the training tiles would let a model that memorised them look perfect."""
     root = _split_textures(tmp_path / "tex", held="valid")
-    for cls in scan_textures(root).normal + (scan_textures(root).tumour,):
-        kind = "tumour" if cls.name == "tumor" else "normal"
-        for f in cls.files[VAL]:  # repaint the training-folder tiles held back for validation; this cohort
-            _tile(f, LEVELS[f"{kind}_held"])  # uses no held-out tiles, so their densities are free to mark them
+    layout = scan_textures(root)
+    for cls in (layout.tumour, *layout.normal):  # validation tiles come from the held-out folder, apart from test's
+        assert len(cls.files[VAL]) == 1 and len(cls.files[HELD_OUT]) == 2 and not cls.val_shared
+        assert {f.parent.name for f in cls.files[VAL]} == {"valid"}
+        assert not set(cls.files[VAL]) & set(cls.files[HELD_OUT])
     out = tmp_path / "cohort"
     assert main(["synth", str(out), "--slides", "8", "--size", "512", "--seed", "3", "--textures", str(root),
                  "--tile-mpp", "0.5", "--workers", "2", "--split", "train"]) == 0
@@ -226,7 +227,7 @@ def test_validation_slides_show_tiles_no_training_slide_shows(tmp_path):
     assert sorted(r["split"] for r in rows) == ["train"] * 6 + ["val"] * 2
     manifest = json.loads((out / "textures.json").read_text())
     assert not set(sum(manifest["tiles"][VAL].values(), [])) & set(sum(manifest["tiles"][TRAIN].values(), []))
-    assert set(manifest["val_tiles"].values()) == {"held back from the training tiles (last quarter by name hash)"}
+    assert set(manifest["val_tiles"].values()) == {"their own quarter of the held-out tiles (by name hash)"}
     for r in rows:
         assert r["texture_tiles"] == (VAL if r["split"] == "val" else TRAIN)
         img = tifffile.imread(out / r["path"], key=0)
@@ -234,9 +235,10 @@ def test_validation_slides_show_tiles_no_training_slide_shows(tmp_path):
         dens = _density(_blocks(img, int(r["gt_downsample"])))
         judged = _erode(dens > 0.35, 1) & (_erode(gt, 2) | _erode(~gt, 2))  # not tissue edges nor blends
         assert judged.sum() > 100
-        kinds = _nearest(dens[judged])
+        kinds = _nearest(dens[judged])  # the split fixture paints held-out tiles at their own densities
         mine = "held" if r["split"] == "val" else "train"
-        assert np.isin(kinds, [f"normal_{mine}", f"tumour_{mine}"]).mean() > 0.95, np.unique(kinds, return_counts=True)
+        share = np.isin(kinds, [f"normal_{mine}", f"tumour_{mine}"]).mean()
+        assert share > 0.95, np.unique(kinds, return_counts=True)
 
 
 @pytest.mark.parametrize("split, expected", [("all", {"train", "val", "test"}), ("train", {"train", "val"}),
@@ -356,9 +358,9 @@ def test_pcam_textures(tmp_path):
     assert tex.layout.tumour.name == "tumor" and [c.name for c in tex.layout.normal] == ["normal"]
     train, val, held = tex.pools[TRAIN], tex.pools[VAL], tex.pools[HELD_OUT]
     assert all(f.parent.name == "train" for f in train.tumour.files + train.normal[0].files)
-    assert all(f.parent.name == "train" for f in val.tumour.files + val.normal[0].files)
-    assert not set(val.tumour.files) & set(tex.layout.tumour.files[TRAIN])  # never a training tile
-    assert len(tex.layout.tumour.files[VAL]) == round(0.25 * 1964)
+    assert all(f.parent.name == "valid" for f in val.tumour.files + val.normal[0].files)
+    assert not set(val.tumour.files) & set(tex.layout.tumour.files[HELD_OUT])  # never a test tile
+    assert len(tex.layout.tumour.files[VAL]) == round(0.25 * 1407)
     assert all(f.parent.name == "valid" for f in held.tumour.files + held.normal[0].files)
     model = SlideModel((1024, 1024), seed=6, malignant=True)
     slide = TexturedSlide(model, train)

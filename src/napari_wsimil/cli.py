@@ -91,8 +91,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="µm/px of the texture tiles (default: their resolution tags, when believable)")
     t.add_argument("--split", choices=("all", "train", "test"), default=None,
                    help="all (default): 55/15/30 %% train/val/test slides, stratified by label; train: "
-                        "train and val slides only; test: test slides only. Train slides use training tiles, "
-                        "val slides validation tiles held back from them, test slides held-out tiles")
+                        "train and val slides only; test: test slides only. Train slides use training tiles; "
+                        "val slides a quarter of the held-out tiles, test slides the rest")
     p.add_argument("--workers", type=int, default=None, metavar="K", help="render threads (default: CPU count)")
     p.set_defaults(func=_cmd_synth)
 

@@ -38,9 +38,9 @@ def test_registry_lists_a_registered_family_and_forgets_it(registered) -> None:
     assert mp.NAME in methods() and mp.NAME in method_names() and added() == [mp.METHOD]
     assert family_of(mp.NAME) is mp.FAMILY and method_geometry(mp.NAME) == (2.0, 64)
     assert not method_uses_encoder(mp.NAME) and method_uses_encoder("clam-sb")
-    assert [o[0] for o in method_options(mp.NAME)] == ["lr", "weight_decay", "optimizer", "early_stopping", "patience",
-                                                        "min_epochs", "lr_plateau_factor", "lr_plateau_patience",
-                                                        "temperature"]
+    assert [o[0] for o in method_options(mp.NAME)] == ["lr", "weight_decay", "optimizer", "early_stopping",
+                                                        "patience", "min_epochs", "lr_plateau_factor",
+                                                        "lr_plateau_patience", "temperature"]
     with pytest.raises(TrainingError, match="registered already"):
         register(mp.METHOD)
     unregister(mp.NAME)

@@ -130,10 +130,11 @@ def synthesize_cohort(
     with the tumour class (``tumour_class``, else the folder whose name contains "tum"), normal tissue with the
     others, resampled from ``tile_mpp`` (else the images' resolution tags). Such a cohort has a ``split`` column,
     stratified by label (``split``: "all", the default, 55 / 15 / 30 % train / val / test; "train": train and
-    val only; "test": test only); train slides are drawn from training tiles, val slides from validation tiles
-    no training slide shows, test slides from held-out tiles. Its CSV adds ``split``, ``textures`` (the source
-    folder) and ``texture_tiles`` (``train``, ``val`` or ``held-out``); ``textures.json`` beside it lists the tile files of each split. Every problem with the
-    folder is reported before anything is written; see ``textured``.
+    val only; "test": test only); train slides are drawn from training tiles, val and test slides from their
+    own parts of the held-out tiles (a quarter, and the rest). Its CSV adds ``split``, ``textures`` (the source
+    folder) and ``texture_tiles`` (``train``, ``val`` or ``held-out``); ``textures.json`` beside it lists the
+    tile files of each split. Every problem with the folder is reported before anything is written; see
+    ``textured``.
     """
     if isinstance(n_slides, bool) or not isinstance(n_slides, (int, np.integer)) or n_slides < 1:
         raise WsimilError(f"the number of slides must be a whole number of at least 1, got {n_slides!r}")

@@ -3,15 +3,15 @@
 Texture folders (``scan_textures``): one folder per class; the tumour class is the one whose name contains
 "tum" (``--tumour-class`` overrides); classes named like "empty" or "background" are left out. A class holds
 images directly, or split subfolders as PCam does (``train``; ``valid``, ``val``, ``test``). Each slide split
-draws from its own tiles: train slides from training tiles, test slides from held-out tiles, and validation
-slides from validation tiles that no training slide shows. With split folders the held-out tiles are those of
+draws from its own tiles: train slides from training tiles, and validation and test slides from held-out tiles
+that no training slide shows, each from its own part of them. With split folders the held-out tiles are those of
 ``valid``/``val``/``test``; with flat folders each class's files are ranked by a hash of their name and the
-first half (rounded up) is the training side, the rest is held out. The validation tiles are the last
-``VAL_TILE_SHARE`` of the training side in that rank (so the held-out tiles do not change). Were validation
-slides drawn from the training tiles, a model that memorises those tiles would score perfectly on them and
-model selection would be blind to it (a set with 10 tiles per class has 5 training tiles per class); only a
-class with too few tiles to spare one (fewer than 2 on the training side) lets its validation slides share
-the training tiles, and ``textures.json`` says so.
+first half (rounded up) trains, the rest is held out. Of the held-out tiles, the last ``VAL_TILE_SHARE`` in
+name-hash rank are the validation slides' (at least one), the rest the test slides'. Training tiles are left
+as they were, so training slides do not change. Were validation slides drawn from the training tiles, a model
+that memorised them would look perfect on validation and model selection would be blind to it (a set with 10
+tiles per class has 5 training tiles per class). A class with a single held-out tile keeps it for the test
+slides, and its validation slides share the training tiles; ``textures.json`` says so.
 
 Only file names are read here (nothing is decoded), so a bad folder fails before anything is read or written;
 ``texture_pools`` decodes the tiles, ``textured`` draws slides from them.
@@ -34,7 +34,7 @@ IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
 TRAIN_DIRS = ("train",)
 HELD_OUT_DIRS = ("valid", "val", "test")
 TRAIN, VAL, HELD_OUT = "train", "val", "held-out"  # which tiles a slide is drawn from
-VAL_TILE_SHARE = 0.25  # of the training side's tiles, rounded, held back for the validation slides
+VAL_TILE_SHARE = 0.25  # of the held-out tiles, rounded (at least one), drawn by validation slides only
 COHORT_SPLITS = ("all", "train", "test")  # what --split may ask for
 SPLIT_FRACTIONS = (0.55, 0.15, 0.30)  # train, val, test share of each label's slides with --split all
 
@@ -53,7 +53,7 @@ class TextureClass:
     files: dict[str, tuple[Path, ...]]
     split_folders: bool  # False: the halves come from a hash of the file names
     missing: str = ""  # why a split has no files, for the error when it is needed
-    val_shared: bool = False  # too few training tiles to hold some back: validation slides share them
+    val_shared: bool = False  # a single held-out tile stays the test's: validation slides share the training tiles
 
 
 @dataclass(frozen=True)
@@ -137,15 +137,13 @@ def _scan_class(folder: Path) -> TextureClass:
 
 
 def _with_val(cls: TextureClass) -> TextureClass:
-    """Hold back the last ``VAL_TILE_SHARE`` of the training tiles (in name-hash rank) for validation slides."""
-    train = sorted(cls.files[TRAIN], key=lambda p: (name_hash(p.name), str(p)))
-    n_val = int(round(len(train) * VAL_TILE_SHARE))
-    if len(train) < 2:
-        return replace(cls, files={**cls.files, VAL: tuple(train)}, val_shared=True)
-    n_val = min(max(n_val, 1), len(train) - 1)
-    files = {**cls.files, TRAIN: tuple(sorted(train[:-n_val])), VAL: tuple(sorted(train[-n_val:]))}
+    """Split the held-out tiles between validation (the last ``VAL_TILE_SHARE`` in name-hash rank) and test."""
+    held = sorted(cls.files[HELD_OUT], key=lambda p: (name_hash(p.name), str(p)))
+    if len(held) < 2:
+        return replace(cls, files={**cls.files, VAL: cls.files[TRAIN]}, val_shared=True)
+    n_val = min(max(int(round(len(held) * VAL_TILE_SHARE)), 1), len(held) - 1)
+    files = {**cls.files, HELD_OUT: tuple(sorted(held[:-n_val])), VAL: tuple(sorted(held[-n_val:]))}
     return replace(cls, files=files)
-
 
 def name_hash(name: str) -> int:
     """A stable 64-bit hash of a file name (SHA-1, not Python's salted ``hash``).
@@ -185,6 +183,6 @@ def cohort_splits(labels: Sequence[int], seed: int, split: str = "all") -> list[
 
 
 def tile_split_for(cohort_split: str) -> str:
-    """Train slides are drawn from training tiles, val slides from validation tiles, test slides from held-out
+    """Train slides are drawn from training tiles, val and test slides from their own parts of the held-out
     tiles."""
     return {"test": HELD_OUT, "val": VAL}.get(cohort_split, TRAIN)

@@ -1,11 +1,11 @@
 """Pools of real tiles for textured cohorts: decoded, checked and evened out once per cohort.
 
 Pools (``open_textures``): every split a cohort needs is decoded once, as uint8 at native size, at most
-``POOL_MIB`` MiB in all (which files are kept is a hash rank of their names: ~900 of PCam's 96-px tiles per
-class and split, with the train, val and held-out splits all used). The white point (background) and the stain hue of every tile are evened out towards the
-pools' median, since a set's tiles come from many slides and scanners and would otherwise outline each
-other; tiles that are stained but featureless (out of focus, ink) are left out, and ``textures.json`` lists
-them.
+``POOL_MIB`` MiB in all, a third per split (which files are kept is a hash rank of their names: ~900 of
+PCam's 96-px tiles per class and split). The white point (background) and the stain hue of every tile are
+evened out towards the pools' median, since a set's tiles come from many slides and scanners and would
+otherwise outline each other; tiles that are stained but featureless (out of focus, ink) are left out, and
+``textures.json`` lists them.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from napari_wsimil.slide.synthetic.texture_folders import (
 
 CROP = 0.9  # a stamp is this share of its tile's shorter side: crops at random offsets differ
 LOOK_SPREAD = 0.2  # share of each look axis a stamp's tile is drawn from around the field's look
-POOL_MIB = 144  # all pools together, uint8 at native size (48 MiB per split when train, val and test are used)
+POOL_MIB = 144  # all pools together, uint8 at native size: a third per split (train, val, test)
 FLAT_DENSITY = 0.4  # a tile this stained (mean OD, summed over RGB) ...
 FLAT_DETAIL = 12.0  # ... with less detail than this (mean |Laplacian|, grey levels) is left out
 MAX_SHRINK = 8.0  # tiles at most this many times finer than the slide (a tile's canvas grows as its square)
@@ -238,8 +238,8 @@ class TextureSet:
             "excluded_classes": list(self.layout.excluded),
             "held_out_by": {c.name: ("split folders" if c.split_folders else "hash of file names (halves)")
                             for c in (self.layout.tumour, *self.layout.normal)},
-            "val_tiles": {c.name: ("training tiles (too few to hold some back)" if c.val_shared else
-                                   "held back from the training tiles (last quarter by name hash)")
+            "val_tiles": {c.name: ("the training tiles (a single held-out tile, kept for test)" if c.val_shared
+                                   else "their own quarter of the held-out tiles (by name hash)")
                           for c in (self.layout.tumour, *self.layout.normal)},
             "tile_mpp": self.tile_mpp,
             "tile_mpp_from": self.mpp_source,
@@ -272,7 +272,8 @@ def open_textures(root: str | os.PathLike[str], *, splits: Sequence[str], tumour
         for cls in classes:
             if not cls.files[split]:
                 raise WsimilError(cls.missing or f"class folder {cls.folder} has no {split} images")
-    budget = int(pool_mib * 2**20 / max(1, len(wanted) * len(classes)))
+    # a split's pool keeps the same tiles whichever other splits the cohort uses
+    budget = int(pool_mib * 2**20 / (len((TRAIN, VAL, HELD_OUT)) * len(classes)))
     raw: dict[tuple[str, int], tuple[list[np.ndarray], list[Path]]] = {}
     tags: list[tuple[Path, float | None]] = []
     skipped: dict[str, dict[str, list[Path]]] = {}
