@@ -93,7 +93,8 @@ def make_textured_cohort(work: Path, n_slides: int, size: int, seed: int, textur
     """A cohort whose regions are filled with real labelled tissue (``wsimil synth --textures``), made once
     per (n, size, seed, textures) and reused. Its CSV already holds the split: training slides are drawn from
     the textures' training tiles, validation slides from a quarter of the held-out tiles (so model selection
-    sees tissue no training slide showed), test slides from the rest. ``tumour_share`` (low, high):
+    sees tissue no training slide showed; sets with fewer than 8 held-out tiles per class share the training
+    tiles instead), test slides from the rest. ``tumour_share`` (low, high):
     the range of the malignant slides' tumour share of their tissue (``wsimil synth --tumour-share``; None: the
     generator's default, and the folder name of the caches made before the option)."""
     from napari_wsimil.slide.synthetic import SAMPLE_VERSION, TEXTURES_VERSION

@@ -47,11 +47,12 @@ def _tile(path: Path, level: float, size: int = 64, fmt: str = "PNG", **save) ->
     Image.new("RGB", (size, size), _colour(level)).save(path, fmt, **save)
 
 
-def _split_textures(root: Path, held: str = "valid") -> Path:
+def _split_textures(root: Path, held: str = "valid", n_held: int = 3) -> Path:
     """PCam-like: tumor/ and normal/, each with train/ and a held-out folder, one density per split."""
     for cls, name in (("tumour", "tumor"), ("normal", "normal")):
         for i in range(3):
             _tile(root / name / "train" / f"t{i}.png", LEVELS[f"{cls}_train"])
+        for i in range(n_held):
             _tile(root / name / held / f"h{i}.png", LEVELS[f"{cls}_held"])
     return root
 
@@ -173,9 +174,8 @@ def test_train_slides_use_training_tiles_and_test_slides_held_out_tiles(tmp_path
     manifest = json.loads((out / "textures.json").read_text())
     assert manifest["tumour_class"] == "tumor" and manifest["normal_classes"] == ["normal"]
     assert manifest["tiles"][TRAIN]["tumor"] == [f"tumor/train/t{i}.png" for i in range(3)]
-    # one of the 3 held-out tiles is kept for validation slides (there are none in this cohort)
-    assert VAL not in manifest["tiles"] and len(manifest["tiles"][HELD_OUT]["normal"]) == 2
-    assert set(manifest["tiles"][HELD_OUT]["normal"]) < {f"normal/test/h{i}.png" for i in range(3)}
+    assert manifest["tiles"][HELD_OUT]["normal"] == [f"normal/test/h{i}.png" for i in range(3)]
+    assert VAL not in manifest["tiles"]  # no validation slides in this cohort
     for r in rows:
         assert r["textures"] == str(root.resolve())
         assert r["texture_tiles"] == (HELD_OUT if r["split"] == "test" else TRAIN)
@@ -205,38 +205,49 @@ def test_flat_class_folders_split_by_a_hash_of_the_file_names(tmp_path):
     assert layout.tumour.name == "TUM" and [c.name for c in layout.normal] == ["STR"]
     for cls in (layout.tumour, *layout.normal):
         train, val, held = set(cls.files[TRAIN]), set(cls.files[VAL]), set(cls.files[HELD_OUT])
-        assert not (train & held or train & val or val & held)
-        assert (len(train), len(val), len(held)) == (3, 1, 1)  # a quarter of the held-out half (at least 1)
-        assert train | val | held == set(cls.folder.iterdir())
-        assert not cls.split_folders and not cls.val_shared
+        assert not train & held
+        assert (len(train), len(held)) == (3, 2) and train | held == set(cls.folder.iterdir())
+        assert val == train and cls.val_shared  # 2 held-out tiles are too few to spare some for validation
+        assert not cls.split_folders
     assert scan_textures(root).tumour.files == layout.tumour.files  # deterministic
 
 
-def test_validation_slides_show_tiles_no_training_slide_shows(tmp_path):
-    """Validation slides drawn from the training tiles would let a model that memorised them look perfect."""
-    root = _split_textures(tmp_path / "tex", held="valid")
+@pytest.mark.parametrize("n_held", [8, 3])
+def test_validation_slides_show_tiles_no_training_slide_shows(tmp_path, n_held):
+    """Validation slides drawn from the training tiles would let a model that memorised them look perfect; with
+    fewer than 8 held-out tiles per class, all stay the test's and validation shares the training tiles (said)."""
+    root = _split_textures(tmp_path / "tex", held="valid", n_held=n_held)
     layout = scan_textures(root)
-    for cls in (layout.tumour, *layout.normal):  # validation tiles come from the held-out folder, apart from test's
-        assert len(cls.files[VAL]) == 1 and len(cls.files[HELD_OUT]) == 2 and not cls.val_shared
-        assert {f.parent.name for f in cls.files[VAL]} == {"valid"}
-        assert not set(cls.files[VAL]) & set(cls.files[HELD_OUT])
+    own = n_held >= 8
+    for cls in (layout.tumour, *layout.normal):
+        assert cls.val_shared is not own
+        if own:  # a quarter of the held-out folder, apart from the test's tiles
+            assert len(cls.files[VAL]) == 2 and len(cls.files[HELD_OUT]) == 6
+            assert {f.parent.name for f in cls.files[VAL]} == {"valid"}
+            assert not set(cls.files[VAL]) & set(cls.files[HELD_OUT])
+        else:
+            assert cls.files[VAL] == cls.files[TRAIN] and len(cls.files[HELD_OUT]) == 3
     out = tmp_path / "cohort"
     assert main(["synth", str(out), "--slides", "8", "--size", "512", "--seed", "3", "--textures", str(root),
                  "--tile-mpp", "0.5", "--workers", "2", "--split", "train"]) == 0
     rows = _rows(out / "cohort.csv")
     assert sorted(r["split"] for r in rows) == ["train"] * 6 + ["val"] * 2
     manifest = json.loads((out / "textures.json").read_text())
-    assert not set(sum(manifest["tiles"][VAL].values(), [])) & set(sum(manifest["tiles"][TRAIN].values(), []))
-    assert set(manifest["val_tiles"].values()) == {"their own quarter of the held-out tiles (by name hash)"}
+    said = set(manifest["val_tiles"].values())
+    if own:
+        assert not set(sum(manifest["tiles"][VAL].values(), [])) & set(sum(manifest["tiles"][TRAIN].values(), []))
+        assert said == {"their own quarter of the held-out tiles (by name hash)"}
+    else:
+        assert len(said) == 1 and next(iter(said)).startswith("the training tiles: fewer than 8 held-out tiles")
     for r in rows:
-        assert r["texture_tiles"] == (VAL if r["split"] == "val" else TRAIN)
+        assert r["texture_tiles"] == (VAL if r["split"] == "val" and own else TRAIN)
         img = tifffile.imread(out / r["path"], key=0)
         gt = tifffile.imread(out / r["gt_mask"], key=0).astype(bool)
         dens = _density(_blocks(img, int(r["gt_downsample"])))
         judged = _erode(dens > 0.35, 1) & (_erode(gt, 2) | _erode(~gt, 2))  # not tissue edges nor blends
         assert judged.sum() > 100
         kinds = _nearest(dens[judged])  # the split fixture paints held-out tiles at their own densities
-        mine = "held" if r["split"] == "val" else "train"
+        mine = "held" if r["split"] == "val" and own else "train"
         share = np.isin(kinds, [f"normal_{mine}", f"tumour_{mine}"]).mean()
         assert share > 0.95, np.unique(kinds, return_counts=True)
 

@@ -92,7 +92,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--split", choices=("all", "train", "test"), default=None,
                    help="all (default): 55/15/30 %% train/val/test slides, stratified by label; train: "
                         "train and val slides only; test: test slides only. Train slides use training tiles; "
-                        "val slides a quarter of the held-out tiles, test slides the rest")
+                        "val slides a quarter of the held-out tiles, test slides the rest (under 8 held-out "
+                        "tiles per class: val slides share the training tiles)")
     p.add_argument("--workers", type=int, default=None, metavar="K", help="render threads (default: CPU count)")
     p.set_defaults(func=_cmd_synth)
 

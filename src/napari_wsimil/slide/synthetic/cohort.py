@@ -131,9 +131,10 @@ def synthesize_cohort(
     others, resampled from ``tile_mpp`` (else the images' resolution tags). Such a cohort has a ``split`` column,
     stratified by label (``split``: "all", the default, 55 / 15 / 30 % train / val / test; "train": train and
     val only; "test": test only); train slides are drawn from training tiles, val and test slides from their
-    own parts of the held-out tiles (a quarter, and the rest). Its CSV adds ``split``, ``textures`` (the source
-    folder) and ``texture_tiles`` (``train``, ``val`` or ``held-out``); ``textures.json`` beside it lists the
-    tile files of each split. Every problem with the folder is reported before anything is written; see
+    own parts of the held-out tiles (a quarter, and the rest; a set with fewer than 8 held-out tiles per class
+    keeps them all for test, and its val slides share the training tiles). Its CSV adds ``split``,
+    ``textures`` (the source folder) and ``texture_tiles`` (``train``, ``val`` or ``held-out``);
+    ``textures.json`` beside it lists the tile files of each split. Every problem with the folder is reported before anything is written; see
     ``textured``.
     """
     if isinstance(n_slides, bool) or not isinstance(n_slides, (int, np.integer)) or n_slides < 1:
@@ -160,6 +161,11 @@ def synthesize_cohort(
         splits = cohort_splits(labels, int(seed), "all" if split is None else split)
         tex = open_textures(textures, splits=[tile_split_for(s) for s in splits],
                                tumour_class=tumour_class, tile_mpp=tile_mpp, mpp=mpp)
+        shared = [c.name for c in (tex.layout.tumour, *tex.layout.normal) if c.val_shared]
+        if shared and "val" in splits:
+            log.warning("validation slides share the training tiles of %s: too few held-out tiles to spare some "
+                        "for validation, so validation cannot show a model that memorised its tiles",
+                        ", ".join(shared))
     elif tumour_class is not None or tile_mpp is not None or split is not None:
         raise WsimilError("a tumour class, tile µm/px or split only apply to textured cohorts: "
                           "add --textures DIR")

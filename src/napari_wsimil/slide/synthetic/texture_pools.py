@@ -26,6 +26,7 @@ from napari_wsimil.slide.synthetic.texture_folders import (
     SPLIT_FRACTIONS,
     TRAIN,
     VAL,
+    VAL_MIN_HELD_OUT,
     TextureClass,
     TextureLayout,
     name_hash,
@@ -238,8 +239,9 @@ class TextureSet:
             "excluded_classes": list(self.layout.excluded),
             "held_out_by": {c.name: ("split folders" if c.split_folders else "hash of file names (halves)")
                             for c in (self.layout.tumour, *self.layout.normal)},
-            "val_tiles": {c.name: ("the training tiles (a single held-out tile, kept for test)" if c.val_shared
-                                   else "their own quarter of the held-out tiles (by name hash)")
+            "val_tiles": {c.name: (f"the training tiles: fewer than {VAL_MIN_HELD_OUT} held-out tiles, all kept "
+                                   "for the test slides, so validation cannot show memorised tiles"
+                                   if c.val_shared else "their own quarter of the held-out tiles (by name hash)")
                           for c in (self.layout.tumour, *self.layout.normal)},
             "tile_mpp": self.tile_mpp,
             "tile_mpp_from": self.mpp_source,
@@ -266,8 +268,12 @@ def open_textures(root: str | os.PathLike[str], *, splits: Sequence[str], tumour
         if not (0.05 <= tile_mpp <= 10.0):
             raise WsimilError(f"--tile-mpp must be between 0.05 and 10 µm per pixel, got {tile_mpp:g}")
     layout = scan_textures(root, tumour_class)
-    wanted = [s for s in (TRAIN, VAL, HELD_OUT) if s in set(splits)]
     classes = (layout.tumour, *layout.normal)
+    # where each slide split's tiles come from: validation slides of a set too small to spare validation tiles
+    # use the training pool itself (so its tiles are neither decoded nor stain-evened twice)
+    pool_of = {TRAIN: TRAIN, HELD_OUT: HELD_OUT, VAL: TRAIN if all(c.val_shared for c in classes) else VAL}
+    asked = [s for s in (TRAIN, VAL, HELD_OUT) if s in set(splits)]
+    wanted = list(dict.fromkeys(pool_of[s] for s in asked))
     for split in wanted:  # a missing split folder is found before decoding thousands of images
         for cls in classes:
             if not cls.files[split]:
@@ -300,7 +306,8 @@ def open_textures(root: str | os.PathLike[str], *, splits: Sequence[str], tumour
     side = min(min(t.shape[:2]) for tum, nor in loaded.values() for p in (tum, *nor) for t in p.tiles)
     crop = max(12, int(CROP * side))
     where = str(layout.root.resolve())
-    return TextureSet(layout, {s: Pools(s, t, n, tile_mpp, crop, where) for s, (t, n) in loaded.items()},
+    made = {s: Pools(s, t, n, tile_mpp, crop, where) for s, (t, n) in loaded.items()}
+    return TextureSet(layout, {s: made[pool_of[s]] for s in asked},
                       tile_mpp, source, skipped)
 
 

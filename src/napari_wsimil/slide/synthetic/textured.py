@@ -68,7 +68,7 @@ from napari_wsimil.slide.synthetic.stain import restain
 from napari_wsimil.slide.synthetic.texture_pools import MAX_SHRINK, Pools
 
 #: Bumped whenever the same seed and tiles would render different slides (benchmark caches are keyed by it).
-TEXTURES_VERSION = 3  # 3: validation slides draw from their own part of the held-out tiles
+TEXTURES_VERSION = 3  # 3: validation slides draw from their own part of the held-out tiles (>= 8 of them)
 SPACING = 0.68  # lattice spacing over the stamp's size: each stamp overlaps its neighbours by ~1/3
 JITTER = 0.12  # lattice jitter either way, as a share of the spacing (every pixel stays covered)
 FEATHER_UM = 2.0  # width of the tumour/normal blend across the ground truth's boundary
