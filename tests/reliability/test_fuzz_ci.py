@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED_DATA
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -25,7 +27,9 @@ def test_fuzz_ci_subset(tmp_path: Path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["bad"] == [], run.stdout[-4000:]
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert summary["cases"] >= 100
+    # the real slides in ../shared/data/slides bring about half the cases; a clone without ../shared beside it
+    # (the other real-data tests skip there) fuzzes the synthetic slide and the structured inputs only
+    assert summary["cases"] >= (100 if (SHARED_DATA / "slides").is_dir() else 50)
     assert {k.split("/")[1] for k in summary["by_source"] if k.startswith("input/")} >= {
         "geojson", "cohort_csv", "bag", "checkpoint", "run_json", "project_json", "label_chunk"}
     slides = {k for k in summary["by_source"] if k.startswith("slide/")}
