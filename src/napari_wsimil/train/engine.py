@@ -141,9 +141,7 @@ OPTIMIZERS = ("adam", "sgd")
 
 def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float,
                    weight_decay: float) -> torch.optim.Optimizer:
-    """Adam, or plain SGD. SGD matters for federated sites: averaging Adam updates made from a few slides
-    each averages per-site normalised steps (closer to a vote of the sites' directions than to the pooled
-    gradient), whereas averaging one SGD step per site is exactly a step on the pooled gradient."""
+    """The optimiser ``TrainConfig.optimizer`` names (why SGD exists: HistoFLConfig.site_optimizer)."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":

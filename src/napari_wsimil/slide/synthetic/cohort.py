@@ -134,8 +134,8 @@ def synthesize_cohort(
     own parts of the held-out tiles (a quarter, and the rest; a set with fewer than 8 held-out tiles per class
     keeps them all for test, and its val slides share the training tiles). Its CSV adds ``split``,
     ``textures`` (the source folder) and ``texture_tiles`` (``train``, ``val`` or ``held-out``);
-    ``textures.json`` beside it lists the tile files of each split. Every problem with the folder is reported before anything is written; see
-    ``textured``.
+    ``textures.json`` beside it lists the tile files of each split. Every problem with the folder is reported
+    before anything is written; see ``textured``.
     """
     if isinstance(n_slides, bool) or not isinstance(n_slides, (int, np.integer)) or n_slides < 1:
         raise WsimilError(f"the number of slides must be a whole number of at least 1, got {n_slides!r}")

@@ -150,6 +150,7 @@ def _with_val(cls: TextureClass) -> TextureClass:
     files = {**cls.files, HELD_OUT: tuple(sorted(held[:-n_val])), VAL: tuple(sorted(held[-n_val:]))}
     return replace(cls, files=files)
 
+
 def name_hash(name: str) -> int:
     """A stable 64-bit hash of a file name (SHA-1, not Python's salted ``hash``).
 
