@@ -99,12 +99,34 @@ def deal(rows: list[dict], how: str, seed: int, k: int = 3) -> dict[str, list[di
     return sites
 
 
-def split_csvs(rows: list[dict], how: str, seed: int, k: int, out: Path) -> tuple[dict[str, Path], Path]:
+def deal_val(rows: list[dict], k: int) -> dict[str, list[dict]]:
+    """The cohort's val slides dealt round-robin within each class, so that every site gets some of each class
+    it can (the skewed split skews only the training slides: a site's validation is for choosing its checkpoint)."""
+    names = site_names(k)
+    out: dict[str, list[dict]] = {s: [] for s in names}
+    val = [r for r in rows if r.get("split") == "val"]
+    for j, label in enumerate(sorted({r["label"] for r in val})):
+        for i, r in enumerate(r for r in val if r["label"] == label):
+            out[names[(i + j) % k]].append(r)
+    return out
+
+
+def split_csvs(rows: list[dict], how: str, seed: int, k: int, out: Path,
+               cohort_val: bool = False) -> tuple[dict[str, Path], Path]:
     """Each site's CSV and the pooled CSV (the union of the sites' slides: what centralised training gets).
 
-    Each site (and the pooled run) carves its own stratified validation slides from what it holds: the cohort's
-    val slides could otherwise take a small site's only tumour slide out of its training set."""
-    sites = {s: [{**r, "split": ""} for r in v] for s, v in deal(rows, how, seed, k).items()}
+    By default each site (and the pooled run) carves its own stratified validation slides from all the train
+    and val slides it holds: the cohort's val slides could otherwise take a small site's only tumour slide out of
+    its training set. With ``cohort_val`` the cohort's own split is kept: the training slides are dealt
+    (``how``) and the val slides are dealt by :func:`deal_val`. Why: a textured cohort's val slides may be made
+    of tiles no training slide shows (textures v3), and carving validation from the training slides would
+    choose every checkpoint on tissue the model trained on."""
+    if cohort_val:
+        train = [r for r in rows if r.get("split") == "train"]
+        dealt, val = deal(train, how, seed, k), deal_val(rows, k)
+        sites = {s: dealt[s] + val[s] for s in dealt}
+    else:
+        sites = {s: [{**r, "split": ""} for r in v] for s, v in deal(rows, how, seed, k).items()}
     site_csvs = {s: _write(r, out / f"site_{s}.csv") for s, r in sites.items()}
     pooled = _write([r for s in sites for r in sites[s]], out / "pooled.csv")
     return site_csvs, pooled
@@ -180,6 +202,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tumour-share", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                     help="range of the malignant slides' tumour share of their tissue (wsimil synth --tumour-share; "
                          "default: the generator's)")
+    ap.add_argument("--cohort-val", action="store_true",
+                    help="keep the cohort's own val slides as every model's validation (dealt to the sites by class) "
+                         "instead of carving validation from the training slides: with textures whose val slides "
+                         "show their own tiles (PCam, textures v3), model choice then never sees training tissue")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.quick:
@@ -194,9 +220,14 @@ def main(argv: list[str] | None = None) -> dict:
     # the defaults keep the folder name of the runs made before these options
     tag = "" if args.mil_method == "abmil" else f"_{args.mil_method}"
     tag += "" if args.patch == 256 else f"_p{args.patch}"
-    tag += "" if args.textures.resolve() == PCAM.resolve() else f"_{args.textures.name}_{args.encoder}"
+    if args.textures.resolve() != PCAM.resolve():
+        tag += f"_{args.textures.name}_{args.encoder}"
+    elif args.encoder != "handcrafted":
+        tag += f"_{args.encoder}"
+    tag += "" if args.mpp == 0.5 else f"_m{args.mpp:g}"
     tag += "" if not args.tumour_share else f"_t{args.tumour_share[0]:g}-{args.tumour_share[1]:g}"
     tag += "" if args.sites == 3 else f"_k{args.sites}"
+    tag += "_cv" if args.cohort_val else ""
     work = base / f"run_{args.slides}x{args.size}_s{args.seed}_r{args.rounds}{tag}"
     work.mkdir(parents=True, exist_ok=True)
     (work / "features").mkdir(exist_ok=True)
@@ -207,9 +238,11 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {}
     table_rows = []
     for how in args.splits:
-        site_csvs, pooled = split_csvs(rows, how, args.seed, args.sites, work / how)
+        site_csvs, pooled = split_csvs(rows, how, args.seed, args.sites, work / how, args.cohort_val)
         sites = {n: read_rows(p) for n, p in site_csvs.items()}
-        desc = ", ".join(f"{s}: {len(r)} ({sum(x['label'] == '1' for x in r)} tumour)" for s, r in sites.items())
+        desc = ", ".join(f"{s}: {len(r)} ({sum(x['label'] == '1' for x in r)} tumour"
+                         + (f", {sum(x['split'] == 'val' for x in r)} val)" if args.cohort_val else ")")
+                         for s, r in sites.items())
         print(f"[{how}] sites {desc}", flush=True)
         res: dict = {"sites": {s: len(r) for s, r in sites.items()}}
         if not (work / how / "features").exists():  # wsimil train puts a CSV's bags beside the run: share them

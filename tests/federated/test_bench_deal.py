@@ -68,3 +68,31 @@ def test_a_site_count_the_skewed_split_cannot_hold_is_refused() -> None:
 
     with pytest.raises(ValueError, match="--sites must be 3 to 26"):
         site_names(2)
+
+
+@pytest.mark.parametrize("how", ["even", "skewed"])
+def test_cohort_val_keeps_validation_on_the_cohorts_val_slides(tmp_path: Path, how: str) -> None:
+    """``--cohort-val``: with textures v3 a cohort's val slides show tiles no training slide shows; every model
+    must choose its checkpoint on those and only those, so no training slide may become a validation slide."""
+    from bench_federated import split_csvs
+
+    from napari_wsimil.project.cohort_csv import read_rows
+
+    rows = [{"slide_id": f"r{i:02d}", "label": str(i % 2), "split": "val" if i % 4 < 2 else "train"}
+            for i in range(56)]
+    rows += [{"slide_id": f"t{i:02d}", "label": str(i % 2), "split": "test"} for i in range(6)]
+    split_of = {r["slide_id"]: r["split"] for r in rows}
+    site_csvs, pooled = split_csvs(rows, how, 2, 6, tmp_path, cohort_val=True)
+    sites = {s: read_rows(p) for s, p in site_csvs.items()}
+    for s, got in sites.items():
+        assert all(r["split"] == split_of[r["slide_id"]] for r in got), f"site {s}: a slide changed its split"
+        val = [r for r in got if r["split"] == "val"]
+        assert {r["label"] for r in val} == {"0", "1"}, f"site {s}: validation without both classes"
+    ids = [r["slide_id"] for v in sites.values() for r in v]
+    assert len(ids) == len(set(ids)) and set(ids) == {r["slide_id"] for r in rows if r["split"] != "test"}
+    pooled_rows = read_rows(pooled)
+    assert sorted(r["slide_id"] for r in pooled_rows if r["split"] == "val") == \
+           sorted(r["slide_id"] for r in rows if r["split"] == "val")
+    if how == "skewed":  # only the training slides are skewed
+        train = {s: sum(r["split"] == "train" for r in v) for s, v in sites.items()}
+        assert train["A"] > sorted(train.values())[-2]
