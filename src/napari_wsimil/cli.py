@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from napari_wsimil.errors import WsimilError
+from napari_wsimil.errors import Stopped, WsimilError
 
 EXIT_USAGE = 2
 
@@ -39,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WsimilError as exc:
         print(f"wsimil {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Stopped:  # SIGTERM: asked to stop (e.g. a site when its federation has ended), not a person's Ctrl-C
+        print(f"wsimil {args.command}: stopped", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"wsimil {args.command}: interrupted", file=sys.stderr)
         return 130

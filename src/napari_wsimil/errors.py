@@ -14,6 +14,14 @@ class WsimilError(Exception):
     """Base class of every error this package raises on purpose."""
 
 
+class Stopped(KeyboardInterrupt):
+    """The process was asked to stop (SIGTERM) rather than interrupted by a person (Ctrl-C).
+
+    A KeyboardInterrupt, so that every ``finally`` that cleans up on Ctrl-C cleans up here too; its own class so
+    that the command line can say "stopped" instead of "interrupted": ``wsimil federate simulate`` stops its
+    sites with SIGTERM when the federation has finished, and that is not a failure to report."""
+
+
 class ProjectError(WsimilError):
     """A project folder, its labels or a cohort file cannot be used as asked.
 

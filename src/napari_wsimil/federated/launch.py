@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import WsimilError
+from ..errors import Stopped, WsimilError
 from ..io.atomic import write_text
 from .keys import CA, SERVER_CERT, SERVER_KEY, check_server_keys, site_public_keys
 
@@ -304,14 +304,15 @@ def stop_all(procs: Sequence[subprocess.Popen], grace: float = 5.0, home: Path |
 
 @contextmanager
 def terminated_on_signal() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt here, so that ``finally`` blocks stop the children."""
+    """SIGTERM raises :class:`~napari_wsimil.errors.Stopped` (a KeyboardInterrupt) here, so that ``finally``
+    blocks stop the children."""
     fired = False
 
     def handler(signum: int, frame: Any) -> None:
         nonlocal fired
         if not fired:  # once: a second SIGTERM must not cut short the clean-up the first one started
             fired = True
-            raise KeyboardInterrupt
+            raise Stopped
 
     old = signal.signal(signal.SIGTERM, handler)
     try:
