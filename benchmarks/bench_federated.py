@@ -24,7 +24,7 @@ from run.json). ``--flower-rounds N`` times N rounds of the even split over real
 
 python benchmarks/bench_federated.py [--quick] [--slides 36] [--size 3072] [--rounds 20] [--dp 8 2]
     [--flower-rounds 2] [--workdir DIR] [--seed 1] [--mil-method abmil|clam-sb] [--encoder ENC]
-    [--textures DIR --tile-mpp MPP] [--tumour-share LO HI] [--sites 3]
+    [--textures DIR --tile-mpp MPP] [--tumour-share LO HI] [--sites 3] [--cohort-val]
 """
 
 from __future__ import annotations
