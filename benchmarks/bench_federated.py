@@ -124,6 +124,9 @@ def split_csvs(rows: list[dict], how: str, seed: int, k: int, out: Path,
     if cohort_val:
         train = [r for r in rows if r.get("split") == "train"]
         dealt, val = deal(train, how, seed, k), deal_val(rows, k)
+        if not all(val.values()):  # a site without one would carve its validation from its training slides
+            raise ValueError(f"--cohort-val needs a validation slide at every site: the cohort has "
+                             f"{sum(map(len, val.values()))} val slides for {k} sites (more --slides, or fewer --sites)")
         sites = {s: dealt[s] + val[s] for s in dealt}
     else:
         sites = {s: [{**r, "split": ""} for r in v] for s, v in deal(rows, how, seed, k).items()}
@@ -238,7 +241,10 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {}
     table_rows = []
     for how in args.splits:
-        site_csvs, pooled = split_csvs(rows, how, args.seed, args.sites, work / how, args.cohort_val)
+        try:
+            site_csvs, pooled = split_csvs(rows, how, args.seed, args.sites, work / how, args.cohort_val)
+        except ValueError as exc:
+            raise SystemExit(f"bench_federated: {exc}") from None
         sites = {n: read_rows(p) for n, p in site_csvs.items()}
         desc = ", ".join(f"{s}: {len(r)} ({sum(x['label'] == '1' for x in r)} tumour"
                          + (f", {sum(x['split'] == 'val' for x in r)} val)" if args.cohort_val else ")")

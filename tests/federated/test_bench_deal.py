@@ -96,3 +96,13 @@ def test_cohort_val_keeps_validation_on_the_cohorts_val_slides(tmp_path: Path, h
     if how == "skewed":  # only the training slides are skewed
         train = {s: sum(r["split"] == "train" for r in v) for s, v in sites.items()}
         assert train["A"] > sorted(train.values())[-2]
+
+
+def test_cohort_val_refuses_a_site_without_validation_slides(tmp_path: Path) -> None:
+    """Too few val slides for the sites: a site without one would silently carve validation from its training
+    slides, the very leak ``--cohort-val`` is for."""
+    from bench_federated import split_csvs
+
+    rows = [{"slide_id": f"r{i:02d}", "label": str(i % 2), "split": "val" if i < 2 else "train"} for i in range(20)]
+    with pytest.raises(ValueError, match="2 val slides for 3 sites"):
+        split_csvs(rows, "even", 1, 3, tmp_path, cohort_val=True)
