@@ -107,7 +107,7 @@ def deal_val(rows: list[dict], k: int) -> dict[str, list[dict]]:
     val = [r for r in rows if r.get("split") == "val"]
     for j, label in enumerate(sorted({r["label"] for r in val})):
         for i, r in enumerate(r for r in val if r["label"] == label):
-            out[names[(i + j) % k]].append(r)
+            out[names[(i + j) % k]].append(r)  # each class starts one site on: the extras spread
     return out
 
 
@@ -126,7 +126,8 @@ def split_csvs(rows: list[dict], how: str, seed: int, k: int, out: Path,
         dealt, val = deal(train, how, seed, k), deal_val(rows, k)
         if not all(val.values()):  # a site without one would carve its validation from its training slides
             raise ValueError(f"--cohort-val needs a validation slide at every site: the cohort has "
-                             f"{sum(map(len, val.values()))} val slides for {k} sites (more --slides, or fewer --sites)")
+                             f"{sum(map(len, val.values()))} val slides for {k} sites "
+                             "(more --slides, or fewer --sites)")
         sites = {s: dealt[s] + val[s] for s in dealt}
     else:
         sites = {s: [{**r, "split": ""} for r in v] for s, v in deal(rows, how, seed, k).items()}

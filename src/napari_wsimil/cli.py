@@ -39,11 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WsimilError as exc:
         print(f"wsimil {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except Stopped:  # SIGTERM: asked to stop (e.g. a site when its federation has ended), not a person's Ctrl-C
-        print(f"wsimil {args.command}: stopped", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print(f"wsimil {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Stopped: SIGTERM (e.g. a site when its federation has ended), not Ctrl-C
+        print(f"wsimil {args.command}: {'stopped' if isinstance(exc, Stopped) else 'interrupted'}", file=sys.stderr)
         return 130
 
 

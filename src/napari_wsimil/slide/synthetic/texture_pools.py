@@ -272,14 +272,15 @@ def open_textures(root: str | os.PathLike[str], *, splits: Sequence[str], tumour
     # where each slide split's tiles come from: validation slides of a set too small to spare validation tiles
     # use the training pool itself (so its tiles are neither decoded nor stain-evened twice)
     pool_of = {TRAIN: TRAIN, HELD_OUT: HELD_OUT, VAL: TRAIN if all(c.val_shared for c in classes) else VAL}
-    asked = [s for s in (TRAIN, VAL, HELD_OUT) if s in set(splits)]
+    tile_splits = (TRAIN, VAL, HELD_OUT)
+    asked = [s for s in tile_splits if s in set(splits)]
     wanted = list(dict.fromkeys(pool_of[s] for s in asked))
     for split in wanted:  # a missing split folder is found before decoding thousands of images
         for cls in classes:
             if not cls.files[split]:
                 raise WsimilError(cls.missing or f"class folder {cls.folder} has no {split} images")
     # a split's pool keeps the same tiles whichever other splits the cohort uses
-    budget = int(pool_mib * 2**20 / (len((TRAIN, VAL, HELD_OUT)) * len(classes)))
+    budget = int(pool_mib * 2**20 / (len(tile_splits) * len(classes)))
     raw: dict[tuple[str, int], tuple[list[np.ndarray], list[Path]]] = {}
     tags: list[tuple[Path, float | None]] = []
     skipped: dict[str, dict[str, list[Path]]] = {}
