@@ -11,14 +11,19 @@ the CLI on the training slides (validation for checkpoint choice), and measured 
   children of the patches it zooms into. Wall time, patches encoded, and FLOPs: the model's, counted with
   ``torch.utils.flop_counter``, plus the encoder's per patch (counted the same way for a torch encoder; the
   handcrafted encoder is numpy, so only its patch count is given) × patches encoded.
-* a K sweep (ZoomMIL trained and measured with each K).
+* a K sweep (ZoomMIL trained and measured with each K);
+* ``--train-seeds N``: each model is trained N times on the same cohort (training seeds ``seed``, ``seed``+100,
+  ...), and its slide AUC is given as the mean and spread over them. Why: on PCam the same ZoomMIL settings on
+  the same cohort reached test AUC 0.84 in one run and 0.95 in another that differed only in floating-point
+  order, so one run per method cannot decide a 0.02 margin; the goal is read on the means. Time and patches
+  per slide are measured on the first run.
 
 Goal (issue #17): ≥ 10× fewer patches encoded and ≥ 5× less wall time per slide than CLAM-SB, at a slide
 AUC within 0.02 of CLAM-SB's.
 
 python benchmarks/bench_zoommil.py [--quick] [--slides 40] [--size 6144] [--levels 4,2,0.5] [--patch 128]
     [--epochs 50] [--k 4 8 12 16] [--encoder handcrafted] [--seed 1] [--tumour-share LO HI]
-    [--zoom-epochs N] [--zoom-set OPT=VALUE ...] [--workdir DIR]
+    [--zoom-epochs N] [--zoom-set OPT=VALUE ...] [--train-seeds N] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ def _quiet(call, *args):
 def train_predict(method: str, cohort: Path, work: Path, tag: str, *, epochs: int, patch: int, mpp: float,
                   seed: int, encoder: str, options: list[str]) -> dict:
     run, pred = work / f"run_{tag}", work / f"pred_{tag}"
+    print(f"  training {tag} (training seed {seed})", flush=True)
     if not (run / "best.safetensors").is_file():
         extra = [a for o in options for a in ("--set", o)]
         _quiet(wsimil, "train", cohort, "--method", method, "--out", run, "--epochs", epochs, "--patch", patch,
@@ -60,6 +66,10 @@ def train_predict(method: str, cohort: Path, work: Path, tag: str, *, epochs: in
     attention = (metrics.get("localisation") or {}).get("attention_auc")
     return {"run": run, "pred": pred, "auc": metrics["auc"], "accuracy": metrics["accuracy"],
             "val_auc": val["auc"], "attention_auc": attention}
+
+
+def _per_seed(runs: list[dict], seeds: list[int]) -> list[dict]:
+    return [{"seed": s, "auc": r["auc"], "val_auc": r["val_auc"], "run": str(r["run"])} for s, r in zip(seeds, runs)]
 
 
 def _flops(fn) -> tuple[float, object]:
@@ -130,6 +140,29 @@ def zoom_per_slide(run_dir: Path, items: list) -> list[dict]:
     return out
 
 
+def train_seeds(seed: int, n: int) -> list[int]:
+    """The training seeds of ``--train-seeds n``: the cohort's seed first (so runs made before the option are
+    its first run), then ``seed`` + 100, + 200, ... (apart from any cohort's own seed)."""
+    if n < 1:
+        raise SystemExit(f"--train-seeds must be at least 1, got {n}")
+    return [seed + 100 * i for i in range(n)]
+
+
+def seeded_runs(method: str, cohort: Path, work: Path, tag: str, seeds: list[int], **kw) -> list[dict]:
+    """``train_predict`` once per training seed; the first seed's run keeps the tag runs had before
+    ``--train-seeds``, the others add ``_tsSEED``."""
+    return [train_predict(method, cohort, work, tag if i == 0 else f"{tag}_ts{s}", seed=s, **kw)
+            for i, s in enumerate(seeds)]
+
+
+def auc_summary(runs: list[dict], key: str = "auc") -> str:
+    """``0.951`` for one run; ``0.934 ± 0.046 (0.880, 0.951, 0.972)`` (mean ± sd, then each run) for several."""
+    vals = [float(r[key]) for r in runs]
+    if len(vals) == 1:
+        return f"{vals[0]:.3f}"
+    return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f} ({', '.join(f'{v:.3f}' for v in vals)})"
+
+
 def _mean(rows: list[dict], key: str) -> float | None:
     vals = [r[key] for r in rows if r[key] is not None]
     return float(np.mean(vals)) if vals else None
@@ -163,6 +196,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--zoom-set", action="append", default=[], metavar="OPT=VALUE",
                     help="a ZoomMIL setting for every K (as 'wsimil train --set'), e.g. baseline=false for the "
                          "paper's top-K gradient estimator; the runs are kept apart by these settings")
+    ap.add_argument("--train-seeds", type=int, default=1, metavar="N",
+                    help="train every model N times (training seeds SEED, SEED+100, ...) and give its AUC as the "
+                         "mean and spread over them")
     ap.add_argument("--workdir", type=Path, default=None, help="keeps cohort, features and runs between runs")
     args = ap.parse_args(argv)
     if args.quick:
@@ -188,32 +224,44 @@ def main(argv: list[str] | None = None) -> dict:
           f"ZoomMIL levels {' → '.join(f'{m:g}' for m in levels)} µm/px, CLAM-SB at {fine:g} µm/px; "
           f"{args.patch} px patches; {args.epochs} epochs", flush=True)
 
+    seeds = train_seeds(args.seed, args.train_seeds)
     t = time.perf_counter()
-    clam = train_predict("clam-sb", cohort, work, "clam-sb", epochs=args.epochs, patch=args.patch, mpp=fine,
-                         seed=args.seed, encoder=args.encoder, options=[])
+    clams = seeded_runs("clam-sb", cohort, work, "clam-sb", seeds, epochs=args.epochs, patch=args.patch, mpp=fine,
+                        encoder=args.encoder, options=[])
+    clam = clams[0]
     clam_rows = clam_per_slide(clam["run"], test, args.patch, fine)
     print(f"(CLAM-SB trained and measured in {time.perf_counter() - t:.0f} s)", flush=True)
     results = {"clam-sb": {"auc": clam["auc"], "val_auc": clam["val_auc"], "attention_auc": clam["attention_auc"],
-                           "per_slide": clam_rows}}
+                           "per_slide": clam_rows, "train_seeds": _per_seed(clams, seeds)}}
     base_p, base_s = _mean(clam_rows, "patches"), _mean(clam_rows, "seconds")
-    rows = [["clam-sb", "-", clam["val_auc"], clam["auc"], _opt(clam["attention_auc"]), f"{base_p:.0f}", "1", f"{base_s:.2f}", "1",
+    rows = [["clam-sb", "-", auc_summary(clams, "val_auc"), auc_summary(clams), _opt(clam["attention_auc"]),
+             f"{base_p:.0f}", "1", f"{base_s:.2f}", "1",
              _g(_mean(clam_rows, "model_flops")), _g(_mean(clam_rows, "encoder_flops"))]]
     for k in args.k:
         t = time.perf_counter()
         zoom_epochs = args.zoom_epochs or args.epochs
         suffix = (f"_{zoom_epochs}ep" if zoom_epochs != args.epochs else "") + "".join(f"_{o}" for o in args.zoom_set)
-        zoom = train_predict("zoommil", cohort, work, f"zoommil_k{k}{suffix}", epochs=zoom_epochs,
-                             patch=args.patch, mpp=levels[0], seed=args.seed, encoder=args.encoder,
-                             options=[f"levels={args.levels}", f"k={k}", *args.zoom_set])
+        zooms = seeded_runs("zoommil", cohort, work, f"zoommil_k{k}{suffix}", seeds, epochs=zoom_epochs,
+                            patch=args.patch, mpp=levels[0], encoder=args.encoder,
+                            options=[f"levels={args.levels}", f"k={k}", *args.zoom_set])
+        zoom = zooms[0]
         zrows = zoom_per_slide(zoom["run"], test)
         print(f"(ZoomMIL K={k} trained and measured in {time.perf_counter() - t:.0f} s)", flush=True)
         results[f"zoommil_k{k}{suffix}"] = {"auc": zoom["auc"], "val_auc": zoom["val_auc"],
-                                    "attention_auc": zoom["attention_auc"], "per_slide": zrows}
+                                            "attention_auc": zoom["attention_auc"], "per_slide": zrows,
+                                            "train_seeds": _per_seed(zooms, seeds)}
         p, s = _mean(zrows, "patches"), _mean(zrows, "seconds")
-        rows.append(["zoommil", k, zoom["val_auc"], zoom["auc"], _opt(zoom["attention_auc"]), f"{p:.0f}", f"{base_p / p:.1f}x fewer", f"{s:.2f}",
+        rows.append(["zoommil", k, auc_summary(zooms, "val_auc"), auc_summary(zooms), _opt(zoom["attention_auc"]), f"{p:.0f}", f"{base_p / p:.1f}x fewer", f"{s:.2f}",
                      f"{base_s / s:.1f}x faster", _g(_mean(zrows, "model_flops")), _g(_mean(zrows, "encoder_flops"))])
     print(table(rows, ["method", "K", "val slide AUC", "test slide AUC", "test attention AUC", "patches / slide", "vs CLAM-SB", "s / slide",
                        "vs CLAM-SB", "model GFLOPs", "encoder GFLOPs"]))
+    if len(seeds) > 1:
+        clam_mean = float(np.mean([r["auc"] for r in clams]))
+        for name, res in results.items():
+            if name != "clam-sb":
+                gap = clam_mean - float(np.mean([r["auc"] for r in res["train_seeds"]]))
+                print(f"{name}: mean test AUC {gap:+.3f} below CLAM-SB's mean over {len(seeds)} training seeds "
+                      f"({'within' if gap <= 0.02 else 'not within'} the goal's 0.02)")
     out = work / "zoommil.json"
     out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
     print(f"(details: {out})")

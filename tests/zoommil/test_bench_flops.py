@@ -21,3 +21,14 @@ def test_encoder_flops_are_counted_for_a_torch_encoder_and_not_for_handcrafted(o
     # ResNet-18 is 1.82 GMACs at 224 px; convolutions scale with the area: at 64 px 2 × 1.82e9 × (64/224)²
     assert flops == pytest.approx(2 * 1.82e9 * (64 / 224) ** 2, rel=0.1)
     assert encoder_flops(build_encoder("handcrafted", device="cpu"), 64) is None
+
+
+def test_training_seeds_start_with_the_cohort_seed_and_the_auc_is_given_as_mean_and_spread() -> None:
+    from bench_zoommil import auc_summary, train_seeds
+
+    assert train_seeds(3, 1) == [3] and train_seeds(3, 3) == [3, 103, 203]
+    with pytest.raises(SystemExit, match="at least 1"):
+        train_seeds(3, 0)
+    assert auc_summary([{"auc": 0.95}]) == "0.950"
+    runs = [{"auc": 0.84}, {"auc": 0.95}, {"auc": 0.91}]
+    assert auc_summary(runs) == "0.900 ± 0.056 (0.840, 0.950, 0.910)"
