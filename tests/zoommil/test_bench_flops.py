@@ -32,3 +32,22 @@ def test_training_seeds_start_with_the_cohort_seed_and_the_auc_is_given_as_mean_
     assert auc_summary([{"auc": 0.95}]) == "0.950"
     runs = [{"auc": 0.84}, {"auc": 0.95}, {"auc": 0.91}]
     assert auc_summary(runs) == "0.900 ± 0.056 (0.840, 0.950, 0.910)"
+
+
+def test_a_procedural_cohort_gets_train_val_and_test_slides(tmp_path) -> None:
+    import csv
+
+    from bench_zoommil import with_split
+
+    cohort = tmp_path / "cohort.csv"
+    with open(cohort, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", "path", "label"])
+        w.writerows([f"s{i}", f"s{i}.tiff", i % 2] for i in range(12))
+    split = with_split(cohort, seed=1)
+    rows = list(csv.DictReader(open(split)))
+    assert split.name == "cohort_split.csv" and [r["slide_id"] for r in rows] == [f"s{i}" for i in range(12)]
+    for label in "01":  # stratified: every class in every split
+        assert {r["split"] for r in rows if r["label"] == label} == {"train", "val", "test"}
+    assert all(r["path"] == str(tmp_path / f"{r['slide_id']}.tiff") for r in rows)
+    assert with_split(split, seed=1) == split  # a cohort with its split is kept
